@@ -1,0 +1,71 @@
+/**
+ * statsite-proxy: a sharding proxy for statsite and statsd metrics.
+ *
+ * The entry point: parses the command line and runs a command. Errors the
+ * user can fix print one line and exit 2 (usage, configuration) or 1 (a port
+ * in use); never a stack trace.
+ *
+ * @module
+ */
+
+import { checkSummary } from "./src/check_command.ts";
+import { parseCli, USAGE } from "./src/cli.ts";
+import { loadConfig } from "./src/config.ts";
+import { ConfigError, ListenError, UsageError } from "./src/errors.ts";
+import { setupLogging } from "./src/log.ts";
+import { runRoute } from "./src/route_command.ts";
+import { runProxy } from "./src/run_command.ts";
+import { HashRing } from "./src/ring.ts";
+import { VERSION } from "./src/version.ts";
+
+async function main(args: string[]): Promise<number> {
+  const cli = parseCli(args);
+  if (cli.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  if (cli.version) {
+    console.log(`statsite-proxy ${VERSION}`);
+    return 0;
+  }
+  const config = await loadConfig({ file: cli.configFile, overrides: cli.overrides });
+  switch (cli.command) {
+    case "check":
+      await Deno.stdout.write(new TextEncoder().encode(checkSummary(config)));
+      return 0;
+    case "route":
+      await runRoute({
+        ring: new HashRing({ servers: config.servers }),
+        keys: cli.rest,
+        input: Deno.stdin.readable,
+        output: Deno.stdout.writable,
+      });
+      return 0;
+    case "run":
+      setupLogging({ level: config.logLevel });
+      return await runProxy(config);
+  }
+}
+
+if (import.meta.main) {
+  let code: number;
+  try {
+    code = await main(Deno.args);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      console.error(`statsite-proxy: ${err.message}\n\n${USAGE}`);
+      code = 2;
+    } else if (err instanceof ConfigError) {
+      console.error(`statsite-proxy: ${err.message}`);
+      code = 2;
+    } else if (err instanceof ListenError) {
+      console.error(`statsite-proxy: ${err.message}`);
+      code = 1;
+    } else {
+      const message = err instanceof Error ? err.message : String(err);
+      console.error(`statsite-proxy: internal error: ${message.split("\n")[0]}`);
+      code = 1;
+    }
+  }
+  Deno.exit(code);
+}

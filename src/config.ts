@@ -1,0 +1,559 @@
+/**
+ * Loading of the proxy's INI configuration, merged with command-line flags.
+ *
+ * ```ini
+ * [statsite-proxy]
+ * port = 8150
+ * udp_port = 8150
+ * bind_address = 127.0.0.1
+ * servers = servers.conf
+ * log_level = INFO
+ * ```
+ *
+ * Settings live in the `[statsite-proxy]` section (`[statsite]` is accepted as
+ * an alias). Keys and section names are case-insensitive. Unknown sections and
+ * keys, keys outside a section, repeated keys and bad values are errors: each
+ * {@linkcode ConfigError} names the file and line. Flags override the file
+ * ({@linkcode ConfigOverrides}); a bad flag value is a {@linkcode UsageError}.
+ *
+ * The file is parsed with the npm `ini` package; a small scan of the raw text
+ * finds the line of each section and key, for the error messages.
+ *
+ * @module
+ */
+
+import { dirname, isAbsolute, join } from "node:path";
+// @ts-types="@types/ini"
+import ini from "ini";
+import { ConfigError, describeReadError, UsageError } from "./errors.ts";
+import { isValidHost, readServersFile, type ServerSpec } from "./servers_file.ts";
+
+/**
+ * A log level, named as LogTape names it. The config file's `CRITICAL` is
+ * `"fatal"` and `WARN`/`WARNING` is `"warning"`.
+ */
+export type LogLevelName = "debug" | "info" | "warning" | "error" | "fatal";
+
+/** The proxy's configuration: the config file's settings, overridden by flags. */
+export interface ProxyConfig {
+  /** The config file, as given; `undefined` when running on defaults and flags. */
+  configFile?: string;
+  /** TCP port to listen on (key `port`, alias `tcp_port`); 0 disables TCP. Default 8150. */
+  tcpPort: number;
+  /** UDP port to listen on (key `udp_port`); 0 disables UDP. Default 8150. */
+  udpPort: number;
+  /** Address to listen on (key `bind_address`): IPv4, IPv6 or host name. Default `0.0.0.0`. */
+  bindAddress: string;
+  /**
+   * The servers file (key `servers`). A relative path in the config file is
+   * relative to the config file's folder; a relative `--servers` flag is
+   * relative to the working directory. Default `servers.conf` next to the
+   * config file, or in the working directory without a config file.
+   */
+  serversFile: string;
+  /** The upstream servers, parsed from {@linkcode ProxyConfig.serversFile}. */
+  servers: ServerSpec[];
+  /**
+   * The log level (key `log_level`: `DEBUG`, `INFO`, `WARN`/`WARNING`, `ERROR`
+   * or `CRITICAL`, any case). Default `"info"`.
+   */
+  logLevel: LogLevelName;
+  /** Longest accepted line or binary frame, in bytes (key `max_line_bytes`). Default 65536. */
+  maxLineBytes: number;
+  /**
+   * Bytes held for each upstream server while it is down (key
+   * `max_buffer_bytes`); at least `max_line_bytes`. Default 67108864 (64 MiB).
+   */
+  maxBufferBytes: number;
+  /** How long shutdown waits to flush buffered data, in ms (key `drain_timeout_ms`). Default 5000. */
+  drainTimeoutMs: number;
+  /**
+   * Interval of the rate-limited log summaries of dropped input and down
+   * servers, in ms (key `summary_interval_ms`, at least 100). Default 10000.
+   */
+  summaryIntervalMs: number;
+  /** First delay before reconnecting to a down server, in ms (key `reconnect_min_ms`). Default 100. */
+  reconnectMinMs: number;
+  /**
+   * Longest delay between reconnection attempts, in ms (key
+   * `reconnect_max_ms`); at least `reconnect_min_ms`. Default 5000.
+   */
+  reconnectMaxMs: number;
+  /** File to write the process id to (key `pid_file`), resolved like `servers`. */
+  pidFile?: string;
+  /**
+   * The original's `daemonize` key (`true`/`false`/`yes`/`no`/`1`/`0`, any
+   * case). The proxy never daemonizes: when `true`, the caller should warn.
+   * Default `false`.
+   */
+  daemonize: boolean;
+}
+
+/** The configuration without the parsed servers: what {@linkcode parseConfig} returns. */
+export type ConfigSettings = Omit<ProxyConfig, "servers">;
+
+/** The settings that have a default value. */
+export type ConfigDefaults = Readonly<Omit<ProxyConfig, "configFile" | "servers" | "pidFile">>;
+
+/**
+ * Values from command-line flags; they beat the config file. Each value is
+ * checked, and a bad one is a {@linkcode UsageError} naming the flag
+ * (`--port`, `--udp-port`, `--bind`, `--servers`, `--log-level`, `--pid-file`).
+ */
+export interface ConfigOverrides {
+  /** `--port`: the TCP port, 0..65535; a string is parsed as a plain decimal integer. */
+  port?: number | string;
+  /** `--udp-port`: the UDP port, 0..65535; a string is parsed as a plain decimal integer. */
+  udpPort?: number | string;
+  /** `--bind`: the address to listen on. */
+  bind?: string;
+  /** `--servers`: the servers file, relative to the working directory. */
+  servers?: string;
+  /** `--log-level`: a level as accepted by {@linkcode parseLogLevel}. */
+  logLevel?: string;
+  /** `--pid-file`: the pid file, relative to the working directory. */
+  pidFile?: string;
+}
+
+/** Options of {@linkcode loadConfig}. */
+export interface LoadConfigOptions {
+  /** The config file to read; without it, the defaults and overrides apply. */
+  file?: string;
+  /** Values from command-line flags, which beat the config file. */
+  overrides?: ConfigOverrides;
+}
+
+/** Options of {@linkcode parseConfig}. */
+export interface ParseConfigOptions {
+  /** The config file's name, for error messages and to resolve relative paths. */
+  file?: string;
+  /** The config file's text; required with `file`, and only with it. */
+  text?: string;
+  /** Values from command-line flags, which beat the config file. */
+  overrides?: ConfigOverrides;
+}
+
+/** The default settings. */
+export const DEFAULTS: ConfigDefaults = Object.freeze({
+  tcpPort: 8150,
+  udpPort: 8150,
+  bindAddress: "0.0.0.0",
+  serversFile: "servers.conf",
+  logLevel: "info",
+  maxLineBytes: 65536,
+  maxBufferBytes: 67108864,
+  drainTimeoutMs: 5000,
+  summaryIntervalMs: 10000,
+  reconnectMinMs: 100,
+  reconnectMaxMs: 5000,
+  daemonize: false,
+});
+
+/** The settings section. */
+const SECTION = "statsite-proxy";
+/** The section name of the original's README, accepted as an alias. */
+const SECTION_ALIAS = "statsite";
+
+/** The longest delay `setTimeout` accepts, in ms. */
+const MAX_DELAY_MS = 2147483647;
+
+const LOG_LEVELS: ReadonlyMap<string, LogLevelName> = new Map([
+  ["debug", "debug"],
+  ["info", "info"],
+  ["warn", "warning"],
+  ["warning", "warning"],
+  ["error", "error"],
+  ["critical", "fatal"],
+]);
+
+/**
+ * Parses a log level name of the config file: `DEBUG`, `INFO`, `WARN`,
+ * `WARNING`, `ERROR` or `CRITICAL`, in any case, surrounding blanks ignored.
+ *
+ * @param text The level name.
+ * @returns The LogTape level name, or `undefined` if `text` is no level.
+ *
+ * @example Usage
+ * ```ts
+ * import { parseLogLevel } from "./config.ts";
+ *
+ * console.log(parseLogLevel("Critical")); // "fatal"
+ * console.log(parseLogLevel("verbose")); // undefined
+ * ```
+ */
+export function parseLogLevel(text: string): LogLevelName | undefined {
+  return LOG_LEVELS.get(text.trim().toLowerCase());
+}
+
+/** A setting that a key or flag can set. */
+type Field = Exclude<keyof ConfigSettings, "configFile">;
+
+/** A value that failed its check; the caller adds the key or flag name. */
+class InvalidValue extends Error {
+  constructor(problem: string) {
+    super(problem);
+    this.name = "InvalidValue";
+  }
+}
+
+/** Parses a plain decimal integer in `min..max`. */
+function integer(text: string, min: number, max: number): number {
+  if (!/^[0-9]+$/.test(text)) {
+    throw new InvalidValue(`not a plain decimal integer: ${JSON.stringify(text)}`);
+  }
+  const value = Number(text);
+  if (value < min) throw new InvalidValue(`must be at least ${min}, got ${text}`);
+  if (value > max) throw new InvalidValue(`must be at most ${max}, got ${text}`);
+  return value;
+}
+
+/** Parses a port number, 0..65535. */
+function port(text: string): number {
+  if (!/^[0-9]+$/.test(text)) {
+    throw new InvalidValue(`not a port number: ${JSON.stringify(text)}`);
+  }
+  const value = Number(text);
+  if (value > 65535) {
+    throw new InvalidValue(`port out of range 0..65535: ${JSON.stringify(text)}`);
+  }
+  return value;
+}
+
+/** Checks an address to listen on. */
+function bindAddress(text: string): string {
+  if (!isValidHost(text)) {
+    throw new InvalidValue(`not an IP address or host name: ${JSON.stringify(text)}`);
+  }
+  return text;
+}
+
+/** Parses a log level. */
+function logLevel(text: string): LogLevelName {
+  const level = parseLogLevel(text);
+  if (level === undefined) {
+    throw new InvalidValue(
+      `unknown log level ${
+        JSON.stringify(text)
+      } (expected DEBUG, INFO, WARN, WARNING, ERROR or CRITICAL)`,
+    );
+  }
+  return level;
+}
+
+/** Parses a boolean as the original accepted it. */
+function boolean(text: string): boolean {
+  const lower = text.toLowerCase();
+  if (lower === "true" || lower === "yes" || lower === "1") return true;
+  if (lower === "false" || lower === "no" || lower === "0") return false;
+  throw new InvalidValue(
+    `not a boolean (true, false, yes, no, 1 or 0): ${JSON.stringify(text)}`,
+  );
+}
+
+/** Checks a path and resolves it against `base` (`undefined`: keep it as is). */
+function path(text: string, base: string | undefined): string {
+  if (text === "") throw new InvalidValue("empty path");
+  return base === undefined || isAbsolute(text) ? text : join(base, text);
+}
+
+/** How to read one key of the config file. */
+interface KeySpec {
+  field: Field;
+  parse(text: string, base: string): unknown;
+}
+
+/** The keys of the settings section, in lower case. */
+const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
+  ["port", { field: "tcpPort", parse: port }],
+  ["tcp_port", { field: "tcpPort", parse: port }],
+  ["udp_port", { field: "udpPort", parse: port }],
+  ["bind_address", { field: "bindAddress", parse: bindAddress }],
+  ["servers", { field: "serversFile", parse: path }],
+  ["log_level", { field: "logLevel", parse: logLevel }],
+  ["max_line_bytes", { field: "maxLineBytes", parse: (t) => integer(t, 64, 16 * 1024 * 1024) }],
+  [
+    "max_buffer_bytes",
+    { field: "maxBufferBytes", parse: (t) => integer(t, 65536, Number.MAX_SAFE_INTEGER) },
+  ],
+  ["drain_timeout_ms", { field: "drainTimeoutMs", parse: (t) => integer(t, 0, MAX_DELAY_MS) }],
+  [
+    "summary_interval_ms",
+    { field: "summaryIntervalMs", parse: (t) => integer(t, 100, MAX_DELAY_MS) },
+  ],
+  ["reconnect_min_ms", { field: "reconnectMinMs", parse: (t) => integer(t, 1, MAX_DELAY_MS) }],
+  ["reconnect_max_ms", { field: "reconnectMaxMs", parse: (t) => integer(t, 1, MAX_DELAY_MS) }],
+  ["pid_file", { field: "pidFile", parse: path }],
+  ["daemonize", { field: "daemonize", parse: boolean }],
+]);
+
+/** How to read one flag of {@linkcode ConfigOverrides}. */
+interface FlagSpec {
+  flag: string;
+  field: Field;
+  parse(text: string): unknown;
+}
+
+const FLAGS: Readonly<Record<keyof ConfigOverrides, FlagSpec>> = {
+  port: { flag: "--port", field: "tcpPort", parse: port },
+  udpPort: { flag: "--udp-port", field: "udpPort", parse: port },
+  bind: { flag: "--bind", field: "bindAddress", parse: bindAddress },
+  servers: { flag: "--servers", field: "serversFile", parse: (t) => path(t, undefined) },
+  logLevel: { flag: "--log-level", field: "logLevel", parse: logLevel },
+  pidFile: { flag: "--pid-file", field: "pidFile", parse: (t) => path(t, undefined) },
+};
+
+/** A key of the settings section, where the scan found it. */
+interface Entry {
+  /** The key as written. */
+  name: string;
+  /** The 1-based line. */
+  line: number;
+  /** The section name as `ini` reports it, to look the value up. */
+  section: string;
+  spec: KeySpec;
+}
+
+/** Where a setting came from, to blame the right key or flag. */
+type Origin = { name: string; line: number } | { flag: string };
+
+/**
+ * Scans the raw text for sections and keys, with their lines, and checks the
+ * structure: known sections and keys, no key outside a section, no repeats.
+ */
+function scan(file: string, text: string): Entry[] {
+  const error = (line: number, problem: string) => new ConfigError({ file, line, problem });
+  const sections = new Map<string, number>();
+  const keys = new Map<Field, Entry>();
+  let section: string | undefined;
+
+  // `ini` splits lines the same way: at any run of CR and LF.
+  for (const [index, raw] of text.split(/\r\n|\r|\n/).entries()) {
+    const line = index + 1;
+    if (/^\s*$/.test(raw) || /^\s*[;#]/.test(raw)) continue;
+
+    if (raw.trimStart().startsWith("[")) {
+      const match = /^\[([^\]]*)\]\s*$/.exec(raw);
+      if (match === null) {
+        throw error(
+          line,
+          `malformed section header ${
+            JSON.stringify(raw.trim())
+          }: expected [NAME] alone on its line`,
+        );
+      }
+      const name = match[1].trim();
+      const lower = name.toLowerCase();
+      if (lower !== SECTION && lower !== SECTION_ALIAS) {
+        throw error(line, `unknown section [${name}] (expected [${SECTION}])`);
+      }
+      const first = sections.get(lower);
+      if (first !== undefined) {
+        throw error(line, `duplicate section [${name}] (first on line ${first})`);
+      }
+      const other = sections.get(lower === SECTION ? SECTION_ALIAS : SECTION);
+      if (other !== undefined) {
+        throw error(
+          line,
+          `both [${SECTION}] and its alias [${SECTION_ALIAS}] present (the other on line ${other}); keep only [${SECTION}]`,
+        );
+      }
+      sections.set(lower, line);
+      section = name;
+      continue;
+    }
+
+    const equals = raw.indexOf("=");
+    if (equals === -1) throw error(line, `expected KEY = VALUE, got ${JSON.stringify(raw.trim())}`);
+    const name = raw.slice(0, equals).trim();
+    if (name === "") throw error(line, 'missing key name before "="');
+    if (section === undefined) {
+      throw error(
+        line,
+        `key ${JSON.stringify(name)} outside any section; put it under [${SECTION}]`,
+      );
+    }
+    const spec = KEYS.get(name.toLowerCase());
+    if (spec === undefined) {
+      throw error(line, `unknown key ${JSON.stringify(name)} in [${section}]`);
+    }
+    const first = keys.get(spec.field);
+    if (first !== undefined) {
+      throw error(
+        line,
+        first.name.toLowerCase() === name.toLowerCase()
+          ? `duplicate key ${JSON.stringify(name)} (first on line ${first.line})`
+          : `key ${JSON.stringify(name)} sets the same setting as ${
+            JSON.stringify(first.name)
+          } on line ${first.line}`,
+      );
+    }
+    keys.set(spec.field, { name, line, section, spec });
+  }
+
+  if (sections.size === 0) {
+    throw new ConfigError({ file, problem: `no [${SECTION}] section` });
+  }
+  return [...keys.values()];
+}
+
+/**
+ * Parses a config file's text and applies the overrides, without reading any
+ * other file: the servers file is only named, not parsed.
+ *
+ * @param options The file name and text (both or neither) and the overrides.
+ * @returns The settings.
+ * @throws {ConfigError} On a problem in the file, naming the file and line.
+ * @throws {UsageError} On a bad override value, naming the flag.
+ *
+ * @example Usage
+ * ```ts
+ * import { parseConfig } from "./config.ts";
+ *
+ * const settings = parseConfig({
+ *   file: "config/proxy.ini",
+ *   text: "[statsite-proxy]\nport = 9000\n",
+ *   overrides: { logLevel: "debug" },
+ * });
+ * console.log(settings.tcpPort, settings.serversFile); // 9000 "config/servers.conf"
+ * ```
+ */
+export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
+  const { file, overrides = {} } = options;
+  if ((file === undefined) !== (options.text === undefined)) {
+    throw new TypeError("parseConfig: give both file and text, or neither");
+  }
+  const settings: ConfigSettings = { configFile: file, ...DEFAULTS };
+  const origins = new Map<Field, Origin>();
+
+  if (file !== undefined) {
+    const base = dirname(file);
+    settings.serversFile = join(base, DEFAULTS.serversFile);
+    let text = options.text ?? "";
+    if (text.startsWith("\uFEFF")) text = text.slice(1);
+    const entries = scan(file, text);
+    const data = ini.parse(text);
+    for (const entry of entries) {
+      const raw: unknown = data[entry.section]?.[entry.name];
+      if (raw === undefined || typeof raw === "object" && raw !== null) {
+        throw new ConfigError({ file, line: entry.line, problem: "cannot parse this line" });
+      }
+      // `ini` turns true, false and null into JSON values: check the text.
+      const value = String(raw);
+      try {
+        assign(settings, entry.spec.field, entry.spec.parse(value, base));
+      } catch (error) {
+        if (!(error instanceof InvalidValue)) throw error;
+        throw new ConfigError({
+          file,
+          line: entry.line,
+          problem: `${entry.name}: ${error.message}`,
+        });
+      }
+      origins.set(entry.spec.field, { name: entry.name, line: entry.line });
+    }
+  }
+
+  for (const [key, spec] of Object.entries(FLAGS) as [keyof ConfigOverrides, FlagSpec][]) {
+    const value = overrides[key];
+    if (value === undefined) continue;
+    try {
+      assign(settings, spec.field, spec.parse(String(value)));
+    } catch (error) {
+      if (!(error instanceof InvalidValue)) throw error;
+      throw new UsageError(`${spec.flag}: ${error.message}`);
+    }
+    origins.set(spec.field, { flag: spec.flag });
+  }
+
+  checkTogether(settings, origins, file);
+  return settings;
+}
+
+/** Sets one field of the settings. */
+function assign(settings: ConfigSettings, field: Field, value: unknown): void {
+  (settings as unknown as Record<Field, unknown>)[field] = value;
+}
+
+/** Checks the settings that limit each other. */
+function checkTogether(
+  settings: ConfigSettings,
+  origins: ReadonlyMap<Field, Origin>,
+  file: string | undefined,
+): void {
+  /** Throws for whichever of the fields was set last: a flag, or else the later line. */
+  const blame = (fields: Field[], problem: string): never => {
+    const lines: { name: string; line: number }[] = [];
+    for (const field of fields) {
+      const origin = origins.get(field);
+      if (origin === undefined) continue;
+      if ("flag" in origin) throw new UsageError(`${origin.flag}: ${problem}`);
+      lines.push(origin);
+    }
+    const last = lines.sort((a, b) => b.line - a.line)[0];
+    // Without an origin the defaults would disagree with each other: a bug.
+    if (last === undefined || file === undefined) throw new TypeError(problem);
+    throw new ConfigError({ file, line: last.line, problem });
+  };
+
+  if (settings.reconnectMaxMs < settings.reconnectMinMs) {
+    blame(
+      ["reconnectMinMs", "reconnectMaxMs"],
+      `reconnect_max_ms (${settings.reconnectMaxMs}) must be at least reconnect_min_ms (${settings.reconnectMinMs})`,
+    );
+  }
+  if (settings.maxBufferBytes < settings.maxLineBytes) {
+    blame(
+      ["maxLineBytes", "maxBufferBytes"],
+      `max_buffer_bytes (${settings.maxBufferBytes}) must be at least max_line_bytes (${settings.maxLineBytes})`,
+    );
+  }
+  if (settings.tcpPort === 0 && settings.udpPort === 0) {
+    blame(
+      ["tcpPort", "udpPort"],
+      "nothing to listen on: the TCP and UDP ports are both 0",
+    );
+  }
+}
+
+/**
+ * Loads the configuration: reads the config file (if any), applies the
+ * overrides, then reads the servers file.
+ *
+ * @param options The config file and the flag overrides.
+ * @returns The configuration, with the parsed servers.
+ * @throws {ConfigError} When the config or servers file is unreadable or
+ * invalid, naming the file and, when it applies, the line.
+ * @throws {UsageError} On a bad override value, naming the flag.
+ *
+ * @example Usage
+ * ```ts ignore
+ * import { loadConfig } from "./config.ts";
+ *
+ * const config = await loadConfig({
+ *   file: "config/statsite-proxy.ini",
+ *   overrides: { port: 9000 },
+ * });
+ * console.log(config.servers.length);
+ * ```
+ */
+export async function loadConfig(options: LoadConfigOptions = {}): Promise<ProxyConfig> {
+  const { file, overrides } = options;
+  let settings: ConfigSettings;
+  if (file === undefined) {
+    settings = parseConfig({ overrides });
+  } else {
+    let text: string;
+    try {
+      text = await Deno.readTextFile(file);
+    } catch (error) {
+      throw new ConfigError({
+        file,
+        problem: `cannot read config file: ${describeReadError(error)}`,
+        cause: error,
+      });
+    }
+    settings = parseConfig({ file, text, overrides });
+  }
+  const servers = await readServersFile(settings.serversFile);
+  return { ...settings, servers };
+}

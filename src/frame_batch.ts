@@ -1,0 +1,332 @@
+/**
+ * The decoders' output, {@linkcode FrameBatch}, and the scanner shared by the
+ * TCP and UDP decoders, {@linkcode FrameScanner}, that fills it.
+ *
+ * A batch holds no copies: it points into the bytes that were read, by index,
+ * so decoding a read costs no allocation per line or frame.
+ *
+ * Two wire formats are recognised, frame by frame, so one stream may mix them:
+ *
+ * - ascii (statsd / statsite): `name:value|type[|@rate]...` lines ended by `\n`;
+ * - statsite binary: frames starting with the magic byte `0xAA`.
+ *
+ * @module
+ */
+
+import { DROP, DROP_REASONS, type IngestCounters } from "./counters.ts";
+
+/** Options of {@linkcode FrameBatch}. */
+export interface FrameBatchOptions {
+  /** Frames the arrays hold before they first grow. Defaults to 1024. */
+  capacity?: number;
+}
+
+const EMPTY = new Uint8Array(0);
+
+/**
+ * Frames decoded from one read (TCP) or one datagram (UDP).
+ *
+ * Frame `i` is the bytes `buf[start[i], end[i])`, and its routing key is
+ * `buf[keyStart[i], keyEnd[i])`. For an ascii line (`ascii[i] === 1`) the
+ * frame excludes the `\n`, which the forwarder appends; a binary frame
+ * (`ascii[i] === 0`) is forwarded as it is.
+ *
+ * Only the first {@linkcode count} entries of the arrays are meaningful. The
+ * arrays double when a read holds more frames than they fit. A batch is valid
+ * until the decoder that returned it takes its next step.
+ *
+ * @example Usage
+ * ```ts
+ * import { FrameBatch } from "./frame_batch.ts";
+ *
+ * const batch = new FrameBatch();
+ * const bytes = new TextEncoder().encode("a:1|c");
+ * batch.reset(bytes);
+ * batch.push(0, 5, 0, 1, 1);
+ * console.log(batch.count); // 1
+ * ```
+ */
+export class FrameBatch {
+  /** The bytes the indexes point into. */
+  buf: Uint8Array = EMPTY;
+  /** Number of frames held. */
+  count = 0;
+  /** Start of each frame in {@linkcode buf}. */
+  start: Int32Array;
+  /** End (exclusive) of each frame; for an ascii line, the index of its `\n`. */
+  end: Int32Array;
+  /** Start of each frame's routing key. */
+  keyStart: Int32Array;
+  /** End (exclusive) of each frame's routing key (the `:` or the key's NUL). */
+  keyEnd: Int32Array;
+  /** 1 for an ascii line (forwarded with a `\n` appended), 0 for a binary frame. */
+  ascii: Uint8Array;
+
+  /** Makes an empty batch. */
+  constructor(options: FrameBatchOptions = {}) {
+    const capacity = Math.max(1, options.capacity ?? 1024);
+    this.start = new Int32Array(capacity);
+    this.end = new Int32Array(capacity);
+    this.keyStart = new Int32Array(capacity);
+    this.keyEnd = new Int32Array(capacity);
+    this.ascii = new Uint8Array(capacity);
+  }
+
+  /** Frames the arrays hold before they next grow. */
+  get capacity(): number {
+    return this.start.length;
+  }
+
+  /** Empties the batch and points it at `buf`. */
+  reset(buf: Uint8Array): void {
+    this.buf = buf;
+    this.count = 0;
+  }
+
+  /**
+   * Appends a frame. Positional parameters, not an options object: this is
+   * called once per line on the hot path.
+   *
+   * @param start Start of the frame.
+   * @param end End of the frame (exclusive).
+   * @param keyStart Start of the routing key.
+   * @param keyEnd End of the routing key (exclusive).
+   * @param ascii 1 for an ascii line, 0 for a binary frame.
+   */
+  push(start: number, end: number, keyStart: number, keyEnd: number, ascii: number): void {
+    const i = this.count;
+    if (i === this.start.length) this.#grow();
+    this.start[i] = start;
+    this.end[i] = end;
+    this.keyStart[i] = keyStart;
+    this.keyEnd[i] = keyEnd;
+    this.ascii[i] = ascii;
+    this.count = i + 1;
+  }
+
+  /** Frame `i`'s bytes, as a view (allocates: not for the hot path). */
+  frame(i: number): Uint8Array {
+    return this.buf.subarray(this.start[i], this.end[i]);
+  }
+
+  /** Frame `i`'s routing key, as a view (allocates: not for the hot path). */
+  key(i: number): Uint8Array {
+    return this.buf.subarray(this.keyStart[i], this.keyEnd[i]);
+  }
+
+  #grow(): void {
+    const capacity = this.start.length * 2;
+    const grown = (a: Int32Array) => {
+      const b = new Int32Array(capacity);
+      b.set(a);
+      return b;
+    };
+    this.start = grown(this.start);
+    this.end = grown(this.end);
+    this.keyStart = grown(this.keyStart);
+    this.keyEnd = grown(this.keyEnd);
+    const ascii = new Uint8Array(capacity);
+    ascii.set(this.ascii);
+    this.ascii = ascii;
+  }
+}
+
+/** Default longest ascii line (without its `\n`) or binary frame, in bytes. */
+export const DEFAULT_MAX_LINE_BYTES = 65536;
+
+/** Magic byte that starts a statsite binary frame. */
+export const BINARY_MAGIC = 0xaa;
+
+/** Header length of a statsite binary frame other than a set: `AA type keylen:u16 value:f64`. */
+export const BINARY_HEADER = 12;
+
+/** Header length of a statsite binary set frame: `AA 04 keylen:u16 setlen:u16`. */
+export const BINARY_SET_HEADER = 6;
+
+/** Why {@linkcode FrameScanner.scan} stopped. */
+export const ScanStop = {
+  /** Every byte of the range was consumed. */
+  end: 0,
+  /** An ascii line starts at {@linkcode FrameScanner.pos} and has no `\n` in the range. */
+  partialLine: 1,
+  /** A binary frame starts at {@linkcode FrameScanner.pos} and does not fit in the range. */
+  partialFrame: 2,
+  /**
+   * A too long binary frame (already counted `too_long`) runs past the range:
+   * {@linkcode FrameScanner.skip} more bytes after it belong to it.
+   */
+  skip: 3,
+  /** The binary frame at {@linkcode FrameScanner.pos} is corrupt (already counted). */
+  corrupt: 4,
+} as const;
+
+/** One of {@linkcode ScanStop}. */
+export type ScanStop = typeof ScanStop[keyof typeof ScanStop];
+
+/** Options of {@linkcode FrameScanner}. */
+export interface FrameScannerOptions {
+  /** Longest ascii line (without its `\n`) or binary frame accepted. */
+  maxLineBytes: number;
+  /** Where lines, frames and drops are counted. */
+  counters: IngestCounters;
+}
+
+/**
+ * Finds the complete frames in a range of bytes, validates them and appends the
+ * valid ones to a {@linkcode FrameBatch}, counting the invalid ones.
+ *
+ * It is shared by the TCP and UDP decoders, which differ only in what they do
+ * where a scan stops ({@linkcode ScanStop}): at an incomplete line or frame, in
+ * a too long binary frame, or at a corrupt binary frame.
+ *
+ * Counts `lines`, `frames` and the drops `no_colon`, `no_pipe`, `empty`,
+ * `empty_name`, `too_long` and `corrupt`; never `partial`, `bytes` or `reads`,
+ * which are the decoders' to count.
+ *
+ * @example Usage
+ * ```ts
+ * import { FrameBatch, FrameScanner, ScanStop } from "./frame_batch.ts";
+ * import { IngestCounters } from "./counters.ts";
+ *
+ * const counters = new IngestCounters();
+ * const scanner = new FrameScanner({ maxLineBytes: 1024, counters });
+ * const bytes = new TextEncoder().encode("a:1|c\nb:2|c\nc:3");
+ * const batch = new FrameBatch();
+ * batch.reset(bytes);
+ * const stop = scanner.scan(bytes, 0, bytes.length, batch);
+ * console.log(batch.count, stop === ScanStop.partialLine, scanner.pos); // 2 true 12
+ * ```
+ */
+export class FrameScanner {
+  /** Where the last {@linkcode scan} stopped. */
+  pos = 0;
+  /** For {@linkcode ScanStop.skip}: bytes past the range still in the too long frame. */
+  skip = 0;
+  readonly #max: number;
+  readonly #counters: IngestCounters;
+
+  /** Makes a scanner. */
+  constructor(options: FrameScannerOptions) {
+    this.#max = options.maxLineBytes;
+    this.#counters = options.counters;
+  }
+
+  /**
+   * Scans `buf[from, to)`, which must start at a frame boundary, appending the
+   * valid frames to `batch` (which must point at `buf`). Sets {@linkcode pos}
+   * to where it stopped and returns why.
+   */
+  scan(buf: Uint8Array, from: number, to: number, batch: FrameBatch): ScanStop {
+    // A view that ends at `to`, so no search runs past the range.
+    const view = to === buf.length ? buf : buf.subarray(0, to);
+    const max = this.#max;
+    const counters = this.#counters;
+    // The last "\n" in the range, found at the first ascii line: a search for
+    // "\n" from a position before it needs no bound check.
+    let lastNl = -2;
+    let pos = from;
+    while (pos < to) {
+      let b = view[pos];
+      if (b !== BINARY_MAGIC) {
+        if (lastNl === -2) lastNl = view.lastIndexOf(10);
+        if (pos > lastNl) {
+          this.pos = pos;
+          return ScanStop.partialLine;
+        }
+        // The fast path accepts a valid line in one pass; anything else goes
+        // to line(), which says why it is invalid.
+        let i = pos;
+        while (b !== 58 && b !== 10) b = view[++i];
+        const colon = i;
+        if (b === 58) {
+          do b = view[++i]; while (b !== 124 && b !== 10);
+          if (b === 124) {
+            do b = view[++i]; while (b !== 10);
+            if (colon !== pos && i - pos <= max) {
+              batch.push(pos, i, pos, colon, 1);
+              counters.lines++;
+              pos = i + 1;
+              continue;
+            }
+          }
+        }
+        this.line(view, pos, i, batch);
+        pos = i + 1;
+        continue;
+      }
+      // A statsite binary frame.
+      if (to - pos < 2) return this.#stop(pos, ScanStop.partialFrame);
+      const type = view[pos + 1];
+      let header = BINARY_HEADER;
+      if (type === 4) header = BINARY_SET_HEADER;
+      else if (type < 1 || type > 6) return this.#corrupt(view, pos, to);
+      if (to - pos < header) return this.#stop(pos, ScanStop.partialFrame);
+      const keyLen = view[pos + 2] | (view[pos + 3] << 8);
+      if (keyLen < 2) return this.#corrupt(view, pos, to);
+      let size = header + keyLen;
+      if (header === BINARY_SET_HEADER) {
+        const setLen = view[pos + 4] | (view[pos + 5] << 8);
+        if (setLen < 1) return this.#corrupt(view, pos, to);
+        size += setLen;
+      }
+      const frameEnd = pos + size;
+      if (size > max) {
+        this.drop(DROP.too_long, view, pos, Math.min(frameEnd, to));
+        if (frameEnd <= to) {
+          pos = frameEnd;
+          continue;
+        }
+        this.skip = frameEnd - to;
+        return this.#stop(to, ScanStop.skip);
+      }
+      if (frameEnd > to) return this.#stop(pos, ScanStop.partialFrame);
+      const keyEnd = pos + header + keyLen - 1;
+      if (view[keyEnd] !== 0 || view[frameEnd - 1] !== 0) return this.#corrupt(view, pos, frameEnd);
+      batch.push(pos, frameEnd, pos + header, keyEnd, 0);
+      counters.frames++;
+      pos = frameEnd;
+    }
+    this.pos = pos;
+    return ScanStop.end;
+  }
+
+  /**
+   * Validates the ascii line `buf[start, end)` (without its `\n`), appending it
+   * to `batch` if valid, else counting why it is not.
+   */
+  line(buf: Uint8Array, start: number, end: number, batch: FrameBatch): void {
+    if (end - start > this.#max) return this.drop(DROP.too_long, buf, start, end);
+    let colon = start;
+    while (colon < end && buf[colon] !== 58) colon++;
+    if (colon === end) {
+      const empty = end === start || (end === start + 1 && buf[start] === 13);
+      return this.drop(empty ? DROP.empty : DROP.no_colon, buf, start, end);
+    }
+    if (colon === start) return this.drop(DROP.empty_name, buf, start, end);
+    let pipe = colon + 1;
+    while (pipe < end && buf[pipe] !== 124) pipe++;
+    if (pipe === end) return this.drop(DROP.no_pipe, buf, start, end);
+    batch.push(start, end, start, colon, 1);
+    this.#counters.lines++;
+  }
+
+  /**
+   * Counts a drop for `reason` (a {@linkcode DROP} index), taking a sample of
+   * `buf[start, end)` if none is held.
+   */
+  drop(reason: number, buf: Uint8Array, start: number, end: number): void {
+    const counters = this.#counters;
+    counters.dropped[reason]++;
+    if (counters.sample === undefined) counters.takeSample(DROP_REASONS[reason], buf, start, end);
+  }
+
+  #corrupt(buf: Uint8Array, pos: number, end: number): ScanStop {
+    this.drop(DROP.corrupt, buf, pos, end);
+    return this.#stop(pos, ScanStop.corrupt);
+  }
+
+  #stop(pos: number, stop: ScanStop): ScanStop {
+    this.pos = pos;
+    return stop;
+  }
+}

@@ -1,0 +1,91 @@
+/**
+ * Rate-limited summaries of traffic problems: at most one log line per source
+ * per interval, with counts by reason and one sample, however much bad input
+ * arrives or however long a server is down.
+ *
+ * @module
+ */
+
+import { DROP_REASONS, type IngestCounters } from "./counters.ts";
+import { logger } from "./log.ts";
+import type { Upstream } from "./upstream.ts";
+
+const log = logger("summary");
+
+/** Options of {@linkcode SummaryLog}. */
+export interface SummaryLogOptions {
+  /** Inbound counters by transport name. */
+  ingest: Record<string, IngestCounters>;
+  /** The upstreams (read each time, so a reload may change them). */
+  upstreams: () => readonly Upstream[];
+  /** Interval between summaries, in ms. */
+  intervalMs: number;
+}
+
+/** Logs what was dropped since the last summary, once per interval. */
+export class SummaryLog {
+  #options: SummaryLogOptions;
+  #timer: ReturnType<typeof setInterval> | undefined;
+  #lastIngest = new Map<string, Float64Array>();
+  #lastUpstream = new Map<string, number>();
+
+  /** Starts the periodic summaries. */
+  constructor(options: SummaryLogOptions) {
+    this.#options = options;
+    for (const [name, counters] of Object.entries(options.ingest)) {
+      this.#lastIngest.set(name, counters.dropped.slice());
+    }
+    this.#timer = setInterval(() => this.report(), options.intervalMs);
+    Deno.unrefTimer(this.#timer);
+  }
+
+  /** Logs the summary now (also called once more at shutdown). */
+  report(): void {
+    const seconds = Math.round(this.#options.intervalMs / 1000);
+    for (const [name, counters] of Object.entries(this.#options.ingest)) {
+      const last = this.#lastIngest.get(name)!;
+      const parts: string[] = [];
+      let total = 0;
+      DROP_REASONS.forEach((reason, i) => {
+        const delta = counters.dropped[i] - last[i];
+        if (delta > 0) parts.push(`${reason} ${delta}`);
+        total += delta;
+        last[i] = counters.dropped[i];
+      });
+      if (total > 0) {
+        log.warn("{transport}: dropped {count} bad inputs ({reasons}); sample {sample}", {
+          transport: name,
+          count: total,
+          reasons: parts.join(", "),
+          sample: counters.sample ?? "-",
+        });
+      }
+      counters.sample = undefined;
+    }
+    for (const upstream of this.#options.upstreams()) {
+      const c = upstream.counters;
+      const last = this.#lastUpstream.get(upstream.address) ?? 0;
+      const dropped = c.droppedBufferFull - last;
+      this.#lastUpstream.set(upstream.address, c.droppedBufferFull);
+      // downSince is 0 while up (and after a clean stop): only trouble is logged.
+      const up = upstream.downSince === 0;
+      if (up && dropped === 0) continue;
+      const down = up ? "up" : `down for ${Math.round((Date.now() - upstream.downSince) / 1000)} s`;
+      log.warn(
+        "{address}: {state}; holding {bytes} bytes; dropped {dropped} metrics (buffer full) in the last {seconds} s",
+        {
+          address: upstream.address,
+          state: down,
+          bytes: upstream.bufferedBytes,
+          dropped,
+          seconds,
+        },
+      );
+    }
+  }
+
+  /** Stops the periodic summaries. */
+  stop(): void {
+    clearInterval(this.#timer);
+  }
+}

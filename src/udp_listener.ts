@@ -1,0 +1,80 @@
+/**
+ * The UDP listener: each datagram is decoded and routed on its own.
+ *
+ * One await per datagram, never per line: a datagram of sixty lines costs
+ * one receive, one decode loop and one routing loop.
+ *
+ * @module
+ */
+
+import type { IngestCounters } from "./counters.ts";
+import { decodeDatagrams } from "./datagram_decoder.ts";
+import { listenError } from "./errors.ts";
+import type { Router } from "./router.ts";
+
+/** Options of {@linkcode UdpListener.listen}. */
+export interface UdpListenerOptions {
+  /** Address to bind. */
+  hostname: string;
+  /** Port to bind; 0 picks a free one. */
+  port: number;
+  /** Where decoded metrics go. */
+  router: Router;
+  /** Counters of UDP input. */
+  counters: IngestCounters;
+  /** Longest line accepted. */
+  maxLineBytes: number;
+}
+
+/** Receives metrics over UDP. */
+export class UdpListener {
+  /** The bound address (with the real port when 0 was asked). */
+  readonly addr: Deno.NetAddr;
+  #conn: Deno.DatagramConn;
+  #receiving: Promise<void>;
+
+  private constructor(conn: Deno.DatagramConn, options: UdpListenerOptions) {
+    this.#conn = conn;
+    this.addr = conn.addr as Deno.NetAddr;
+    this.#receiving = this.#receive(options);
+  }
+
+  /** Binds and starts receiving; throws a `ListenError` when it cannot bind. */
+  static listen(options: UdpListenerOptions): UdpListener {
+    let conn: Deno.DatagramConn;
+    try {
+      conn = Deno.listenDatagram({
+        transport: "udp",
+        hostname: options.hostname,
+        port: options.port,
+      });
+    } catch (err) {
+      throw listenError({ transport: "udp", hostname: options.hostname, port: options.port }, err);
+    }
+    return new UdpListener(conn, options);
+  }
+
+  async #receive(options: UdpListenerOptions): Promise<void> {
+    const { router, counters, maxLineBytes } = options;
+    while (true) {
+      try {
+        for await (const batch of decodeDatagrams(this.#conn, { counters, maxLineBytes })) {
+          router.route(batch);
+        }
+        return; // closed
+      } catch {
+        // A transient receive error (e.g. ICMP feedback): keep receiving.
+      }
+    }
+  }
+
+  /** Stops receiving. */
+  async close(): Promise<void> {
+    try {
+      this.#conn.close();
+    } catch {
+      // Already closed.
+    }
+    await this.#receiving;
+  }
+}

@@ -1,0 +1,197 @@
+/**
+ * The bounded, ordered byte queue that holds one upstream server's metrics
+ * until they are written.
+ *
+ * Metrics are copied into large chunks (so one write carries many metrics),
+ * and each chunk remembers where its frames end, so that after a broken
+ * connection the upstream can resume at the start of the first frame the old
+ * connection may have cut (statsite drops a partial line or frame when a
+ * connection closes). The total held is bounded by `maxBytes`: what does not
+ * fit is refused, and the caller counts it.
+ *
+ * @module
+ */
+
+/** One chunk of whole frames, written in order. */
+export class Chunk {
+  /** The bytes; `[0, length)` is filled. */
+  bytes: Uint8Array;
+  /** Bytes filled. */
+  length = 0;
+  /** Bytes already written upstream; `[sent, length)` is pending. */
+  sent = 0;
+  /** End offsets of the frames in this chunk, ascending. */
+  ends: Int32Array;
+  /** Frames in this chunk. */
+  frames = 0;
+  /** How many of the frames are ascii lines (the rest are binary frames). */
+  lines = 0;
+
+  /** Makes a chunk of `size` bytes. */
+  constructor(size: number) {
+    this.bytes = new Uint8Array(size);
+    this.ends = new Int32Array(1024);
+  }
+
+  /** Empties the chunk for reuse. */
+  reset(): void {
+    this.length = 0;
+    this.sent = 0;
+    this.frames = 0;
+    this.lines = 0;
+  }
+
+  /**
+   * Frames not yet wholly written: those whose end lies after `sent`.
+   * Used to report what a shutdown could not deliver.
+   */
+  unsentFrames(): number {
+    return this.frames - this.#framesEndingBy(this.sent);
+  }
+
+  /**
+   * Moves `sent` back to the start of the frame that contains it, so a resend
+   * on a new connection begins on a frame boundary.
+   */
+  rewindToFrameStart(): void {
+    const whole = this.#framesEndingBy(this.sent);
+    this.sent = whole === 0 ? 0 : this.ends[whole - 1];
+  }
+
+  /** How many frames end at or before `offset` (binary search). */
+  #framesEndingBy(offset: number): number {
+    let lo = 0;
+    let hi = this.frames;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.ends[mid] <= offset) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+}
+
+/** Options of {@linkcode UpstreamBuffer}. */
+export interface UpstreamBufferOptions {
+  /** Most bytes held at once (written bytes of a chunk not yet finished count too). */
+  maxBytes: number;
+  /** Size of a chunk, and so of most writes. Default 256 KiB. */
+  chunkBytes?: number;
+}
+
+/** A bounded FIFO of whole frames, in chunks. */
+export class UpstreamBuffer {
+  #maxBytes: number;
+  #chunkBytes: number;
+  /** Chunks waiting to be written; the last one is being filled. */
+  #chunks: Chunk[] = [];
+  /** Empty chunks kept for reuse. */
+  #spare: Chunk[] = [];
+  #bytes = 0;
+
+  /** Makes an empty buffer. */
+  constructor(options: UpstreamBufferOptions) {
+    this.#maxBytes = options.maxBytes;
+    this.#chunkBytes = Math.min(options.chunkBytes ?? 256 * 1024, options.maxBytes);
+  }
+
+  /** Bytes held (pending, plus the sent part of the chunk being written). */
+  get bytes(): number {
+    return this.#bytes;
+  }
+
+  /** True when nothing is pending. */
+  get empty(): boolean {
+    return this.#chunks.length === 0;
+  }
+
+  /**
+   * Appends `buf[start, end)`, plus a `\n` when `newline`, as one frame.
+   * Returns false, holding nothing, when it would not fit within `maxBytes`.
+   */
+  append(buf: Uint8Array, start: number, end: number, newline: boolean): boolean {
+    const size = end - start + (newline ? 1 : 0);
+    if (this.#bytes + size > this.#maxBytes) return false;
+    const chunks = this.#chunks;
+    let chunk = chunks.length === 0 ? undefined : chunks[chunks.length - 1];
+    if (chunk === undefined || chunk.length + size > chunk.bytes.length) {
+      chunk = this.#newChunk(size);
+      chunks.push(chunk);
+    }
+    const bytes = chunk.bytes;
+    let at = chunk.length;
+    if (end - start < 48) {
+      for (let i = start; i < end; i++) bytes[at++] = buf[i];
+    } else {
+      bytes.set(buf.subarray(start, end), at);
+      at += end - start;
+    }
+    if (newline) {
+      bytes[at++] = 10;
+      chunk.lines++;
+    }
+    if (chunk.frames === chunk.ends.length) {
+      const ends = new Int32Array(chunk.ends.length * 2);
+      ends.set(chunk.ends);
+      chunk.ends = ends;
+    }
+    chunk.ends[chunk.frames++] = at;
+    chunk.length = at;
+    this.#bytes += size;
+    return true;
+  }
+
+  /**
+   * The chunk to write next, or undefined when empty. Its `[sent, length)`
+   * is pending; it may still grow until {@linkcode seal} or a later append
+   * starts a new chunk, so read `length` again after each write.
+   */
+  head(): Chunk | undefined {
+    return this.#chunks[0];
+  }
+
+  /** Marks `n` more bytes of the head chunk written; drops it when done. */
+  advance(n: number): void {
+    const head = this.#chunks[0];
+    head.sent += n;
+    if (head.sent === head.length) {
+      this.#bytes -= head.length;
+      this.#chunks.shift();
+      this.#recycle(head);
+    }
+  }
+
+  /** Frames held and not yet wholly written. */
+  pendingFrames(): number {
+    let n = 0;
+    for (const chunk of this.#chunks) n += chunk.unsentFrames();
+    return n;
+  }
+
+  /** Drops everything held; returns the frames dropped. */
+  clear(): number {
+    const frames = this.pendingFrames();
+    for (const chunk of this.#chunks) this.#recycle(chunk);
+    this.#chunks = [];
+    this.#bytes = 0;
+    return frames;
+  }
+
+  #newChunk(size: number): Chunk {
+    if (size <= this.#chunkBytes) {
+      const spare = this.#spare.pop();
+      if (spare !== undefined) return spare;
+      return new Chunk(this.#chunkBytes);
+    }
+    return new Chunk(size);
+  }
+
+  #recycle(chunk: Chunk): void {
+    chunk.reset();
+    // Keep a few spares: enough to avoid churn at full speed, few enough
+    // that an idle proxy holds little memory.
+    if (chunk.bytes.length === this.#chunkBytes && this.#spare.length < 4) {
+      this.#spare.push(chunk);
+    }
+  }
+}

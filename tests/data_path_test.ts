@@ -1,0 +1,392 @@
+/**
+ * End-to-end tests of the data path: the real proxy process, real sockets,
+ * and recording upstream servers that keep the exact bytes they receive.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import {
+  bytes,
+  concat,
+  ProxyProcess,
+  RecordingServer,
+  routeOf,
+  sendTcp,
+  sendUdp,
+  sleep,
+  waitUntil,
+} from "./harness.ts";
+import { binary, binarySet } from "./frames.ts";
+
+/** Three recording servers and a proxy in front of them. */
+async function setUp(settings: Record<string, string | number> = {}) {
+  const servers = [RecordingServer.start(), RecordingServer.start(), RecordingServer.start()];
+  const proxy = await ProxyProcess.start({
+    servers: servers.map((s) => s.address),
+    settings: { summary_interval_ms: 200, ...settings },
+  });
+  const byAddress = new Map(servers.map((s) => [s.address, s]));
+  const tearDown = async () => {
+    await proxy.stop();
+    await Promise.all(servers.map((s) => s.stop()));
+  };
+  return { servers, proxy, byAddress, tearDown };
+}
+
+/** The total newline count over all servers. */
+function totalLines(servers: RecordingServer[]): number {
+  return servers.reduce((n, s) => n + s.lines().length, 0);
+}
+
+/**
+ * Asserts that every expected ascii line arrived exactly once, at the server
+ * `route` names for its key, and that nothing else arrived.
+ */
+async function assertRouted(
+  proxy: ProxyProcess,
+  servers: RecordingServer[],
+  expected: string[],
+): Promise<void> {
+  await waitUntil(
+    () => totalLines(servers) >= expected.length,
+    () => `${totalLines(servers)} of ${expected.length} lines arrived`,
+  );
+  await sleep(50); // anything extra would show up now
+  const keys = [...new Set(expected.map((l) => l.slice(0, l.indexOf(":"))))];
+  const routes = await routeOf(`${proxy.dir}/servers.conf`, keys);
+  for (const server of servers) {
+    const want = expected.filter((l) => routes.get(l.slice(0, l.indexOf(":"))) === server.address);
+    assert.deepEqual(server.lines().sort(), want.sort(), `lines at ${server.address}`);
+  }
+}
+
+function makeLines(n: number, prefix = "svc"): string[] {
+  const types = ["c", "ms", "g", "s", "c|@0.5"];
+  return Array.from(
+    { length: n },
+    (_, i) => `${prefix}.host${i % 7}.metric${i}:${i}|${types[i % types.length]}`,
+  );
+}
+
+Deno.test("tcp ascii lines each reach the server route names, byte for byte", async () => {
+  const { servers, proxy, tearDown } = await setUp();
+  try {
+    const lines = makeLines(2000);
+    lines.push("api.requests:1|c|#tag:a,b", "crlf.line:1|c\r", "sp ace\u00e9.k\u00fcy:1|ms");
+    await sendTcp(proxy.tcpPort, bytes(lines.map((l) => l + "\n").join("")));
+    await assertRouted(proxy, servers, lines);
+  } finally {
+    await tearDown();
+  }
+});
+
+Deno.test("udp datagrams of many lines are routed, the last line may lack its newline", async () => {
+  const { servers, proxy, tearDown } = await setUp();
+  try {
+    const lines = makeLines(600, "udp");
+    const datagrams: Uint8Array[] = [];
+    for (let i = 0; i < lines.length; i += 30) {
+      datagrams.push(bytes(lines.slice(i, i + 30).join("\n")));
+    }
+    await sendUdp(proxy.udpPort, ...datagrams);
+    await assertRouted(proxy, servers, lines);
+  } finally {
+    await tearDown();
+  }
+});
+
+Deno.test("binary frames are forwarded whole to the server of their key", async (t) => {
+  const { servers, proxy, byAddress, tearDown } = await setUp();
+  try {
+    const frames = new Map<string, Uint8Array>();
+    for (let i = 0; i < 40; i++) {
+      frames.set(`bin.counter${i}`, binary(1 + (i % 3), `bin.counter${i}`, i * 1.5));
+    }
+    frames.set("bin.gauge", binary(5, "bin.gauge", -3));
+    frames.set("bin.delta", binary(6, "bin.delta", 2));
+    frames.set("bin.set", binarySet("bin.set", "member-1"));
+    const udpFrames = new Map<string, Uint8Array>();
+    for (let i = 0; i < 10; i++) udpFrames.set(`udp.bin${i}`, binary(2, `udp.bin${i}`, i));
+    const routes = await routeOf(`${proxy.dir}/servers.conf`, [
+      ...frames.keys(),
+      ...udpFrames.keys(),
+    ]);
+
+    await t.step("the statsite example frame is byte-exact", () => {
+      assert.deepEqual(
+        [...binary(2, "Conns", 200)],
+        [0xaa, 2, 6, 0, 0, 0, 0, 0, 0, 0, 0x69, 0x40, 0x43, 0x6f, 0x6e, 0x6e, 0x73, 0],
+      );
+    });
+
+    await sendTcp(proxy.tcpPort, concat(...frames.values()));
+    // One datagram holds several frames.
+    await sendUdp(proxy.udpPort, concat(...udpFrames.values()));
+    const all = new Map([...frames, ...udpFrames]);
+    const expectedBytes = new Map<string, number>();
+    for (const [key, frame] of all) {
+      const address = routes.get(key)!;
+      expectedBytes.set(address, (expectedBytes.get(address) ?? 0) + frame.length);
+    }
+    for (const [address, size] of expectedBytes) await byAddress.get(address)!.waitForBytes(size);
+
+    await t.step("each server got exactly its frames, whole", () => {
+      for (const server of servers) {
+        const got = server.received();
+        const tcpPart = [...frames].filter(([k]) => routes.get(k) === server.address);
+        const udpPart = [...udpFrames].filter(([k]) => routes.get(k) === server.address);
+        // TCP and UDP arrive in either order, each in order.
+        const a = concat(...tcpPart.map(([, f]) => f), ...udpPart.map(([, f]) => f));
+        const b = concat(...udpPart.map(([, f]) => f), ...tcpPart.map(([, f]) => f));
+        assert.ok(
+          equal(got, a) || equal(got, b),
+          `${server.address} got ${got.length} bytes, want ${a.length}`,
+        );
+      }
+    });
+  } finally {
+    await tearDown();
+  }
+});
+
+function equal(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && a.every((v, i) => v === b[i]);
+}
+
+Deno.test("one tcp connection may mix ascii lines and binary frames", async () => {
+  const { servers, proxy, byAddress, tearDown } = await setUp();
+  try {
+    const parts: Uint8Array[] = [];
+    const expected = new Map<string, Uint8Array[]>();
+    const keys: string[] = [];
+    for (let i = 0; i < 60; i++) {
+      const key = `mix.k${i}`;
+      keys.push(key);
+      const part = i % 2 === 0 ? bytes(`${key}:${i}|c\n`) : binary(3, key, i);
+      parts.push(part);
+    }
+    const routes = await routeOf(`${proxy.dir}/servers.conf`, keys);
+    keys.forEach((key, i) => {
+      const list = expected.get(routes.get(key)!) ?? [];
+      list.push(parts[i]);
+      expected.set(routes.get(key)!, list);
+    });
+    await sendTcp(proxy.tcpPort, concat(...parts));
+    for (const [address, list] of expected) {
+      await byAddress.get(address)!.waitForBytes(concat(...list).length);
+    }
+    await sleep(50);
+    for (const server of servers) {
+      assert.deepEqual(server.received(), concat(...(expected.get(server.address) ?? [])));
+    }
+  } finally {
+    await tearDown();
+  }
+});
+
+Deno.test("a line split across tcp reads at any byte position arrives whole", async () => {
+  const { servers, proxy, tearDown } = await setUp();
+  try {
+    const input = bytes("split.a:1|c\nsplit.b\u00e9:22|ms|@0.5\n");
+    const expected: string[] = [];
+    for (let cut = 1; cut < input.length; cut++) {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
+      await conn.write(input.subarray(0, cut));
+      await sleep(3); // so the proxy reads the halves separately
+      await conn.write(input.subarray(cut));
+      conn.close();
+      expected.push("split.a:1|c", "split.b\u00e9:22|ms|@0.5");
+    }
+    await assertRouted(proxy, servers, expected);
+  } finally {
+    await tearDown();
+  }
+});
+
+Deno.test("bad input is dropped and counted without harming its neighbours", async (t) => {
+  const { servers, proxy, tearDown } = await setUp({ max_line_bytes: 100 });
+  try {
+    const good = ["good.a:1|c", "good.b:2|ms", "good.c:3|g"];
+    await t.step("tcp", async () => {
+      const input = [
+        good[0],
+        "no colon here",
+        "",
+        "nopipe:1",
+        ":1|c",
+        "long." + "x".repeat(200) + ":1|c",
+        good[1],
+        "\r",
+        good[2],
+      ].join("\n") + "\n" + "partial.at.close:1|c";
+      await sendTcp(proxy.tcpPort, bytes(input));
+      await proxy.waitForLog(
+        /tcp: dropped 7 bad inputs \(no_colon 1, no_pipe 1, empty 2, empty_name 1, too_long 1, partial 1\)/,
+      );
+    });
+    await t.step("udp", async () => {
+      await sendUdp(
+        proxy.udpPort,
+        bytes(`udp.good:1|c\nudp bad\n\nudp.nopipe:1\nudp.good2:1|c`),
+      );
+      await proxy.waitForLog(/udp: dropped 3 bad inputs \(no_colon 1, no_pipe 1, empty 1\)/);
+    });
+    await assertRouted(proxy, servers, [...good, "udp.good:1|c", "udp.good2:1|c"]);
+  } finally {
+    await tearDown();
+  }
+});
+
+Deno.test("a corrupt binary frame closes only its own tcp connection", async () => {
+  const { servers, proxy, tearDown } = await setUp();
+  try {
+    const other = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
+    await other.write(bytes("other.before:1|c\n"));
+    const corrupt = new Uint8Array([0xaa, 9, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x41, 0]);
+    await sendTcp(
+      proxy.tcpPort,
+      concat(bytes("first:1|c\n"), corrupt, bytes("after.corrupt:1|c\n")),
+    );
+    await proxy.waitForLog(/tcp: dropped 1 bad inputs \(corrupt 1\)/);
+    await other.write(bytes("other.after:1|c\n"));
+    other.close();
+    await assertRouted(proxy, servers, ["other.before:1|c", "first:1|c", "other.after:1|c"]);
+  } finally {
+    await tearDown();
+  }
+});
+
+Deno.test("an upstream down at start receives everything held for it once it comes up", async () => {
+  const late = RecordingServer.reserve();
+  const up = RecordingServer.start();
+  const proxy = await ProxyProcess.start({ servers: [late.address, up.address] });
+  try {
+    await proxy.waitForLog(new RegExp(`cannot connect to ${late.address}`));
+    const lines = makeLines(500, "held");
+    await sendTcp(proxy.tcpPort, bytes(lines.map((l) => l + "\n").join("")));
+    await sleep(200);
+    late.listen();
+    await proxy.waitForLog(
+      new RegExp(`reconnected to ${late.address}|connected to ${late.address}`),
+    );
+    await assertRouted(proxy, [late, up], lines);
+  } finally {
+    await proxy.stop();
+    await late.stop();
+    await up.stop();
+  }
+});
+
+Deno.test("an upstream killed and restarted mid-stream receives the rest", async () => {
+  const { servers, proxy, tearDown } = await setUp();
+  try {
+    const first = makeLines(300, "before");
+    await sendTcp(proxy.tcpPort, bytes(first.map((l) => l + "\n").join("")));
+    await assertRouted(proxy, servers, first);
+    const victim = servers[0];
+    await victim.stop();
+    await proxy.waitForLog(new RegExp(`lost connection to ${victim.address}`));
+    const second = makeLines(300, "during");
+    await sendTcp(proxy.tcpPort, bytes(second.map((l) => l + "\n").join("")));
+    await sleep(100);
+    victim.listen();
+    await proxy.waitForLog(new RegExp(`reconnected to ${victim.address}`));
+    const third = makeLines(300, "after");
+    await sendTcp(proxy.tcpPort, bytes(third.map((l) => l + "\n").join("")));
+    await assertRouted(proxy, servers, [...first, ...second, ...third]);
+  } finally {
+    await tearDown();
+  }
+});
+
+Deno.test("a full buffer for a down upstream drops new metrics and counts them", async () => {
+  const down = RecordingServer.reserve();
+  const proxy = await ProxyProcess.start({
+    servers: [down.address],
+    settings: { max_buffer_bytes: 65536, summary_interval_ms: 200 },
+  });
+  try {
+    // 4000 lines of 32 bytes = 128000 bytes: 2048 fit in 65536 bytes.
+    const lines = Array.from(
+      { length: 4000 },
+      (_, i) => `full.k${String(i).padStart(5, "0")}:1|c|@0.5${"x".repeat(11)}`,
+    );
+    assert.equal(lines[0].length + 1, 32);
+    await sendTcp(proxy.tcpPort, bytes(lines.map((l) => l + "\n").join("")));
+    await proxy.waitForLog(/dropped 1952 metrics \(buffer full\)/);
+    down.listen();
+    await down.waitForLines(2048);
+    await sleep(100);
+    assert.deepEqual(down.lines(), lines.slice(0, 2048));
+  } finally {
+    await proxy.stop();
+    await down.stop();
+  }
+});
+
+Deno.test("SIGTERM drains every upstream buffer before exit", async (t) => {
+  await t.step("held metrics are delivered when the server comes back in time", async () => {
+    const late = RecordingServer.reserve();
+    const proxy = await ProxyProcess.start({
+      servers: [late.address],
+      settings: { drain_timeout_ms: 5000 },
+    });
+    try {
+      const lines = makeLines(1000, "drain");
+      await sendTcp(proxy.tcpPort, bytes(lines.map((l) => l + "\n").join("")));
+      await sleep(100);
+      const exit = proxy.stop("SIGTERM");
+      await sleep(200);
+      late.listen();
+      assert.equal(await exit, 0);
+      assert.deepEqual(late.lines(), lines);
+      assert.match(proxy.stderr, /every metric was delivered/);
+    } finally {
+      await late.stop();
+    }
+  });
+  await t.step("what cannot be delivered by the timeout is reported with counts", async () => {
+    const never = RecordingServer.reserve();
+    const proxy = await ProxyProcess.start({
+      servers: [never.address],
+      settings: { drain_timeout_ms: 300 },
+    });
+    await sendTcp(proxy.tcpPort, bytes(makeLines(10, "lost").map((l) => l + "\n").join("")));
+    await sleep(100);
+    assert.equal(await proxy.stop("SIGINT"), 0);
+    assert.match(
+      proxy.stderr,
+      new RegExp(`10 metrics could not be delivered: ${never.address} 10`),
+    );
+  });
+});
+
+Deno.test("a listen port already in use is a one-line error and exit code 1", async () => {
+  const server = RecordingServer.start();
+  const busy = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  try {
+    const proxy = await ProxyProcess.start({ servers: [server.address] }).catch((e) => e);
+    // Start a second proxy on the busy port through the CLI flag.
+    const { runMain } = await import("./harness.ts");
+    const result = await runMain([
+      "--servers",
+      `${(proxy as ProxyProcess).dir}/servers.conf`,
+      "--bind",
+      "127.0.0.1",
+      "--port",
+      String(busy.addr.port),
+      "--udp-port",
+      "0",
+    ]);
+    await (proxy as ProxyProcess).stop();
+    assert.equal(result.code, 1);
+    assert.equal(
+      result.stderr,
+      `statsite-proxy: cannot listen on tcp 127.0.0.1:${busy.addr.port}: address already in use\n`,
+    );
+  } finally {
+    busy.close();
+    await server.stop();
+  }
+});

@@ -1,0 +1,221 @@
+import assert from "node:assert/strict";
+import { DROP, IngestCounters } from "../src/counters.ts";
+import { binarySet, concat, enc, type Frame, framesOf, hex, latin1 } from "./frames.ts";
+import {
+  DATAGRAM_BUFFER_SIZE,
+  DatagramDecoder,
+  type DatagramDecoderOptions,
+  decodeDatagrams,
+} from "../src/datagram_decoder.ts";
+
+/** The counter "Conns" = 200, as given in the protocol. */
+const CONNS = hex("aa 02 06 00 00 00 00 00 00 00 69 40 43 6f 6e 6e 73 00");
+
+function dropped(counters: IngestCounters): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const [name, i] of Object.entries(DROP)) {
+    if (counters.dropped[i]) out[name] = counters.dropped[i];
+  }
+  return out;
+}
+
+/** Decodes each datagram with one decoder. */
+function decode(
+  datagrams: Uint8Array[],
+  options: Partial<DatagramDecoderOptions> = {},
+): { frames: Frame[][]; counters: IngestCounters } {
+  const counters = new IngestCounters();
+  const decoder = new DatagramDecoder({ ...options, counters });
+  const frames = datagrams.map((d) => framesOf(decoder.decode(d)));
+  return { frames, counters };
+}
+
+const asciiFrame = (line: string, key: string): Frame => ({
+  frame: latin1(enc(line)),
+  key,
+  ascii: true,
+});
+const binaryFrame = (bytes: Uint8Array, key: string): Frame => ({
+  frame: latin1(bytes),
+  key,
+  ascii: false,
+});
+
+Deno.test("DatagramDecoder decodes every line of a datagram", async (t) => {
+  await t.step("the last line may lack its newline", () => {
+    const { frames, counters } = decode([enc("a:1|c\nb:2|ms|@0.1\nc:3|g"), enc("d:4|c\n")]);
+    assert.deepEqual(frames, [
+      [asciiFrame("a:1|c", "a"), asciiFrame("b:2|ms|@0.1", "b"), asciiFrame("c:3|g", "c")],
+      [asciiFrame("d:4|c", "d")],
+    ]);
+    assert.equal(counters.lines, 4);
+    assert.equal(counters.reads, 2);
+    assert.equal(counters.bytes, 29);
+    assert.equal(counters.droppedTotal, 0);
+  });
+
+  await t.step("CRLF keeps its \\r, and UTF-8 keys may hold spaces", () => {
+    const { frames } = decode([enc("a b:1|c\r\nwörld 😀:2|g\r")]);
+    assert.deepEqual(frames, [[
+      asciiFrame("a b:1|c\r", "a b"),
+      asciiFrame("wörld 😀:2|g\r", "wörld 😀"),
+    ]]);
+  });
+
+  await t.step("only the first len bytes are decoded", () => {
+    const counters = new IngestCounters();
+    const decoder = new DatagramDecoder({ counters });
+    const buf = enc("a:1|c\nb:2|c\nstale");
+    assert.deepEqual(framesOf(decoder.decode(buf, 11)), [
+      asciiFrame("a:1|c", "a"),
+      asciiFrame("b:2|c", "b"),
+    ]);
+    assert.equal(counters.bytes, 11);
+  });
+
+  await t.step("binary and ascii mixed", () => {
+    const set = binarySet("s e t", "mëmber");
+    const { frames, counters } = decode([concat(CONNS, "a:1|c\n", set, CONNS, "b:2|c")]);
+    assert.deepEqual(frames, [[
+      binaryFrame(CONNS, "Conns"),
+      asciiFrame("a:1|c", "a"),
+      binaryFrame(set, "s e t"),
+      binaryFrame(CONNS, "Conns"),
+      asciiFrame("b:2|c", "b"),
+    ]]);
+    assert.equal(counters.lines, 2);
+    assert.equal(counters.frames, 3);
+  });
+});
+
+Deno.test("DatagramDecoder drops and counts invalid lines without harming their neighbours", async (t) => {
+  const cases: [string, string, keyof typeof DROP][] = [
+    ["empty line", "", "empty"],
+    ["line of only \\r", "\r", "empty"],
+    ["no colon", "abc|c", "no_colon"],
+    ["no pipe", "abc:1", "no_pipe"],
+    ["empty name", ":1|c", "empty_name"],
+    ["too long", "k:" + "1".repeat(20) + "|c", "too_long"],
+  ];
+  for (const [name, line, reason] of cases) {
+    await t.step(`${name}, between lines`, () => {
+      const { frames, counters } = decode([enc(`a:1|c\n${line}\nb:2|c`)], { maxLineBytes: 16 });
+      assert.deepEqual(frames, [[asciiFrame("a:1|c", "a"), asciiFrame("b:2|c", "b")]]);
+      assert.deepEqual(dropped(counters), { [reason]: 1 });
+    });
+    if (line === "") continue;
+    await t.step(`${name}, as the last line without a newline`, () => {
+      const { frames, counters } = decode([enc(`a:1|c\n${line}`)], { maxLineBytes: 16 });
+      assert.deepEqual(frames, [[asciiFrame("a:1|c", "a")]]);
+      assert.deepEqual(dropped(counters), { [reason]: 1 });
+    });
+  }
+
+  await t.step("a line of exactly maxLineBytes is kept", () => {
+    const line = "k:" + "1".repeat(12) + "|c";
+    const { frames } = decode([enc(`${line}\n${line}`)], { maxLineBytes: 16 });
+    assert.deepEqual(frames, [[asciiFrame(line, "k"), asciiFrame(line, "k")]]);
+  });
+});
+
+Deno.test("DatagramDecoder drops the rest of a datagram after a bad binary frame", async (t) => {
+  await t.step("a frame cut by the datagram's end is partial", () => {
+    for (let k = 1; k < CONNS.length; k++) {
+      const { frames, counters } = decode([concat("a:1|c\n", CONNS.subarray(0, k))]);
+      assert.deepEqual(frames, [[asciiFrame("a:1|c", "a")]], `${k} bytes`);
+      assert.deepEqual(dropped(counters), { partial: 1 }, `${k} bytes`);
+    }
+  });
+
+  await t.step("a corrupt frame drops the rest as one corrupt", () => {
+    const bad = CONNS.slice();
+    bad[17] = 0x41;
+    const { frames, counters } = decode([
+      concat("a:1|c\n", CONNS, bad, "b:2|c\nc:3|c\n", CONNS),
+      enc("d:4|c"),
+    ]);
+    assert.deepEqual(frames, [
+      [asciiFrame("a:1|c", "a"), binaryFrame(CONNS, "Conns")],
+      [asciiFrame("d:4|c", "d")],
+    ]);
+    assert.deepEqual(dropped(counters), { corrupt: 1 });
+    assert.equal(counters.lines, 2);
+  });
+
+  await t.step("an unknown type is corrupt", () => {
+    const { frames, counters } = decode([concat("a:1|c\n", hex("aa 09"), "b:2|c\n")]);
+    assert.deepEqual(frames, [[asciiFrame("a:1|c", "a")]]);
+    assert.deepEqual(dropped(counters), { corrupt: 1 });
+  });
+
+  await t.step("a too long frame is dropped and the datagram goes on", () => {
+    const set = binarySet("s", "m".repeat(40));
+    const { frames, counters } = decode([concat(set, "a:1|c\n", CONNS)], { maxLineBytes: 32 });
+    assert.deepEqual(frames, [[asciiFrame("a:1|c", "a"), binaryFrame(CONNS, "Conns")]]);
+    assert.deepEqual(dropped(counters), { too_long: 1 });
+  });
+
+  await t.step("a too long frame cut by the datagram's end counts once", () => {
+    const set = binarySet("s", "m".repeat(40));
+    const { counters } = decode([set.subarray(0, 20)], { maxLineBytes: 32 });
+    assert.deepEqual(dropped(counters), { too_long: 1 });
+  });
+});
+
+Deno.test("decodeDatagrams yields one batch per datagram received into one buffer", async (t) => {
+  await t.step("with a fake connection", async () => {
+    const datagrams = [enc("a:1|c\nb:2|c"), enc("bad"), concat(CONNS, "c:3|c\n")];
+    const buffers = new Set<ArrayBufferLike>();
+    let i = 0;
+    const conn = {
+      receive(p?: Uint8Array): Promise<[Uint8Array, unknown]> {
+        assert.ok(p && p.length === DATAGRAM_BUFFER_SIZE);
+        buffers.add(p.buffer);
+        if (i === datagrams.length) return Promise.reject(new Deno.errors.BadResource("closed"));
+        const d = datagrams[i++];
+        p.set(d);
+        return Promise.resolve([p.subarray(0, d.length), { transport: "udp" }]);
+      },
+    };
+    const counters = new IngestCounters();
+    const batches: Frame[][] = [];
+    for await (const batch of decodeDatagrams(conn, { counters })) batches.push(framesOf(batch));
+    assert.deepEqual(batches, [
+      [asciiFrame("a:1|c", "a"), asciiFrame("b:2|c", "b")],
+      [binaryFrame(CONNS, "Conns"), asciiFrame("c:3|c", "c")],
+    ]);
+    assert.equal(buffers.size, 1);
+    assert.equal(counters.reads, 3);
+    assert.deepEqual(dropped(counters), { no_colon: 1 });
+  });
+
+  await t.step("other errors are thrown", async () => {
+    const conn = {
+      receive(): Promise<[Uint8Array, unknown]> {
+        return Promise.reject(new Error("boom"));
+      },
+    };
+    await assert.rejects(async () => {
+      for await (const _ of decodeDatagrams(conn, { counters: new IngestCounters() })) {
+        // nothing
+      }
+    }, /boom/);
+  });
+
+  await t.step("with a real UDP socket", async () => {
+    const server = Deno.listenDatagram({ hostname: "127.0.0.1", port: 0, transport: "udp" });
+    const client = Deno.listenDatagram({ hostname: "127.0.0.1", port: 0, transport: "udp" });
+    const counters = new IngestCounters();
+    const batches = decodeDatagrams(server, { counters });
+    await client.send(concat("a:1|c\n", CONNS), server.addr);
+    const first = await batches.next();
+    assert.deepEqual(first.done ? [] : framesOf(first.value), [
+      asciiFrame("a:1|c", "a"),
+      binaryFrame(CONNS, "Conns"),
+    ]);
+    const pending = batches.next();
+    server.close();
+    client.close();
+    assert.equal((await pending).done, true);
+  });
+});

@@ -1,0 +1,462 @@
+/**
+ * Test harness: the real proxy as a subprocess, recording upstream servers
+ * that keep exactly the bytes they receive, and small TCP/UDP clients.
+ *
+ * Everything binds loopback with ephemeral ports.
+ *
+ * @module
+ */
+
+const ROOT = new URL("../", import.meta.url);
+const MAIN = new URL("main.ts", ROOT).pathname;
+const DENO_JSON = new URL("deno.json", ROOT).pathname;
+const encoder = new TextEncoder();
+const latin1 = new TextDecoder("latin1");
+
+/** Encodes text as UTF-8 bytes. */
+export function bytes(text: string): Uint8Array {
+  return encoder.encode(text);
+}
+
+/** Joins byte arrays. */
+export function concat(...parts: Uint8Array[]): Uint8Array {
+  let size = 0;
+  for (const p of parts) size += p.length;
+  const out = new Uint8Array(size);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+/** Polls `check` every 10 ms until it returns true or `ms` pass. */
+export async function waitUntil(
+  check: () => boolean,
+  what: () => string,
+  ms = 10_000,
+): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting: ${what()}`);
+    await sleep(10);
+  }
+}
+
+/** Resolves after `ms`. */
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/**
+ * A stand-in for a statsite server: accepts TCP connections on 127.0.0.1 and
+ * records every byte received, in order. It can be stopped (closing every
+ * connection, as a killed server would) and started again on the same port.
+ */
+export class RecordingServer {
+  #listener: Deno.TcpListener | undefined;
+  #conns = new Set<Deno.Conn>();
+  #tasks = new Set<Promise<void>>();
+  #chunks: Uint8Array[] = [];
+  #size = 0;
+  #port: number;
+  /** Connections accepted so far. */
+  accepted = 0;
+
+  private constructor(port: number) {
+    this.#port = port;
+  }
+
+  /** Starts a server on an ephemeral port (or `port`). */
+  static start(port = 0): RecordingServer {
+    const server = new RecordingServer(port);
+    server.#listen();
+    return server;
+  }
+
+  /** Reserves an ephemeral port and returns a server that is NOT listening yet. */
+  static reserve(): RecordingServer {
+    const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = probe.addr.port;
+    probe.close();
+    return new RecordingServer(port);
+  }
+
+  /** The port. */
+  get port(): number {
+    return this.#port;
+  }
+
+  /** `127.0.0.1:PORT`, as written in a servers file. */
+  get address(): string {
+    return `127.0.0.1:${this.#port}`;
+  }
+
+  /** Bytes received so far. */
+  get size(): number {
+    return this.#size;
+  }
+
+  /** Everything received, across connections, in order. */
+  received(): Uint8Array {
+    const all = concat(...this.#chunks);
+    this.#chunks = [all];
+    return all;
+  }
+
+  /** Everything received, as latin1 text (byte per char). */
+  text(): string {
+    return latin1.decode(this.received());
+  }
+
+  /** Ascii lines received (splits on `\n`; binary frames make this meaningless). */
+  lines(): string[] {
+    const text = new TextDecoder().decode(this.received());
+    return text === "" ? [] : text.replace(/\n$/, "").split("\n");
+  }
+
+  /** (Re)starts listening on the same port. */
+  listen(): void {
+    this.#listen();
+  }
+
+  #listen(): void {
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: this.#port });
+    this.#port = listener.addr.port;
+    this.#listener = listener;
+    const task = this.#accept(listener);
+    this.#tasks.add(task);
+  }
+
+  async #accept(listener: Deno.TcpListener): Promise<void> {
+    try {
+      for await (const conn of listener) {
+        this.accepted++;
+        this.#conns.add(conn);
+        const task = this.#read(conn);
+        this.#tasks.add(task);
+        task.finally(() => this.#tasks.delete(task));
+      }
+    } catch {
+      // closed
+    }
+  }
+
+  async #read(conn: Deno.Conn): Promise<void> {
+    const buf = new Uint8Array(256 * 1024);
+    try {
+      while (true) {
+        const n = await conn.read(buf);
+        if (n === null) break;
+        this.#chunks.push(buf.slice(0, n));
+        this.#size += n;
+      }
+    } catch {
+      // closed or reset
+    } finally {
+      this.#conns.delete(conn);
+      try {
+        conn.close();
+      } catch {
+        // already closed
+      }
+    }
+  }
+
+  /** Waits until at least `n` bytes have arrived. */
+  async waitForBytes(n: number, ms = 10_000): Promise<void> {
+    await waitUntil(
+      () => this.#size >= n,
+      () => `${this.address} has ${this.#size} of ${n} bytes`,
+      ms,
+    );
+  }
+
+  /** Waits until `n` `\n`-terminated lines have arrived. */
+  async waitForLines(n: number, ms = 10_000): Promise<void> {
+    await waitUntil(
+      () => this.#size > 0 && countNewlines(this.received()) >= n,
+      () => `${this.address} has ${countNewlines(this.received())} of ${n} lines`,
+      ms,
+    );
+  }
+
+  /** Stops listening and closes every connection, as a killed server would. */
+  async stop(): Promise<void> {
+    try {
+      this.#listener?.close();
+    } catch {
+      // already closed
+    }
+    this.#listener = undefined;
+    for (const conn of this.#conns) {
+      try {
+        conn.close();
+      } catch {
+        // already closed
+      }
+    }
+    await Promise.allSettled([...this.#tasks]);
+    this.#tasks.clear();
+  }
+}
+
+function countNewlines(data: Uint8Array): number {
+  let n = 0;
+  for (let i = data.indexOf(10); i !== -1; i = data.indexOf(10, i + 1)) n++;
+  return n;
+}
+
+/** Options of {@linkcode ProxyProcess.start}. */
+export interface ProxyStartOptions {
+  /** Upstream addresses, in servers-file order (`host:port` or with a weight). */
+  servers: readonly (string | { address: string; weight: number })[];
+  /** Extra `key = value` lines for the `[statsite-proxy]` section. */
+  settings?: Record<string, string | number>;
+  /** Extra command-line arguments. */
+  args?: string[];
+  /** Disable TCP or UDP. */
+  tcp?: boolean;
+  /** Disable TCP or UDP. */
+  udp?: boolean;
+}
+
+/** The real proxy, run as `deno run main.ts -f CONFIG` in a subprocess. */
+export class ProxyProcess {
+  /** TCP port, or 0 when disabled. */
+  tcpPort = 0;
+  /** UDP port, or 0 when disabled. */
+  udpPort = 0;
+  /** The temporary folder with the config and servers files. */
+  readonly dir: string;
+  #child: Deno.ChildProcess;
+  #stderr = "";
+  #stdout = "";
+  #reading: Promise<void>;
+  #status: Promise<Deno.CommandStatus>;
+
+  private constructor(dir: string, child: Deno.ChildProcess) {
+    this.dir = dir;
+    this.#child = child;
+    this.#status = child.status;
+    this.#reading = Promise.all([
+      this.#collect(child.stderr, (t) => this.#stderr += t),
+      this.#collect(child.stdout, (t) => this.#stdout += t),
+    ]).then(() => {});
+  }
+
+  async #collect(stream: ReadableStream<Uint8Array>, add: (text: string) => void): Promise<void> {
+    const decoder = new TextDecoder();
+    for await (const chunk of stream) add(decoder.decode(chunk, { stream: true }));
+  }
+
+  /** What the proxy wrote to standard error so far. */
+  get stderr(): string {
+    return this.#stderr;
+  }
+
+  /** The process id. */
+  get pid(): number {
+    return this.#child.pid;
+  }
+
+  /**
+   * Writes a config and servers file to a temp folder, starts the proxy on
+   * ephemeral ports and waits until it listens.
+   */
+  static async start(options: ProxyStartOptions): Promise<ProxyProcess> {
+    for (let attempt = 0;; attempt++) {
+      const proxy = await ProxyProcess.#spawn(options);
+      const ready = await proxy.#waitReady(options);
+      if (ready) return proxy;
+      // The reserved port was taken in between: try other ports.
+      await proxy.#status;
+      await proxy.#reading;
+      await Deno.remove(proxy.dir, { recursive: true });
+      if (attempt >= 5 || !/address already in use/.test(proxy.#stderr)) {
+        throw new Error(`proxy did not start:\n${proxy.#stderr}`);
+      }
+    }
+  }
+
+  static async #spawn(options: ProxyStartOptions): Promise<ProxyProcess> {
+    const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-test-" });
+    const tcp = options.tcp === false ? 0 : freePort("tcp");
+    const udp = options.udp === false ? 0 : freePort("udp");
+    const servers = options.servers.map((s) =>
+      typeof s === "string" ? `${s}\t100` : `${s.address}\t${s.weight}`
+    );
+    await Deno.writeTextFile(`${dir}/servers.conf`, servers.join("\n") + "\n");
+    const lines = [
+      "[statsite-proxy]",
+      `port = ${tcp}`,
+      `udp_port = ${udp}`,
+      "bind_address = 127.0.0.1",
+      "servers = servers.conf",
+      "log_level = DEBUG",
+      "reconnect_min_ms = 20",
+      "reconnect_max_ms = 200",
+    ];
+    for (const [key, value] of Object.entries(options.settings ?? {})) {
+      lines.push(`${key} = ${value}`);
+    }
+    await Deno.writeTextFile(`${dir}/proxy.ini`, lines.join("\n") + "\n");
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--quiet",
+        "--allow-net",
+        "--allow-read",
+        "--allow-write",
+        "--config",
+        DENO_JSON,
+        MAIN,
+        "-f",
+        `${dir}/proxy.ini`,
+        ...(options.args ?? []),
+      ],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const proxy = new ProxyProcess(dir, child);
+    proxy.tcpPort = tcp;
+    proxy.udpPort = udp;
+    return proxy;
+  }
+
+  async #waitReady(options: ProxyStartOptions): Promise<boolean> {
+    let exited = false;
+    this.#status.then(() => exited = true);
+    const want = (options.tcp === false ? 0 : 1) + (options.udp === false ? 0 : 1);
+    await waitUntil(
+      () => exited || (this.#stderr.match(/listening on (tcp|udp) /g) ?? []).length >= want,
+      () => `proxy to listen; stderr:\n${this.#stderr}`,
+      20_000,
+    );
+    return !exited;
+  }
+
+  /** Waits until the proxy's standard error matches `pattern`. */
+  async waitForLog(pattern: RegExp, ms = 10_000): Promise<void> {
+    await waitUntil(
+      () => pattern.test(this.#stderr),
+      () => `log ${pattern}; stderr:\n${this.#stderr}`,
+      ms,
+    );
+  }
+
+  /** Sends a signal and waits for the exit; returns the exit code. */
+  async stop(signal: Deno.Signal = "SIGTERM"): Promise<number> {
+    try {
+      this.#child.kill(signal);
+    } catch {
+      // already exited
+    }
+    return await this.exited();
+  }
+
+  /** Waits for the process to exit; returns its code and removes the temp folder. */
+  async exited(): Promise<number> {
+    const status = await this.#status;
+    await this.#reading;
+    await Deno.remove(this.dir, { recursive: true }).catch(() => {});
+    return status.code;
+  }
+}
+
+/** A free loopback port for `transport`, by binding port 0 and releasing it. */
+export function freePort(transport: "tcp" | "udp"): number {
+  if (transport === "tcp") {
+    const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = l.addr.port;
+    l.close();
+    return port;
+  }
+  const c = Deno.listenDatagram({ hostname: "127.0.0.1", port: 0, transport: "udp" });
+  const port = (c.addr as Deno.NetAddr).port;
+  c.close();
+  return port;
+}
+
+/** Connects to the proxy's TCP port and writes `chunks` one write each, then closes. */
+export async function sendTcp(port: number, ...chunks: Uint8Array[]): Promise<void> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    for (const chunk of chunks) {
+      let off = 0;
+      while (off < chunk.length) off += await conn.write(chunk.subarray(off));
+    }
+  } finally {
+    conn.close();
+  }
+}
+
+/** Sends each of `datagrams` to the proxy's UDP port. */
+export async function sendUdp(port: number, ...datagrams: Uint8Array[]): Promise<void> {
+  const conn = Deno.listenDatagram({ hostname: "127.0.0.1", port: 0, transport: "udp" });
+  try {
+    for (const d of datagrams) {
+      await conn.send(d, { transport: "udp", hostname: "127.0.0.1", port });
+    }
+  } finally {
+    conn.close();
+  }
+}
+
+/** Runs `main.ts ARGS` to completion with optional standard input. */
+export async function runMain(
+  args: string[],
+  options: { stdin?: Uint8Array; cwd?: string } = {},
+): Promise<{ code: number; stdout: string; stderr: string; stdoutBytes: Uint8Array }> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--quiet",
+      "--allow-net",
+      "--allow-read",
+      "--allow-write",
+      "--config",
+      DENO_JSON,
+      MAIN,
+      ...args,
+    ],
+    stdin: options.stdin === undefined ? "null" : "piped",
+    stdout: "piped",
+    stderr: "piped",
+    cwd: options.cwd,
+  }).spawn();
+  // Feed stdin while collecting stdout, or a large output would block both.
+  const feeding = options.stdin === undefined ? Promise.resolve() : (async () => {
+    const writer = child.stdin.getWriter();
+    await writer.write(options.stdin!);
+    await writer.close();
+  })();
+  const [out] = await Promise.all([child.output(), feeding]);
+  return {
+    code: out.code,
+    stdout: new TextDecoder().decode(out.stdout),
+    stderr: new TextDecoder().decode(out.stderr),
+    stdoutBytes: out.stdout,
+  };
+}
+
+/** Asks `main.ts route --servers FILE` where each key goes; returns key → address. */
+export async function routeOf(
+  serversFile: string,
+  keys: readonly string[],
+): Promise<Map<string, string>> {
+  const input = bytes(keys.map((k) => k + "\n").join(""));
+  const { code, stdout, stderr } = await runMain(["route", "--servers", serversFile], {
+    stdin: input,
+  });
+  if (code !== 0) throw new Error(`route failed: ${stderr}`);
+  const map = new Map<string, string>();
+  for (const line of stdout.split("\n")) {
+    if (line === "") continue;
+    const tab = line.lastIndexOf("\t");
+    map.set(line.slice(0, tab), line.slice(tab + 1));
+  }
+  return map;
+}
