@@ -390,3 +390,89 @@ Deno.test("a listen port already in use is a one-line error and exit code 1", as
     await server.stop();
   }
 });
+
+Deno.test("many concurrent tcp clients are served, and one leaving mid-line harms nobody", async () => {
+  const { servers, proxy, tearDown } = await setUp();
+  try {
+    const expected: string[] = [];
+    const clients = Array.from({ length: 20 }, async (_, c) => {
+      const lines = makeLines(200, `client${c}`);
+      expected.push(...lines);
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
+      const text = lines.map((l) => l + "\n").join("");
+      // Several writes per client, interleaved with the others.
+      for (let i = 0; i < text.length; i += 997) {
+        await conn.write(bytes(text.slice(i, i + 997)));
+        await sleep(1);
+      }
+      if (c === 7) await conn.write(bytes("cut.off.mid:1|"));
+      conn.close();
+    });
+    await Promise.all(clients);
+    await assertRouted(proxy, servers, expected);
+    await proxy.waitForLog(/tcp: dropped 1 bad inputs \(partial 1\)/);
+  } finally {
+    await tearDown();
+  }
+});
+
+Deno.test("a corrupt binary frame in a datagram drops only the rest of that datagram", async () => {
+  const { servers, proxy, tearDown } = await setUp();
+  try {
+    const corrupt = new Uint8Array([0xaa, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x41, 0x42, 0x43]);
+    await sendUdp(
+      proxy.udpPort,
+      concat(bytes("dgram.before:1|c\n"), corrupt, bytes("\ndgram.lost:1|c\n")),
+      bytes("dgram.next:1|c"),
+    );
+    await proxy.waitForLog(/udp: dropped 1 bad inputs \(corrupt 1\)/);
+    await assertRouted(proxy, servers, ["dgram.before:1|c", "dgram.next:1|c"]);
+  } finally {
+    await tearDown();
+  }
+});
+
+Deno.test("a server that stops reading never delays the others", async () => {
+  // A server that accepts connections and never reads from them.
+  const stalled = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const held: Deno.Conn[] = [];
+  const accepting = (async () => {
+    try {
+      for await (const conn of stalled) held.push(conn);
+    } catch {
+      // closed
+    }
+  })();
+  const fine = [RecordingServer.start(), RecordingServer.start()];
+  const stalledAddress = `127.0.0.1:${stalled.addr.port}`;
+  const proxy = await ProxyProcess.start({
+    servers: [stalledAddress, ...fine.map((s) => s.address)],
+    settings: { max_buffer_bytes: 1048576, summary_interval_ms: 200, drain_timeout_ms: 300 },
+  });
+  try {
+    // About 32 MB in all, a third of it for the stalled server: far more than its
+    // socket buffers and the 1 MiB held for it, so the proxy must drop for it.
+    const lines = makeLines(40_000, "stall").map((l) => l + "|#" + "t".repeat(150));
+    const keys = lines.map((l) => l.slice(0, l.indexOf(":")));
+    const routes = await routeOf(`${proxy.dir}/servers.conf`, keys);
+    const text = lines.map((l) => l + "\n").join("");
+    for (let round = 0; round < 4; round++) await sendTcp(proxy.tcpPort, bytes(text));
+    for (const server of fine) {
+      const want = lines.filter((l) => routes.get(l.slice(0, l.indexOf(":"))) === server.address);
+      await server.waitForLines(want.length * 4, 20_000);
+      const counts = new Map<string, number>();
+      for (const line of server.lines()) counts.set(line, (counts.get(line) ?? 0) + 1);
+      assert.equal(counts.size, want.length);
+      for (const line of want) assert.equal(counts.get(line), 4);
+    }
+    await proxy.waitForLog(
+      new RegExp(`${stalledAddress}: up; holding \\d+ bytes; dropped \\d+ metrics`),
+    );
+  } finally {
+    await proxy.stop();
+    stalled.close();
+    await accepting;
+    for (const conn of held) conn.close();
+    await Promise.all(fine.map((s) => s.stop()));
+  }
+});

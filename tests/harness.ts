@@ -60,6 +60,7 @@ export class RecordingServer {
   #tasks = new Set<Promise<void>>();
   #chunks: Uint8Array[] = [];
   #size = 0;
+  #newlines = 0;
   #port: number;
   /** Connections accepted so far. */
   accepted = 0;
@@ -149,8 +150,10 @@ export class RecordingServer {
       while (true) {
         const n = await conn.read(buf);
         if (n === null) break;
-        this.#chunks.push(buf.slice(0, n));
+        const chunk = buf.slice(0, n);
+        this.#chunks.push(chunk);
         this.#size += n;
+        this.#newlines += countNewlines(chunk);
       }
     } catch {
       // closed or reset
@@ -176,8 +179,8 @@ export class RecordingServer {
   /** Waits until `n` `\n`-terminated lines have arrived. */
   async waitForLines(n: number, ms = 10_000): Promise<void> {
     await waitUntil(
-      () => this.#size > 0 && countNewlines(this.received()) >= n,
-      () => `${this.address} has ${countNewlines(this.received())} of ${n} lines`,
+      () => this.#newlines >= n,
+      () => `${this.address} has ${this.#newlines} of ${n} lines`,
       ms,
     );
   }
