@@ -12,7 +12,7 @@ import { checkSummary } from "./src/check_command.ts";
 import { parseCli, USAGE } from "./src/cli.ts";
 import { loadConfig } from "./src/config.ts";
 import { ConfigError, ListenError, UsageError } from "./src/errors.ts";
-import { setupLogging } from "./src/log.ts";
+import { PidFileError } from "./src/pid_file.ts";
 import { runRoute } from "./src/route_command.ts";
 import { runProxy } from "./src/run_command.ts";
 import { HashRing } from "./src/ring.ts";
@@ -42,8 +42,7 @@ async function main(args: string[]): Promise<number> {
       });
       return 0;
     case "run":
-      setupLogging({ level: config.logLevel });
-      return await runProxy(config);
+      return await runProxy({ config, overrides: cli.overrides });
   }
 }
 
@@ -58,7 +57,7 @@ if (import.meta.main) {
     } else if (err instanceof ConfigError) {
       console.error(`statsite-proxy: ${err.message}`);
       code = 2;
-    } else if (err instanceof ListenError) {
+    } else if (err instanceof ListenError || err instanceof PidFileError) {
       console.error(`statsite-proxy: ${err.message}`);
       code = 1;
     } else {

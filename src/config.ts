@@ -87,6 +87,19 @@ export interface ProxyConfig {
    * Default `false`.
    */
   daemonize: boolean;
+  /** Port of the admin HTTP endpoint (key `admin_port`); 0 (the default) turns it off. */
+  adminPort: number;
+  /** Address of the admin HTTP endpoint (key `admin_bind`). Default `127.0.0.1`. */
+  adminBind: string;
+  /**
+   * Prefix of the proxy's own metrics, sent as statsd lines through its own
+   * ring (key `stats_prefix`); empty (the default) turns self-reporting off.
+   */
+  statsPrefix: string;
+  /** Seconds between self-reports (key `stats_interval`). Default 10. */
+  statsIntervalS: number;
+  /** Log line format (key `log_format`): `text` (the default) or `json`. */
+  logFormat: "text" | "json";
 }
 
 /** The configuration without the parsed servers: what {@linkcode parseConfig} returns. */
@@ -147,6 +160,11 @@ export const DEFAULTS: ConfigDefaults = Object.freeze({
   reconnectMinMs: 100,
   reconnectMaxMs: 5000,
   daemonize: false,
+  adminPort: 0,
+  adminBind: "127.0.0.1",
+  statsPrefix: "",
+  statsIntervalS: 10,
+  logFormat: "text",
 });
 
 /** The settings section. */
@@ -250,6 +268,23 @@ function boolean(text: string): boolean {
   );
 }
 
+/** Parses a metric name prefix: no blanks, `:` or `|`, which would break the lines. */
+function metricPrefix(text: string): string {
+  if (/[\s:|]/.test(text)) {
+    throw new InvalidValue(
+      `a metric prefix cannot hold blanks, ":" or "|": ${JSON.stringify(text)}`,
+    );
+  }
+  return text;
+}
+
+/** Parses a log format. */
+function logFormat(text: string): "text" | "json" {
+  const lower = text.toLowerCase();
+  if (lower === "text" || lower === "json") return lower;
+  throw new InvalidValue(`unknown log format ${JSON.stringify(text)} (expected text or json)`);
+}
+
 /** Checks a path and resolves it against `base` (`undefined`: keep it as is). */
 function path(text: string, base: string | undefined): string {
   if (text === "") throw new InvalidValue("empty path");
@@ -284,6 +319,11 @@ const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
   ["reconnect_max_ms", { field: "reconnectMaxMs", parse: (t) => integer(t, 1, MAX_DELAY_MS) }],
   ["pid_file", { field: "pidFile", parse: path }],
   ["daemonize", { field: "daemonize", parse: boolean }],
+  ["admin_port", { field: "adminPort", parse: port }],
+  ["admin_bind", { field: "adminBind", parse: bindAddress }],
+  ["stats_prefix", { field: "statsPrefix", parse: metricPrefix }],
+  ["stats_interval", { field: "statsIntervalS", parse: (t) => integer(t, 1, 86400) }],
+  ["log_format", { field: "logFormat", parse: logFormat }],
 ]);
 
 /** How to read one flag of {@linkcode ConfigOverrides}. */

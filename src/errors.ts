@@ -118,8 +118,8 @@ export class UsageError extends Error {
 
 /** Where a listener tried to bind, for {@linkcode ListenError}. */
 export interface ListenTarget {
-  /** `tcp` or `udp`. */
-  transport: "tcp" | "udp";
+  /** `tcp`, `udp`, or `http` for the admin endpoint. */
+  transport: "tcp" | "udp" | "http";
   /** The address asked for. */
   hostname: string;
   /** The port asked for. */

@@ -1,9 +1,11 @@
 /**
  * The running proxy: listeners → decoders → router (ring) → upstreams.
  *
- * {@linkcode startProxy} binds the listeners and connects the upstreams;
- * {@linkcode Proxy.shutdown} stops accepting, lets what was read finish, and
- * drains every upstream within the drain timeout.
+ * {@linkcode Proxy.start} binds the listeners and connects the upstreams;
+ * {@linkcode Proxy.reload} swaps in a new configuration (servers that stay
+ * keep their connection and buffer); {@linkcode Proxy.shutdown} stops
+ * accepting, lets what was read finish, and drains every upstream within the
+ * drain timeout.
  *
  * @module
  */
@@ -12,10 +14,11 @@ import type { ProxyConfig } from "./config.ts";
 import { IngestCounters } from "./counters.ts";
 import { logger } from "./log.ts";
 import { HashRing } from "./ring.ts";
+import { movedShare } from "./ring_diff.ts";
 import { Router } from "./router.ts";
 import { TcpListener } from "./tcp_listener.ts";
 import { UdpListener } from "./udp_listener.ts";
-import { Upstream } from "./upstream.ts";
+import { errorText, Upstream } from "./upstream.ts";
 
 const log = logger("proxy");
 
@@ -27,37 +30,94 @@ export interface ShutdownReport {
   byServer: Record<string, number>;
 }
 
+/** What a reload changed. */
+export interface ReloadReport {
+  /** Servers added. */
+  added: string[];
+  /** Servers removed (their held metrics are flushed, then they are closed). */
+  removed: string[];
+  /** Servers kept whose weight changed. */
+  reweighted: string[];
+  /** Fraction of the key-hash space that moved to another server. */
+  moved: number;
+  /** Listener changes made, e.g. `tcp 127.0.0.1:8150 -> 127.0.0.1:8160`. */
+  listeners: string[];
+  /** Changes refused (a listener that could not bind), as log text. */
+  refused: string[];
+}
+
+/** Reload counters. */
+export interface ReloadCounters {
+  /** Successful reloads. */
+  reloads: number;
+  /** Reloads refused because a file was invalid. */
+  failures: number;
+}
+
+/** Builds an upstream for a server of `config`. */
+function upstreamFor(config: ProxyConfig, server: ProxyConfig["servers"][number]): Upstream {
+  return new Upstream({
+    address: server.address,
+    host: server.host,
+    port: server.port,
+    maxBufferBytes: config.maxBufferBytes,
+    reconnectMinMs: config.reconnectMinMs,
+    reconnectMaxMs: config.reconnectMaxMs,
+  });
+}
+
 /** A running proxy. */
 export class Proxy {
-  /** The configuration it runs. */
-  readonly config: ProxyConfig;
   /** Routes decoded batches to the upstreams. */
   readonly router: Router;
   /** Counters of TCP input. */
   readonly tcpCounters: IngestCounters = new IngestCounters();
   /** Counters of UDP input. */
   readonly udpCounters: IngestCounters = new IngestCounters();
-  /** The TCP listener, unless TCP is disabled. */
-  tcp: TcpListener | undefined;
-  /** The UDP listener, unless UDP is disabled. */
-  udp: UdpListener | undefined;
+  /** Reload counters. */
+  readonly reloadCounters: ReloadCounters = { reloads: 0, failures: 0 };
   /** When the proxy started (ms since epoch). */
   readonly startedAt: number = Date.now();
+  #config: ProxyConfig;
+  #tcp: TcpListener | undefined;
+  #udp: UdpListener | undefined;
+  /** TCP listeners replaced by a reload whose client connections still run. */
+  #retired = new Set<TcpListener>();
+  /** Upstreams removed by a reload, still flushing. */
+  #leaving = new Set<Promise<number>>();
+  /** The bind address and port the TCP listener was made for (port 0: none). */
+  #tcpBound: { host: string; port: number };
+  /** The bind address and port the UDP listener was made for (port 0: none). */
+  #udpBound: { host: string; port: number };
 
-  /** Use {@linkcode startProxy}. */
-  constructor(config: ProxyConfig) {
-    this.config = config;
-    const upstreams = config.servers.map((server) =>
-      new Upstream({
-        address: server.address,
-        host: server.host,
-        port: server.port,
-        maxBufferBytes: config.maxBufferBytes,
-        reconnectMinMs: config.reconnectMinMs,
-        reconnectMaxMs: config.reconnectMaxMs,
-      })
-    );
+  private constructor(config: ProxyConfig) {
+    this.#config = config;
+    this.#tcpBound = { host: config.bindAddress, port: config.tcpPort };
+    this.#udpBound = { host: config.bindAddress, port: config.udpPort };
+    const upstreams = config.servers.map((server) => upstreamFor(config, server));
     this.router = new Router({ ring: new HashRing({ servers: config.servers }), upstreams });
+  }
+
+  /**
+   * Starts a proxy: binds the listeners (a `ListenError` when a port is
+   * taken) and starts connecting to the upstreams.
+   */
+  static start(config: ProxyConfig): Proxy {
+    const proxy = new Proxy(config);
+    try {
+      if (config.tcpPort !== 0) proxy.#tcp = proxy.#listenTcp(config);
+      if (config.udpPort !== 0) proxy.#udp = proxy.#listenUdp(config);
+    } catch (err) {
+      proxy.#tcp?.close();
+      throw err;
+    }
+    for (const upstream of proxy.upstreams) upstream.start();
+    return proxy;
+  }
+
+  /** The configuration in force. */
+  get config(): ProxyConfig {
+    return this.#config;
   }
 
   /** The upstreams, in servers-file order. */
@@ -65,14 +125,152 @@ export class Proxy {
     return this.router.upstreams;
   }
 
+  /** The TCP listener, unless TCP is disabled. */
+  get tcp(): TcpListener | undefined {
+    return this.#tcp;
+  }
+
+  /** The UDP listener, unless UDP is disabled. */
+  get udp(): UdpListener | undefined {
+    return this.#udp;
+  }
+
+  /** TCP connections open now, across current and replaced listeners. */
+  get tcpConnectionsOpen(): number {
+    let n = this.#tcp?.connections.open ?? 0;
+    for (const l of this.#retired) n += l.connections.open;
+    return n;
+  }
+
+  /** TCP connections accepted since start, across listeners. */
+  get tcpConnectionsTotal(): number {
+    let n = this.#tcp?.connections.total ?? 0;
+    for (const l of this.#retired) n += l.connections.total;
+    return n;
+  }
+
+  #listenTcp(config: ProxyConfig): TcpListener {
+    const listener = TcpListener.listen({
+      hostname: config.bindAddress,
+      port: config.tcpPort,
+      router: this.router,
+      counters: this.tcpCounters,
+      maxLineBytes: config.maxLineBytes,
+    });
+    log.info("listening on tcp {address}", { address: formatAddr(listener.addr) });
+    return listener;
+  }
+
+  #listenUdp(config: ProxyConfig): UdpListener {
+    const listener = UdpListener.listen({
+      hostname: config.bindAddress,
+      port: config.udpPort,
+      router: this.router,
+      counters: this.udpCounters,
+      maxLineBytes: config.maxLineBytes,
+    });
+    log.info("listening on udp {address}", { address: formatAddr(listener.addr) });
+    return listener;
+  }
+
+  /**
+   * Applies a new, valid configuration. The ring and the upstream list are
+   * swapped in one step, so every metric goes wholly to the old or the new
+   * ring: servers that stay keep their connection and held metrics, new
+   * servers connect, removed ones are flushed (within the drain timeout) and
+   * closed. Listeners whose address changed are re-bound; one that cannot
+   * bind is refused and the old one kept.
+   */
+  reload(next: ProxyConfig): ReloadReport {
+    const before = this.router.ring;
+    const current = new Map(this.upstreams.map((u) => [u.address, u]));
+    const oldWeights = new Map(before.servers.map((s) => [s.address, s.weight]));
+    const upstreams = next.servers.map((server) =>
+      current.get(server.address) ?? upstreamFor(next, server)
+    );
+    const nextAddresses = new Set(next.servers.map((s) => s.address));
+    const ring = new HashRing({ servers: next.servers });
+    const report: ReloadReport = {
+      added: next.servers.filter((s) => !current.has(s.address)).map((s) => s.address),
+      removed: before.servers.filter((s) => !nextAddresses.has(s.address)).map((s) => s.address),
+      reweighted: next.servers.filter((s) =>
+        oldWeights.has(s.address) && oldWeights.get(s.address) !== s.weight
+      ).map((s) => s.address),
+      moved: movedShare(before, ring),
+      listeners: [],
+      refused: [],
+    };
+    this.router.swap({ ring, upstreams });
+    for (const upstream of upstreams) upstream.start();
+    const deadline = Date.now() + next.drainTimeoutMs;
+    for (const address of report.removed) {
+      const leaving = current.get(address)!.drain(deadline);
+      this.#leaving.add(leaving);
+      leaving.then((lost) => {
+        this.#leaving.delete(leaving);
+        if (lost > 0) {
+          log.error("removed server {address}: {count} held metrics could not be delivered", {
+            address,
+            count: lost,
+          });
+        }
+      });
+    }
+    this.#reloadListeners(next, report);
+    this.#config = next;
+    this.reloadCounters.reloads++;
+    return report;
+  }
+
+  #reloadListeners(next: ProxyConfig, report: ReloadReport): void {
+    const tcpWant = { host: next.bindAddress, port: next.tcpPort };
+    if (tcpWant.host !== this.#tcpBound.host || tcpWant.port !== this.#tcpBound.port) {
+      const from = this.#tcp === undefined ? "off" : formatAddr(this.#tcp.addr);
+      try {
+        const fresh = next.tcpPort === 0 ? undefined : this.#listenTcp(next);
+        const retiring = this.#tcp;
+        if (retiring !== undefined) {
+          // Stop accepting; its clients keep their connections until they close.
+          this.#retired.add(retiring);
+          retiring.stopAccepting().then(() => retiring.idle()).then(() =>
+            this.#retired.delete(retiring)
+          );
+        }
+        this.#tcp = fresh;
+        this.#tcpBound = tcpWant;
+        report.listeners.push(`tcp ${from} -> ${fresh ? formatAddr(fresh.addr) : "off"}`);
+      } catch (err) {
+        report.refused.push(`tcp stays on ${from}: ${errorText(err)}`);
+      }
+    }
+    const udpWant = { host: next.bindAddress, port: next.udpPort };
+    if (udpWant.host !== this.#udpBound.host || udpWant.port !== this.#udpBound.port) {
+      const from = this.#udp === undefined ? "off" : formatAddr(this.#udp.addr);
+      try {
+        const fresh = next.udpPort === 0 ? undefined : this.#listenUdp(next);
+        this.#udp?.close();
+        this.#udp = fresh;
+        this.#udpBound = udpWant;
+        report.listeners.push(`udp ${from} -> ${fresh ? formatAddr(fresh.addr) : "off"}`);
+      } catch (err) {
+        report.refused.push(`udp stays on ${from}: ${errorText(err)}`);
+      }
+    }
+  }
+
   /**
    * Stops accepting, closes client connections (what was read is already
    * routed), then drains the upstreams until `drainTimeoutMs` passes.
    */
   async shutdown(): Promise<ShutdownReport> {
-    await Promise.all([this.tcp?.close(), this.udp?.close()]);
-    const deadline = Date.now() + this.config.drainTimeoutMs;
+    await Promise.all([
+      this.#tcp?.close(),
+      this.#udp?.close(),
+      ...[...this.#retired].map((l) => l.close()),
+    ]);
+    const deadline = Date.now() + this.#config.drainTimeoutMs;
     const lost = await Promise.all(this.upstreams.map((u) => u.drain(deadline)));
+    await Promise.all([...this.#leaving]);
     const byServer: Record<string, number> = {};
     let undelivered = 0;
     lost.forEach((n, i) => {
@@ -81,48 +279,6 @@ export class Proxy {
     });
     return { undelivered, byServer };
   }
-}
-
-/**
- * Starts a proxy: binds the listeners (a `ListenError` when a port is taken)
- * and starts connecting to the upstreams.
- */
-export function startProxy(config: ProxyConfig): Proxy {
-  const proxy = new Proxy(config);
-  const { bindAddress: hostname, maxLineBytes } = config;
-  const router = proxy.router;
-  try {
-    if (config.tcpPort !== 0) {
-      proxy.tcp = TcpListener.listen({
-        hostname,
-        port: config.tcpPort,
-        router,
-        counters: proxy.tcpCounters,
-        maxLineBytes,
-      });
-    }
-    if (config.udpPort !== 0) {
-      proxy.udp = UdpListener.listen({
-        hostname,
-        port: config.udpPort,
-        router,
-        counters: proxy.udpCounters,
-        maxLineBytes,
-      });
-    }
-  } catch (err) {
-    proxy.tcp?.close();
-    throw err;
-  }
-  for (const upstream of proxy.upstreams) upstream.start();
-  for (const listener of [proxy.tcp, proxy.udp]) {
-    if (listener === undefined) continue;
-    log.info("listening on {transport} {address}", {
-      transport: listener === proxy.tcp ? "tcp" : "udp",
-      address: formatAddr(listener.addr),
-    });
-  }
-  return proxy;
 }
 
 /** `host:port`, with brackets around an IPv6 host. */

@@ -40,6 +40,15 @@ export class Router {
     return this.#upstreams;
   }
 
+  /**
+   * Swaps in a new ring and its upstreams, in one step: a batch is routed
+   * wholly on the old or wholly on the new ring.
+   */
+  swap(options: RouterOptions): void {
+    this.#ring = options.ring;
+    this.#upstreams = options.upstreams;
+  }
+
   /** Queues every frame of `batch` on its upstream, then wakes the writers. */
   route(batch: FrameBatch): void {
     const ring = this.#ring;

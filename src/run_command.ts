@@ -1,46 +1,92 @@
 /**
- * `statsite-proxy run` (the default command): runs the proxy until SIGTERM or
- * SIGINT, then drains it and exits 0.
+ * `statsite-proxy run` (the default command): takes the pid file, runs the
+ * proxy with its admin endpoint, summaries and self-reports, reloads on
+ * SIGHUP, and on SIGTERM or SIGINT drains and exits 0.
  *
  * @module
  */
 
-import type { ProxyConfig } from "./config.ts";
+import { AdminServer } from "./admin_server.ts";
+import { type ConfigOverrides, loadConfig, type ProxyConfig } from "./config.ts";
+import { setupLogging } from "./log.ts";
 import { logger } from "./log.ts";
-import { startProxy } from "./proxy.ts";
+import { PidFile } from "./pid_file.ts";
+import { Proxy, type ReloadReport } from "./proxy.ts";
+import { SelfReport } from "./self_report.ts";
 import { SummaryLog } from "./summary_log.ts";
+import { errorText } from "./upstream.ts";
 import { VERSION } from "./version.ts";
 
 const log = logger("main");
 
-/** Runs the proxy; resolves with the exit code once it has shut down. */
-export async function runProxy(config: ProxyConfig): Promise<number> {
-  if (config.daemonize) {
-    log.warn("daemonize is not supported and is ignored: run it under systemd, cron or nohup");
+/** Options of {@linkcode runProxy}. */
+export interface RunOptions {
+  /** The configuration to start with. */
+  config: ProxyConfig;
+  /** The command-line overrides, applied again on every reload. */
+  overrides: ConfigOverrides;
+}
+
+/** The optional parts that a reload may restart. */
+interface Extras {
+  admin?: AdminServer;
+  summary: SummaryLog;
+  self?: SelfReport;
+}
+
+/**
+ * Runs the proxy; resolves with the exit code once it has shut down (0), or
+ * at once with 0 when the pid file names a running proxy.
+ */
+export async function runProxy(options: RunOptions): Promise<number> {
+  const { config, overrides } = options;
+  const pidFile = config.pidFile === undefined ? undefined : await PidFile.take(config.pidFile);
+  if (config.pidFile !== undefined && pidFile === undefined) return 0; // already running
+  let proxy: Proxy;
+  const extras = {} as Extras;
+  try {
+    setupLogging({ level: config.logLevel, format: config.logFormat });
+    if (config.daemonize) {
+      log.warn("daemonize is not supported and is ignored: run it under systemd, cron or nohup");
+    }
+    proxy = Proxy.start(config);
+    try {
+      if (config.adminPort !== 0) extras.admin = startAdmin(proxy, config);
+    } catch (err) {
+      await proxy.shutdown();
+      throw err;
+    }
+  } catch (err) {
+    await pidFile?.release();
+    throw err;
   }
-  const proxy = startProxy(config);
-  const summary = new SummaryLog({
-    ingest: { tcp: proxy.tcpCounters, udp: proxy.udpCounters },
-    upstreams: () => proxy.upstreams,
-    intervalMs: config.summaryIntervalMs,
-  });
+  extras.summary = startSummary(proxy, config);
+  extras.self = startSelfReport(proxy, config);
   log.info("statsite-proxy {version} started with {servers} servers from {file}", {
     version: VERSION,
     servers: config.servers.length,
     file: config.serversFile,
+  });
+
+  let reloading = Promise.resolve();
+  Deno.addSignalListener("SIGHUP", () => {
+    reloading = reloading.then(() => reload(proxy, extras, overrides));
   });
   const signal = await new Promise<Deno.Signal>((resolve) => {
     for (const sig of ["SIGTERM", "SIGINT"] as const) {
       Deno.addSignalListener(sig, () => resolve(sig));
     }
   });
+  await reloading;
   log.info("{signal}: stopping; draining upstreams for up to {ms} ms", {
     signal,
-    ms: config.drainTimeoutMs,
+    ms: proxy.config.drainTimeoutMs,
   });
+  extras.self?.stop();
+  await extras.admin?.close();
   const report = await proxy.shutdown();
-  summary.stop();
-  summary.report();
+  extras.summary.stop();
+  extras.summary.report();
   if (report.undelivered > 0) {
     log.error("shutdown: {count} metrics could not be delivered: {servers}", {
       count: report.undelivered,
@@ -49,5 +95,74 @@ export async function runProxy(config: ProxyConfig): Promise<number> {
   } else {
     log.info("shutdown: every metric was delivered");
   }
+  await pidFile?.release();
   return 0;
+}
+
+function startAdmin(proxy: Proxy, config: ProxyConfig): AdminServer {
+  return AdminServer.start({ hostname: config.adminBind, port: config.adminPort, proxy });
+}
+
+function startSummary(proxy: Proxy, config: ProxyConfig): SummaryLog {
+  return new SummaryLog({
+    ingest: { tcp: proxy.tcpCounters, udp: proxy.udpCounters },
+    upstreams: () => proxy.upstreams,
+    intervalMs: config.summaryIntervalMs,
+  });
+}
+
+function startSelfReport(proxy: Proxy, config: ProxyConfig): SelfReport | undefined {
+  if (config.statsPrefix === "") return undefined;
+  return new SelfReport({ proxy, prefix: config.statsPrefix, intervalS: config.statsIntervalS });
+}
+
+/** SIGHUP: re-reads the files; a bad file changes nothing. */
+async function reload(proxy: Proxy, extras: Extras, overrides: ConfigOverrides): Promise<void> {
+  const old = proxy.config;
+  let next: ProxyConfig;
+  try {
+    next = await loadConfig({ file: old.configFile, overrides });
+  } catch (err) {
+    proxy.reloadCounters.failures++;
+    log.error("SIGHUP: reload refused, the running configuration stays: {error}", {
+      error: errorText(err),
+    });
+    return;
+  }
+  if (next.logLevel !== old.logLevel || next.logFormat !== old.logFormat) {
+    setupLogging({ level: next.logLevel, format: next.logFormat });
+  }
+  const report = proxy.reload(next);
+  const refused = [...report.refused];
+  if (next.adminPort !== old.adminPort || next.adminBind !== old.adminBind) {
+    try {
+      const fresh = next.adminPort === 0 ? undefined : startAdmin(proxy, next);
+      await extras.admin?.close();
+      extras.admin = fresh;
+    } catch (err) {
+      refused.push(`admin endpoint stays as it was: ${errorText(err)}`);
+    }
+  }
+  if (next.summaryIntervalMs !== old.summaryIntervalMs) {
+    extras.summary.stop();
+    extras.summary = startSummary(proxy, next);
+  }
+  if (next.statsPrefix !== old.statsPrefix || next.statsIntervalS !== old.statsIntervalS) {
+    extras.self?.stop();
+    extras.self = startSelfReport(proxy, next);
+  }
+  if (next.pidFile !== old.pidFile) refused.push("pid_file changes take effect at the next start");
+  log.info("SIGHUP: reloaded: {changes}", { changes: describe(report) });
+  for (const line of refused) log.error("SIGHUP: {refused}", { refused: line });
+}
+
+function describe(report: ReloadReport): string {
+  const parts: string[] = [];
+  if (report.added.length > 0) parts.push(`added ${report.added.join(", ")}`);
+  if (report.removed.length > 0) parts.push(`removed ${report.removed.join(", ")}`);
+  if (report.reweighted.length > 0) parts.push(`new weight for ${report.reweighted.join(", ")}`);
+  if (parts.length === 0) parts.push("servers unchanged");
+  parts.push(`${(report.moved * 100).toFixed(2)}% of keys moved`);
+  for (const change of report.listeners) parts.push(change);
+  return parts.join("; ");
 }

@@ -107,14 +107,24 @@ export class TcpListener {
     }
   }
 
-  /** Stops accepting, closes every client connection and waits for them. */
-  async close(): Promise<void> {
+  /** Stops accepting new clients; connected clients go on being served. */
+  async stopAccepting(): Promise<void> {
     try {
       this.#listener.close();
     } catch {
       // Already closed.
     }
     await this.#accepting;
+  }
+
+  /** Resolves once no client connection is left. */
+  async idle(): Promise<void> {
+    while (this.#handlers.size > 0) await Promise.allSettled([...this.#handlers]);
+  }
+
+  /** Stops accepting, closes every client connection and waits for them. */
+  async close(): Promise<void> {
+    await this.stopAccepting();
     for (const conn of this.#conns) {
       try {
         conn.close();

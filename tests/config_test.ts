@@ -73,6 +73,11 @@ Deno.test("DEFAULTS holds the documented defaults and cannot be changed", () => 
     reconnectMinMs: 100,
     reconnectMaxMs: 5000,
     daemonize: false,
+    adminPort: 0,
+    adminBind: "127.0.0.1",
+    statsPrefix: "",
+    statsIntervalS: 10,
+    logFormat: "text",
   });
   assert.ok(Object.isFrozen(DEFAULTS));
 });
@@ -108,6 +113,11 @@ Deno.test("parseConfig() reads every key", () => {
     "reconnect_max_ms = 50",
     "pid_file = run/proxy.pid",
     "daemonize = no",
+    "admin_port = 9003",
+    "admin_bind = ::1",
+    "stats_prefix = edge.proxy-1",
+    "stats_interval = 5",
+    "log_format = JSON",
     "",
   ].join("\n");
   assert.deepEqual(parse(text), {
@@ -125,6 +135,11 @@ Deno.test("parseConfig() reads every key", () => {
     reconnectMaxMs: 50,
     pidFile: "conf/run/proxy.pid",
     daemonize: false,
+    adminPort: 9003,
+    adminBind: "::1",
+    statsPrefix: "edge.proxy-1",
+    statsIntervalS: 5,
+    logFormat: "json",
   });
 });
 
@@ -402,6 +417,13 @@ Deno.test("parseConfig() rejects bad values, naming the file, line and key", asy
       ["drain_timeout_ms", "2147483648", "must be at most 2147483647, got 2147483648"],
       ["reconnect_min_ms", "0", "must be at least 1, got 0"],
       ["reconnect_max_ms", "1.5", 'not a plain decimal integer: "1.5"'],
+      ["summary_interval_ms", "99", "must be at least 100, got 99"],
+      ["admin_port", "http", 'not a port number: "http"'],
+      ["admin_bind", "a b", 'not an IP address or host name: "a b"'],
+      ["stats_prefix", "my proxy", 'a metric prefix cannot hold blanks, ":" or "|": "my proxy"'],
+      ["stats_prefix", "a:b", 'a metric prefix cannot hold blanks, ":" or "|": "a:b"'],
+      ["stats_interval", "0", "must be at least 1, got 0"],
+      ["log_format", "xml", 'unknown log format "xml" (expected text or json)'],
     ]
   ) {
     await t.step(`${key} = ${value}`, () => {

@@ -223,6 +223,14 @@ export interface ProxyStartOptions {
   tcp?: boolean;
   /** Disable TCP or UDP. */
   udp?: boolean;
+  /** Turn the admin endpoint on, on a free port. */
+  admin?: boolean;
+}
+
+/** A servers file's text; a plain address gets weight 100. */
+function serversText(servers: ProxyStartOptions["servers"]): string {
+  return servers.map((s) => typeof s === "string" ? `${s}\t100` : `${s.address}\t${s.weight}`)
+    .join("\n") + "\n";
 }
 
 /** The real proxy, run as `deno run main.ts -f CONFIG` in a subprocess. */
@@ -231,6 +239,8 @@ export class ProxyProcess {
   tcpPort = 0;
   /** UDP port, or 0 when disabled. */
   udpPort = 0;
+  /** Admin endpoint port, or 0 when off. */
+  adminPort = 0;
   /** The temporary folder with the config and servers files. */
   readonly dir: string;
   #child: Deno.ChildProcess;
@@ -287,10 +297,8 @@ export class ProxyProcess {
     const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-test-" });
     const tcp = options.tcp === false ? 0 : freePort("tcp");
     const udp = options.udp === false ? 0 : freePort("udp");
-    const servers = options.servers.map((s) =>
-      typeof s === "string" ? `${s}\t100` : `${s.address}\t${s.weight}`
-    );
-    await Deno.writeTextFile(`${dir}/servers.conf`, servers.join("\n") + "\n");
+    const admin = options.admin ? freePort("tcp") : 0;
+    await Deno.writeTextFile(`${dir}/servers.conf`, serversText(options.servers));
     const lines = [
       "[statsite-proxy]",
       `port = ${tcp}`,
@@ -300,6 +308,7 @@ export class ProxyProcess {
       "log_level = DEBUG",
       "reconnect_min_ms = 20",
       "reconnect_max_ms = 200",
+      `admin_port = ${admin}`,
     ];
     for (const [key, value] of Object.entries(options.settings ?? {})) {
       lines.push(`${key} = ${value}`);
@@ -326,19 +335,37 @@ export class ProxyProcess {
     const proxy = new ProxyProcess(dir, child);
     proxy.tcpPort = tcp;
     proxy.udpPort = udp;
+    proxy.adminPort = admin;
     return proxy;
   }
 
   async #waitReady(options: ProxyStartOptions): Promise<boolean> {
     let exited = false;
     this.#status.then(() => exited = true);
-    const want = (options.tcp === false ? 0 : 1) + (options.udp === false ? 0 : 1);
+    const want = (options.tcp === false ? 0 : 1) + (options.udp === false ? 0 : 1) +
+      (options.admin ? 1 : 0);
     await waitUntil(
-      () => exited || (this.#stderr.match(/listening on (tcp|udp) /g) ?? []).length >= want,
+      () => exited || (this.#stderr.match(/listening on (tcp|udp|http) /g) ?? []).length >= want,
       () => `proxy to listen; stderr:\n${this.#stderr}`,
       20_000,
     );
     return !exited;
+  }
+
+  /** GETs `path` from the admin endpoint. */
+  async admin(path: string): Promise<{ status: number; text: string }> {
+    const response = await fetch(`http://127.0.0.1:${this.adminPort}${path}`);
+    return { status: response.status, text: await response.text() };
+  }
+
+  /** Rewrites the servers file (entries as in {@linkcode ProxyStartOptions.servers}). */
+  async writeServers(servers: ProxyStartOptions["servers"]): Promise<void> {
+    await Deno.writeTextFile(`${this.dir}/servers.conf`, serversText(servers));
+  }
+
+  /** Sends a signal without waiting. */
+  signal(signal: Deno.Signal): void {
+    this.#child.kill(signal);
   }
 
   /** Waits until the proxy's standard error matches `pattern`. */

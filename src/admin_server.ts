@@ -1,0 +1,129 @@
+/**
+ * The admin HTTP endpoint (`admin_port`, `admin_bind`), served with
+ * `Deno.serve`:
+ *
+ * - `GET /health`: JSON state; 200, or 503 when no upstream is connected;
+ * - `GET /metrics`: Prometheus text (see `metrics_text.ts`);
+ * - `GET /route?key=NAME`: the server for a key, as JSON.
+ *
+ * @module
+ */
+
+import { listenError } from "./errors.ts";
+import { logger } from "./log.ts";
+import { renderMetrics } from "./metrics_text.ts";
+import { formatAddr, type Proxy } from "./proxy.ts";
+import { VERSION } from "./version.ts";
+
+const log = logger("admin");
+const encoder = new TextEncoder();
+
+/** Options of {@linkcode AdminServer.start}. */
+export interface AdminServerOptions {
+  /** Address to bind. */
+  hostname: string;
+  /** Port to bind. */
+  port: number;
+  /** The proxy whose state is served (read on each request, so reloads show). */
+  proxy: Proxy;
+}
+
+/** The health document of `GET /health`. */
+export function health(proxy: Proxy): { status: number; body: unknown } {
+  const upstreams = proxy.upstreams.map((u) => ({
+    address: u.address,
+    connected: u.connected,
+    buffered_bytes: u.bufferedBytes,
+    down_since: u.downSince === 0 ? null : new Date(u.downSince).toISOString(),
+  }));
+  const anyUp = upstreams.some((u) => u.connected);
+  return {
+    status: anyUp ? 200 : 503,
+    body: {
+      status: anyUp ? "ok" : "no upstream connected",
+      version: VERSION,
+      uptime_seconds: Math.round((Date.now() - proxy.startedAt) / 1000),
+      listeners: {
+        tcp: proxy.tcp ? formatAddr(proxy.tcp.addr) : null,
+        udp: proxy.udp ? formatAddr(proxy.udp.addr) : null,
+      },
+      upstreams,
+    },
+  };
+}
+
+function json(status: number, body: unknown): Response {
+  return new Response(JSON.stringify(body, null, 2) + "\n", {
+    status,
+    headers: { "content-type": "application/json" },
+  });
+}
+
+/** Answers one admin request. */
+export function handleAdmin(proxy: Proxy, request: Request): Response {
+  const url = new URL(request.url);
+  if (request.method !== "GET" && request.method !== "HEAD") {
+    return json(405, { error: "only GET" });
+  }
+  switch (url.pathname) {
+    case "/health": {
+      const { status, body } = health(proxy);
+      return json(status, body);
+    }
+    case "/metrics":
+      return new Response(renderMetrics(proxy), {
+        headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" },
+      });
+    case "/route": {
+      const key = url.searchParams.get("key");
+      if (key === null) return json(400, { error: "missing ?key=NAME" });
+      const ring = proxy.router.ring;
+      const bytes = encoder.encode(key);
+      const server = ring.servers[ring.lookup(bytes, 0, bytes.length)].address;
+      return json(200, { key, server });
+    }
+    default:
+      return json(404, {
+        error: "not found",
+        endpoints: ["/health", "/metrics", "/route?key=NAME"],
+      });
+  }
+}
+
+/** The running admin endpoint. */
+export class AdminServer {
+  /** The bound address. */
+  readonly addr: Deno.NetAddr;
+  #server: Deno.HttpServer<Deno.NetAddr>;
+
+  private constructor(server: Deno.HttpServer<Deno.NetAddr>) {
+    this.#server = server;
+    this.addr = server.addr;
+  }
+
+  /** Starts serving; throws a `ListenError` when it cannot bind. */
+  static start(options: AdminServerOptions): AdminServer {
+    const { hostname, port, proxy } = options;
+    let server: Deno.HttpServer<Deno.NetAddr>;
+    try {
+      server = Deno.serve({ hostname, port, onListen: () => {} }, (request) => {
+        try {
+          return handleAdmin(proxy, request);
+        } catch (err) {
+          log.error("admin request failed: {error}", { error: String(err) });
+          return json(500, { error: "internal error" });
+        }
+      });
+    } catch (err) {
+      throw listenError({ transport: "http", hostname, port }, err);
+    }
+    const admin = new AdminServer(server);
+    log.info("admin endpoint listening on http {address}", { address: formatAddr(admin.addr) });
+    return admin;
+  }
+
+  /** Stops serving. */
+  async close(): Promise<void> {
+    await this.#server.shutdown();
+  }
+}

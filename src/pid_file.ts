@@ -1,0 +1,88 @@
+/**
+ * The pid file that makes cron-started runs safe.
+ *
+ * The running proxy holds an exclusive lock (`flock`) on its pid file for as
+ * long as it lives, and the file holds its process id. A later start that
+ * finds the file locked knows a statsite-proxy is running and exits 0 at once
+ * and silently. A stale file (its process died, so the kernel dropped the
+ * lock) is simply taken over. The file is removed on a clean exit.
+ *
+ * A lock, unlike reading `/proc/PID`, cannot be fooled by a reused process id
+ * and needs no extra permission.
+ *
+ * @module
+ */
+
+import { describeReadError } from "./errors.ts";
+
+/** The pid file could not be taken (not because another proxy holds it). */
+export class PidFileError extends Error {
+  /** The pid file's path. */
+  readonly path: string;
+
+  /** Makes the error; the message names the file. */
+  constructor(path: string, problem: string, options?: ErrorOptions) {
+    super(`pid file ${path}: ${problem}`, options);
+    this.name = "PidFileError";
+    this.path = path;
+  }
+}
+
+/** A pid file this process holds, locked. */
+export class PidFile {
+  /** The file's path. */
+  readonly path: string;
+  #file: Deno.FsFile;
+
+  private constructor(path: string, file: Deno.FsFile) {
+    this.path = path;
+    this.#file = file;
+  }
+
+  /**
+   * Takes the pid file at `path`: returns the held file, or `undefined` when
+   * a running statsite-proxy holds it (the caller should exit 0).
+   */
+  static async take(path: string): Promise<PidFile | undefined> {
+    for (let attempt = 0; attempt < 5; attempt++) {
+      let file: Deno.FsFile;
+      try {
+        file = await Deno.open(path, { read: true, write: true, create: true });
+      } catch (err) {
+        throw new PidFileError(path, describeReadError(err), { cause: err });
+      }
+      let locked = false;
+      try {
+        locked = await file.tryLock(true);
+        // The holder may have removed the file between our open and lock:
+        // only a lock on the file that is at `path` now counts.
+        if (locked && await sameFile(file, path)) {
+          await file.truncate(0);
+          await file.write(new TextEncoder().encode(`${Deno.pid}\n`));
+          return new PidFile(path, file);
+        }
+      } catch (err) {
+        file.close();
+        throw new PidFileError(path, describeReadError(err), { cause: err });
+      }
+      file.close();
+      if (!locked) return undefined;
+    }
+    throw new PidFileError(path, "could not be taken (it keeps being replaced)");
+  }
+
+  /** Removes the file, then drops the lock. */
+  async release(): Promise<void> {
+    await Deno.remove(this.path).catch(() => {});
+    this.#file.close();
+  }
+}
+
+async function sameFile(file: Deno.FsFile, path: string): Promise<boolean> {
+  try {
+    const [open, named] = await Promise.all([file.stat(), Deno.stat(path)]);
+    return open.ino === named.ino && open.dev === named.dev;
+  } catch {
+    return false;
+  }
+}

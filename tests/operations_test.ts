@@ -1,0 +1,359 @@
+/**
+ * End-to-end tests of operations: the admin endpoint, SIGHUP reload, the pid
+ * file, self-reporting and JSON logs, through the real proxy process.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import {
+  bytes,
+  freePort,
+  ProxyProcess,
+  RecordingServer,
+  routeOf,
+  runMain,
+  sendTcp,
+  sendUdp,
+  sleep,
+  waitUntil,
+} from "./harness.ts";
+
+/** Parses Prometheus text into `name{labels}` → value. */
+function parseMetrics(text: string): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const line of text.split("\n")) {
+    if (line === "" || line.startsWith("#")) continue;
+    const space = line.lastIndexOf(" ");
+    out.set(line.slice(0, space), Number(line.slice(space + 1)));
+  }
+  return out;
+}
+
+function keyOf(line: string): string {
+  return line.slice(0, line.indexOf(":"));
+}
+
+/** Writes a servers file listing `servers` in a new temp folder; returns its path. */
+async function serversFile(servers: RecordingServer[]): Promise<string> {
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-ops-" });
+  await Deno.writeTextFile(
+    `${dir}/servers.conf`,
+    servers.map((s) => `${s.address}\t100`).join("\n") + "\n",
+  );
+  return `${dir}/servers.conf`;
+}
+
+Deno.test("/health and /metrics reflect real traffic, drops and a dead upstream", async (t) => {
+  const up = [RecordingServer.start(), RecordingServer.start()];
+  const down = RecordingServer.reserve();
+  const proxy = await ProxyProcess.start({
+    servers: [...up.map((s) => s.address), down.address],
+    admin: true,
+    settings: { drain_timeout_ms: 200 },
+  });
+  try {
+    const lines = Array.from({ length: 300 }, (_, i) => `ops.metric${i}:${i}|c`);
+    const routes = await routeOf(`${proxy.dir}/servers.conf`, lines.map(keyOf));
+    const toDown = lines.filter((l) => routes.get(keyOf(l)) === down.address);
+    assert.ok(toDown.length > 0 && toDown.length < 300);
+    await sendTcp(
+      proxy.tcpPort,
+      bytes(lines.slice(0, 200).map((l) => l + "\n").join("") + "bad\n:x|c\n"),
+    );
+    await sendUdp(proxy.udpPort, bytes(lines.slice(200).join("\n") + "\nnopipe:1"));
+    for (const server of up) {
+      await server.waitForLines(
+        lines.filter((l) => routes.get(keyOf(l)) === server.address).length,
+      );
+    }
+
+    await t.step("/metrics counts what came in, what went out and what is held", async () => {
+      const { status, text } = await proxy.admin("/metrics");
+      assert.equal(status, 200);
+      assert.match(text, /^# HELP statsite_proxy_received_lines_total /m);
+      assert.match(text, /^# TYPE statsite_proxy_received_lines_total counter$/m);
+      const m = parseMetrics(text);
+      const p = "statsite_proxy_";
+      assert.equal(m.get(`${p}received_lines_total{transport="tcp"}`), 200);
+      assert.equal(m.get(`${p}received_lines_total{transport="udp"}`), 100);
+      assert.equal(m.get(`${p}invalid_total{transport="tcp",reason="no_colon"}`), 1);
+      assert.equal(m.get(`${p}invalid_total{transport="tcp",reason="empty_name"}`), 1);
+      assert.equal(m.get(`${p}invalid_total{transport="udp",reason="no_pipe"}`), 1);
+      assert.equal(m.get(`${p}tcp_connections_total`), 1);
+      assert.equal(m.get(`${p}upstream_up{server="${down.address}"}`), 0);
+      const heldBytes = toDown.reduce((n, l) => n + l.length + 1, 0);
+      assert.equal(m.get(`${p}upstream_buffered_bytes{server="${down.address}"}`), heldBytes);
+      for (const server of up) {
+        const want = lines.filter((l) => routes.get(keyOf(l)) === server.address);
+        assert.equal(m.get(`${p}upstream_up{server="${server.address}"}`), 1);
+        assert.equal(
+          m.get(`${p}upstream_forwarded_lines_total{server="${server.address}"}`),
+          want.length,
+        );
+        assert.equal(
+          m.get(`${p}upstream_sent_bytes_total{server="${server.address}"}`),
+          want.reduce((n, l) => n + l.length + 1, 0),
+        );
+        assert.equal(m.get(`${p}upstream_buffered_bytes{server="${server.address}"}`), 0);
+      }
+      assert.equal(m.get(`${p}ring_servers`), 3);
+      assert.equal(m.get(`${p}ring_points`), 480);
+      assert.ok((m.get(`${p}upstream_failures_total{server="${down.address}"}`) ?? 0) >= 1);
+    });
+
+    await t.step("/health shows the dead upstream and answers 200 while one is up", async () => {
+      const { status, text } = await proxy.admin("/health");
+      assert.equal(status, 200);
+      const h = JSON.parse(text);
+      assert.equal(h.listeners.tcp, `127.0.0.1:${proxy.tcpPort}`);
+      const dead = h.upstreams.find((u: { address: string }) => u.address === down.address);
+      assert.equal(dead.connected, false);
+      assert.ok(dead.buffered_bytes > 0);
+      assert.ok(Date.parse(dead.down_since) <= Date.now());
+      assert.equal(h.upstreams.filter((u: { connected: boolean }) => u.connected).length, 2);
+    });
+
+    await t.step("/route names the server route names", async () => {
+      for (const key of ["foo", "ops.metric7", "with space"]) {
+        const { status, text } = await proxy.admin(`/route?key=${encodeURIComponent(key)}`);
+        assert.equal(status, 200);
+        const [expected] = (await routeOf(`${proxy.dir}/servers.conf`, [key])).values();
+        assert.deepEqual(JSON.parse(text), { key, server: expected });
+      }
+      assert.equal((await proxy.admin("/route")).status, 400);
+      assert.equal((await proxy.admin("/nothing")).status, 404);
+    });
+
+    await t.step("/health answers 503 when no upstream is connected", async () => {
+      await Promise.all(up.map((s) => s.stop()));
+      await proxy.waitForLog(new RegExp(`lost connection to ${up[1].address}`));
+      await proxy.waitForLog(new RegExp(`lost connection to ${up[0].address}`));
+      const { status, text } = await proxy.admin("/health");
+      assert.equal(status, 503);
+      assert.equal(JSON.parse(text).status, "no upstream connected");
+    });
+  } finally {
+    await proxy.stop();
+    await Promise.all([...up, down].map((s) => s.stop()));
+  }
+});
+
+Deno.test("SIGHUP with a changed servers file moves exactly the keys route says", async () => {
+  const [a, b, c, d] = [0, 1, 2, 3].map(() => RecordingServer.start());
+  const proxy = await ProxyProcess.start({ servers: [a, b, c].map((s) => s.address), admin: true });
+  const newFile = await serversFile([a, b, d]);
+  try {
+    const keys = Array.from({ length: 2000 }, (_, i) => `reload.key${i}`);
+    const before = await routeOf(`${proxy.dir}/servers.conf`, keys);
+    const after = await routeOf(newFile, keys);
+    const moved = keys.filter((k) => before.get(k) !== after.get(k));
+    assert.ok(moved.length > 0 && moved.length < keys.length);
+
+    const first = keys.map((k) => `${k}:1|c`);
+    await sendTcp(proxy.tcpPort, bytes(first.map((l) => l + "\n").join("")));
+    for (const s of [a, b, c]) {
+      await s.waitForLines(keys.filter((k) => before.get(k) === s.address).length);
+    }
+
+    await Deno.copyFile(newFile, `${proxy.dir}/servers.conf`);
+    proxy.signal("SIGHUP");
+    await proxy.waitForLog(/SIGHUP: reloaded: added .*; removed .*; [\d.]+% of keys moved/);
+    const share = Number(/([\d.]+)% of keys moved/.exec(proxy.stderr)![1]);
+    const sampled = (moved.length / keys.length) * 100;
+    assert.ok(Math.abs(share - sampled) < 5, `ring says ${share}%, keys say ${sampled}%`);
+
+    const second = keys.map((k) => `${k}:2|c`);
+    await sendTcp(proxy.tcpPort, bytes(second.map((l) => l + "\n").join("")));
+    await d.waitForLines(keys.filter((k) => after.get(k) === d.address).length);
+    for (const s of [a, b]) {
+      const want = [
+        ...keys.filter((k) => before.get(k) === s.address).map((k) => `${k}:1|c`),
+        ...keys.filter((k) => after.get(k) === s.address).map((k) => `${k}:2|c`),
+      ];
+      await s.waitForLines(want.length);
+      assert.deepEqual(s.lines().sort(), want.sort(), `${s.address} kept everything`);
+    }
+    assert.deepEqual(
+      c.lines().sort(),
+      keys.filter((k) => before.get(k) === c.address).map((k) => `${k}:1|c`).sort(),
+    );
+    assert.deepEqual(
+      d.lines().sort(),
+      keys.filter((k) => after.get(k) === d.address).map((k) => `${k}:2|c`).sort(),
+    );
+    // Keys that did not move stayed on their server.
+    for (const k of keys.filter((k) => !moved.includes(k))) {
+      assert.equal(after.get(k), before.get(k));
+    }
+    const m = parseMetrics((await proxy.admin("/metrics")).text);
+    assert.equal(m.get("statsite_proxy_reloads_total"), 1);
+    assert.equal(m.get(`statsite_proxy_upstream_up{server="${d.address}"}`), 1);
+    assert.equal(m.get(`statsite_proxy_upstream_up{server="${c.address}"}`), undefined);
+  } finally {
+    await proxy.stop();
+    await Promise.all([a, b, c, d].map((s) => s.stop()));
+    await Deno.remove(newFile.replace(/\/servers\.conf$/, ""), { recursive: true });
+  }
+});
+
+Deno.test("SIGHUP with a broken servers file changes nothing", async () => {
+  const servers = [RecordingServer.start(), RecordingServer.start()];
+  const proxy = await ProxyProcess.start({ servers: servers.map((s) => s.address), admin: true });
+  try {
+    const keys = Array.from({ length: 300 }, (_, i) => `broken.key${i}`);
+    const routes = await routeOf(`${proxy.dir}/servers.conf`, keys);
+    await Deno.writeTextFile(`${proxy.dir}/servers.conf`, `${servers[0].address} 0\n`);
+    proxy.signal("SIGHUP");
+    await proxy.waitForLog(
+      /SIGHUP: reload refused, the running configuration stays: .*servers\.conf:1: bad weight "0"/,
+    );
+    await sendTcp(proxy.tcpPort, bytes(keys.map((k) => `${k}:1|c\n`).join("")));
+    for (const s of servers) {
+      const want = keys.filter((k) => routes.get(k) === s.address).map((k) => `${k}:1|c`);
+      await s.waitForLines(want.length);
+      assert.deepEqual(s.lines().sort(), want.sort());
+    }
+    const m = parseMetrics((await proxy.admin("/metrics")).text);
+    assert.equal(m.get("statsite_proxy_reload_failures_total"), 1);
+    assert.equal(m.get("statsite_proxy_reloads_total"), 0);
+    assert.equal(m.get("statsite_proxy_ring_servers"), 2);
+  } finally {
+    await proxy.stop();
+    await Promise.all(servers.map((s) => s.stop()));
+  }
+});
+
+Deno.test("SIGHUP moves the tcp listener and old clients keep their connection", async () => {
+  const server = RecordingServer.start();
+  const proxy = await ProxyProcess.start({ servers: [server.address] });
+  try {
+    const old = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
+    await old.write(bytes("listener.before:1|c\n"));
+    const port = freePort("tcp");
+    const ini = await Deno.readTextFile(`${proxy.dir}/proxy.ini`);
+    await Deno.writeTextFile(
+      `${proxy.dir}/proxy.ini`,
+      ini.replace(/^port = \d+$/m, `port = ${port}`),
+    );
+    proxy.signal("SIGHUP");
+    await proxy.waitForLog(
+      new RegExp(`tcp 127\\.0\\.0\\.1:${proxy.tcpPort} -> 127\\.0\\.0\\.1:${port}`),
+    );
+    await sendTcp(port, bytes("listener.new:1|c\n"));
+    await old.write(bytes("listener.old.conn:1|c\n"));
+    old.close();
+    await assert.rejects(Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort }));
+    await server.waitForLines(3);
+    assert.deepEqual(server.lines().sort(), [
+      "listener.before:1|c",
+      "listener.new:1|c",
+      "listener.old.conn:1|c",
+    ]);
+  } finally {
+    await proxy.stop();
+    await server.stop();
+  }
+});
+
+Deno.test("the pid file keeps a second start out and is taken over when stale", async (t) => {
+  const server = RecordingServer.start();
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-pid-" });
+  const pidPath = `${dir}/proxy.pid`;
+  try {
+    await t.step("a second start with the same pid file exits 0 silently", async () => {
+      const proxy = await ProxyProcess.start({
+        servers: [server.address],
+        args: ["--pid-file", pidPath],
+      });
+      try {
+        assert.equal((await Deno.readTextFile(pidPath)).trim(), String(proxy.pid));
+        const second = await runMain(["-f", `${proxy.dir}/proxy.ini`, "--pid-file", pidPath]);
+        assert.deepEqual(second, { ...second, code: 0, stdout: "", stderr: "" });
+        await sendTcp(proxy.tcpPort, bytes("pid.still.running:1|c\n"));
+        await server.waitForLines(1);
+        assert.equal((await Deno.readTextFile(pidPath)).trim(), String(proxy.pid));
+      } finally {
+        assert.equal(await proxy.stop(), 0);
+      }
+      await assert.rejects(Deno.stat(pidPath), Deno.errors.NotFound);
+    });
+    await t.step("a pid file of a dead process is taken over", async () => {
+      const dead = new Deno.Command("true").spawn();
+      await dead.status;
+      await Deno.writeTextFile(pidPath, `${dead.pid}\n`);
+      const proxy = await ProxyProcess.start({
+        servers: [server.address],
+        args: ["--pid-file", pidPath],
+      });
+      try {
+        assert.equal((await Deno.readTextFile(pidPath)).trim(), String(proxy.pid));
+      } finally {
+        await proxy.stop();
+      }
+    });
+    await t.step(
+      "a pid file naming a live process that does not hold it is taken over",
+      async () => {
+        await Deno.writeTextFile(pidPath, `${Deno.pid}\n`);
+        const proxy = await ProxyProcess.start({
+          servers: [server.address],
+          args: ["--pid-file", pidPath],
+        });
+        try {
+          assert.equal((await Deno.readTextFile(pidPath)).trim(), String(proxy.pid));
+        } finally {
+          await proxy.stop();
+        }
+      },
+    );
+  } finally {
+    await server.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("self-reporting sends the proxy's own counters through its ring", async () => {
+  const server = RecordingServer.start();
+  const proxy = await ProxyProcess.start({
+    servers: [server.address],
+    settings: { stats_prefix: "selftest.proxy", stats_interval: 1 },
+  });
+  try {
+    await sendTcp(proxy.tcpPort, bytes("app.metric:1|c\napp.metric:2|c\n"));
+    await waitUntil(
+      () => server.lines().some((l) => /^selftest\.proxy\.tcp\.lines:2\|c$/.test(l)),
+      () => `self report in ${server.lines().join(" ")}`,
+      5000,
+    );
+    const lines = server.lines();
+    assert.ok(lines.includes(`selftest.proxy.upstream.127_0_0_1_${server.port}.up:1|g`));
+    assert.ok(lines.some((l) => l.startsWith("selftest.proxy.udp.invalid.no_colon:0|c")));
+  } finally {
+    await proxy.stop();
+    await server.stop();
+  }
+});
+
+Deno.test("log_format json writes one JSON object per line", async () => {
+  const server = RecordingServer.start();
+  const proxy = await ProxyProcess.start({
+    servers: [server.address],
+    settings: { log_format: "json" },
+  });
+  try {
+    await sleep(100);
+  } finally {
+    await proxy.stop();
+    await server.stop();
+  }
+  const lines = proxy.stderr.trim().split("\n");
+  assert.ok(lines.length >= 4);
+  for (const line of lines) {
+    const record = JSON.parse(line);
+    assert.equal(typeof record.time, "string");
+    assert.equal(typeof record.level, "string");
+    assert.equal(typeof record.message, "string");
+  }
+  assert.ok(lines.some((l) => JSON.parse(l).message.startsWith("listening on tcp 127.0.0.1:")));
+});
