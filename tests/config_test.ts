@@ -675,5 +675,5 @@ Deno.test("the shipped example configuration loads", async () => {
   // The tuning keys are commented out: they keep their defaults.
   const { servers: _servers, configFile: _configFile, serversFile: _serversFile, ...rest } = config;
   const { serversFile: _defaultServersFile, ...defaults } = DEFAULTS;
-  assert.deepEqual(rest, { ...defaults, bindAddress: "127.0.0.1" });
+  assert.deepEqual(rest, { ...defaults, bindAddress: "127.0.0.1", adminPort: 8151 });
 });
