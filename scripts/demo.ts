@@ -9,6 +9,8 @@
  * @module
  */
 
+import { freePort } from "./free_port.ts";
+
 const root = new URL("../", import.meta.url);
 const deno = Deno.execPath();
 const denoJson = new URL("deno.json", root).pathname;
@@ -55,7 +57,7 @@ await Deno.writeTextFile(
   `${dir}/servers.conf`,
   sinks.map((s) => `${s.address}\t100`).join("\n") + "\n",
 );
-const port = freePort();
+const port = freePort("tcp");
 await Deno.writeTextFile(
   `${dir}/proxy.ini`,
   `[statsite-proxy]\nport = ${port}\nudp_port = ${port}\nbind_address = 127.0.0.1\n` +
@@ -142,19 +144,6 @@ for (const sink of sinks) {
 }
 console.log(`\nstatsite-proxy route says:\n${routes.replace(/^/gm, "  ").trimEnd()}`);
 await Deno.remove(dir, { recursive: true });
-
-function freePort(): number {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const udpProbe = Deno.listenDatagram({
-    hostname: "127.0.0.1",
-    port: listener.addr.port,
-    transport: "udp",
-  });
-  const found = listener.addr.port;
-  udpProbe.close();
-  listener.close();
-  return found;
-}
 
 async function waitForPort(p: number): Promise<void> {
   for (let i = 0; i < 200; i++) {

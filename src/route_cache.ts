@@ -29,14 +29,14 @@
 
 /** Sizing of a {@linkcode RouteCache}. */
 export interface RouteCacheOptions {
-  /** Number of table slots, a power of two up to 2^26 (default 65536); 16 bytes each. */
+  /** Number of table slots, a power of two up to 2^26 (default 262144, so 196608 keys); 16 bytes each. */
   slots?: number;
   /**
    * Most keys held before the cache is cleared (default 3/4 of `slots`; at
    * most `slots - 1`, so a probe always ends at an empty slot).
    */
   maxEntries?: number;
-  /** Bytes of the arena that holds the key bytes (default 4 MiB). */
+  /** Bytes of the arena that holds the key bytes (default 16 MiB). */
   arenaBytes?: number;
   /**
    * Longest key, in bytes, that is cached (default 1024, at most 65535 and
@@ -62,6 +62,9 @@ export class RouteCache {
    */
   readonly #table: Int32Array;
   readonly #arena: Uint8Array;
+  readonly #arenaView: DataView;
+  #lastBuf: Uint8Array | undefined;
+  #lastView: DataView = new DataView(new ArrayBuffer(0));
   #generation = 1;
   #arenaUsed = 0;
   #size = 0;
@@ -74,7 +77,7 @@ export class RouteCache {
    * @throws {RangeError} If `slots` is not a power of two of at least 2, or a size is invalid.
    */
   constructor(options: RouteCacheOptions = {}) {
-    const slots = options.slots ?? 65536;
+    const slots = options.slots ?? 262144;
     if (!Number.isInteger(slots) || slots < 2 || slots > 2 ** 26 || (slots & (slots - 1)) !== 0) {
       throw new RangeError(`RouteCache slots must be a power of two in [2, 2^26], got ${slots}`);
     }
@@ -82,7 +85,7 @@ export class RouteCache {
     if (!Number.isInteger(maxEntries) || maxEntries < 1 || maxEntries >= slots) {
       throw new RangeError(`RouteCache maxEntries must be in [1, ${slots - 1}], got ${maxEntries}`);
     }
-    const arenaBytes = options.arenaBytes ?? 4 * 1024 * 1024;
+    const arenaBytes = options.arenaBytes ?? 16 * 1024 * 1024;
     const maxKeyLength = options.maxKeyLength ?? 1024;
     if (!Number.isInteger(arenaBytes) || arenaBytes < 0) {
       throw new RangeError(`RouteCache arenaBytes must be a non-negative integer`);
@@ -95,6 +98,7 @@ export class RouteCache {
     this.#maxKeyLength = Math.min(maxKeyLength, arenaBytes, 0xffff);
     this.#table = new Int32Array(slots * 4);
     this.#arena = new Uint8Array(arenaBytes);
+    this.#arenaView = new DataView(this.#arena.buffer);
   }
 
   /**
@@ -110,20 +114,7 @@ export class RouteCache {
    * @returns An unsigned 32-bit hash.
    */
   static hash(buf: Uint8Array, start: number, end: number): number {
-    let h = (end - start) ^ 0x811c9dc5;
-    let i = start;
-    for (; i + 4 <= end; i += 4) {
-      const w = buf[i] | (buf[i + 1] << 8) | (buf[i + 2] << 16) | (buf[i + 3] << 24);
-      h = Math.imul(h ^ w, 0x9e3779b1);
-      h ^= h >>> 15;
-    }
-    for (; i < end; i++) h = Math.imul(h ^ buf[i], 0x01000193);
-    h ^= h >>> 16;
-    h = Math.imul(h, 0x85ebca6b);
-    h ^= h >>> 13;
-    h = Math.imul(h, 0xc2b2ae35);
-    h ^= h >>> 16;
-    return h >>> 0;
+    return hashOf(new DataView(buf.buffer, buf.byteOffset, buf.byteLength), buf, start, end);
   }
 
   /** Number of keys currently cached. */
@@ -152,7 +143,8 @@ export class RouteCache {
   get(buf: Uint8Array, start: number, end: number): number {
     const len = end - start;
     if (len > this.#maxKeyLength) return -1;
-    const at = this.#find(buf, start, len, RouteCache.hash(buf, start, end));
+    const view = this.#viewOf(buf);
+    const at = this.#find(view, buf, start, len, hashOf(view, buf, start, end));
     const table = this.#table;
     return table[at] === this.#generation ? table[at + 3] & 0xffff : -1;
   }
@@ -175,9 +167,10 @@ export class RouteCache {
     }
     const len = end - start;
     if (len > this.#maxKeyLength) return false;
-    const h = RouteCache.hash(buf, start, end) | 0;
+    const view = this.#viewOf(buf);
+    const h = hashOf(view, buf, start, end) | 0;
     const table = this.#table;
-    let at = this.#find(buf, start, len, h);
+    let at = this.#find(view, buf, start, len, h);
     if (table[at] === this.#generation) {
       table[at + 3] = (len << 16) | value;
       return true;
@@ -215,20 +208,55 @@ export class RouteCache {
    * Returns the table index (slot * 4) of the slot holding the key, or of the
    * empty slot where it would go.
    */
-  #find(buf: Uint8Array, start: number, len: number, h: number): number {
+  #find(view: DataView, buf: Uint8Array, start: number, len: number, h: number): number {
     const mask = this.#mask;
     const generation = this.#generation;
     const table = this.#table;
     const arena = this.#arena;
+    const arenaView = this.#arenaView;
     const hash = h | 0;
     for (let slot = h & mask;; slot = (slot + 1) & mask) {
       const at = slot << 2;
       if (table[at] !== generation) return at;
       if (table[at + 1] !== hash || table[at + 3] >>> 16 !== len) continue;
       const offset = table[at + 2];
+      // Four bytes at a time, then the rest one by one.
       let i = 0;
+      while (i + 4 <= len && arenaView.getInt32(offset + i) === view.getInt32(start + i)) i += 4;
       while (i < len && arena[offset + i] === buf[start + i]) i++;
       if (i === len) return at;
     }
   }
+
+  /**
+   * A DataView of `buf`, kept while the same array comes back (a decoder
+   * reuses its buffer), so there is at most one per read, not per key.
+   */
+  #viewOf(buf: Uint8Array): DataView {
+    if (buf !== this.#lastBuf) {
+      this.#lastBuf = buf;
+      this.#lastView = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+    }
+    return this.#lastView;
+  }
+}
+
+/**
+ * The table hash (see {@linkcode RouteCache.hash}) of `buf[start..end)`,
+ * reading four bytes at a time through `view`, a DataView of `buf`.
+ */
+function hashOf(view: DataView, buf: Uint8Array, start: number, end: number): number {
+  let h = (end - start) ^ 0x811c9dc5;
+  let i = start;
+  for (; i + 4 <= end; i += 4) {
+    h = Math.imul(h ^ view.getInt32(i, true), 0x9e3779b1);
+    h ^= h >>> 15;
+  }
+  for (; i < end; i++) h = Math.imul(h ^ buf[i], 0x01000193);
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b);
+  h ^= h >>> 13;
+  h = Math.imul(h, 0xc2b2ae35);
+  h ^= h >>> 16;
+  return h >>> 0;
 }

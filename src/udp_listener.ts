@@ -63,7 +63,9 @@ export class UdpListener {
         }
         return; // closed
       } catch {
-        // A transient receive error (e.g. ICMP feedback): keep receiving.
+        // A transient receive error (e.g. ICMP feedback): keep receiving,
+        // without spinning if it repeats.
+        await new Promise((resolve) => setTimeout(resolve, 10));
       }
     }
   }

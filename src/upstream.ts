@@ -21,6 +21,15 @@ import { UpstreamBuffer } from "./upstream_buffer.ts";
 
 const log = logger("upstream");
 
+/**
+ * A write smaller than this waits up to {@linkcode LINGER_MS} for more
+ * metrics, so that many small datagrams share one TCP write instead of each
+ * costing a send of its own.
+ */
+const FLUSH_BYTES = 64 * 1024;
+/** Longest wait for a write to fill up to {@linkcode FLUSH_BYTES}. */
+const LINGER_MS = 5;
+
 /** Why metrics for an upstream were dropped. */
 export const UPSTREAM_DROP_REASONS = ["buffer_full", "shutdown"] as const;
 
@@ -77,6 +86,8 @@ export class Upstream {
   #stopped = false;
   /** Wakes the writer when there is something to write. */
   #wake: (() => void) | undefined;
+  /** The timer of a write lingering for more metrics, while it lingers. */
+  #lingering: ReturnType<typeof setTimeout> | undefined;
   /** Ends a backoff sleep early, when stopping. */
   #interrupt: (() => void) | undefined;
   /** A warning about this server being down was logged since it was last up. */
@@ -116,13 +127,26 @@ export class Upstream {
     if (!this.#buffer.append(buf, start, end, newline)) this.counters.droppedBufferFull++;
   }
 
-  /** Wakes the writer after appends. Cheap when it is already busy. */
+  /**
+   * Wakes the writer after appends. Cheap when it is already busy; while it
+   * lingers for a small write to fill up, only a full write wakes it.
+   */
   kick(): void {
+    if (this.#wake === undefined) return;
+    if (this.#lingering !== undefined && this.#buffer.bytes < FLUSH_BYTES) return;
+    this.#wakeNow();
+  }
+
+  /** Wakes the writer whatever it waits for. */
+  #wakeNow(): void {
     const wake = this.#wake;
-    if (wake !== undefined) {
-      this.#wake = undefined;
-      wake();
+    if (wake === undefined) return;
+    this.#wake = undefined;
+    if (this.#lingering !== undefined) {
+      clearTimeout(this.#lingering);
+      this.#lingering = undefined;
     }
+    wake();
   }
 
   /** Starts connecting and writing. */
@@ -138,7 +162,7 @@ export class Upstream {
   async drain(deadline: number): Promise<number> {
     this.#closing = true;
     this.start();
-    this.kick();
+    this.#wakeNow();
     const timeout = Math.max(0, deadline - Date.now());
     let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([
@@ -148,7 +172,7 @@ export class Upstream {
     clearTimeout(timer);
     this.#stopped = true;
     this.#closeConn();
-    this.kick();
+    this.#wakeNow();
     this.#interrupt?.();
     await this.#running;
     const lost = this.#buffer.clear();
@@ -158,6 +182,7 @@ export class Upstream {
 
   /** The writer loop: connect, write what is held, reconnect on failure. */
   async #run(): Promise<void> {
+    let lingered = false;
     while (!this.#stopped) {
       if (this.#conn === undefined) {
         if (this.#closing && this.#buffer.empty) break;
@@ -170,6 +195,16 @@ export class Upstream {
         await new Promise<void>((resolve) => this.#wake = resolve);
         continue;
       }
+      if (!lingered && !this.#closing && this.#buffer.bytes - chunk.sent < FLUSH_BYTES) {
+        // A small write: give more metrics a moment to join it.
+        lingered = true;
+        await new Promise<void>((resolve) => {
+          this.#wake = resolve;
+          this.#lingering = setTimeout(() => this.#wakeNow(), LINGER_MS);
+        });
+        continue;
+      }
+      lingered = false;
       const conn = this.#conn;
       try {
         const n = await conn.write(chunk.bytes.subarray(chunk.sent, chunk.length));
@@ -263,7 +298,7 @@ export class Upstream {
         error: errorText(reason),
       });
     }
-    this.kick();
+    this.#wakeNow();
   }
 
   #closeConn(): void {

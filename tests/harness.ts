@@ -7,6 +7,10 @@
  * @module
  */
 
+import { freePort } from "../scripts/free_port.ts";
+
+export { freePort };
+
 const ROOT = new URL("../", import.meta.url);
 const MAIN = new URL("main.ts", ROOT).pathname;
 const DENO_JSON = new URL("deno.json", ROOT).pathname;
@@ -394,20 +398,6 @@ export class ProxyProcess {
     await Deno.remove(this.dir, { recursive: true }).catch(() => {});
     return status.code;
   }
-}
-
-/** A free loopback port for `transport`, by binding port 0 and releasing it. */
-export function freePort(transport: "tcp" | "udp"): number {
-  if (transport === "tcp") {
-    const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    const port = l.addr.port;
-    l.close();
-    return port;
-  }
-  const c = Deno.listenDatagram({ hostname: "127.0.0.1", port: 0, transport: "udp" });
-  const port = (c.addr as Deno.NetAddr).port;
-  c.close();
-  return port;
 }
 
 /** Connects to the proxy's TCP port and writes `chunks` one write each, then closes. */

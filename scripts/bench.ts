@@ -1,0 +1,535 @@
+/**
+ * `deno task bench`: the proxy's end-to-end benchmark.
+ *
+ * Starts three sinks (`bench_sink.ts`) standing in for statsite, and for each
+ * scenario (`bench_scenarios.ts`) a fresh proxy in front of them and a load
+ * generator (`bench_load.ts`), each as its own process. It measures what the
+ * generator offered, what the sinks received, the proxy's CPU time and peak
+ * memory, and checks that no key was split across sinks; then prints a table
+ * and writes the results as JSON.
+ *
+ * With `--target HOST:PORT --sink-ports A,B,C` it drives a proxy it did not
+ * start (TCP and UDP on that port) whose servers are sinks on those ports, so
+ * another proxy can be measured with the same load.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { LineChild } from "./bench_child.ts";
+import { KEY_COUNT } from "./bench_keys.ts";
+import { DEFAULT_TICK_MS, type LoadReport } from "./bench_load.ts";
+import { clockTicksPerSecond, cpuTicks, memoryUse } from "./bench_proc.ts";
+import { BenchProxy } from "./bench_proxy.ts";
+import { formatTable, type ScenarioResult, type SinkResult } from "./bench_report.ts";
+import { type Scenario, SCENARIOS } from "./bench_scenarios.ts";
+import type { SinkStats } from "./bench_sink.ts";
+
+const ROOT = new URL("../", import.meta.url);
+const DENO_JSON = new URL("deno.json", ROOT).pathname;
+const SINK = new URL("scripts/bench_sink.ts", ROOT).pathname;
+const LOAD = new URL("scripts/bench_load.ts", ROOT).pathname;
+
+/** How long deliveries may stop growing before a scenario ends. */
+const SETTLE_MS = 500;
+/** A scenario is aborted when the sinks see nothing new for this long while the generator runs. */
+const STALL_MS = 30_000;
+
+const USAGE = `Usage: deno task bench [flags]
+
+  --scenarios a,b       scenarios to run (default all: ${SCENARIOS.map((s) => s.name).join(", ")})
+  --count N             metrics per scenario (default per scenario: 70M tcp, 10M udp-batched, 2M udp-single)
+  --rate N              pace the generator to N metrics/s (default: as fast as it can)
+  --tick-ms N           with --rate: send what is due every N ms (default 1)
+  --quick               a tiny run of every scenario (a smoke test)
+  --json FILE           where to write the results (default bench-results/bench-TIMESTAMP.json)
+  --connections N       TCP connections of the generator (default 4)
+  --senders N           UDP sockets of the generator (default 2 batched, 4 single)
+  --target HOST:PORT    drive an external proxy (TCP and UDP on PORT) instead of starting one
+  --sink-ports A,B,C    with --target: the ports the sinks listen on (the proxy's servers)
+  --pid PID             with --target: the external proxy's process, for CPU and memory
+  -h, --help            this help`;
+
+/** The bench's options, from the command line. */
+export interface BenchOptions {
+  /** Scenarios to run, in order. */
+  scenarios: Scenario[];
+  /** Metrics per scenario, overriding the defaults. */
+  count?: number;
+  /** Pace in metrics/s; 0 for as fast as possible. */
+  rate: number;
+  /** Pacing tick in ms. */
+  tickMs?: number;
+  /** A tiny run of every scenario. */
+  quick: boolean;
+  /** Where the JSON goes. */
+  json: string;
+  /** TCP connections of the generator. */
+  connections?: number;
+  /** UDP sockets of the generator. */
+  senders?: number;
+  /** An external proxy. */
+  target?: { host: string; port: number };
+  /** Ports of the sinks (required with `target`, else ephemeral). */
+  sinkPorts?: number[];
+  /** The external proxy's pid. */
+  pid?: number;
+}
+
+class UsageError extends Error {}
+
+function integer(name: string, text: string, min: number): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n) || n < min) {
+    throw new UsageError(`--${name} must be an integer >= ${min}, got "${text}"`);
+  }
+  return n;
+}
+
+/** Parses the command line; throws a usage error. Returns undefined for `--help`. */
+export function parseOptions(args: string[]): BenchOptions | undefined {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args,
+      options: {
+        scenarios: { type: "string" },
+        count: { type: "string" },
+        rate: { type: "string" },
+        "tick-ms": { type: "string" },
+        quick: { type: "boolean", default: false },
+        json: { type: "string" },
+        connections: { type: "string" },
+        senders: { type: "string" },
+        target: { type: "string" },
+        "sink-ports": { type: "string" },
+        pid: { type: "string" },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    }));
+  } catch (err) {
+    throw new UsageError(err instanceof Error ? err.message : String(err));
+  }
+  if (values.help) return undefined;
+  let scenarios = [...SCENARIOS];
+  if (values.scenarios !== undefined) {
+    scenarios = values.scenarios.split(",").map((name) => {
+      const scenario = SCENARIOS.find((s) => s.name === name.trim());
+      if (scenario === undefined) throw new UsageError(`unknown scenario "${name}"`);
+      return scenario;
+    });
+  }
+  const stamp = new Date().toISOString().replace(/:/g, "-").replace(/\..*/, "");
+  const options: BenchOptions = {
+    scenarios,
+    rate: values.rate === undefined ? 0 : integer("rate", values.rate, 1),
+    quick: values.quick,
+    json: values.json ?? `bench-results/bench-${stamp}.json`,
+  };
+  if (values.count !== undefined) options.count = integer("count", values.count, 1);
+  if (values["tick-ms"] !== undefined) options.tickMs = integer("tick-ms", values["tick-ms"], 1);
+  if (values.connections !== undefined) {
+    options.connections = integer("connections", values.connections, 1);
+  }
+  if (values.senders !== undefined) options.senders = integer("senders", values.senders, 1);
+  if (values.target !== undefined) {
+    const match = values.target.match(/^\[?([^\]]+?)\]?:(\d+)$/);
+    if (match === null) throw new UsageError(`--target must be HOST:PORT, got "${values.target}"`);
+    options.target = { host: match[1], port: integer("target", match[2], 1) };
+    if (values["sink-ports"] === undefined) throw new UsageError("--target needs --sink-ports");
+  }
+  if (values["sink-ports"] !== undefined) {
+    if (options.target === undefined) throw new UsageError("--sink-ports needs --target");
+    options.sinkPorts = values["sink-ports"].split(",").map((p) => integer("sink-ports", p, 1));
+  }
+  if (values.pid !== undefined) {
+    if (options.target === undefined) throw new UsageError("--pid needs --target");
+    options.pid = integer("pid", values.pid, 1);
+  }
+  return options;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function progress(text: string): void {
+  console.error(`[bench] ${text}`);
+}
+
+/** Everything the bench started, so it can all be stopped whatever happens. */
+class Processes {
+  sinks: LineChild[] = [];
+  sinkPorts: number[] = [];
+  proxy: BenchProxy | undefined;
+  load: LineChild | undefined;
+
+  /** Kills everything at once (for an interrupted bench). */
+  kill(): void {
+    this.load?.kill();
+    this.proxy?.kill();
+    for (const sink of this.sinks) sink.kill();
+  }
+
+  /** Stops everything, waiting for each to exit. */
+  async stop(): Promise<void> {
+    this.load?.kill();
+    await this.load?.exited().catch(() => {});
+    this.load = undefined;
+    await this.proxy?.stop();
+    this.proxy = undefined;
+    await Promise.all(this.sinks.map((sink) => sink.close()));
+    this.sinks = [];
+  }
+
+  async sinkStats(): Promise<SinkStats[]> {
+    return await Promise.all(
+      this.sinks.map(async (sink) => JSON.parse(await sink.request("stats")) as SinkStats),
+    );
+  }
+}
+
+/** Sum of lines and frames over the sinks. */
+function delivered(stats: readonly SinkStats[]): number {
+  return stats.reduce((n, s) => n + s.lines + s.frames, 0);
+}
+
+/** Waits until `check` holds (polling every 20 ms) or `ms` pass; returns whether it held. */
+async function waitFor(check: () => Promise<boolean>, ms: number): Promise<boolean> {
+  const deadline = performance.now() + ms;
+  while (!(await check())) {
+    if (performance.now() > deadline) return false;
+    await sleep(20);
+  }
+  return true;
+}
+
+async function startSinks(procs: Processes, ports: readonly number[]): Promise<void> {
+  for (const [i, port] of ports.entries()) {
+    const sink = LineChild.spawn({
+      name: `sink ${i + 1}`,
+      args: ["run", "--quiet", "--allow-net", "--config", DENO_JSON, SINK, "--port", String(port)],
+    });
+    procs.sinks.push(sink);
+    const line = await sink.readLine(30_000);
+    const match = line.match(/^port (\d+)$/);
+    if (match === null) throw new Error(`sink ${i + 1} said "${line}"`);
+    procs.sinkPorts.push(Number(match[1]));
+  }
+}
+
+/** Parses the sinks' `seen` bitmaps: distinct keys seen, and keys seen at more than one sink. */
+function keyCheck(bitmaps: readonly string[]): { seen: number; split: number; each: number[] } {
+  const owners = new Uint8Array(KEY_COUNT);
+  const each = bitmaps.map((hex) => {
+    let n = 0;
+    for (let id = 0; id < KEY_COUNT; id++) {
+      const byte = parseInt(hex.slice((id >> 3) * 2, (id >> 3) * 2 + 2), 16);
+      if ((byte >> (id & 7)) & 1) {
+        owners[id]++;
+        n++;
+      }
+    }
+    return n;
+  });
+  let seen = 0;
+  let split = 0;
+  for (const n of owners) {
+    if (n > 0) seen++;
+    if (n > 1) split++;
+  }
+  return { seen, split, each };
+}
+
+/** CPU ticks of all the sinks together. */
+function sinkTicks(procs: Processes): number {
+  return procs.sinks.reduce((n, sink) => n + (cpuTicks(sink.pid) ?? NaN), 0);
+}
+
+/** The WARN and higher lines of a proxy's log, the last few. */
+function logTail(stderr: string): string {
+  return stderr.trim().split("\n").filter((l) => l !== "").slice(-10).join("\n");
+}
+
+async function runScenario(
+  scenario: Scenario,
+  options: BenchOptions,
+  procs: Processes,
+  ticksPerSecond: number,
+): Promise<ScenarioResult> {
+  const count = options.count ?? (options.quick ? scenario.quickCount : scenario.count);
+  const rate = options.rate > 0 ? options.rate : options.quick ? scenario.quickRate ?? 0 : 0;
+  await Promise.all(procs.sinks.map((sink) => sink.request("reset")));
+
+  let host: string;
+  let tcpPort: number;
+  let udpPort: number;
+  let pid: number | undefined;
+  let startupMs: number | null = null;
+  if (options.target === undefined) {
+    const proxy = await BenchProxy.start({ servers: procs.sinkPorts.map((p) => `127.0.0.1:${p}`) });
+    procs.proxy = proxy;
+    ({ tcpPort, udpPort, pid, startupMs } = proxy);
+    host = "127.0.0.1";
+    const connected = await waitFor(
+      async () => (await procs.sinkStats()).every((s) => s.conns > 0),
+      10_000,
+    );
+    if (!connected) throw new Error(`the proxy did not connect to every sink: ${proxy.stderr}`);
+  } else {
+    ({ host, port: tcpPort } = options.target);
+    udpPort = tcpPort;
+    pid = options.pid;
+  }
+
+  const args = [
+    "run",
+    "--quiet",
+    "--allow-net",
+    "--config",
+    DENO_JSON,
+    LOAD,
+    "--scenario",
+    scenario.name,
+    "--count",
+    String(count),
+    "--host",
+    host,
+    "--tcp-port",
+    String(tcpPort),
+    "--udp-port",
+    String(udpPort),
+  ];
+  if (rate > 0) args.push("--rate", String(rate));
+  if (options.tickMs !== undefined) args.push("--tick-ms", String(options.tickMs));
+  if (options.connections !== undefined) args.push("--connections", String(options.connections));
+  if (options.senders !== undefined) args.push("--senders", String(options.senders));
+  const load = LineChild.spawn({ name: "load generator", args });
+  procs.load = load;
+  const ready = await load.readLine(60_000);
+  if (ready !== "ready") throw new Error(`load generator said "${ready}": ${load.stderr}`);
+
+  const cpuBefore = pid === undefined ? undefined : cpuTicks(pid);
+  const sinkCpuBefore = sinkTicks(procs);
+  await load.send("go");
+  // Wait for the generator's report, aborting if the sinks see nothing new for too long.
+  const answer = load.readLine(24 * 3600_000);
+  let done = false;
+  answer.then(() => done = true, () => done = true);
+  let seen = -1;
+  let progressAt = performance.now();
+  while (!done) {
+    await Promise.race([answer.catch(() => {}), sleep(500)]);
+    if (done) break;
+    const total = delivered(await procs.sinkStats());
+    if (total !== seen) {
+      seen = total;
+      progressAt = performance.now();
+    } else if (performance.now() - progressAt > STALL_MS) {
+      throw new Error(`stalled: the sinks got nothing for ${STALL_MS / 1000} s`);
+    }
+  }
+  const report = JSON.parse(await answer) as LoadReport & { error?: string };
+  if (report.error !== undefined) throw new Error(`load generator: ${report.error}`);
+  const generatorTicks = cpuTicks(load.pid) ?? NaN;
+  await load.close();
+  procs.load = undefined;
+
+  // Settle: until everything arrived, or nothing new arrived for SETTLE_MS.
+  let stats = await procs.sinkStats();
+  let last = delivered(stats);
+  let changedAt = performance.now();
+  while (last < report.sent && performance.now() - changedAt < SETTLE_MS) {
+    if (procs.proxy?.exited) break;
+    await sleep(50);
+    stats = await procs.sinkStats();
+    const total = delivered(stats);
+    if (total !== last) {
+      last = total;
+      changedAt = performance.now();
+    }
+  }
+  const cpuAfter = pid === undefined ? undefined : cpuTicks(pid);
+  const sinkCpu = (sinkTicks(procs) - sinkCpuBefore) / ticksPerSecond;
+  const memory = pid === undefined ? undefined : memoryUse(pid);
+  const keys = keyCheck(await Promise.all(procs.sinks.map((sink) => sink.request("seen"))));
+
+  let proxyExitCode: number | null = null;
+  let proxyLog = "";
+  if (procs.proxy !== undefined) {
+    const proxy = procs.proxy;
+    proxyExitCode = (await proxy.stop()) ?? null;
+    proxyLog = logTail(proxy.stderr);
+    procs.proxy = undefined;
+    // Let the sinks see the old connections close before the next scenario resets them.
+    await waitFor(async () => (await procs.sinkStats()).every((s) => s.conns === 0), 5_000);
+  }
+
+  const total = delivered(stats);
+  const lastAt = Math.max(...stats.map((s) => s.lastAt));
+  const sendSeconds = (report.endedAt - report.startedAt) / 1000;
+  const wallSeconds = lastAt > 0 ? (lastAt - report.startedAt) / 1000 : NaN;
+  const cpuSeconds = cpuBefore === undefined || cpuAfter === undefined
+    ? null
+    : (cpuAfter - cpuBefore) / ticksPerSecond;
+  const sinks: SinkResult[] = stats.map((s, i) => ({
+    lines: s.lines,
+    frames: s.frames,
+    keys: keys.each[i],
+  }));
+  return {
+    scenario: scenario.name,
+    description: scenario.description,
+    count,
+    rate: rate > 0 ? rate : null,
+    sent: report.sent,
+    sendErrors: report.errors,
+    sendSeconds,
+    offeredRate: sendSeconds > 0 ? report.sent / sendSeconds : 0,
+    delivered: total,
+    lost: report.sent - total,
+    lossPercent: report.sent > 0 ? (report.sent - total) / report.sent * 100 : 0,
+    wallSeconds,
+    throughput: wallSeconds > 0 ? total / wallSeconds : 0,
+    cpuSeconds,
+    cpuSecondsPerMillion: cpuSeconds === null || total === 0 ? null : cpuSeconds / (total / 1e6),
+    generatorCpuSeconds: generatorTicks / ticksPerSecond,
+    sinkCpuSeconds: sinkCpu,
+    peakRssBytes: memory?.peakRss ?? null,
+    rssBytes: memory?.rss ?? null,
+    startupMs,
+    splitKeys: keys.split,
+    keysSeen: keys.seen,
+    badAtSinks: stats.reduce((n, s) => n + s.bad, 0),
+    sinks,
+    proxyExitCode,
+    proxyLog,
+  };
+}
+
+async function gitVersion(): Promise<string | null> {
+  try {
+    const git = (args: string[]) =>
+      new Deno.Command("git", { args, cwd: ROOT, stdout: "piped", stderr: "null" }).output();
+    const head = await git(["rev-parse", "--short", "HEAD"]);
+    if (!head.success) return null;
+    const dirty = await git(["status", "--porcelain", "--untracked-files=no"]);
+    const text = new TextDecoder();
+    return text.decode(head.stdout).trim() +
+      (text.decode(dirty.stdout).trim() === "" ? "" : "+dirty");
+  } catch {
+    return null;
+  }
+}
+
+/** Runs the bench; returns the process exit code. */
+export async function runBench(options: BenchOptions): Promise<number> {
+  const ticksPerSecond = await clockTicksPerSecond();
+  const startedAt = new Date().toISOString();
+  const procs = new Processes();
+  const results: ScenarioResult[] = [];
+  let failure: string | undefined;
+  const interrupt = () => {
+    procs.kill();
+    console.error("[bench] interrupted");
+    Deno.exit(130);
+  };
+  Deno.addSignalListener("SIGINT", interrupt);
+  Deno.addSignalListener("SIGTERM", interrupt);
+  try {
+    await startSinks(procs, options.sinkPorts ?? [0, 0, 0]);
+    if (options.target !== undefined) {
+      const { host, port } = options.target;
+      progress(`sinks listen on ${procs.sinkPorts.join(", ")}; waiting for ${host}:${port}`);
+      const up = await waitFor(async () => {
+        try {
+          (await Deno.connect({ hostname: host, port })).close();
+          return true;
+        } catch {
+          return false;
+        }
+      }, 60_000);
+      if (!up) throw new Error(`${host}:${port} does not accept connections`);
+    }
+    for (const scenario of options.scenarios) {
+      progress(`${scenario.name}: ${scenario.description}`);
+      const result = await runScenario(scenario, options, procs, ticksPerSecond);
+      results.push(result);
+      progress(
+        `${scenario.name}: sent ${result.sent}, delivered ${result.delivered}, ` +
+          `${Math.round(result.throughput)}/s, split keys ${result.splitKeys}`,
+      );
+    }
+  } catch (err) {
+    failure = err instanceof Error ? err.message : String(err);
+  } finally {
+    await procs.stop();
+    Deno.removeSignalListener("SIGINT", interrupt);
+    Deno.removeSignalListener("SIGTERM", interrupt);
+  }
+
+  if (results.length > 0) console.log(formatTable(results));
+  const output = {
+    tool: "statsite-proxy bench",
+    startedAt,
+    version: await gitVersion(),
+    machine: {
+      cpus: navigator.hardwareConcurrency,
+      deno: Deno.version.deno,
+      os: Deno.build.os,
+      arch: Deno.build.arch,
+    },
+    clockTicksPerSecond: ticksPerSecond,
+    options: {
+      scenarios: options.scenarios.map((s) => s.name),
+      count: options.count ?? null,
+      rate: options.rate > 0 ? options.rate : null,
+      tickMs: options.tickMs ?? DEFAULT_TICK_MS,
+      quick: options.quick,
+      connections: options.connections ?? null,
+      senders: options.senders ?? null,
+      target: options.target === undefined ? null : `${options.target.host}:${options.target.port}`,
+      pid: options.pid ?? null,
+    },
+    notes: {
+      offeredRate: "metrics/s the generator handed to the kernel, first send to last",
+      throughput: "metrics delivered to the sinks / seconds from first send to last delivery",
+      cpuSecondsPerMillion: "proxy user+sys CPU seconds during the scenario per million delivered",
+      generatorCpuSeconds: "CPU seconds of the load generator, building its payloads included",
+      sinkCpuSeconds: "CPU seconds of the three sinks together during the scenario",
+      peakRssBytes: "proxy VmHWM at the end of the scenario (a fresh proxy per scenario)",
+      startupMs: "spawning the proxy until a TCP connect succeeds",
+    },
+    results,
+    error: failure ?? null,
+  };
+  const dir = options.json.includes("/")
+    ? options.json.slice(0, options.json.lastIndexOf("/"))
+    : "";
+  if (dir !== "") await Deno.mkdir(dir, { recursive: true });
+  await Deno.writeTextFile(options.json, JSON.stringify(output, null, 2) + "\n");
+  progress(`results written to ${options.json}`);
+  if (failure !== undefined) {
+    console.error(`bench: ${failure}`);
+    return 1;
+  }
+  return 0;
+}
+
+if (import.meta.main) {
+  let code: number;
+  try {
+    const options = parseOptions(Deno.args);
+    if (options === undefined) {
+      console.log(USAGE);
+      code = 0;
+    } else {
+      code = await runBench(options);
+    }
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    console.error(`bench: ${err.message}\n\n${USAGE}`);
+    code = 2;
+  }
+  Deno.exit(code);
+}

@@ -1,0 +1,190 @@
+/**
+ * The proxy under test when the bench starts its own: `deno run main.ts -f
+ * CONFIG` as a subprocess, with a generated configuration in a temporary
+ * folder, free loopback ports, and the bench's sinks as its servers.
+ *
+ * @module
+ */
+
+import { freePort } from "./free_port.ts";
+
+const ROOT = new URL("../", import.meta.url);
+const MAIN = new URL("main.ts", ROOT).pathname;
+const DENO_JSON = new URL("deno.json", ROOT).pathname;
+
+/** Options of {@linkcode BenchProxy.start}. */
+export interface BenchProxyOptions {
+  /** The servers, `host:port`, each of weight 100. */
+  servers: readonly string[];
+  /** Bytes held per server (`max_buffer_bytes`). Default 1 GiB, so the bench drops nothing. */
+  maxBufferBytes?: number;
+  /** Give up when it does not listen within this many ms. Default 30000. */
+  startTimeoutMs?: number;
+}
+
+/** A proxy process started for one scenario. */
+export class BenchProxy {
+  /** TCP port. */
+  readonly tcpPort: number;
+  /** UDP port. */
+  readonly udpPort: number;
+  /** Milliseconds from spawn until a TCP connect succeeded. */
+  startupMs = 0;
+  #dir: string;
+  #child: Deno.ChildProcess;
+  #status: Promise<Deno.CommandStatus>;
+  #exited = false;
+  #stderr = "";
+  #reading: Promise<void>;
+
+  private constructor(dir: string, tcpPort: number, udpPort: number, child: Deno.ChildProcess) {
+    this.#dir = dir;
+    this.tcpPort = tcpPort;
+    this.udpPort = udpPort;
+    this.#child = child;
+    this.#status = child.status;
+    this.#status.then(() => this.#exited = true);
+    this.#reading = (async () => {
+      const decoder = new TextDecoder();
+      for await (const chunk of child.stderr) {
+        this.#stderr = (this.#stderr + decoder.decode(chunk, { stream: true })).slice(-16384);
+      }
+    })().catch(() => {});
+  }
+
+  /** The process id. */
+  get pid(): number {
+    return this.#child.pid;
+  }
+
+  /** What it logged on standard error (the last 16 KiB). */
+  get stderr(): string {
+    return this.#stderr;
+  }
+
+  /** Whether it has exited. */
+  get exited(): boolean {
+    return this.#exited;
+  }
+
+  /**
+   * Writes the configuration, starts the proxy and waits until its TCP port
+   * accepts a connection. Retries with other ports if a port was taken in
+   * between.
+   */
+  static async start(options: BenchProxyOptions): Promise<BenchProxy> {
+    for (let attempt = 1;; attempt++) {
+      const proxy = await BenchProxy.#spawn(options);
+      try {
+        await proxy.#waitListening(options.startTimeoutMs ?? 30_000);
+        return proxy;
+      } catch (err) {
+        await proxy.stop();
+        if (attempt >= 3 || !/address already in use/i.test(proxy.stderr)) throw err;
+      }
+    }
+  }
+
+  static async #spawn(options: BenchProxyOptions): Promise<BenchProxy> {
+    const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-bench-" });
+    const tcpPort = freePort("tcp");
+    const udpPort = freePort("udp");
+    const servers = options.servers.map((s) => `${s}\t100\n`).join("");
+    await Deno.writeTextFile(`${dir}/servers.conf`, servers);
+    const config = [
+      "[statsite-proxy]",
+      `port = ${tcpPort}`,
+      `udp_port = ${udpPort}`,
+      "bind_address = 127.0.0.1",
+      "servers = servers.conf",
+      "log_level = WARN",
+      `max_buffer_bytes = ${options.maxBufferBytes ?? 1024 ** 3}`,
+      "drain_timeout_ms = 2000",
+      "",
+    ].join("\n");
+    await Deno.writeTextFile(`${dir}/proxy.ini`, config);
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-net",
+        "--allow-read",
+        "--allow-write",
+        "--config",
+        DENO_JSON,
+        MAIN,
+        "-f",
+        `${dir}/proxy.ini`,
+      ],
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    return new BenchProxy(dir, tcpPort, udpPort, child);
+  }
+
+  async #waitListening(timeoutMs: number): Promise<void> {
+    const started = performance.now();
+    const deadline = started + timeoutMs;
+    while (true) {
+      if (this.#exited) {
+        await this.#reading;
+        throw new Error(`the proxy exited at start: ${this.#stderr.trim()}`);
+      }
+      try {
+        const conn = await Deno.connect({ hostname: "127.0.0.1", port: this.tcpPort });
+        conn.close();
+        this.startupMs = performance.now() - started;
+        return;
+      } catch {
+        // Not listening yet.
+      }
+      if (performance.now() > deadline) {
+        throw new Error(`the proxy did not listen within ${timeoutMs} ms: ${this.#stderr.trim()}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+  }
+
+  /**
+   * Stops it with SIGTERM (it drains and exits), or SIGKILL after
+   * `timeoutMs`, and removes its temporary folder. Returns the exit code,
+   * or undefined when it had to be killed. Never throws.
+   */
+  async stop(timeoutMs = 10_000): Promise<number | undefined> {
+    let code: number | undefined;
+    try {
+      this.#child.kill("SIGTERM");
+    } catch {
+      // Already exited.
+    }
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const status = await Promise.race([
+      this.#status,
+      new Promise<undefined>((resolve) => timer = setTimeout(() => resolve(undefined), timeoutMs)),
+    ]);
+    clearTimeout(timer);
+    if (status === undefined) {
+      this.kill();
+      await this.#status;
+    } else {
+      code = status.code;
+    }
+    await this.#reading;
+    await Deno.remove(this.#dir, { recursive: true }).catch(() => {});
+    return code;
+  }
+
+  /** Kills it at once and removes its folder, synchronously (for an interrupted bench). */
+  kill(): void {
+    try {
+      this.#child.kill("SIGKILL");
+    } catch {
+      // Already exited.
+    }
+    try {
+      Deno.removeSync(this.#dir, { recursive: true });
+    } catch {
+      // Already removed.
+    }
+  }
+}

@@ -1,0 +1,89 @@
+/**
+ * The scenarios of `deno task bench`: which transport and wire format the
+ * load generator uses, and how many metrics each sends by default.
+ *
+ * @module
+ */
+
+/** Wire format of a scenario's metrics. */
+export type BenchFormat = "ascii" | "binary" | "mixed";
+
+/** How a UDP scenario packs metrics into datagrams. */
+export type DatagramPacking = "batched" | "single";
+
+/** One benchmark scenario. */
+export interface Scenario {
+  /** Name, as given to `--scenarios`. */
+  readonly name: string;
+  /** One line saying what is sent. */
+  readonly description: string;
+  /** Transport to the proxy. */
+  readonly transport: "tcp" | "udp";
+  /** Wire format. */
+  readonly format: BenchFormat;
+  /** For UDP: many lines per datagram, or one. */
+  readonly packing?: DatagramPacking;
+  /** Metrics sent by default. */
+  readonly count: number;
+  /** Metrics sent with `--quick`. */
+  readonly quickCount: number;
+  /**
+   * Pace (metrics/s) with `--quick` unless `--rate` is given: a tiny UDP run
+   * on a busy two-core machine must not lose datagrams, or the smoke test
+   * would be flaky.
+   */
+  readonly quickRate?: number;
+}
+
+/** Every scenario, in the order they run. */
+export const SCENARIOS: readonly Scenario[] = [
+  {
+    name: "tcp-ascii",
+    description: "ascii lines, 128 KiB writes over 4 connections",
+    transport: "tcp",
+    format: "ascii",
+    count: 70_000_000,
+    quickCount: 4_000,
+  },
+  {
+    name: "udp-batched",
+    description: "ascii lines in ~1400-byte datagrams",
+    transport: "udp",
+    format: "ascii",
+    packing: "batched",
+    count: 10_000_000,
+    quickCount: 4_000,
+    quickRate: 20_000,
+  },
+  {
+    name: "udp-single",
+    description: "one ascii line per datagram",
+    transport: "udp",
+    format: "ascii",
+    packing: "single",
+    count: 2_000_000,
+    quickCount: 2_000,
+    quickRate: 10_000,
+  },
+  {
+    name: "tcp-binary",
+    description: "statsite binary frames (counter, timer, gauge), 128 KiB writes",
+    transport: "tcp",
+    format: "binary",
+    count: 70_000_000,
+    quickCount: 4_000,
+  },
+  {
+    name: "tcp-mixed",
+    description: "ascii lines and binary frames interleaved on the same connections",
+    transport: "tcp",
+    format: "mixed",
+    count: 70_000_000,
+    quickCount: 4_000,
+  },
+];
+
+/** The scenario named `name`, or undefined. */
+export function findScenario(name: string): Scenario | undefined {
+  return SCENARIOS.find((s) => s.name === name);
+}
