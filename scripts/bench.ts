@@ -469,6 +469,15 @@ export async function runBench(options: BenchOptions): Promise<number> {
   }
 
   if (results.length > 0) console.log(formatTable(results));
+  const rmemDefault = await udpReceiveBuffer();
+  if (rmemDefault !== null && options.scenarios.some((s) => s.name.startsWith("udp"))) {
+    console.log(
+      `UDP receive buffer (net.core.rmem_default): ${rmemDefault} bytes` +
+        (rmemDefault < 1 << 22
+          ? "; UDP loss under bursts falls with a larger one (README, Performance)"
+          : ""),
+    );
+  }
   const output = {
     tool: "statsite-proxy bench",
     startedAt,
@@ -480,6 +489,7 @@ export async function runBench(options: BenchOptions): Promise<number> {
       arch: Deno.build.arch,
     },
     clockTicksPerSecond: ticksPerSecond,
+    udpReceiveBufferBytes: rmemDefault,
     options: {
       scenarios: options.scenarios.map((s) => s.name),
       count: options.count ?? null,
@@ -532,4 +542,13 @@ if (import.meta.main) {
     code = 2;
   }
   Deno.exit(code);
+}
+
+/** The kernel's default UDP receive buffer, or null where it cannot be read. */
+async function udpReceiveBuffer(): Promise<number | null> {
+  try {
+    return Number((await Deno.readTextFile("/proc/sys/net/core/rmem_default")).trim());
+  } catch {
+    return null;
+  }
 }
