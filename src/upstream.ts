@@ -163,6 +163,9 @@ export class Upstream {
     this.#closing = true;
     this.start();
     this.#wakeNow();
+    // A backoff sleep ends now: with nothing held the writer stops at once,
+    // with something held it tries to connect at once.
+    this.#interrupt?.();
     const timeout = Math.max(0, deadline - Date.now());
     let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([

@@ -346,6 +346,19 @@ Deno.test("SIGTERM drains every upstream buffer before exit", async (t) => {
       await late.stop();
     }
   });
+  await t.step("with nothing held it exits without waiting for down servers", async () => {
+    const never = RecordingServer.reserve();
+    const proxy = await ProxyProcess.start({
+      servers: [never.address],
+      settings: { drain_timeout_ms: 60_000, reconnect_min_ms: 30_000, reconnect_max_ms: 30_000 },
+    });
+    await proxy.waitForLog(/cannot connect/);
+    const started = Date.now();
+    assert.equal(await proxy.stop("SIGTERM"), 0);
+    // Far below both the drain timeout and the reconnect delay it was sleeping in.
+    assert.ok(Date.now() - started < 20_000, `took ${Date.now() - started} ms`);
+    assert.match(proxy.stderr, /every metric was delivered/);
+  });
   await t.step("what cannot be delivered by the timeout is reported with counts", async () => {
     const never = RecordingServer.reserve();
     const proxy = await ProxyProcess.start({

@@ -303,20 +303,18 @@ export class ProxyProcess {
     const udp = options.udp === false ? 0 : freePort("udp");
     const admin = options.admin ? freePort("tcp") : 0;
     await Deno.writeTextFile(`${dir}/servers.conf`, serversText(options.servers));
-    const lines = [
-      "[statsite-proxy]",
-      `port = ${tcp}`,
-      `udp_port = ${udp}`,
-      "bind_address = 127.0.0.1",
-      "servers = servers.conf",
-      "log_level = DEBUG",
-      "reconnect_min_ms = 20",
-      "reconnect_max_ms = 200",
-      `admin_port = ${admin}`,
-    ];
-    for (const [key, value] of Object.entries(options.settings ?? {})) {
-      lines.push(`${key} = ${value}`);
-    }
+    const settings: Record<string, string | number> = {
+      port: tcp,
+      udp_port: udp,
+      bind_address: "127.0.0.1",
+      servers: "servers.conf",
+      log_level: "DEBUG",
+      reconnect_min_ms: 20,
+      reconnect_max_ms: 200,
+      admin_port: admin,
+      ...options.settings,
+    };
+    const lines = ["[statsite-proxy]", ...Object.entries(settings).map(([k, v]) => `${k} = ${v}`)];
     await Deno.writeTextFile(`${dir}/proxy.ini`, lines.join("\n") + "\n");
     const child = new Deno.Command(Deno.execPath(), {
       args: [
