@@ -7,10 +7,7 @@
  */
 
 import { freePort } from "./free_port.ts";
-
-const ROOT = new URL("../", import.meta.url);
-const MAIN = new URL("main.ts", ROOT).pathname;
-const DENO_JSON = new URL("deno.json", ROOT).pathname;
+import { proxyArgs } from "./proxy_args.ts";
 
 /** Options of {@linkcode BenchProxy.start}. */
 export interface BenchProxyOptions {
@@ -104,17 +101,7 @@ export class BenchProxy {
     ].join("\n");
     await Deno.writeTextFile(`${dir}/proxy.ini`, config);
     const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-net",
-        "--allow-read",
-        "--allow-write",
-        "--config",
-        DENO_JSON,
-        MAIN,
-        "-f",
-        `${dir}/proxy.ini`,
-      ],
+      args: proxyArgs("-f", `${dir}/proxy.ini`),
       stdin: "null",
       stdout: "null",
       stderr: "piped",

@@ -10,6 +10,7 @@
  */
 
 import { freePort } from "./free_port.ts";
+import { MAIN, proxyArgs } from "./proxy_args.ts";
 
 const root = new URL("../", import.meta.url);
 const deno = Deno.execPath();
@@ -63,19 +64,8 @@ await Deno.writeTextFile(
   `[statsite-proxy]\nport = ${port}\nudp_port = ${port}\nbind_address = 127.0.0.1\n` +
     `servers = servers.conf\nlog_level = WARN\n`,
 );
-const main = new URL("main.ts", root).pathname;
 const proxy = new Deno.Command(deno, {
-  args: [
-    "run",
-    "--quiet",
-    "--allow-net",
-    "--allow-read",
-    "--config",
-    denoJson,
-    main,
-    "-f",
-    `${dir}/proxy.ini`,
-  ],
+  args: proxyArgs("-f", `${dir}/proxy.ini`),
   stdin: "null",
   stdout: "inherit",
   stderr: "inherit",
@@ -117,7 +107,7 @@ await proxy.status;
 
 const route = spawn([
   "--allow-read",
-  main,
+  MAIN,
   "route",
   "--servers",
   `${dir}/servers.conf`,

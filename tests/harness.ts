@@ -8,12 +8,10 @@
  */
 
 import { freePort } from "../scripts/free_port.ts";
+import { proxyArgs } from "../scripts/proxy_args.ts";
 
 export { freePort };
 
-const ROOT = new URL("../", import.meta.url);
-const MAIN = new URL("main.ts", ROOT).pathname;
-const DENO_JSON = new URL("deno.json", ROOT).pathname;
 const encoder = new TextEncoder();
 const latin1 = new TextDecoder("latin1");
 
@@ -317,19 +315,7 @@ export class ProxyProcess {
     const lines = ["[statsite-proxy]", ...Object.entries(settings).map(([k, v]) => `${k} = ${v}`)];
     await Deno.writeTextFile(`${dir}/proxy.ini`, lines.join("\n") + "\n");
     const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--quiet",
-        "--allow-net",
-        "--allow-read",
-        "--allow-write",
-        "--config",
-        DENO_JSON,
-        MAIN,
-        "-f",
-        `${dir}/proxy.ini`,
-        ...(options.args ?? []),
-      ],
+      args: proxyArgs("-f", `${dir}/proxy.ini`, ...(options.args ?? [])),
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
@@ -429,17 +415,7 @@ export async function runMain(
   options: { stdin?: Uint8Array; cwd?: string } = {},
 ): Promise<{ code: number; stdout: string; stderr: string; stdoutBytes: Uint8Array }> {
   const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--quiet",
-      "--allow-net",
-      "--allow-read",
-      "--allow-write",
-      "--config",
-      DENO_JSON,
-      MAIN,
-      ...args,
-    ],
+    args: proxyArgs(...args),
     stdin: options.stdin === undefined ? "null" : "piped",
     stdout: "piped",
     stderr: "piped",

@@ -1,0 +1,29 @@
+/**
+ * How the tests, the demo and the bench run the real proxy: the arguments of
+ * `deno run` with the permissions the proxy needs, the project's deno.json
+ * (for its imports and the unstable net API) and main.ts.
+ *
+ * @module
+ */
+
+const ROOT = new URL("../", import.meta.url);
+
+/** The project's main.ts. */
+export const MAIN: string = new URL("main.ts", ROOT).pathname;
+/** The project's deno.json. */
+export const DENO_JSON: string = new URL("deno.json", ROOT).pathname;
+
+/** Arguments for `Deno.execPath()` that run `main.ts ARGS` as `deno task start` would. */
+export function proxyArgs(...args: string[]): string[] {
+  return [
+    "run",
+    "--quiet",
+    "--allow-net",
+    "--allow-read",
+    "--allow-write",
+    "--config",
+    DENO_JSON,
+    MAIN,
+    ...args,
+  ];
+}
