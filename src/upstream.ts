@@ -30,9 +30,6 @@ const FLUSH_BYTES = 64 * 1024;
 /** Longest wait for a write to fill up to {@linkcode FLUSH_BYTES}. */
 const LINGER_MS = 5;
 
-/** Why metrics for an upstream were dropped. */
-export const UPSTREAM_DROP_REASONS = ["buffer_full", "shutdown"] as const;
-
 /** Counters of one upstream server. */
 export class UpstreamCounters {
   /** Ascii lines written. */
