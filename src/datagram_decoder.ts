@@ -123,7 +123,11 @@ export async function* decodeDatagrams(
       if (err instanceof Deno.errors.BadResource || err instanceof Deno.errors.Interrupted) return;
       throw err;
     }
-    const batch = decoder.decode(data, data.length);
+    // `receive` returns a view of `buf`: decode `buf` itself, so the batch
+    // points into the same array every time and the router's per-array
+    // DataViews are made once, not once per datagram.
+    const same = data.buffer === buf.buffer && data.byteOffset === buf.byteOffset;
+    const batch = decoder.decode(same ? buf : data, data.length);
     if (batch.count > 0) yield batch;
   }
 }
