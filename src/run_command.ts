@@ -8,8 +8,7 @@
 
 import { AdminServer } from "./admin_server.ts";
 import { type ConfigOverrides, loadConfig, type ProxyConfig } from "./config.ts";
-import { setupLogging } from "./log.ts";
-import { logger } from "./log.ts";
+import { logger, setupLogging } from "./log.ts";
 import { PidFile } from "./pid_file.ts";
 import { Proxy, type ReloadReport } from "./proxy.ts";
 import { SelfReport } from "./self_report.ts";
@@ -43,7 +42,7 @@ export async function runProxy(options: RunOptions): Promise<number> {
   const pidFile = config.pidFile === undefined ? undefined : await PidFile.take(config.pidFile);
   if (config.pidFile !== undefined && pidFile === undefined) return 0; // already running
   let proxy: Proxy;
-  const extras = {} as Extras;
+  let admin: AdminServer | undefined;
   try {
     setupLogging({ level: config.logLevel, format: config.logFormat });
     if (config.daemonize) {
@@ -51,7 +50,7 @@ export async function runProxy(options: RunOptions): Promise<number> {
     }
     proxy = Proxy.start(config);
     try {
-      if (config.adminPort !== 0) extras.admin = startAdmin(proxy, config);
+      if (config.adminPort !== 0) admin = startAdmin(proxy, config);
     } catch (err) {
       await proxy.shutdown();
       throw err;
@@ -60,8 +59,11 @@ export async function runProxy(options: RunOptions): Promise<number> {
     await pidFile?.release();
     throw err;
   }
-  extras.summary = startSummary(proxy, config);
-  extras.self = startSelfReport(proxy, config);
+  const extras: Extras = {
+    admin,
+    summary: startSummary(proxy, config),
+    self: startSelfReport(proxy, config),
+  };
   log.info("statsite-proxy {version} started with {servers} servers from {file}", {
     version: VERSION,
     servers: config.servers.length,

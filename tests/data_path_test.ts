@@ -305,6 +305,7 @@ Deno.test("a full buffer for a down upstream drops new metrics and counts them",
   const proxy = await ProxyProcess.start({
     servers: [down.address],
     settings: { max_buffer_bytes: 65536, summary_interval_ms: 200 },
+    admin: true,
   });
   try {
     // 4000 lines of 32 bytes = 128000 bytes: 2048 fit in 65536 bytes.
@@ -315,6 +316,19 @@ Deno.test("a full buffer for a down upstream drops new metrics and counts them",
     assert.equal(lines[0].length + 1, 32);
     await sendTcp(proxy.tcpPort, bytes(lines.map((l) => l + "\n").join("")));
     await proxy.waitForLog(/dropped 1952 metrics \(buffer full\)/);
+    const metrics = (await proxy.admin("/metrics")).text;
+    const label = `server="${down.address}"`;
+    assert.match(
+      metrics,
+      new RegExp(
+        `^statsite_proxy_upstream_dropped_total\\{${label},reason="buffer_full"\\} 1952$`,
+        "m",
+      ),
+    );
+    assert.match(
+      metrics,
+      new RegExp(`^statsite_proxy_upstream_buffered_bytes\\{${label}\\} 65536$`, "m"),
+    );
     down.listen();
     await down.waitForLines(2048);
     await sleep(100);
