@@ -8,14 +8,14 @@
  * @module
  */
 
-import { checkSummary } from "./src/check_command.ts";
-import { parseCli, USAGE } from "./src/cli.ts";
-import { loadConfig } from "./src/config.ts";
+import { checkSummary } from "./src/commands/check_command.ts";
+import { parseCli, USAGE } from "./src/commands/cli.ts";
+import { loadConfig } from "./src/config/config.ts";
 import { ConfigError, ListenError, UsageError } from "./src/errors.ts";
-import { PidFileError } from "./src/pid_file.ts";
-import { runRoute } from "./src/route_command.ts";
-import { runProxy } from "./src/run_command.ts";
-import { HashRing } from "./src/ring.ts";
+import { PidFileError } from "./src/commands/pid_file.ts";
+import { runRoute } from "./src/commands/route_command.ts";
+import { runProxy } from "./src/commands/run_command.ts";
+import { HashRing } from "./src/ring/ring.ts";
 import { VERSION } from "./src/version.ts";
 
 async function main(args: string[]): Promise<number> {

@@ -116,6 +116,11 @@ export class UsageError extends Error {
   }
 }
 
+/** One-line text of an error, without a stack. */
+export function errorText(err: unknown): string {
+  return oneLine(err instanceof Error ? err.message : String(err));
+}
+
 /** Where a listener tried to bind, for {@linkcode ListenError}. */
 export interface ListenTarget {
   /** `tcp`, `udp`, or `http` for the admin endpoint. */

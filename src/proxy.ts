@@ -10,15 +10,16 @@
  * @module
  */
 
-import type { ProxyConfig } from "./config.ts";
-import { IngestCounters } from "./counters.ts";
+import type { ProxyConfig } from "./config/config.ts";
+import { errorText } from "./errors.ts";
+import { IngestCounters } from "./ingest/counters.ts";
 import { logger } from "./log.ts";
-import { HashRing } from "./ring.ts";
-import { movedShare } from "./ring_diff.ts";
-import { Router } from "./router.ts";
-import { TcpListener } from "./tcp_listener.ts";
-import { UdpListener } from "./udp_listener.ts";
-import { errorText, Upstream } from "./upstream.ts";
+import { HashRing } from "./ring/ring.ts";
+import { movedShare } from "./ring/ring_diff.ts";
+import { Router } from "./routing/router.ts";
+import { TcpListener } from "./ingest/tcp_listener.ts";
+import { UdpListener } from "./ingest/udp_listener.ts";
+import { Upstream } from "./upstream/upstream.ts";
 
 const log = logger("proxy");
 
@@ -153,7 +154,7 @@ export class Proxy {
     const listener = TcpListener.listen({
       hostname: config.bindAddress,
       port: config.tcpPort,
-      router: this.router,
+      sink: this.router,
       counters: this.tcpCounters,
       maxLineBytes: config.maxLineBytes,
     });
@@ -165,7 +166,7 @@ export class Proxy {
     const listener = UdpListener.listen({
       hostname: config.bindAddress,
       port: config.udpPort,
-      router: this.router,
+      sink: this.router,
       counters: this.udpCounters,
       maxLineBytes: config.maxLineBytes,
     });

@@ -9,7 +9,7 @@ import {
   type LogLevelName,
   parseConfig,
   parseLogLevel,
-} from "../src/config.ts";
+} from "../src/config/config.ts";
 import { ConfigError, UsageError } from "../src/errors.ts";
 
 const FILE = "conf/proxy.ini";

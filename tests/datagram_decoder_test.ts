@@ -1,12 +1,12 @@
 import assert from "node:assert/strict";
-import { DROP, IngestCounters } from "../src/counters.ts";
+import { DROP, IngestCounters } from "../src/ingest/counters.ts";
 import { binarySet, concat, enc, type Frame, framesOf, hex, latin1 } from "./frames.ts";
 import {
   DATAGRAM_BUFFER_SIZE,
   DatagramDecoder,
   type DatagramDecoderOptions,
   decodeDatagrams,
-} from "../src/datagram_decoder.ts";
+} from "../src/ingest/datagram_decoder.ts";
 
 /** The counter "Conns" = 200, as given in the protocol. */
 const CONNS = hex("aa 02 06 00 00 00 00 00 00 00 69 40 43 6f 6e 6e 73 00");

@@ -6,9 +6,9 @@
  * @module
  */
 
-import { IngestCounters } from "../src/counters.ts";
-import { DatagramDecoder } from "../src/datagram_decoder.ts";
-import { StreamDecoder } from "../src/stream_decoder.ts";
+import { IngestCounters } from "../src/ingest/counters.ts";
+import { DatagramDecoder } from "../src/ingest/datagram_decoder.ts";
+import { StreamDecoder } from "../src/ingest/stream_decoder.ts";
 
 const READ_SIZE = 65536;
 const enc = new TextEncoder();

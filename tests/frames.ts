@@ -5,7 +5,7 @@
  * @module
  */
 
-import type { FrameBatch } from "../src/frame_batch.ts";
+import type { FrameBatch } from "../src/ingest/frame_batch.ts";
 
 const utf8 = new TextDecoder();
 const encoder = new TextEncoder();

@@ -7,7 +7,7 @@
 
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { Md5, md5Hex } from "../src/md5.ts";
+import { Md5, md5Hex } from "../src/ring/md5.ts";
 
 const encoder = new TextEncoder();
 

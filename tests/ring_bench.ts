@@ -4,7 +4,7 @@
  * @module
  */
 
-import { HashRing } from "../src/ring.ts";
+import { HashRing } from "../src/ring/ring.ts";
 
 const encoder = new TextEncoder();
 

@@ -9,8 +9,8 @@
 
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { HashRing, ketamaDigestCount, type RingServer } from "../src/ring.ts";
-import { RouteCache } from "../src/route_cache.ts";
+import { HashRing, ketamaDigestCount, type RingServer } from "../src/ring/ring.ts";
+import { RouteCache } from "../src/ring/route_cache.ts";
 
 const encoder = new TextEncoder();
 

@@ -5,7 +5,7 @@
  */
 
 import assert from "node:assert/strict";
-import { RouteCache } from "../src/route_cache.ts";
+import { RouteCache } from "../src/ring/route_cache.ts";
 
 const encoder = new TextEncoder();
 

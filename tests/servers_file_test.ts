@@ -7,7 +7,7 @@ import {
   parseServers,
   readServersFile,
   type ServerSpec,
-} from "../src/servers_file.ts";
+} from "../src/config/servers_file.ts";
 
 const FILE = "servers.conf";
 

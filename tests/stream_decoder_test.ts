@@ -1,7 +1,11 @@
 import assert from "node:assert/strict";
-import { DROP, IngestCounters } from "../src/counters.ts";
+import { DROP, IngestCounters } from "../src/ingest/counters.ts";
 import { binary, binarySet, concat, enc, type Frame, framesOf, latin1 } from "./frames.ts";
-import { decodeStream, StreamDecoder, type StreamDecoderOptions } from "../src/stream_decoder.ts";
+import {
+  decodeStream,
+  StreamDecoder,
+  type StreamDecoderOptions,
+} from "../src/ingest/stream_decoder.ts";
 
 interface Fed {
   frames: Frame[];

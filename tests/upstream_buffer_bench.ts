@@ -13,12 +13,12 @@
  * @module
  */
 
-import { IngestCounters } from "../src/counters.ts";
-import { HashRing } from "../src/ring.ts";
-import { Router } from "../src/router.ts";
-import { StreamDecoder } from "../src/stream_decoder.ts";
-import { Upstream } from "../src/upstream.ts";
-import { UpstreamBuffer } from "../src/upstream_buffer.ts";
+import { IngestCounters } from "../src/ingest/counters.ts";
+import { HashRing } from "../src/ring/ring.ts";
+import { Router } from "../src/routing/router.ts";
+import { StreamDecoder } from "../src/ingest/stream_decoder.ts";
+import { Upstream } from "../src/upstream/upstream.ts";
+import { UpstreamBuffer } from "../src/upstream/upstream_buffer.ts";
 import { buildRun, type MetricRun } from "../scripts/bench_payload.ts";
 
 const READ_SIZE = 65536;

@@ -7,9 +7,9 @@
  * @module
  */
 
-import type { FrameBatch } from "./frame_batch.ts";
-import type { HashRing } from "./ring.ts";
-import type { Upstream } from "./upstream.ts";
+import type { FrameBatch } from "../ingest/frame_batch.ts";
+import type { HashRing } from "../ring/ring.ts";
+import type { Upstream } from "../upstream/upstream.ts";
 
 /** Options of {@linkcode Router}. */
 export interface RouterOptions {

@@ -10,9 +10,9 @@
  * @module
  */
 
-import { DROP_REASONS, IngestCounters } from "./counters.ts";
-import { DatagramDecoder } from "./datagram_decoder.ts";
-import type { Proxy } from "./proxy.ts";
+import { DROP_REASONS, IngestCounters } from "../ingest/counters.ts";
+import { DatagramDecoder } from "../ingest/datagram_decoder.ts";
+import type { Proxy } from "../proxy.ts";
 
 /** Options of {@linkcode SelfReport}. */
 export interface SelfReportOptions {

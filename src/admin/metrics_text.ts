@@ -6,9 +6,9 @@
  * @module
  */
 
-import { DROP_REASONS, type IngestCounters } from "./counters.ts";
-import type { Proxy } from "./proxy.ts";
-import { VERSION } from "./version.ts";
+import { DROP_REASONS, type IngestCounters } from "../ingest/counters.ts";
+import type { Proxy } from "../proxy.ts";
+import { VERSION } from "../version.ts";
 
 type Labels = Record<string, string>;
 

@@ -6,8 +6,8 @@
  * @module
  */
 
-import type { ProxyConfig } from "./config.ts";
-import { HashRing } from "./ring.ts";
+import type { ProxyConfig } from "../config/config.ts";
+import { HashRing } from "../ring/ring.ts";
 
 /** The summary `check` prints for a valid configuration. */
 export function checkSummary(config: ProxyConfig): string {

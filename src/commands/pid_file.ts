@@ -13,7 +13,7 @@
  * @module
  */
 
-import { describeReadError } from "./errors.ts";
+import { describeReadError } from "../errors.ts";
 
 /** The pid file could not be taken (not because another proxy holds it). */
 export class PidFileError extends Error {

@@ -6,15 +6,15 @@
  * @module
  */
 
-import { AdminServer } from "./admin_server.ts";
-import { type ConfigOverrides, loadConfig, type ProxyConfig } from "./config.ts";
-import { logger, setupLogging } from "./log.ts";
+import { AdminServer } from "../admin/admin_server.ts";
+import { type ConfigOverrides, loadConfig, type ProxyConfig } from "../config/config.ts";
+import { errorText } from "../errors.ts";
+import { logger, setupLogging } from "../log.ts";
 import { PidFile } from "./pid_file.ts";
-import { Proxy, type ReloadReport } from "./proxy.ts";
-import { SelfReport } from "./self_report.ts";
-import { SummaryLog } from "./summary_log.ts";
-import { errorText } from "./upstream.ts";
-import { VERSION } from "./version.ts";
+import { Proxy, type ReloadReport } from "../proxy.ts";
+import { SelfReport } from "../admin/self_report.ts";
+import { SummaryLog } from "../admin/summary_log.ts";
+import { VERSION } from "../version.ts";
 
 const log = logger("main");
 

@@ -11,7 +11,7 @@
  * @module
  */
 
-import type { HashRing } from "./ring.ts";
+import type { HashRing } from "../ring/ring.ts";
 
 const TAB = 9;
 const NEWLINE = 10;

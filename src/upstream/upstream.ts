@@ -16,7 +16,8 @@
  * @module
  */
 
-import { logger } from "./log.ts";
+import { errorText } from "../errors.ts";
+import { logger } from "../log.ts";
 import { UpstreamBuffer } from "./upstream_buffer.ts";
 
 const log = logger("upstream");
@@ -324,10 +325,4 @@ export class Upstream {
       this.#interrupt = done;
     });
   }
-}
-
-/** One-line text of an error, without a stack. */
-export function errorText(err: unknown): string {
-  if (err instanceof Error) return err.message;
-  return String(err);
 }

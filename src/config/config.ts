@@ -25,7 +25,7 @@
 import { dirname, isAbsolute, join } from "node:path";
 // @ts-types="@types/ini"
 import ini from "ini";
-import { ConfigError, describeReadError, UsageError } from "./errors.ts";
+import { ConfigError, describeReadError, UsageError } from "../errors.ts";
 import { isValidHost, readServersFile, type ServerSpec } from "./servers_file.ts";
 
 /**

@@ -9,8 +9,8 @@
  */
 
 import { parseArgs } from "node:util";
-import type { ConfigOverrides } from "./config.ts";
-import { UsageError } from "./errors.ts";
+import type { ConfigOverrides } from "../config/config.ts";
+import { UsageError } from "../errors.ts";
 
 /** The commands of the CLI. */
 export const COMMANDS = ["run", "check", "route"] as const;

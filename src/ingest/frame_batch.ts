@@ -131,6 +131,15 @@ export class FrameBatch {
   }
 }
 
+/**
+ * Where a listener hands each decoded batch: the router, in the running
+ * proxy. Ingest knows nothing of rings or upstreams.
+ */
+export interface BatchSink {
+  /** Takes every frame of `batch`; the batch is only valid during the call. */
+  route(batch: FrameBatch): void;
+}
+
 /** Default longest ascii line (without its `\n`) or binary frame, in bytes. */
 export const DEFAULT_MAX_LINE_BYTES = 65536;
 

@@ -8,9 +8,9 @@
  */
 
 import type { IngestCounters } from "./counters.ts";
+import type { BatchSink } from "./frame_batch.ts";
 import { decodeDatagrams } from "./datagram_decoder.ts";
-import { listenError } from "./errors.ts";
-import type { Router } from "./router.ts";
+import { listenError } from "../errors.ts";
 
 /** Options of {@linkcode UdpListener.listen}. */
 export interface UdpListenerOptions {
@@ -19,7 +19,7 @@ export interface UdpListenerOptions {
   /** Port to bind; 0 picks a free one. */
   port: number;
   /** Where decoded metrics go. */
-  router: Router;
+  sink: BatchSink;
   /** Counters of UDP input. */
   counters: IngestCounters;
   /** Longest line accepted. */
@@ -55,11 +55,11 @@ export class UdpListener {
   }
 
   async #receive(options: UdpListenerOptions): Promise<void> {
-    const { router, counters, maxLineBytes } = options;
+    const { sink, counters, maxLineBytes } = options;
     while (true) {
       try {
         for await (const batch of decodeDatagrams(this.#conn, { counters, maxLineBytes })) {
-          router.route(batch);
+          sink.route(batch);
         }
         return; // closed
       } catch {

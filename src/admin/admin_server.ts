@@ -9,11 +9,11 @@
  * @module
  */
 
-import { listenError } from "./errors.ts";
-import { logger } from "./log.ts";
+import { listenError } from "../errors.ts";
+import { logger } from "../log.ts";
 import { renderMetrics } from "./metrics_text.ts";
-import { formatAddr, type Proxy } from "./proxy.ts";
-import { VERSION } from "./version.ts";
+import { formatAddr, type Proxy } from "../proxy.ts";
+import { VERSION } from "../version.ts";
 
 const log = logger("admin");
 const encoder = new TextEncoder();

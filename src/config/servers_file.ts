@@ -20,7 +20,7 @@
  * @module
  */
 
-import { ConfigError, describeReadError } from "./errors.ts";
+import { ConfigError, describeReadError } from "../errors.ts";
 
 /** The largest weight a server may have: 2^31 - 1. */
 export const MAX_WEIGHT = 2147483647;

@@ -10,8 +10,8 @@
  */
 
 import type { IngestCounters } from "./counters.ts";
-import { listenError } from "./errors.ts";
-import type { Router } from "./router.ts";
+import type { BatchSink } from "./frame_batch.ts";
+import { listenError } from "../errors.ts";
 import { decodeStream } from "./stream_decoder.ts";
 
 /** Options of {@linkcode TcpListener.listen}. */
@@ -21,7 +21,7 @@ export interface TcpListenerOptions {
   /** Port to bind; 0 picks a free one. */
   port: number;
   /** Where decoded metrics go. */
-  router: Router;
+  sink: BatchSink;
   /** Counters of TCP input. */
   counters: IngestCounters;
   /** Longest line or frame accepted. */
@@ -86,13 +86,13 @@ export class TcpListener {
   }
 
   async #serve(conn: Deno.TcpConn): Promise<void> {
-    const { router, counters, maxLineBytes } = this.#options;
+    const { sink, counters, maxLineBytes } = this.#options;
     this.#conns.add(conn);
     this.connections.open++;
     this.connections.total++;
     try {
       for await (const batch of decodeStream(conn, { counters, maxLineBytes })) {
-        router.route(batch);
+        sink.route(batch);
       }
     } catch {
       // A reset connection or one closed by shutdown: what was read is routed.

@@ -6,9 +6,9 @@
  * @module
  */
 
-import { DROP_REASONS, type IngestCounters } from "./counters.ts";
-import { logger } from "./log.ts";
-import type { Upstream } from "./upstream.ts";
+import { DROP_REASONS, type IngestCounters } from "../ingest/counters.ts";
+import { logger } from "../log.ts";
+import type { Upstream } from "../upstream/upstream.ts";
 
 const log = logger("summary");
 
