@@ -248,7 +248,7 @@ Deno.test("a corrupt binary frame closes only its own tcp connection", async () 
       proxy.tcpPort,
       concat(bytes("first:1|c\n"), corrupt, bytes("after.corrupt:1|c\n")),
     );
-    await proxy.waitForLog(/tcp: dropped 1 bad inputs \(corrupt 1\)/);
+    await proxy.waitForLog(/tcp: dropped 1 bad input \(corrupt 1\)/);
     await other.write(bytes("other.after:1|c\n"));
     other.close();
     await assertRouted(proxy, servers, ["other.before:1|c", "first:1|c", "other.after:1|c"]);
@@ -437,7 +437,7 @@ Deno.test("many concurrent tcp clients are served, and one leaving mid-line harm
     });
     await Promise.all(clients);
     await assertRouted(proxy, servers, expected);
-    await proxy.waitForLog(/tcp: dropped 1 bad inputs \(partial 1\)/);
+    await proxy.waitForLog(/tcp: dropped 1 bad input \(partial 1\)/);
   } finally {
     await tearDown();
   }
@@ -452,7 +452,7 @@ Deno.test("a corrupt binary frame in a datagram drops only the rest of that data
       concat(bytes("dgram.before:1|c\n"), corrupt, bytes("\ndgram.lost:1|c\n")),
       bytes("dgram.next:1|c"),
     );
-    await proxy.waitForLog(/udp: dropped 1 bad inputs \(corrupt 1\)/);
+    await proxy.waitForLog(/udp: dropped 1 bad input \(corrupt 1\)/);
     await assertRouted(proxy, servers, ["dgram.before:1|c", "dgram.next:1|c"]);
   } finally {
     await tearDown();

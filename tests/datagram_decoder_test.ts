@@ -118,6 +118,70 @@ Deno.test("DatagramDecoder drops and counts invalid lines without harming their 
   });
 });
 
+Deno.test("DogStatsD service checks and events keep one routing key", async (t) => {
+  await t.step("a service check routes by its name, whatever its status", () => {
+    const lines = [
+      "_sc|db.up|0",
+      "_sc|db.up|2|d:1700000000|h:web-1|#env:prod,role:db|m:down: disk full",
+      "_sc|db.up|1|#k:v",
+    ];
+    const { frames, counters } = decode([enc(lines.join("\n"))]);
+    assert.deepEqual(frames, [lines.map((l) => asciiFrame(l, "db.up"))]);
+    assert.equal(counters.lines, 3);
+    assert.equal(counters.droppedTotal, 0);
+  });
+
+  await t.step(
+    "an event routes by its title, counted in bytes, code points or UTF-16 units",
+    () => {
+      const lines = [
+        "_e{5,4}:title|text",
+        "_e{8,9}:ti|tle:x|some text|d:1700000000|h:web|p:low|t:error|#k:v",
+        "_e{7,2}:d\u00e9ploy|ok", // UTF-8 bytes (Go, C)
+        "_e{6,2}:d\u00e9ploy|ok", // code points (Python)
+        "_e{3,2}:\u{1F600}x|ok", // UTF-16 units (Java, JavaScript): the emoji counts 2
+        "_e{2,2}:\u{1F600}x|ok", // code points: the emoji counts 1
+      ];
+      const { frames, counters } = decode([enc(lines.join("\n"))]);
+      assert.deepEqual(frames, [[
+        asciiFrame(lines[0], "title"),
+        asciiFrame(lines[1], "ti|tle:x"),
+        asciiFrame(lines[2], "d\u00e9ploy"),
+        asciiFrame(lines[3], "d\u00e9ploy"),
+        asciiFrame(lines[4], "\u{1F600}x"),
+        asciiFrame(lines[5], "\u{1F600}x"),
+      ]]);
+      assert.equal(counters.droppedTotal, 0);
+    },
+  );
+
+  await t.step("an underscore alone changes nothing for ordinary metrics", () => {
+    const { frames } = decode([enc("_internal.x:1|c\n_e:1|c\n_sc:1|g")]);
+    assert.deepEqual(frames, [[
+      asciiFrame("_internal.x:1|c", "_internal.x"),
+      asciiFrame("_e:1|c", "_e"),
+      asciiFrame("_sc:1|g", "_sc"),
+    ]]);
+  });
+
+  const bad: [string, string, keyof typeof DROP][] = [
+    ["a service check without a name", "_sc||0", "empty_name"],
+    ["a service check without a status", "_sc|db.up", "no_pipe"],
+    ["an event whose title length misses its |", "_e{3,4}:title|text", "bad_event"],
+    ["an event longer than its line", "_e{50,4}:title|text", "bad_event"],
+    ["an event without lengths", "_e{,}:title|text", "bad_event"],
+    ["an event without its colon", "_e{5,4}title|text", "bad_event"],
+    ["an event with an empty title", "_e{0,4}:|text", "empty_name"],
+  ];
+  for (const [name, line, reason] of bad) {
+    await t.step(`${name} is dropped as ${reason}`, () => {
+      const { frames, counters } = decode([enc(`a:1|c\n${line}\nb:2|c`)]);
+      assert.deepEqual(frames, [[asciiFrame("a:1|c", "a"), asciiFrame("b:2|c", "b")]]);
+      assert.deepEqual(dropped(counters), { [reason]: 1 });
+    });
+  }
+});
+
 Deno.test("DatagramDecoder drops the rest of a datagram after a bad binary frame", async (t) => {
   await t.step("a frame cut by the datagram's end is partial", () => {
     for (let k = 1; k < CONNS.length; k++) {

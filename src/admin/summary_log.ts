@@ -53,9 +53,9 @@ export class SummaryLog {
         last[i] = counters.dropped[i];
       });
       if (total > 0) {
-        log.warn("{transport}: dropped {count} bad inputs ({reasons}); sample {sample}", {
+        log.warn("{transport}: dropped {count} ({reasons}); sample {sample}", {
           transport: name,
-          count: total,
+          count: plural(total, "bad input"),
           reasons: parts.join(", "),
           sample: counters.sample ?? "-",
         });
@@ -88,4 +88,9 @@ export class SummaryLog {
   stop(): void {
     clearInterval(this.#timer);
   }
+}
+
+/** `1 bad input`, `2 bad inputs`. */
+export function plural(count: number, noun: string): string {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }

@@ -24,6 +24,8 @@ export const DROP_REASONS = [
   "partial",
   /** A binary frame with an unknown type or a key or member that is not NUL-terminated. */
   "corrupt",
+  /** A DogStatsD event (`_e{T,X}:TITLE|TEXT`) whose lengths do not match its title. */
+  "bad_event",
 ] as const;
 
 /** One of {@linkcode DROP_REASONS}. */
@@ -38,6 +40,7 @@ export const DROP = {
   too_long: 4,
   partial: 5,
   corrupt: 6,
+  bad_event: 7,
 } as const satisfies Record<DropReason, number>;
 
 /** Counters of one inbound transport (TCP or UDP). */

@@ -7,7 +7,9 @@
  *
  * Two wire formats are recognised, frame by frame, so one stream may mix them:
  *
- * - ascii (statsd / statsite): `name:value|type[|@rate]...` lines ended by `\n`;
+ * - ascii (statsd / statsite): `name:value|type[|@rate]...` lines ended by `\n`,
+ *   including DogStatsD's service checks (`_sc|NAME|STATUS...`, routed by
+ *   NAME) and events (`_e{T,X}:TITLE|TEXT...`, routed by TITLE);
  * - statsite binary: frames starting with the magic byte `0xAA`.
  *
  * @module
@@ -143,6 +145,31 @@ export interface BatchSink {
 /** Default longest ascii line (without its `\n`) or binary frame, in bytes. */
 export const DEFAULT_MAX_LINE_BYTES = 65536;
 
+const UNDERSCORE = 95;
+const PIPE = 124;
+
+/**
+ * Where a DogStatsD event's title of `length` ends, the title starting at
+ * `title`, or -1: the first end, counting `length` in bytes, in code points
+ * or in UTF-16 units, that falls on a `|` before `end`.
+ */
+function eventTitleEnd(buf: Uint8Array, title: number, end: number, length: number): number {
+  if (title + length < end && buf[title + length] === PIPE) return title + length;
+  // Code points, then UTF-16 units (a 4-byte sequence is two units).
+  for (let units = 1; units <= 2; units++) {
+    let i = title;
+    let counted = 0;
+    while (counted < length && i < end) {
+      const b = buf[i];
+      const size = b < 0x80 ? 1 : b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1;
+      counted += size === 4 ? units : 1;
+      i += size;
+    }
+    if (counted === length && i < end && buf[i] === PIPE) return i;
+  }
+  return -1;
+}
+
 /** Magic byte that starts a statsite binary frame. */
 export const BINARY_MAGIC = 0xaa;
 
@@ -251,7 +278,8 @@ export class FrameScanner {
           do b = view[++i]; while (b !== 124 && b !== 10);
           if (b === 124) {
             do b = view[++i]; while (b !== 10);
-            if (colon !== pos && i - pos <= max) {
+            // "_" may start a DogStatsD service check or event: line() decides.
+            if (colon !== pos && i - pos <= max && view[pos] !== UNDERSCORE) {
               batch.push(pos, i, pos, colon, 1);
               counters.lines++;
               pos = i + 1;
@@ -305,6 +333,15 @@ export class FrameScanner {
    */
   line(buf: Uint8Array, start: number, end: number, batch: FrameBatch): void {
     if (end - start > this.#max) return this.drop(DROP.too_long, buf, start, end);
+    if (buf[start] === UNDERSCORE && end - start >= 4) {
+      // "_sc|": a DogStatsD service check; "_e{": a DogStatsD event.
+      if (buf[start + 1] === 115 && buf[start + 2] === 99 && buf[start + 3] === PIPE) {
+        return this.#serviceCheck(buf, start, end, batch);
+      }
+      if (buf[start + 1] === 101 && buf[start + 2] === 123) {
+        return this.#event(buf, start, end, batch);
+      }
+    }
     let colon = start;
     while (colon < end && buf[colon] !== 58) colon++;
     if (colon === end) {
@@ -327,6 +364,46 @@ export class FrameScanner {
     const counters = this.#counters;
     counters.dropped[reason]++;
     if (counters.sample === undefined) counters.takeSample(DROP_REASONS[reason], buf, start, end);
+  }
+
+  /**
+   * A DogStatsD service check, `_sc|NAME|STATUS|...`: routed by NAME, so a
+   * check stays on one server whatever its status.
+   */
+  #serviceCheck(buf: Uint8Array, start: number, end: number, batch: FrameBatch): void {
+    const name = start + 4;
+    let pipe = name;
+    while (pipe < end && buf[pipe] !== PIPE) pipe++;
+    if (pipe === name) return this.drop(DROP.empty_name, buf, start, end);
+    if (pipe === end) return this.drop(DROP.no_pipe, buf, start, end);
+    batch.push(start, end, name, pipe, 1);
+    this.#counters.lines++;
+  }
+
+  /**
+   * A DogStatsD event, `_e{T,X}:TITLE|TEXT|...`: routed by TITLE, which is T
+   * long. Clients count T in bytes (Go, C), code points (Python) or UTF-16
+   * units (Java, JavaScript): the title ends where one of those counts meets
+   * a `|`, so an event routes by its title whichever client sent it.
+   */
+  #event(buf: Uint8Array, start: number, end: number, batch: FrameBatch): void {
+    let i = start + 3;
+    let titleLength = 0;
+    let digits = 0;
+    for (; i < end && buf[i] >= 48 && buf[i] <= 57 && digits < 9; i++, digits++) {
+      titleLength = titleLength * 10 + buf[i] - 48;
+    }
+    if (digits === 0 || buf[i] !== 44) return this.drop(DROP.bad_event, buf, start, end);
+    for (i++, digits = 0; i < end && buf[i] >= 48 && buf[i] <= 57; i++) digits++;
+    if (digits === 0 || buf[i] !== 125 || buf[i + 1] !== 58 || i + 1 >= end) {
+      return this.drop(DROP.bad_event, buf, start, end);
+    }
+    const title = i + 2;
+    if (titleLength === 0) return this.drop(DROP.empty_name, buf, start, end);
+    const titleEnd = eventTitleEnd(buf, title, end, titleLength);
+    if (titleEnd < 0) return this.drop(DROP.bad_event, buf, start, end);
+    batch.push(start, end, title, titleEnd, 1);
+    this.#counters.lines++;
   }
 
   #corrupt(buf: Uint8Array, pos: number, end: number): ScanStop {
