@@ -20,8 +20,46 @@ import { Router } from "./routing/router.ts";
 import { TcpListener } from "./ingest/tcp_listener.ts";
 import { UdpListener } from "./ingest/udp_listener.ts";
 import { Upstream } from "./upstream/upstream.ts";
+import type { Protocol, UpstreamConnection } from "./upstream/upstream_connection.ts";
 
 const log = logger("proxy");
+
+/**
+ * The account of one upstream connection: every line or frame routed to it,
+ * and where it went. `received = forwarded + dropped.buffer_full +
+ * dropped.shutdown + dropped.removed + held`, exactly.
+ */
+export interface ConnectionAccount {
+  /** The server's address, as written in the servers file. */
+  server: string;
+  /** The connection's protocol. */
+  protocol: Protocol;
+  /** Lines or frames routed to it. */
+  received: number;
+  /** Lines or frames wholly written to the server. */
+  forwarded: number;
+  /** Lines or frames dropped, by reason. */
+  dropped: { buffer_full: number; shutdown: number; removed: number };
+  /** Lines or frames still held. */
+  held: number;
+}
+
+/** The account of a connection, from its counters. */
+export function accountOf(connection: UpstreamConnection): ConnectionAccount {
+  const c = connection.counters;
+  return {
+    server: connection.address,
+    protocol: connection.protocol,
+    received: c.received,
+    forwarded: c.forwarded,
+    dropped: {
+      buffer_full: c.droppedBufferFull,
+      shutdown: c.droppedShutdown,
+      removed: c.droppedRemoved,
+    },
+    held: connection.held,
+  };
+}
 
 /** What a finished shutdown reports. */
 export interface ShutdownReport {
@@ -29,6 +67,11 @@ export interface ShutdownReport {
   undelivered: number;
   /** Per upstream address, the undelivered count (only those above zero). */
   byServer: Record<string, number>;
+  /**
+   * The account of every connection the proxy forwarded on, servers in
+   * force and servers removed by reloads alike.
+   */
+  accounts: ConnectionAccount[];
 }
 
 /** What a reload changed. */
@@ -84,8 +127,10 @@ export class Proxy {
   #udp: UdpListener | undefined;
   /** TCP listeners replaced by a reload whose client connections still run. */
   #retired = new Set<TcpListener>();
-  /** Upstreams removed by a reload, still flushing. */
-  #leaving = new Set<Promise<number>>();
+  /** Upstreams removed by a reload, and their drains. */
+  #leaving = new Map<Upstream, Promise<number>>();
+  /** Upstreams removed by a reload that finished draining: their accounts stay reported. */
+  #gone: Upstream[] = [];
   /** The bind address and port the TCP listener was made for (port 0: none). */
   #tcpBound: { host: string; port: number };
   /** The bind address and port the UDP listener was made for (port 0: none). */
@@ -205,10 +250,12 @@ export class Proxy {
     for (const upstream of upstreams) upstream.start();
     const deadline = Date.now() + next.drainTimeoutMs;
     for (const address of report.removed) {
-      const leaving = current.get(address)!.drain(deadline);
-      this.#leaving.add(leaving);
+      const upstream = current.get(address)!;
+      const leaving = upstream.drain(deadline, "removed");
+      this.#leaving.set(upstream, leaving);
       leaving.then((lost) => {
-        this.#leaving.delete(leaving);
+        this.#leaving.delete(upstream);
+        this.#gone.push(upstream);
         if (lost > 0) {
           log.error("removed server {address}: {count} held metrics could not be delivered", {
             address,
@@ -270,15 +317,17 @@ export class Proxy {
       ...[...this.#retired].map((l) => l.close()),
     ]);
     const deadline = Date.now() + this.#config.drainTimeoutMs;
-    const lost = await Promise.all(this.upstreams.map((u) => u.drain(deadline)));
-    await Promise.all([...this.#leaving]);
+    const lost = await Promise.all(this.upstreams.map((u) => u.drain(deadline, "shutdown")));
+    await Promise.all([...this.#leaving.values()]);
     const byServer: Record<string, number> = {};
     let undelivered = 0;
     lost.forEach((n, i) => {
       if (n > 0) byServer[this.upstreams[i].address] = n;
       undelivered += n;
     });
-    return { undelivered, byServer };
+    const accounts = [...this.#gone, ...this.upstreams]
+      .flatMap((u) => u.connections.map(accountOf));
+    return { undelivered, byServer, accounts };
   }
 }
 

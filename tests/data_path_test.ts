@@ -9,11 +9,13 @@ import assert from "node:assert/strict";
 import {
   bytes,
   concat,
+  metricsAccounts,
   ProxyProcess,
   RecordingServer,
   routeOf,
   sendTcp,
   sendUdp,
+  shutdownAccounts,
   sleep,
   waitUntil,
 } from "./harness.ts";
@@ -154,31 +156,39 @@ function equal(a: Uint8Array, b: Uint8Array): boolean {
   return a.length === b.length && a.every((v, i) => v === b[i]);
 }
 
-Deno.test("one tcp connection may mix ascii lines and binary frames", async () => {
+Deno.test("ascii and binary mixed on one client connection reach each server on separate connections", async () => {
   const { servers, proxy, byAddress, tearDown } = await setUp();
   try {
     const parts: Uint8Array[] = [];
-    const expected = new Map<string, Uint8Array[]>();
     const keys: string[] = [];
     for (let i = 0; i < 60; i++) {
       const key = `mix.k${i}`;
       keys.push(key);
-      const part = i % 2 === 0 ? bytes(`${key}:${i}|c\n`) : binary(3, key, i);
-      parts.push(part);
+      parts.push(i % 2 === 0 ? bytes(`${key}:${i}|c\n`) : binary(3, key, i));
     }
     const routes = await routeOf(`${proxy.dir}/servers.conf`, keys);
+    // Per server, the ascii lines and the binary frames, each in sending order.
+    const expected = new Map(
+      servers.map((s) => [s.address, { ascii: [] as Uint8Array[], binary: [] as Uint8Array[] }]),
+    );
     keys.forEach((key, i) => {
-      const list = expected.get(routes.get(key)!) ?? [];
-      list.push(parts[i]);
-      expected.set(routes.get(key)!, list);
+      const want = expected.get(routes.get(key)!)!;
+      (i % 2 === 0 ? want.ascii : want.binary).push(parts[i]);
     });
     await sendTcp(proxy.tcpPort, concat(...parts));
-    for (const [address, list] of expected) {
-      await byAddress.get(address)!.waitForBytes(concat(...list).length);
+    for (const [address, want] of expected) {
+      await byAddress.get(address)!.waitForBytes(concat(...want.ascii, ...want.binary).length);
     }
     await sleep(50);
     for (const server of servers) {
-      assert.deepEqual(server.received(), concat(...(expected.get(server.address) ?? [])));
+      const want = expected.get(server.address)!;
+      // The ascii connection opens at start; the binary one with the first binary frame.
+      const got = server.byConnection();
+      assert.equal(got.length, want.binary.length > 0 ? 2 : 1, `connections to ${server.address}`);
+      assert.deepEqual(got[0], concat(...want.ascii), `ascii connection of ${server.address}`);
+      if (want.binary.length > 0) {
+        assert.deepEqual(got[1], concat(...want.binary), `binary connection of ${server.address}`);
+      }
     }
   } finally {
     await tearDown();
@@ -300,6 +310,58 @@ Deno.test("an upstream killed and restarted mid-stream receives the rest", async
   }
 });
 
+Deno.test("with a flapping server, every metric stays accounted for at every moment", async () => {
+  const servers = [RecordingServer.start(), RecordingServer.start()];
+  const proxy = await ProxyProcess.start({
+    servers: servers.map((s) => s.address),
+    settings: { reconnect_min_ms: 10, reconnect_max_ms: 50 },
+    admin: true,
+  });
+  const flapper = servers[0];
+  try {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
+    let sent = 0;
+    let samples = 0;
+    for (let round = 0; round < 30; round++) {
+      const parts: Uint8Array[] = [];
+      for (let i = 0; i < 50; i++) {
+        const key = `flap.k${i}`;
+        parts.push(i % 5 === 0 ? binary(2, key, round) : bytes(`${key}:${round}|c\n`));
+      }
+      const chunk = concat(...parts);
+      for (let off = 0; off < chunk.length;) off += await conn.write(chunk.subarray(off));
+      sent += parts.length;
+      if (round % 5 === 0) await flapper.stop();
+      if (round % 5 === 2) flapper.listen();
+      // The identity is checked at every sample, whatever state the connections are in.
+      metricsAccounts(await proxy.metrics());
+      samples++;
+      await sleep(20);
+    }
+    conn.close();
+    // The last flap (round 27) left it listening.
+    await waitUntil(async () => {
+      const accounts = metricsAccounts(await proxy.metrics());
+      const received = [...accounts.values()].reduce((n, a) => n + a.received, 0);
+      return received === sent && [...accounts.values()].every((a) => a.held === 0);
+    }, () => "everything forwarded");
+    const accounts = metricsAccounts(await proxy.metrics());
+    for (const [name, a] of accounts) {
+      assert.equal(a.forwarded, a.received, `${name}: all forwarded`);
+    }
+    assert.equal(accounts.size, 4, "an ascii and a binary connection per server");
+    assert.ok(samples === 30);
+    assert.ok(
+      (await proxy.metrics()).get(
+        `statsite_proxy_upstream_reconnects_total{server="${flapper.address}",protocol="ascii"}`,
+      )! >= 3,
+    );
+  } finally {
+    await proxy.stop();
+    await Promise.all(servers.map((s) => s.stop()));
+  }
+});
+
 Deno.test("a full buffer for a down upstream drops new metrics and counts them", async () => {
   const down = RecordingServer.reserve();
   const proxy = await ProxyProcess.start({
@@ -315,24 +377,25 @@ Deno.test("a full buffer for a down upstream drops new metrics and counts them",
     );
     assert.equal(lines[0].length + 1, 32);
     await sendTcp(proxy.tcpPort, bytes(lines.map((l) => l + "\n").join("")));
-    await proxy.waitForLog(/dropped 1952 metrics \(buffer full\)/);
-    const metrics = (await proxy.admin("/metrics")).text;
-    const label = `server="${down.address}"`;
-    assert.match(
-      metrics,
-      new RegExp(
-        `^statsite_proxy_upstream_dropped_total\\{${label},reason="buffer_full"\\} 1952$`,
-        "m",
-      ),
-    );
-    assert.match(
-      metrics,
-      new RegExp(`^statsite_proxy_upstream_buffered_bytes\\{${label}\\} 65536$`, "m"),
-    );
+    await proxy.waitForLog(/holding 2048 metrics \(65536 bytes\); dropped 1952 \(buffer full\)/);
+    const label = `server="${down.address}",protocol="ascii"`;
+    const metric = async (name: string) => {
+      const text = (await proxy.admin("/metrics")).text;
+      const match = new RegExp(`^statsite_proxy_${name} (\\d+)$`, "m").exec(text);
+      assert.ok(match, `${name} in /metrics`);
+      return Number(match[1]);
+    };
+    assert.equal(await metric(`upstream_dropped_total{${label},reason="buffer_full"}`), 1952);
+    assert.equal(await metric(`upstream_buffered_bytes{${label}}`), 65536);
+    assert.equal(await metric(`upstream_received_total{${label}}`), 4000);
+    assert.equal(await metric(`upstream_held{${label}}`), 2048);
+    assert.equal(await metric(`upstream_forwarded_total{${label}}`), 0);
     down.listen();
     await down.waitForLines(2048);
     await sleep(100);
     assert.deepEqual(down.lines(), lines.slice(0, 2048));
+    assert.equal(await metric(`upstream_forwarded_total{${label}}`), 2048);
+    assert.equal(await metric(`upstream_held{${label}}`), 0);
   } finally {
     await proxy.stop();
     await down.stop();
@@ -459,7 +522,7 @@ Deno.test("a corrupt binary frame in a datagram drops only the rest of that data
   }
 });
 
-Deno.test("a server that stops reading never delays the others", async () => {
+Deno.test("a server that stops reading never delays the others, and every metric is accounted for", async () => {
   // A server that accepts connections and never reads from them.
   const stalled = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const held: Deno.Conn[] = [];
@@ -475,6 +538,7 @@ Deno.test("a server that stops reading never delays the others", async () => {
   const proxy = await ProxyProcess.start({
     servers: [stalledAddress, ...fine.map((s) => s.address)],
     settings: { max_buffer_bytes: 1048576, summary_interval_ms: 200, drain_timeout_ms: 300 },
+    admin: true,
   });
   try {
     // About 32 MB in all, a third of it for the stalled server: far more than its
@@ -493,7 +557,42 @@ Deno.test("a server that stops reading never delays the others", async () => {
       for (const line of want) assert.equal(counts.get(line), 4);
     }
     await proxy.waitForLog(
-      new RegExp(`${stalledAddress}: up; holding \\d+ bytes; dropped \\d+ metrics`),
+      new RegExp(
+        `${stalledAddress} \\(ascii\\): up; holding \\d+ metrics \\(\\d+ bytes\\); dropped \\d+`,
+      ),
+    );
+
+    // received = forwarded + dropped + held, exactly, for every connection.
+    const toStalled = 4 *
+      lines.filter((l) => routes.get(l.slice(0, l.indexOf(":"))) === stalledAddress)
+        .length;
+    const during = metricsAccounts(await proxy.metrics());
+    const stalledDuring = during.get(`${stalledAddress} ascii`)!;
+    assert.equal(stalledDuring.received, toStalled);
+    assert.ok(stalledDuring.bufferFull > 0, "the stalled server's buffer filled up");
+    assert.ok(stalledDuring.held > 0, "metrics are held for the stalled server");
+    assert.equal(
+      [...during.values()].reduce((n, a) => n + a.received, 0),
+      4 * lines.length,
+      "every line sent was routed to one connection",
+    );
+    for (const server of fine) {
+      const a = during.get(`${server.address} ascii`)!;
+      assert.equal(a.forwarded, a.received);
+    }
+
+    // At shutdown what is still held is dropped, counted, and the sums hold.
+    assert.equal(await proxy.stop(), 0);
+    const after = shutdownAccounts(proxy.stderr);
+    const stalledAfter = after.get(`${stalledAddress} ascii`)!;
+    assert.equal(stalledAfter.received, toStalled);
+    assert.equal(stalledAfter.bufferFull, stalledDuring.bufferFull);
+    assert.equal(stalledAfter.held, 0);
+    assert.ok(stalledAfter.shutdown > 0);
+    assert.ok(stalledAfter.forwarded >= stalledDuring.forwarded);
+    assert.match(
+      proxy.stderr,
+      new RegExp(`could not be delivered: ${stalledAddress} ${stalledAfter.shutdown}`),
     );
   } finally {
     await proxy.stop();

@@ -7,6 +7,7 @@
  * @module
  */
 
+import assert from "node:assert/strict";
 import { freePort } from "../scripts/free_port.ts";
 import { proxyArgs } from "../scripts/proxy_args.ts";
 
@@ -33,14 +34,14 @@ export function concat(...parts: Uint8Array[]): Uint8Array {
   return out;
 }
 
-/** Polls `check` every 10 ms until it returns true or `ms` pass. */
+/** Polls `check` every 10 ms until it returns (or resolves to) true, or `ms` pass. */
 export async function waitUntil(
-  check: () => boolean,
+  check: () => boolean | Promise<boolean>,
   what: () => string,
   ms = 10_000,
 ): Promise<void> {
   const deadline = Date.now() + ms;
-  while (!check()) {
+  while (!(await check())) {
     if (Date.now() > deadline) throw new Error(`timed out waiting: ${what()}`);
     await sleep(10);
   }
@@ -61,6 +62,8 @@ export class RecordingServer {
   #conns = new Set<Deno.Conn>();
   #tasks = new Set<Promise<void>>();
   #chunks: Uint8Array[] = [];
+  /** The chunks of each connection, in the order connections were accepted. */
+  #perConnection: Uint8Array[][] = [];
   #size = 0;
   #newlines = 0;
   #port: number;
@@ -108,6 +111,14 @@ export class RecordingServer {
     return all;
   }
 
+  /**
+   * What each connection received, in the order they were accepted
+   * (connections that received nothing included).
+   */
+  byConnection(): Uint8Array[] {
+    return this.#perConnection.map((chunks) => concat(...chunks));
+  }
+
   /** Everything received, as latin1 text (byte per char). */
   text(): string {
     return latin1.decode(this.received());
@@ -148,12 +159,15 @@ export class RecordingServer {
 
   async #read(conn: Deno.Conn): Promise<void> {
     const buf = new Uint8Array(256 * 1024);
+    const mine: Uint8Array[] = [];
+    this.#perConnection.push(mine);
     try {
       while (true) {
         const n = await conn.read(buf);
         if (n === null) break;
         const chunk = buf.slice(0, n);
         this.#chunks.push(chunk);
+        mine.push(chunk);
         this.#size += n;
         this.#newlines += countNewlines(chunk);
       }
@@ -346,6 +360,11 @@ export class ProxyProcess {
     return { status: response.status, text: await response.text() };
   }
 
+  /** GETs `/metrics`, parsed into `name{labels}` → value. */
+  async metrics(): Promise<Map<string, number>> {
+    return parseMetrics((await this.admin("/metrics")).text);
+  }
+
   /** Rewrites the servers file (entries as in {@linkcode ProxyStartOptions.servers}). */
   async writeServers(servers: ProxyStartOptions["servers"]): Promise<void> {
     await Deno.writeTextFile(`${this.dir}/servers.conf`, serversText(servers));
@@ -453,4 +472,85 @@ export async function routeOf(
     map.set(line.slice(0, tab), line.slice(tab + 1));
   }
   return map;
+}
+
+/** Parses Prometheus text into `name{labels}` → value. */
+export function parseMetrics(text: string): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const line of text.split("\n")) {
+    if (line === "" || line.startsWith("#")) continue;
+    const space = line.lastIndexOf(" ");
+    out.set(line.slice(0, space), Number(line.slice(space + 1)));
+  }
+  return out;
+}
+
+/** Where the lines or frames routed to one upstream connection went. */
+export interface Account {
+  received: number;
+  forwarded: number;
+  bufferFull: number;
+  shutdown: number;
+  removed: number;
+  held: number;
+}
+
+/**
+ * The account of every upstream connection in parsed `/metrics`, keyed by
+ * `SERVER PROTOCOL`, after checking that each adds up exactly:
+ * received = forwarded + dropped (every reason) + held.
+ */
+export function metricsAccounts(m: Map<string, number>): Map<string, Account> {
+  const out = new Map<string, Account>();
+  const p = "statsite_proxy_upstream_";
+  for (const [name, received] of m) {
+    const match = /^statsite_proxy_upstream_received_total\{(server="([^"]*)",protocol="(\w+)")\}$/
+      .exec(name);
+    if (match === null) continue;
+    const [, labels, server, protocol] = match;
+    const get = (metric: string, extra = "") => {
+      const value = m.get(`${p}${metric}{${labels}${extra}}`);
+      assert.ok(value !== undefined, `${p}${metric}{${labels}${extra}} in /metrics`);
+      return value;
+    };
+    const account: Account = {
+      received,
+      forwarded: get("forwarded_total"),
+      bufferFull: get("dropped_total", ',reason="buffer_full"'),
+      shutdown: get("dropped_total", ',reason="shutdown"'),
+      removed: get("dropped_total", ',reason="removed"'),
+      held: get("held"),
+    };
+    assertAddsUp(account, `${server} ${protocol} in /metrics`);
+    out.set(`${server} ${protocol}`, account);
+  }
+  return out;
+}
+
+/**
+ * The accounts the proxy logged at shutdown, keyed by `SERVER PROTOCOL`,
+ * after checking that each adds up exactly.
+ */
+export function shutdownAccounts(stderr: string): Map<string, Account> {
+  const out = new Map<string, Account>();
+  const pattern =
+    /shutdown: (\S+) \((\w+)\): received (\d+) = forwarded (\d+) \+ dropped (\d+) \(buffer_full (\d+), shutdown (\d+), removed (\d+)\) \+ held (\d+)/g;
+  for (const m of stderr.matchAll(pattern)) {
+    const [received, forwarded, dropped, bufferFull, shutdown, removed, held] = m.slice(3).map(
+      Number,
+    );
+    assert.equal(dropped, bufferFull + shutdown + removed, `dropped of ${m[1]} ${m[2]}`);
+    const account = { received, forwarded, bufferFull, shutdown, removed, held };
+    assertAddsUp(account, `${m[1]} ${m[2]} at shutdown`);
+    out.set(`${m[1]} ${m[2]}`, account);
+  }
+  return out;
+}
+
+function assertAddsUp(a: Account, what: string): void {
+  assert.equal(
+    a.received,
+    a.forwarded + a.bufferFull + a.shutdown + a.removed + a.held,
+    `${what}: received ${a.received} = forwarded ${a.forwarded} + buffer_full ${a.bufferFull} + shutdown ${a.shutdown} + removed ${a.removed} + held ${a.held}`,
+  );
 }

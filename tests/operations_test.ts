@@ -8,27 +8,20 @@
 import assert from "node:assert/strict";
 import {
   bytes,
+  concat,
   freePort,
+  metricsAccounts,
+  parseMetrics,
   ProxyProcess,
   RecordingServer,
   routeOf,
   runMain,
   sendTcp,
   sendUdp,
+  shutdownAccounts,
   sleep,
   waitUntil,
 } from "./harness.ts";
-
-/** Parses Prometheus text into `name{labels}` → value. */
-function parseMetrics(text: string): Map<string, number> {
-  const out = new Map<string, number>();
-  for (const line of text.split("\n")) {
-    if (line === "" || line.startsWith("#")) continue;
-    const space = line.lastIndexOf(" ");
-    out.set(line.slice(0, space), Number(line.slice(space + 1)));
-  }
-  return out;
-}
 
 function keyOf(line: string): string {
   return line.slice(0, line.indexOf(":"));
@@ -81,25 +74,29 @@ Deno.test("/health and /metrics reflect real traffic, drops and a dead upstream"
       assert.equal(m.get(`${p}invalid_total{transport="tcp",reason="empty_name"}`), 1);
       assert.equal(m.get(`${p}invalid_total{transport="udp",reason="no_pipe"}`), 1);
       assert.equal(m.get(`${p}tcp_connections_total`), 1);
-      assert.equal(m.get(`${p}upstream_up{server="${down.address}"}`), 0);
+      const ascii = (server: RecordingServer) => `{server="${server.address}",protocol="ascii"}`;
+      assert.equal(m.get(`${p}upstream_up${ascii(down)}`), 0);
       const heldBytes = toDown.reduce((n, l) => n + l.length + 1, 0);
-      assert.equal(m.get(`${p}upstream_buffered_bytes{server="${down.address}"}`), heldBytes);
+      assert.equal(m.get(`${p}upstream_buffered_bytes${ascii(down)}`), heldBytes);
+      assert.equal(m.get(`${p}upstream_held${ascii(down)}`), toDown.length);
       for (const server of up) {
         const want = lines.filter((l) => routes.get(keyOf(l)) === server.address);
-        assert.equal(m.get(`${p}upstream_up{server="${server.address}"}`), 1);
+        assert.equal(m.get(`${p}upstream_up${ascii(server)}`), 1);
+        assert.equal(m.get(`${p}upstream_forwarded_total${ascii(server)}`), want.length);
         assert.equal(
-          m.get(`${p}upstream_forwarded_lines_total{server="${server.address}"}`),
-          want.length,
-        );
-        assert.equal(
-          m.get(`${p}upstream_sent_bytes_total{server="${server.address}"}`),
+          m.get(`${p}upstream_sent_bytes_total${ascii(server)}`),
           want.reduce((n, l) => n + l.length + 1, 0),
         );
-        assert.equal(m.get(`${p}upstream_buffered_bytes{server="${server.address}"}`), 0);
+        assert.equal(m.get(`${p}upstream_buffered_bytes${ascii(server)}`), 0);
       }
+      // Only ascii was sent: no binary connection was opened.
+      assert.equal([...m.keys()].filter((k) => k.includes('protocol="binary"')).length, 0);
+      const accounts = metricsAccounts(m);
+      assert.equal(accounts.size, 3);
+      assert.equal([...accounts.values()].reduce((n, a) => n + a.received, 0), 300);
       assert.equal(m.get(`${p}ring_servers`), 3);
       assert.equal(m.get(`${p}ring_points`), 480);
-      assert.ok((m.get(`${p}upstream_failures_total{server="${down.address}"}`) ?? 0) >= 1);
+      assert.ok((m.get(`${p}upstream_failures_total${ascii(down)}`) ?? 0) >= 1);
     });
 
     await t.step("/health shows the dead upstream and answers 200 while one is up", async () => {
@@ -111,6 +108,8 @@ Deno.test("/health and /metrics reflect real traffic, drops and a dead upstream"
       assert.equal(dead.connected, false);
       assert.ok(dead.buffered_bytes > 0);
       assert.ok(Date.parse(dead.down_since) <= Date.now());
+      assert.deepEqual(dead.connections.map((c: { protocol: string }) => c.protocol), ["ascii"]);
+      assert.equal(dead.connections[0].held, toDown.length);
       assert.equal(h.upstreams.filter((u: { connected: boolean }) => u.connected).length, 2);
     });
 
@@ -123,6 +122,38 @@ Deno.test("/health and /metrics reflect real traffic, drops and a dead upstream"
       }
       assert.equal((await proxy.admin("/route")).status, 400);
       assert.equal((await proxy.admin("/nothing")).status, 404);
+    });
+
+    await t.step("/route and the route command agree on keys that are not UTF-8", async () => {
+      const keys = [[0xff, 0xfe], [0xc3, 0x28], [0x80], [0xfe, 0x41], [0x61, 0xff, 0x62], [0xe9]]
+        .map((k) => new Uint8Array(k));
+      // The route command reads keys from standard input byte for byte.
+      const input = concat(...keys.flatMap((k) => [k, new Uint8Array([10])]));
+      const cli = await runMain(["route", "--servers", `${proxy.dir}/servers.conf`], {
+        stdin: input,
+      });
+      assert.equal(cli.code, 0);
+      const servers = cli.stdout.trimEnd().split("\n").map((l) => l.slice(l.lastIndexOf("\t") + 1));
+      assert.equal(servers.length, keys.length);
+      let differsFromLossy = 0;
+      for (const [i, key] of keys.entries()) {
+        const query = [...key].map((b) => "%" + b.toString(16).toUpperCase().padStart(2, "0"))
+          .join("");
+        const { status, text } = await proxy.admin(`/route?key=${query}`);
+        assert.equal(status, 200);
+        const answer = JSON.parse(text);
+        assert.equal(answer.server, servers[i], `key ${query}`);
+        assert.equal(answer.key_hex, [...key].map((b) => b.toString(16).padStart(2, "0")).join(""));
+        // Decoding the bytes as text first (U+FFFD) would route another key.
+        const lossy = new TextDecoder().decode(key);
+        const [viaText] = (await routeOf(`${proxy.dir}/servers.conf`, [lossy])).values();
+        if (viaText !== servers[i]) differsFromLossy++;
+      }
+      assert.ok(differsFromLossy > 0, "some key routes differently once mangled to U+FFFD");
+      // "+" is a space in a query; "%2B" is a "+".
+      const plus = JSON.parse((await proxy.admin("/route?key=a+b%2Bc")).text);
+      assert.equal(plus.key, "a b+c");
+      assert.equal(plus.key_hex, undefined);
     });
 
     await t.step("/health answers 503 when no upstream is connected", async () => {
@@ -188,8 +219,23 @@ Deno.test("SIGHUP with a changed servers file moves exactly the keys route says"
     }
     const m = parseMetrics((await proxy.admin("/metrics")).text);
     assert.equal(m.get("statsite_proxy_reloads_total"), 1);
-    assert.equal(m.get(`statsite_proxy_upstream_up{server="${d.address}"}`), 1);
-    assert.equal(m.get(`statsite_proxy_upstream_up{server="${c.address}"}`), undefined);
+    assert.equal(m.get(`statsite_proxy_upstream_up{server="${d.address}",protocol="ascii"}`), 1);
+    assert.equal(
+      m.get(`statsite_proxy_upstream_up{server="${c.address}",protocol="ascii"}`),
+      undefined,
+    );
+    // The removed server's account stays in the shutdown report.
+    assert.equal(await proxy.stop(), 0);
+    const accounts = shutdownAccounts(proxy.stderr);
+    const toC = keys.filter((k) => before.get(k) === c.address).length;
+    assert.deepEqual(accounts.get(`${c.address} ascii`), {
+      received: toC,
+      forwarded: toC,
+      bufferFull: 0,
+      shutdown: 0,
+      removed: 0,
+      held: 0,
+    });
   } finally {
     await proxy.stop();
     await Promise.all([a, b, c, d].map((s) => s.stop()));

@@ -18,7 +18,7 @@ import { HashRing } from "../src/ring/ring.ts";
 import { Router } from "../src/routing/router.ts";
 import { StreamDecoder } from "../src/ingest/stream_decoder.ts";
 import { Upstream } from "../src/upstream/upstream.ts";
-import { UpstreamBuffer } from "../src/upstream/upstream_buffer.ts";
+import { ByteBudget, UpstreamBuffer } from "../src/upstream/upstream_buffer.ts";
 import { buildRun, type MetricRun } from "../scripts/bench_payload.ts";
 
 const READ_SIZE = 65536;
@@ -47,7 +47,7 @@ function appendAll(buffer: UpstreamBuffer, run: MetricRun, count: number, newlin
   }
 }
 
-const buffer = new UpstreamBuffer({ maxBytes: 64 * 1024 * 1024 });
+const buffer = new UpstreamBuffer({ budget: new ByteBudget(64 * 1024 * 1024) });
 
 Deno.bench(
   `UpstreamBuffer.append: 64 KiB of ascii lines (${ascii.count} lines), then drain`,

@@ -17,6 +17,42 @@ import { VERSION } from "../version.ts";
 
 const log = logger("admin");
 const encoder = new TextEncoder();
+const lossy = new TextDecoder();
+
+/**
+ * The raw bytes of query parameter `name` in `search` (`?a=1&key=%FF%FE`):
+ * `%XX` decoded to the byte XX and `+` to a space, as in a form, but never
+ * through a text decoding, so a key that is not UTF-8 keeps its bytes and
+ * routes as `statsite-proxy route` routes them. `undefined` when absent.
+ */
+export function queryBytes(search: string, name: string): Uint8Array | undefined {
+  for (const pair of search.replace(/^\?/, "").split("&")) {
+    const equals = pair.indexOf("=");
+    const key = equals < 0 ? pair : pair.slice(0, equals);
+    if (key !== name) continue;
+    const value = equals < 0 ? "" : pair.slice(equals + 1);
+    const out: number[] = [];
+    for (let i = 0; i < value.length; i++) {
+      const c = value[i];
+      const hexPair = value.slice(i + 1, i + 3);
+      if (c === "%" && /^[0-9A-Fa-f]{2}$/.test(hexPair)) {
+        out.push(parseInt(hexPair, 16));
+        i += 2;
+      } else if (c === "+") {
+        out.push(32);
+      } else {
+        // URL.search is already percent-encoded ASCII, but be exact anyway.
+        for (const b of encoder.encode(c)) out.push(b);
+      }
+    }
+    return new Uint8Array(out);
+  }
+  return undefined;
+}
+
+function hex(bytes: Uint8Array): string {
+  return [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
 
 /** Options of {@linkcode AdminServer.start}. */
 export interface AdminServerOptions {
@@ -30,11 +66,19 @@ export interface AdminServerOptions {
 
 /** The health document of `GET /health`. */
 export function health(proxy: Proxy): { status: number; body: unknown } {
+  const since = (ms: number) => ms === 0 ? null : new Date(ms).toISOString();
   const upstreams = proxy.upstreams.map((u) => ({
     address: u.address,
     connected: u.connected,
     buffered_bytes: u.bufferedBytes,
-    down_since: u.downSince === 0 ? null : new Date(u.downSince).toISOString(),
+    down_since: since(u.downSince),
+    connections: u.connections.map((c) => ({
+      protocol: c.protocol,
+      connected: c.connected,
+      buffered_bytes: c.bufferedBytes,
+      held: c.held,
+      down_since: since(c.downSince),
+    })),
   }));
   const anyUp = upstreams.some((u) => u.connected);
   return {
@@ -75,12 +119,14 @@ export function handleAdmin(proxy: Proxy, request: Request): Response {
         headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" },
       });
     case "/route": {
-      const key = url.searchParams.get("key");
-      if (key === null) return json(400, { error: "missing ?key=NAME" });
+      const bytes = queryBytes(url.search, "key");
+      if (bytes === undefined) return json(400, { error: "missing ?key=NAME" });
       const ring = proxy.router.ring;
-      const bytes = encoder.encode(key);
       const server = ring.servers[ring.lookup(bytes, 0, bytes.length)].address;
-      return json(200, { key, server });
+      const key = lossy.decode(bytes);
+      // A key that is not UTF-8 cannot be shown exactly as text: give its bytes too.
+      const exact = encoder.encode(key).length === bytes.length && !key.includes("\uFFFD");
+      return json(200, exact ? { key, server } : { key, key_hex: hex(bytes), server });
     }
     default:
       return json(404, {

@@ -8,6 +8,7 @@
 
 import { DROP_REASONS, type IngestCounters } from "../ingest/counters.ts";
 import type { Proxy } from "../proxy.ts";
+import type { UpstreamConnection } from "../upstream/upstream_connection.ts";
 import { VERSION } from "../version.ts";
 
 type Labels = Record<string, string>;
@@ -78,70 +79,76 @@ export function renderMetrics(proxy: Proxy): string {
   out.family("tcp_connections_total", "counter", "TCP client connections accepted.")
     .sample("tcp_connections_total", {}, proxy.tcpConnectionsTotal);
 
-  const upstreams = proxy.upstreams;
-  const perServer = (
+  const connections = proxy.upstreams.flatMap((u) => u.connections);
+  const perConnection = (
     name: string,
     type: "counter" | "gauge",
     help: string,
-    value: (u: typeof upstreams[number]) => number,
+    value: (c: UpstreamConnection) => number,
   ) => {
     out.family(name, type, help);
-    for (const u of upstreams) out.sample(name, { server: u.address }, value(u));
+    for (const c of connections) {
+      out.sample(name, { server: c.address, protocol: c.protocol }, value(c));
+    }
   };
-  perServer(
+  perConnection(
     "upstream_up",
     "gauge",
-    "1 while connected to the server, else 0.",
-    (u) => u.connected ? 1 : 0,
+    "1 while the connection to the server is up, else 0.",
+    (c) => c.connected ? 1 : 0,
   );
-  perServer(
-    "upstream_forwarded_lines_total",
+  perConnection(
+    "upstream_received_total",
     "counter",
-    "Ascii lines written to the server.",
-    (u) => u.counters.lines,
+    "Lines (ascii) or frames (binary) routed to the server.",
+    (c) => c.counters.received,
   );
-  perServer(
-    "upstream_forwarded_frames_total",
+  perConnection(
+    "upstream_forwarded_total",
     "counter",
-    "Binary frames written to the server.",
-    (u) => u.counters.frames,
+    "Lines (ascii) or frames (binary) wholly written to the server.",
+    (c) => c.counters.forwarded,
   );
-  perServer(
-    "upstream_sent_bytes_total",
+  out.family(
+    "upstream_dropped_total",
     "counter",
-    "Bytes written to the server.",
-    (u) => u.counters.bytes,
+    "Lines or frames for the server dropped, by reason.",
   );
-  out.family("upstream_dropped_total", "counter", "Metrics for the server dropped, by reason.");
-  for (const u of upstreams) {
-    out.sample(
-      "upstream_dropped_total",
-      { server: u.address, reason: "buffer_full" },
-      u.counters.droppedBufferFull,
-    );
-    out.sample(
-      "upstream_dropped_total",
-      { server: u.address, reason: "shutdown" },
-      u.counters.droppedShutdown,
-    );
+  for (const c of connections) {
+    const labels = (reason: string) => ({ server: c.address, protocol: c.protocol, reason });
+    out.sample("upstream_dropped_total", labels("buffer_full"), c.counters.droppedBufferFull);
+    out.sample("upstream_dropped_total", labels("shutdown"), c.counters.droppedShutdown);
+    out.sample("upstream_dropped_total", labels("removed"), c.counters.droppedRemoved);
   }
-  perServer(
+  perConnection(
+    "upstream_held",
+    "gauge",
+    "Lines or frames held for the server: received, not yet forwarded or dropped.",
+    (c) => c.held,
+  );
+  perConnection(
     "upstream_buffered_bytes",
     "gauge",
     "Bytes held for the server, waiting to be written.",
-    (u) => u.bufferedBytes,
+    (c) => c.bufferedBytes,
   );
-  perServer(
+  perConnection(
+    "upstream_sent_bytes_total",
+    "counter",
+    "Bytes written to the server.",
+    (c) => c.counters.bytes,
+  );
+  perConnection(
     "upstream_reconnects_total",
     "counter",
     "Connections to the server made after the first.",
-    (u) => u.counters.reconnects,
+    (c) => c.counters.reconnects,
   );
-  perServer(
+  perConnection(
     "upstream_failures_total",
     "counter",
     "Failed connection attempts and broken connections.",
-    (u) => u.counters.failures,
+    (c) => c.counters.failures,
   );
 
   const ring = proxy.router.ring;

@@ -13,6 +13,7 @@
 import { DROP_REASONS, IngestCounters } from "../ingest/counters.ts";
 import { DatagramDecoder } from "../ingest/datagram_decoder.ts";
 import type { Proxy } from "../proxy.ts";
+import type { UpstreamConnection } from "../upstream/upstream_connection.ts";
 
 /** Options of {@linkcode SelfReport}. */
 export interface SelfReportOptions {
@@ -65,11 +66,13 @@ export class SelfReport {
     gauge("tcp.connections_open", proxy.tcpConnectionsOpen);
     for (const u of proxy.upstreams) {
       const name = `upstream.${metricSafe(u.address)}`;
-      counter(`${name}.lines`, u.counters.lines);
-      counter(`${name}.frames`, u.counters.frames);
-      counter(`${name}.bytes`, u.counters.bytes);
-      counter(`${name}.dropped.buffer_full`, u.counters.droppedBufferFull);
-      counter(`${name}.reconnects`, u.counters.reconnects);
+      const sum = (value: (c: UpstreamConnection) => number) =>
+        u.connections.reduce((n, c) => n + value(c), 0);
+      counter(`${name}.lines`, u.ascii.counters.forwarded);
+      counter(`${name}.frames`, u.binary?.counters.forwarded ?? 0);
+      counter(`${name}.bytes`, sum((c) => c.counters.bytes));
+      counter(`${name}.dropped.buffer_full`, sum((c) => c.counters.droppedBufferFull));
+      counter(`${name}.reconnects`, sum((c) => c.counters.reconnects));
       gauge(`${name}.buffered_bytes`, u.bufferedBytes);
       gauge(`${name}.up`, u.connected ? 1 : 0);
     }

@@ -63,24 +63,28 @@ export class SummaryLog {
       counters.sample = undefined;
     }
     for (const upstream of this.#options.upstreams()) {
-      const c = upstream.counters;
-      const last = this.#lastUpstream.get(upstream.address) ?? 0;
-      const dropped = c.droppedBufferFull - last;
-      this.#lastUpstream.set(upstream.address, c.droppedBufferFull);
-      // downSince is 0 while up (and after a clean stop): only trouble is logged.
-      const up = upstream.downSince === 0;
-      if (up && dropped === 0) continue;
-      const down = up ? "up" : `down for ${Math.round((Date.now() - upstream.downSince) / 1000)} s`;
-      log.warn(
-        "{address}: {state}; holding {bytes} bytes; dropped {dropped} metrics (buffer full) in the last {seconds} s",
-        {
-          address: upstream.address,
-          state: down,
-          bytes: upstream.bufferedBytes,
-          dropped,
-          seconds,
-        },
-      );
+      for (const c of upstream.connections) {
+        const name = `${c.address} ${c.protocol}`;
+        const last = this.#lastUpstream.get(name) ?? 0;
+        const dropped = c.counters.droppedBufferFull - last;
+        this.#lastUpstream.set(name, c.counters.droppedBufferFull);
+        // downSince is 0 while up (and after a clean stop): only trouble is logged.
+        const up = c.downSince === 0;
+        if (up && dropped === 0) continue;
+        const state = up ? "up" : `down for ${Math.round((Date.now() - c.downSince) / 1000)} s`;
+        log.warn(
+          "{address} ({protocol}): {state}; holding {held} ({bytes} bytes); dropped {dropped} (buffer full) in the last {seconds} s",
+          {
+            address: c.address,
+            protocol: c.protocol,
+            state,
+            held: plural(c.held, "metric"),
+            bytes: c.bufferedBytes,
+            dropped,
+            seconds,
+          },
+        );
+      }
     }
   }
 

@@ -89,6 +89,14 @@ export async function runProxy(options: RunOptions): Promise<number> {
   const report = await proxy.shutdown();
   extras.summary.stop();
   extras.summary.report();
+  for (const a of report.accounts) {
+    if (a.received === 0) continue;
+    const { buffer_full, shutdown, removed } = a.dropped;
+    log.info(
+      "shutdown: {server} ({protocol}): received {received} = forwarded {forwarded} + dropped {dropped} (buffer_full {buffer_full}, shutdown {shutdown}, removed {removed}) + held {held}",
+      { ...a, dropped: buffer_full + shutdown + removed, buffer_full, shutdown, removed },
+    );
+  }
   if (report.undelivered > 0) {
     log.error("shutdown: {count} metrics could not be delivered: {servers}", {
       count: report.undelivered,

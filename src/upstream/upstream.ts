@@ -1,53 +1,19 @@
 /**
- * One upstream statsite server: a TCP connection, the bounded buffer of
- * metrics held for it, and the loop that writes them in order.
+ * One upstream statsite server: its ascii connection, opened at start, and
+ * its binary connection, opened when the first binary frame for it arrives.
  *
- * The ingest side only ever calls {@linkcode Upstream.append} and
- * {@linkcode Upstream.kick}, which never wait, so a slow or dead server
- * never delays the others. While the server is down its metrics are held (up
- * to `maxBufferBytes`) and the connection is retried with exponential
- * backoff; on reconnect the held metrics are sent in order. Metrics are never
- * moved to another server: one metric, one aggregator.
- *
- * A second, tiny read loop on the connection notices at once when the server
- * closes it (statsite never sends anything), so a restarted server is
- * detected before the next write rather than by a lost write.
+ * statsite decides a connection's protocol from the first unread byte each
+ * time data arrives: its ascii handler swallows binary frames as lines, and
+ * its binary handler closes the connection at the first ascii byte. So the
+ * proxy never lets ascii lines and binary frames share a connection. Each
+ * keeps the order of its own protocol; the two share the server's byte
+ * budget (`max_buffer_bytes` is per server).
  *
  * @module
  */
 
-import { errorText } from "../errors.ts";
-import { logger } from "../log.ts";
-import { UpstreamBuffer } from "./upstream_buffer.ts";
-
-const log = logger("upstream");
-
-/**
- * A write smaller than this waits up to {@linkcode LINGER_MS} for more
- * metrics, so that many small datagrams share one TCP write instead of each
- * costing a send of its own.
- */
-const FLUSH_BYTES = 64 * 1024;
-/** Longest wait for a write to fill up to {@linkcode FLUSH_BYTES}. */
-const LINGER_MS = 5;
-
-/** Counters of one upstream server. */
-export class UpstreamCounters {
-  /** Ascii lines written. */
-  lines = 0;
-  /** Binary frames written. */
-  frames = 0;
-  /** Bytes written. */
-  bytes = 0;
-  /** Lines and frames refused because the buffer was full. */
-  droppedBufferFull = 0;
-  /** Lines and frames still held when a shutdown's drain timed out. */
-  droppedShutdown = 0;
-  /** Successful connections after the first. */
-  reconnects = 0;
-  /** Failed connection attempts and broken connections. */
-  failures = 0;
-}
+import { ByteBudget } from "./upstream_buffer.ts";
+import { type DrainReason, UpstreamConnection } from "./upstream_connection.ts";
 
 /** Options of {@linkcode Upstream}. */
 export interface UpstreamOptions {
@@ -57,272 +23,116 @@ export interface UpstreamOptions {
   host: string;
   /** TCP port. */
   port: number;
-  /** Most bytes held for this server. */
+  /** Most bytes held for this server, across its connections. */
   maxBufferBytes: number;
   /** First reconnect delay. */
   reconnectMinMs: number;
   /** Largest reconnect delay. */
   reconnectMaxMs: number;
-  /** Give up a connection attempt after this long. Default 5000. */
-  connectTimeoutMs?: number;
 }
 
 /** A statsite server the proxy forwards to. */
 export class Upstream {
   /** Address as written in the servers file. */
   readonly address: string;
-  /** Counters, read by the admin endpoint and the summaries. */
-  readonly counters: UpstreamCounters = new UpstreamCounters();
+  /** The connection that carries ascii lines; it opens at start. */
+  readonly ascii: UpstreamConnection;
+  /** Bytes held for this server, across its connections. */
+  readonly budget: ByteBudget;
+  #binary: UpstreamConnection | undefined;
   #options: UpstreamOptions;
-  #buffer: UpstreamBuffer;
-  #conn: Deno.TcpConn | undefined;
-  #connectedAt = 0;
-  /** When the server was last seen down (ms since epoch), or 0 while up. */
-  #downSince = Date.now();
-  #ever = false;
-  #closing = false;
-  #stopped = false;
-  /** Wakes the writer when there is something to write. */
-  #wake: (() => void) | undefined;
-  /** The timer of a write lingering for more metrics, while it lingers. */
-  #lingering: ReturnType<typeof setTimeout> | undefined;
-  /** Ends a backoff sleep early, when stopping. */
-  #interrupt: (() => void) | undefined;
-  /** A warning about this server being down was logged since it was last up. */
-  #warned = false;
-  #running: Promise<void> | undefined;
-  #delay: number;
+  #started = false;
 
   /** Makes an upstream; call {@linkcode start} to connect. */
   constructor(options: UpstreamOptions) {
     this.address = options.address;
     this.#options = options;
-    this.#buffer = new UpstreamBuffer({ maxBytes: options.maxBufferBytes });
-    this.#delay = options.reconnectMinMs;
+    this.budget = new ByteBudget(options.maxBufferBytes);
+    this.ascii = this.#connection("ascii");
   }
 
-  /** True while a connection is up. */
+  /** The connection that carries binary frames, once one was routed here. */
+  get binary(): UpstreamConnection | undefined {
+    return this.#binary;
+  }
+
+  /** The connections made so far: ascii, then binary if opened. */
+  get connections(): UpstreamConnection[] {
+    return this.#binary === undefined ? [this.ascii] : [this.ascii, this.#binary];
+  }
+
+  /** True while any of its connections is up. */
   get connected(): boolean {
-    return this.#conn !== undefined;
+    return this.ascii.connected || (this.#binary?.connected ?? false);
   }
 
-  /** Since when the server is down (ms since epoch), or 0 while connected. */
+  /**
+   * Since when the server is down (ms since epoch): the latest time one of
+   * its connections went down, or 0 while any is up.
+   */
   get downSince(): number {
-    return this.#downSince;
+    if (this.connected) return 0;
+    let since = 0;
+    for (const c of this.connections) since = Math.max(since, c.downSince);
+    return since;
   }
 
-  /** Bytes held for this server. */
+  /** Bytes held for this server, across its connections. */
   get bufferedBytes(): number {
-    return this.#buffer.bytes;
+    return this.budget.used;
   }
 
   /**
-   * Queues one frame (`buf[start, end)`, plus `\n` for an ascii line). A full
-   * buffer drops it and counts the drop. Never waits; call {@linkcode kick}
-   * once after a batch.
+   * Queues one frame on the connection of its protocol (an ascii line gets
+   * its `\n` appended), opening the binary connection for the first binary
+   * frame. Never waits; call {@linkcode kick} once after a batch. Positional
+   * parameters: this is the hot path, called once per metric.
    */
-  append(buf: Uint8Array, start: number, end: number, newline: boolean): void {
-    if (!this.#buffer.append(buf, start, end, newline)) this.counters.droppedBufferFull++;
+  append(buf: Uint8Array, start: number, end: number, ascii: boolean): void {
+    if (ascii) this.ascii.append(buf, start, end);
+    else (this.#binary ?? this.#openBinary()).append(buf, start, end);
   }
 
-  /**
-   * Wakes the writer after appends. Cheap when it is already busy; while it
-   * lingers for a small write to fill up, only a full write wakes it.
-   */
+  /** Wakes the writers after appends. */
   kick(): void {
-    if (this.#wake === undefined) return;
-    if (this.#lingering !== undefined && this.#buffer.bytes < FLUSH_BYTES) return;
-    this.#wakeNow();
+    this.ascii.kick();
+    this.#binary?.kick();
   }
 
-  /** Wakes the writer whatever it waits for. */
-  #wakeNow(): void {
-    const wake = this.#wake;
-    if (wake === undefined) return;
-    this.#wake = undefined;
-    if (this.#lingering !== undefined) {
-      clearTimeout(this.#lingering);
-      this.#lingering = undefined;
-    }
-    wake();
-  }
-
-  /** Starts connecting and writing. */
+  /** Starts connecting (the binary connection starts when first needed). */
   start(): void {
-    this.#running ??= this.#run();
+    this.#started = true;
+    this.ascii.start();
+    this.#binary?.start();
   }
 
   /**
-   * Stops after writing what is held, or when `deadline` (ms since epoch)
-   * passes. Returns the lines and frames that could not be delivered; they
-   * are also counted as dropped for `shutdown`.
+   * Stops every connection after writing what is held, or when `deadline`
+   * (ms since epoch) passes. Returns the lines and frames that could not be
+   * delivered, counted as dropped for `reason`.
    */
-  async drain(deadline: number): Promise<number> {
-    this.#closing = true;
-    this.start();
-    this.#wakeNow();
-    // A backoff sleep ends now: with nothing held the writer stops at once,
-    // with something held it tries to connect at once.
-    this.#interrupt?.();
-    const timeout = Math.max(0, deadline - Date.now());
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    await Promise.race([
-      this.#running,
-      new Promise<void>((resolve) => timer = setTimeout(resolve, timeout)),
-    ]);
-    clearTimeout(timer);
-    this.#stopped = true;
-    this.#closeConn();
-    this.#wakeNow();
-    this.#interrupt?.();
-    await this.#running;
-    const lost = this.#buffer.clear();
-    this.counters.droppedShutdown += lost;
-    return lost;
+  async drain(deadline: number, reason: DrainReason): Promise<number> {
+    const lost = await Promise.all(this.connections.map((c) => c.drain(deadline, reason)));
+    return lost.reduce((a, b) => a + b, 0);
   }
 
-  /** The writer loop: connect, write what is held, reconnect on failure. */
-  async #run(): Promise<void> {
-    let lingered = false;
-    while (!this.#stopped) {
-      if (this.#conn === undefined) {
-        if (this.#closing && this.#buffer.empty) break;
-        await this.#connect();
-        continue;
-      }
-      const chunk = this.#buffer.head();
-      if (chunk === undefined) {
-        if (this.#closing) break;
-        await new Promise<void>((resolve) => this.#wake = resolve);
-        continue;
-      }
-      if (!lingered && !this.#closing && this.#buffer.bytes - chunk.sent < FLUSH_BYTES) {
-        // A small write: give more metrics a moment to join it.
-        lingered = true;
-        await new Promise<void>((resolve) => {
-          this.#wake = resolve;
-          this.#lingering = setTimeout(() => this.#wakeNow(), LINGER_MS);
-        });
-        continue;
-      }
-      lingered = false;
-      const conn = this.#conn;
-      try {
-        const n = await conn.write(chunk.bytes.subarray(chunk.sent, chunk.length));
-        this.counters.bytes += n;
-        const done = chunk.sent + n === chunk.length;
-        if (done) {
-          this.counters.lines += chunk.lines;
-          this.counters.frames += chunk.frames - chunk.lines;
-        }
-        this.#buffer.advance(n);
-      } catch (err) {
-        if (this.#conn === conn) this.#lost(err);
-        // Resend from the first frame the broken connection may have cut.
-        chunk.rewindToFrameStart();
-      }
-    }
-    this.#closeConn();
+  #openBinary(): UpstreamConnection {
+    const binary = this.#connection("binary");
+    this.#binary = binary;
+    if (this.#started) binary.start();
+    return binary;
   }
 
-  /** One connection attempt, after the backoff delay when it is a retry. */
-  async #connect(): Promise<void> {
-    if (this.#ever || this.counters.failures > 0) {
-      await this.#sleep(this.#delay);
-      this.#delay = Math.min(this.#delay * 2, this.#options.reconnectMaxMs);
-      if (this.#stopped) return;
-    }
-    const { host, port } = this.#options;
-    const abort = new AbortController();
-    const timer = setTimeout(() => abort.abort(), this.#options.connectTimeoutMs ?? 5000);
-    let conn: Deno.TcpConn;
-    try {
-      conn = await Deno.connect({ hostname: host, port, signal: abort.signal });
-    } catch (err) {
-      this.counters.failures++;
-      if (!this.#warned) {
-        this.#warned = true;
-        log.warn("cannot connect to {address}: {error}; holding its metrics and retrying", {
-          address: this.address,
-          error: errorText(err),
-        });
-      }
-      return;
-    } finally {
-      clearTimeout(timer);
-    }
-    conn.setNoDelay(true);
-    const downFor = Date.now() - this.#downSince;
-    if (this.#ever) {
-      this.counters.reconnects++;
-      log.info("reconnected to {address} after {seconds} s down; sending {bytes} held bytes", {
-        address: this.address,
-        seconds: (downFor / 1000).toFixed(1),
-        bytes: this.#buffer.bytes,
-      });
-    } else {
-      log.info("connected to {address}", { address: this.address });
-    }
-    this.#ever = true;
-    this.#conn = conn;
-    this.#connectedAt = Date.now();
-    this.#downSince = 0;
-    this.#warned = false;
-    this.#watch(conn);
-  }
-
-  /** Reads until the server closes the connection, then marks it lost. */
-  async #watch(conn: Deno.TcpConn): Promise<void> {
-    const scratch = new Uint8Array(512);
-    let reason: unknown = "closed by the server";
-    try {
-      while ((await conn.read(scratch)) !== null) {
-        // statsite sends nothing; whatever comes is ignored.
-      }
-    } catch (err) {
-      reason = err;
-    }
-    if (this.#conn === conn && !this.#stopped) this.#lost(reason);
-  }
-
-  /** Marks the connection lost and wakes the writer to reconnect. */
-  #lost(reason: unknown): void {
-    this.counters.failures++;
-    // A connection that lived a while resets the backoff; a flapping one does not.
-    if (Date.now() - this.#connectedAt > 1000) this.#delay = this.#options.reconnectMinMs;
-    this.#closeConn();
-    this.#downSince = Date.now();
-    if (!this.#closing) {
-      this.#warned = true;
-      log.warn("lost connection to {address}: {error}; holding its metrics and reconnecting", {
-        address: this.address,
-        error: errorText(reason),
-      });
-    }
-    this.#wakeNow();
-  }
-
-  #closeConn(): void {
-    const conn = this.#conn;
-    this.#conn = undefined;
-    if (conn !== undefined) {
-      try {
-        conn.close();
-      } catch {
-        // Already closed.
-      }
-    }
-  }
-
-  /** Sleeps, but wakes early when the upstream is stopped. */
-  #sleep(ms: number): Promise<void> {
-    return new Promise((resolve) => {
-      const timer = setTimeout(done, ms);
-      function done() {
-        clearTimeout(timer);
-        resolve();
-      }
-      this.#interrupt = done;
+  #connection(protocol: "ascii" | "binary"): UpstreamConnection {
+    const { address, host, port, reconnectMinMs, reconnectMaxMs } = this.#options;
+    return new UpstreamConnection({
+      address,
+      host,
+      port,
+      protocol,
+      budget: this.budget,
+      reconnectMinMs,
+      reconnectMaxMs,
     });
   }
 }

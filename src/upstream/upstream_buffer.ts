@@ -6,11 +6,30 @@
  * and each chunk remembers where its frames end, so that after a broken
  * connection the upstream can resume at the start of the first frame the old
  * connection may have cut (statsite drops a partial line or frame when a
- * connection closes). The total held is bounded by `maxBytes`: what does not
- * fit is refused, and the caller counts it.
+ * connection closes). The total held is bounded by a {@linkcode ByteBudget},
+ * which several buffers may share (a server's ascii and binary connections
+ * share one): what does not fit is refused, and the caller counts it.
+ *
+ * The buffer also keeps the exact count of frames held: a frame leaves it
+ * when its last byte is written ({@linkcode UpstreamBuffer.advance} says how
+ * many did) or when the buffer is cleared, so that at any moment
+ * `appended = written + cleared + held`.
  *
  * @module
  */
+
+/** A bound on bytes held, shared by the buffers of one server. */
+export class ByteBudget {
+  /** Most bytes the sharing buffers may hold together. */
+  readonly max: number;
+  /** Bytes they hold now. */
+  used = 0;
+
+  /** Makes a budget of `max` bytes. */
+  constructor(max: number) {
+    this.max = max;
+  }
+}
 
 /** One chunk of whole frames, written in order. */
 export class Chunk {
@@ -26,8 +45,8 @@ export class Chunk {
   ends: Int32Array;
   /** Frames in this chunk. */
   frames = 0;
-  /** How many of the frames are ascii lines (the rest are binary frames). */
-  lines = 0;
+  /** Frames wholly written: those ending at or before {@linkcode sent}. */
+  written = 0;
 
   /** Makes a chunk of `size` bytes. */
   constructor(size: number) {
@@ -41,24 +60,28 @@ export class Chunk {
     this.length = 0;
     this.sent = 0;
     this.frames = 0;
-    this.lines = 0;
+    this.written = 0;
   }
 
   /**
-   * Frames not yet wholly written: those whose end lies after `sent`.
-   * Used to report what a shutdown could not deliver.
+   * Marks `n` more bytes written and returns how many frames that finished.
+   * One binary search per write, never per frame.
    */
-  unsentFrames(): number {
-    return this.frames - this.#framesEndingBy(this.sent);
+  advance(n: number): number {
+    this.sent += n;
+    const whole = this.#framesEndingBy(this.sent);
+    const finished = whole - this.written;
+    this.written = whole;
+    return finished;
   }
 
   /**
    * Moves `sent` back to the start of the frame that contains it, so a resend
-   * on a new connection begins on a frame boundary.
+   * on a new connection begins on a frame boundary. Frames already wholly
+   * written stay written.
    */
   rewindToFrameStart(): void {
-    const whole = this.#framesEndingBy(this.sent);
-    this.sent = whole === 0 ? 0 : this.ends[whole - 1];
+    this.sent = this.written === 0 ? 0 : this.ends[this.written - 1];
   }
 
   /** How many frames end at or before `offset` (binary search). */
@@ -76,33 +99,42 @@ export class Chunk {
 
 /** Options of {@linkcode UpstreamBuffer}. */
 export interface UpstreamBufferOptions {
-  /** Most bytes held at once (written bytes of a chunk not yet finished count too). */
-  maxBytes: number;
-  /** Size of a chunk, and so of most writes. Default 256 KiB. */
+  /**
+   * The bound on bytes held (written bytes of a chunk not yet finished count
+   * too), possibly shared with other buffers.
+   */
+  budget: ByteBudget;
+  /** Size of a chunk, and so of most writes. Default 256 KiB (at most the budget). */
   chunkBytes?: number;
 }
 
 /** A bounded FIFO of whole frames, in chunks. */
 export class UpstreamBuffer {
-  #maxBytes: number;
+  #budget: ByteBudget;
   #chunkBytes: number;
   /** Chunks waiting to be written; the last one is being filled. */
   #chunks: Chunk[] = [];
   /** Empty chunks kept for reuse. */
   #spare: Chunk[] = [];
   #bytes = 0;
+  #held = 0;
   #lastBuf: Uint8Array | undefined;
   #lastView: DataView = new DataView(new ArrayBuffer(0));
 
   /** Makes an empty buffer. */
   constructor(options: UpstreamBufferOptions) {
-    this.#maxBytes = options.maxBytes;
-    this.#chunkBytes = Math.min(options.chunkBytes ?? 256 * 1024, options.maxBytes);
+    this.#budget = options.budget;
+    this.#chunkBytes = Math.min(options.chunkBytes ?? 256 * 1024, options.budget.max);
   }
 
   /** Bytes held (pending, plus the sent part of the chunk being written). */
   get bytes(): number {
     return this.#bytes;
+  }
+
+  /** Frames held: appended, and neither wholly written nor cleared. */
+  get held(): number {
+    return this.#held;
   }
 
   /** True when nothing is pending. */
@@ -116,7 +148,8 @@ export class UpstreamBuffer {
    */
   append(buf: Uint8Array, start: number, end: number, newline: boolean): boolean {
     const size = end - start + (newline ? 1 : 0);
-    if (this.#bytes + size > this.#maxBytes) return false;
+    const budget = this.#budget;
+    if (budget.used + size > budget.max) return false;
     const chunks = this.#chunks;
     let chunk = chunks.length === 0 ? undefined : chunks[chunks.length - 1];
     if (chunk === undefined || chunk.length + size > chunk.bytes.length) {
@@ -136,10 +169,7 @@ export class UpstreamBuffer {
       bytes.set(buf.subarray(start, end), at);
       at += end - start;
     }
-    if (newline) {
-      bytes[at++] = 10;
-      chunk.lines++;
-    }
+    if (newline) bytes[at++] = 10;
     if (chunk.frames === chunk.ends.length) {
       const ends = new Int32Array(chunk.ends.length * 2);
       ends.set(chunk.ends);
@@ -148,6 +178,8 @@ export class UpstreamBuffer {
     chunk.ends[chunk.frames++] = at;
     chunk.length = at;
     this.#bytes += size;
+    budget.used += size;
+    this.#held++;
     return true;
   }
 
@@ -160,30 +192,31 @@ export class UpstreamBuffer {
     return this.#chunks[0];
   }
 
-  /** Marks `n` more bytes of the head chunk written; drops it when done. */
-  advance(n: number): void {
+  /**
+   * Marks `n` more bytes of the head chunk written, dropping the chunk when
+   * it is done. Returns how many frames that write finished.
+   */
+  advance(n: number): number {
     const head = this.#chunks[0];
-    head.sent += n;
+    const finished = head.advance(n);
+    this.#held -= finished;
     if (head.sent === head.length) {
       this.#bytes -= head.length;
+      this.#budget.used -= head.length;
       this.#chunks.shift();
       this.#recycle(head);
     }
-  }
-
-  /** Frames held and not yet wholly written. */
-  pendingFrames(): number {
-    let n = 0;
-    for (const chunk of this.#chunks) n += chunk.unsentFrames();
-    return n;
+    return finished;
   }
 
   /** Drops everything held; returns the frames dropped. */
   clear(): number {
-    const frames = this.pendingFrames();
+    const frames = this.#held;
     for (const chunk of this.#chunks) this.#recycle(chunk);
     this.#chunks = [];
+    this.#budget.used -= this.#bytes;
     this.#bytes = 0;
+    this.#held = 0;
     return frames;
   }
 

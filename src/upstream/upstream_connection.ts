@@ -1,0 +1,380 @@
+/**
+ * One TCP connection to an upstream statsite server, for one protocol: the
+ * bounded buffer of metrics held for it, and the loop that writes them in
+ * order.
+ *
+ * statsite picks the protocol of a connection's input from its first unread
+ * byte each time data arrives, so ascii lines and binary frames must never
+ * share a connection: a server gets one {@linkcode UpstreamConnection} per
+ * protocol (see `upstream.ts`).
+ *
+ * The ingest side only ever calls {@linkcode UpstreamConnection.append} and
+ * {@linkcode UpstreamConnection.kick}, which never wait, so a slow or dead
+ * server never delays the others. While the server is down its metrics are
+ * held (within the server's byte budget) and the connection is retried with
+ * exponential backoff; on reconnect the held metrics are sent in order.
+ * Metrics are never moved to another server: one metric, one aggregator.
+ *
+ * A second, tiny read loop on the connection notices at once when the server
+ * closes it (statsite never sends anything), so a restarted server is
+ * detected before the next write rather than by a lost write.
+ *
+ * Every metric appended is accounted for, exactly and at any moment:
+ * `received = forwarded + dropped (buffer_full, shutdown, removed) + held`.
+ *
+ * @module
+ */
+
+import { errorText } from "../errors.ts";
+import { logger } from "../log.ts";
+import { type ByteBudget, UpstreamBuffer } from "./upstream_buffer.ts";
+
+const log = logger("upstream");
+
+/**
+ * A write smaller than this waits up to {@linkcode LINGER_MS} for more
+ * metrics, so that many small datagrams share one TCP write instead of each
+ * costing a send of its own.
+ */
+const FLUSH_BYTES = 64 * 1024;
+/** Longest wait for a write to fill up to {@linkcode FLUSH_BYTES}. */
+const LINGER_MS = 5;
+
+/** The wire protocol a connection carries. */
+export type Protocol = "ascii" | "binary";
+
+/** Why metrics held for a server were dropped, besides a full buffer at append. */
+export type DrainReason = "shutdown" | "removed";
+
+/**
+ * Counters of one upstream connection. At any moment
+ * `received = forwarded + droppedBufferFull + droppedShutdown + droppedRemoved + held`,
+ * where `held` is {@linkcode UpstreamConnection.held}.
+ */
+export class ConnectionCounters {
+  /** Lines or frames routed to this connection (including those refused). */
+  received = 0;
+  /** Lines or frames wholly written to the server. */
+  forwarded = 0;
+  /** Bytes written. */
+  bytes = 0;
+  /** Lines and frames refused because the server's buffer was full. */
+  droppedBufferFull = 0;
+  /** Lines and frames still held when a shutdown's drain timed out. */
+  droppedShutdown = 0;
+  /** Lines and frames still held when a reload removed the server and its drain timed out. */
+  droppedRemoved = 0;
+  /** Successful connections after the first. */
+  reconnects = 0;
+  /** Failed connection attempts and broken connections. */
+  failures = 0;
+}
+
+/** Options of {@linkcode UpstreamConnection}. */
+export interface UpstreamConnectionOptions {
+  /** The address as written in the servers file (for logs and routes). */
+  address: string;
+  /** Host name or IP literal to connect to (IPv6 without brackets). */
+  host: string;
+  /** TCP port. */
+  port: number;
+  /** The protocol this connection carries: ascii lines get their `\n` appended. */
+  protocol: Protocol;
+  /** The bound on bytes held, shared with the server's other connection. */
+  budget: ByteBudget;
+  /** First reconnect delay. */
+  reconnectMinMs: number;
+  /** Largest reconnect delay. */
+  reconnectMaxMs: number;
+  /** Give up a connection attempt after this long. Default 5000. */
+  connectTimeoutMs?: number;
+}
+
+/** A connection to a statsite server, for one protocol. */
+export class UpstreamConnection {
+  /** Address as written in the servers file. */
+  readonly address: string;
+  /** The protocol it carries. */
+  readonly protocol: Protocol;
+  /** Counters, read by the admin endpoint and the summaries. */
+  readonly counters: ConnectionCounters = new ConnectionCounters();
+  #options: UpstreamConnectionOptions;
+  #newline: boolean;
+  #buffer: UpstreamBuffer;
+  #conn: Deno.TcpConn | undefined;
+  #connectedAt = 0;
+  /** When the server was last seen down (ms since epoch), or 0 while up. */
+  #downSince = Date.now();
+  #ever = false;
+  #closing = false;
+  #stopped = false;
+  /** Wakes the writer when there is something to write. */
+  #wake: (() => void) | undefined;
+  /** The timer of a write lingering for more metrics, while it lingers. */
+  #lingering: ReturnType<typeof setTimeout> | undefined;
+  /** Ends a backoff sleep early, when stopping. */
+  #interrupt: (() => void) | undefined;
+  /** A warning about this server being down was logged since it was last up. */
+  #warned = false;
+  #running: Promise<void> | undefined;
+  #delay: number;
+
+  /** Makes a connection; call {@linkcode start} to connect. */
+  constructor(options: UpstreamConnectionOptions) {
+    this.address = options.address;
+    this.protocol = options.protocol;
+    this.#options = options;
+    this.#newline = options.protocol === "ascii";
+    this.#buffer = new UpstreamBuffer({ budget: options.budget });
+    this.#delay = options.reconnectMinMs;
+  }
+
+  /** True while a connection is up. */
+  get connected(): boolean {
+    return this.#conn !== undefined;
+  }
+
+  /** Since when the server is down (ms since epoch), or 0 while connected. */
+  get downSince(): number {
+    return this.#downSince;
+  }
+
+  /** Bytes held on this connection. */
+  get bufferedBytes(): number {
+    return this.#buffer.bytes;
+  }
+
+  /** Lines or frames held: received, and neither forwarded nor dropped. */
+  get held(): number {
+    return this.#buffer.held;
+  }
+
+  /** Whether the writer runs (it starts with {@linkcode start}). */
+  get started(): boolean {
+    return this.#running !== undefined;
+  }
+
+  /**
+   * Queues one frame (`buf[start, end)`, plus `\n` on an ascii connection). A
+   * full buffer drops it and counts the drop. Never waits; call
+   * {@linkcode kick} once after a batch. Positional parameters: this is the
+   * hot path, called once per metric.
+   */
+  append(buf: Uint8Array, start: number, end: number): void {
+    const counters = this.counters;
+    counters.received++;
+    if (!this.#buffer.append(buf, start, end, this.#newline)) counters.droppedBufferFull++;
+  }
+
+  /**
+   * Wakes the writer after appends. Cheap when it is already busy; while it
+   * lingers for a small write to fill up, only a full write wakes it.
+   */
+  kick(): void {
+    if (this.#wake === undefined) return;
+    if (this.#lingering !== undefined && this.#buffer.bytes < FLUSH_BYTES) return;
+    this.#wakeNow();
+  }
+
+  /** Wakes the writer whatever it waits for. */
+  #wakeNow(): void {
+    const wake = this.#wake;
+    if (wake === undefined) return;
+    this.#wake = undefined;
+    if (this.#lingering !== undefined) {
+      clearTimeout(this.#lingering);
+      this.#lingering = undefined;
+    }
+    wake();
+  }
+
+  /** Starts connecting and writing. */
+  start(): void {
+    this.#running ??= this.#run();
+  }
+
+  /**
+   * Stops after writing what is held, or when `deadline` (ms since epoch)
+   * passes. Returns the lines and frames that could not be delivered; they
+   * are also counted as dropped for `reason`.
+   */
+  async drain(deadline: number, reason: DrainReason): Promise<number> {
+    this.#closing = true;
+    this.start();
+    this.#wakeNow();
+    // A backoff sleep ends now: with nothing held the writer stops at once,
+    // with something held it tries to connect at once.
+    this.#interrupt?.();
+    const timeout = Math.max(0, deadline - Date.now());
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      this.#running,
+      new Promise<void>((resolve) => timer = setTimeout(resolve, timeout)),
+    ]);
+    clearTimeout(timer);
+    this.#stopped = true;
+    this.#closeConn();
+    this.#wakeNow();
+    this.#interrupt?.();
+    await this.#running;
+    const lost = this.#buffer.clear();
+    if (reason === "shutdown") this.counters.droppedShutdown += lost;
+    else this.counters.droppedRemoved += lost;
+    return lost;
+  }
+
+  /** The writer loop: connect, write what is held, reconnect on failure. */
+  async #run(): Promise<void> {
+    let lingered = false;
+    while (!this.#stopped) {
+      if (this.#conn === undefined) {
+        if (this.#closing && this.#buffer.empty) break;
+        await this.#connect();
+        continue;
+      }
+      const chunk = this.#buffer.head();
+      if (chunk === undefined) {
+        if (this.#closing) break;
+        await new Promise<void>((resolve) => this.#wake = resolve);
+        continue;
+      }
+      if (!lingered && !this.#closing && this.#buffer.bytes - chunk.sent < FLUSH_BYTES) {
+        // A small write: give more metrics a moment to join it.
+        lingered = true;
+        await new Promise<void>((resolve) => {
+          this.#wake = resolve;
+          this.#lingering = setTimeout(() => this.#wakeNow(), LINGER_MS);
+        });
+        continue;
+      }
+      lingered = false;
+      const conn = this.#conn;
+      try {
+        const n = await conn.write(chunk.bytes.subarray(chunk.sent, chunk.length));
+        this.counters.bytes += n;
+        this.counters.forwarded += this.#buffer.advance(n);
+      } catch (err) {
+        if (this.#conn === conn) this.#lost(err);
+        // Resend from the first frame the broken connection may have cut.
+        chunk.rewindToFrameStart();
+      }
+    }
+    this.#closeConn();
+  }
+
+  /** One connection attempt, after the backoff delay when it is a retry. */
+  async #connect(): Promise<void> {
+    if (this.#ever || this.counters.failures > 0) {
+      await this.#sleep(this.#delay);
+      this.#delay = Math.min(this.#delay * 2, this.#options.reconnectMaxMs);
+      if (this.#stopped) return;
+    }
+    const { host, port } = this.#options;
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), this.#options.connectTimeoutMs ?? 5000);
+    let conn: Deno.TcpConn;
+    try {
+      conn = await Deno.connect({ hostname: host, port, signal: abort.signal });
+    } catch (err) {
+      this.counters.failures++;
+      if (!this.#warned) {
+        this.#warned = true;
+        log.warn(
+          "cannot connect to {address} ({protocol}): {error}; holding its metrics and retrying",
+          {
+            address: this.address,
+            protocol: this.protocol,
+            error: errorText(err),
+          },
+        );
+      }
+      return;
+    } finally {
+      clearTimeout(timer);
+    }
+    conn.setNoDelay(true);
+    const downFor = Date.now() - this.#downSince;
+    if (this.#ever) {
+      this.counters.reconnects++;
+      log.info(
+        "reconnected to {address} ({protocol}) after {seconds} s down; sending {bytes} held bytes",
+        {
+          address: this.address,
+          protocol: this.protocol,
+          seconds: (downFor / 1000).toFixed(1),
+          bytes: this.#buffer.bytes,
+        },
+      );
+    } else {
+      log.info("connected to {address} ({protocol})", {
+        address: this.address,
+        protocol: this.protocol,
+      });
+    }
+    this.#ever = true;
+    this.#conn = conn;
+    this.#connectedAt = Date.now();
+    this.#downSince = 0;
+    this.#warned = false;
+    this.#watch(conn);
+  }
+
+  /** Reads until the server closes the connection, then marks it lost. */
+  async #watch(conn: Deno.TcpConn): Promise<void> {
+    const scratch = new Uint8Array(512);
+    let reason: unknown = "closed by the server";
+    try {
+      while ((await conn.read(scratch)) !== null) {
+        // statsite sends nothing; whatever comes is ignored.
+      }
+    } catch (err) {
+      reason = err;
+    }
+    if (this.#conn === conn && !this.#stopped) this.#lost(reason);
+  }
+
+  /** Marks the connection lost and wakes the writer to reconnect. */
+  #lost(reason: unknown): void {
+    this.counters.failures++;
+    // A connection that lived a while resets the backoff; a flapping one does not.
+    if (Date.now() - this.#connectedAt > 1000) this.#delay = this.#options.reconnectMinMs;
+    this.#closeConn();
+    this.#downSince = Date.now();
+    if (!this.#closing) {
+      this.#warned = true;
+      log.warn(
+        "lost connection to {address} ({protocol}): {error}; holding its metrics and reconnecting",
+        {
+          address: this.address,
+          protocol: this.protocol,
+          error: errorText(reason),
+        },
+      );
+    }
+    this.#wakeNow();
+  }
+
+  #closeConn(): void {
+    const conn = this.#conn;
+    this.#conn = undefined;
+    if (conn !== undefined) {
+      try {
+        conn.close();
+      } catch {
+        // Already closed.
+      }
+    }
+  }
+
+  /** Sleeps, but wakes early when the upstream is stopped. */
+  #sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, ms);
+      function done() {
+        clearTimeout(timer);
+        resolve();
+      }
+      this.#interrupt = done;
+    });
+  }
+}
