@@ -195,6 +195,53 @@ Deno.test("ascii and binary mixed on one client connection reach each server on 
   }
 });
 
+Deno.test("DogStatsD service checks and events reach the server of their name and title", async () => {
+  const { servers, proxy, byAddress, tearDown } = await setUp();
+  try {
+    const checks = ["db.up", "queue.lag", "web.ok", "cron.ran"].flatMap((name) =>
+      [0, 1, 2, 3].map((status) =>
+        `_sc|${name}|${status}|d:1700000000|h:host-${status}|#env:prod,status:${status}|m:now ${status}`
+      )
+    );
+    const titles = ["deploy", "d\u00e9ploiement", "rollback \u{1F600}", "a|b"];
+    const enc = new TextEncoder();
+    const events = titles.flatMap((title) => {
+      const bytes = enc.encode(title).length;
+      const points = [...title].length;
+      const units = title.length;
+      return [...new Set([bytes, points, units])].map((n) => `_e{${n},4}:${title}|text|p:low|#k:v`);
+    });
+    const tagged = ["api.hits:1|c|#route:/a", "api.hits:2|c|#route:/b|@0.5"];
+    await sendTcp(proxy.tcpPort, bytes([...checks, ...tagged].map((l) => l + "\n").join("")));
+    await sendUdp(proxy.udpPort, bytes(events.join("\n")));
+    const names = ["db.up", "queue.lag", "web.ok", "cron.ran", ...titles, "api.hits"];
+    const routes = await routeOf(`${proxy.dir}/servers.conf`, names);
+    assert.ok(new Set(routes.values()).size > 1, "the names spread over several servers");
+    const keyOf = (line: string) => {
+      if (line.startsWith("_sc|")) return line.split("|")[1];
+      if (line.startsWith("_e{")) return titles.find((t) => line.includes(`}:${t}|text`))!;
+      return line.slice(0, line.indexOf(":"));
+    };
+    const all = [...checks, ...events, ...tagged];
+    await waitUntil(
+      () => servers.reduce((n, s) => n + s.lines().length, 0) >= all.length,
+      () => "every line to arrive",
+    );
+    for (const server of servers) {
+      const want = all.filter((l) => routes.get(keyOf(l)) === server.address);
+      assert.deepEqual(server.lines().sort(), want.sort(), `at ${server.address}`);
+    }
+    // Each check's four statuses, and each title's ways of counting, went to one server.
+    for (const name of names) {
+      const holders = servers.filter((s) => s.lines().some((l) => keyOf(l) === name));
+      assert.deepEqual(holders.map((s) => s.address), [routes.get(name)], name);
+    }
+    assert.ok(byAddress.size === 3);
+  } finally {
+    await tearDown();
+  }
+});
+
 Deno.test("a line split across tcp reads at any byte position arrives whole", async () => {
   const { servers, proxy, tearDown } = await setUp();
   try {

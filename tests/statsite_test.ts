@@ -158,7 +158,7 @@ Deno.test({
 
       // One client connection of ascii lines of every type.
       const tcpAscii: Uint8Array[] = [];
-      for (let i = 0; i < 30; i++) {
+      for (let i = 0; i < 90; i++) {
         const k = `tcp.ascii.${i}`;
         tcpAscii.push(
           expected.counter(`${k}.count`, i + 1),
@@ -177,7 +177,7 @@ Deno.test({
 
       // One client connection of binary frames of every type.
       const tcpBinary: Uint8Array[] = [];
-      for (let i = 0; i < 30; i++) {
+      for (let i = 0; i < 80; i++) {
         const k = `tcp.binary.${i}`;
         tcpBinary.push(
           expected.binaryCounter(`${k}.count`, i + 0.5),
@@ -195,8 +195,8 @@ Deno.test({
 
       // Ascii and binary interleaved on one client connection, the same keys in both.
       const tcpMixed: Uint8Array[] = [];
-      for (let i = 0; i < 40; i++) {
-        const k = `tcp.mixed.${i % 10}`;
+      for (let i = 0; i < 120; i++) {
+        const k = `tcp.mixed.${i % 30}`;
         tcpMixed.push(
           expected.counter(`${k}.count`, 1),
           expected.binaryCounter(`${k}.count`, 10),
@@ -212,7 +212,7 @@ Deno.test({
       // frames, and of both mixed, the same keys in both.
       const datagrams: Uint8Array[] = [];
       for (let d = 0; d < 20; d++) {
-        const lines = track(Array.from({ length: 15 }, (_, i) => {
+        const lines = track(Array.from({ length: 40 }, (_, i) => {
           const k = `udp.ascii.${i}`;
           switch (d % 4) {
             case 0:
@@ -226,7 +226,7 @@ Deno.test({
           }
         }));
         datagrams.push(concat(...lines.flatMap((l, i) => i === 0 ? [l] : [NEWLINE, l])));
-        const frames = track(Array.from({ length: 10 }, (_, i) => {
+        const frames = track(Array.from({ length: 30 }, (_, i) => {
           const k = `udp.binary.${i}`;
           switch (d % 3) {
             case 0:
@@ -238,8 +238,8 @@ Deno.test({
           }
         }));
         datagrams.push(concat(...frames));
-        const mixed = track(Array.from({ length: 12 }, (_, i) => {
-          const k = `udp.mixed.${i % 4}.count`;
+        const mixed = track(Array.from({ length: 24 }, (_, i) => {
+          const k = `udp.mixed.${i % 12}.count`;
           return i % 2 === 0 ? expected.counter(k, 1) : expected.binaryCounter(k, 100);
         }));
         datagrams.push(wire(mixed, isAscii));
@@ -247,8 +247,8 @@ Deno.test({
       await sendDatagrams(proxy.udpPort, datagrams);
 
       // Lines and frames cut across reads at random places.
-      const split = track(Array.from({ length: 60 }, (_, i) => {
-        const k = `split.${i % 12}.count`;
+      const split = track(Array.from({ length: 120 }, (_, i) => {
+        const k = `split.${i % 24}.count`;
         return i % 3 === 0 ? expected.binaryCounter(k, i) : expected.counter(k, i);
       }));
       const splitBytes = wire(split, isAscii);
@@ -327,7 +327,8 @@ Deno.test({
           assertAggregated(expected, totals, routes);
         },
       );
-      await t.step("every statsite got its share of the keys", () => {
+      await t.step("at least 1,300 keys, every statsite with its share", () => {
+        assert.ok(expected.keys().length >= 1300, `${expected.keys().length} keys`);
         for (const s of statsites) {
           assert.ok([...routes.values()].filter((a) => a === s.address).length > 20);
         }
