@@ -297,7 +297,7 @@ export class ProxyProcess {
   static async start(options: ProxyStartOptions): Promise<ProxyProcess> {
     for (let attempt = 0;; attempt++) {
       const proxy = await ProxyProcess.#spawn(options);
-      const ready = await proxy.#waitReady(options);
+      const ready = await proxy.#waitReady();
       if (ready) return proxy;
       // The reserved port was taken in between: try other ports.
       await proxy.#status;
@@ -341,14 +341,13 @@ export class ProxyProcess {
     return proxy;
   }
 
-  async #waitReady(options: ProxyStartOptions): Promise<boolean> {
+  /** Waits for the "started" line, logged once it listens and handles signals. */
+  async #waitReady(): Promise<boolean> {
     let exited = false;
     this.#status.then(() => exited = true);
-    const want = (options.tcp === false ? 0 : 1) + (options.udp === false ? 0 : 1) +
-      (options.admin ? 1 : 0);
     await waitUntil(
-      () => exited || (this.#stderr.match(/listening on (tcp|udp|http) /g) ?? []).length >= want,
-      () => `proxy to listen; stderr:\n${this.#stderr}`,
+      () => exited || /statsite-proxy \S+ started with/.test(this.#stderr),
+      () => `proxy to start; stderr:\n${this.#stderr}`,
       20_000,
     );
     return !exited;

@@ -39,6 +39,19 @@ interface Extras {
  */
 export async function runProxy(options: RunOptions): Promise<number> {
   const { config, overrides } = options;
+  // Signals first: a SIGHUP or SIGTERM that arrives while the proxy starts
+  // must not meet the default action, which ends the process at once. A
+  // SIGHUP during start-up is applied once started; a SIGTERM stops it then.
+  let hupsDuringStart = 0;
+  let onHup = (): void => {
+    hupsDuringStart++;
+  };
+  Deno.addSignalListener("SIGHUP", () => onHup());
+  const stopping = new Promise<Deno.Signal>((resolve) => {
+    for (const sig of ["SIGTERM", "SIGINT"] as const) {
+      Deno.addSignalListener(sig, () => resolve(sig));
+    }
+  });
   const pidFile = config.pidFile === undefined ? undefined : await PidFile.take(config.pidFile);
   if (config.pidFile !== undefined && pidFile === undefined) return 0; // already running
   let proxy: Proxy;
@@ -71,14 +84,11 @@ export async function runProxy(options: RunOptions): Promise<number> {
   });
 
   let reloading = Promise.resolve();
-  Deno.addSignalListener("SIGHUP", () => {
+  onHup = () => {
     reloading = reloading.then(() => reload(proxy, extras, overrides));
-  });
-  const signal = await new Promise<Deno.Signal>((resolve) => {
-    for (const sig of ["SIGTERM", "SIGINT"] as const) {
-      Deno.addSignalListener(sig, () => resolve(sig));
-    }
-  });
+  };
+  if (hupsDuringStart > 0) onHup(); // one reload re-reads the files however many came
+  const signal = await stopping;
   await reloading;
   log.info("{signal}: stopping; draining upstreams for up to {ms} ms", {
     signal,
