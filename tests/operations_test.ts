@@ -22,6 +22,7 @@ import {
   sleep,
   waitUntil,
 } from "./harness.ts";
+import { binary } from "./frames.ts";
 
 function keyOf(line: string): string {
   return line.slice(0, line.indexOf(":"));
@@ -240,6 +241,38 @@ Deno.test("SIGHUP with a changed servers file moves exactly the keys route says"
     await proxy.stop();
     await Promise.all([a, b, c, d].map((s) => s.stop()));
     await Deno.remove(newFile.replace(/\/servers\.conf$/, ""), { recursive: true });
+  }
+});
+
+Deno.test("SIGHUP keeps both connections of a server that stays, with their order", async () => {
+  const [a, b, d] = [0, 1, 2].map(() => RecordingServer.start());
+  const proxy = await ProxyProcess.start({ servers: [a, b].map((s) => s.address) });
+  try {
+    const keys = Array.from({ length: 200 }, (_, i) => `keep.key${i}`);
+    const before = await routeOf(`${proxy.dir}/servers.conf`, keys);
+    const newFile = await serversFile([a, d]);
+    const after = await routeOf(newFile, keys);
+    await Deno.remove(newFile.replace(/\/servers\.conf$/, ""), { recursive: true });
+    // A key on a before and after the reload.
+    const key = keys.find((k) => before.get(k) === a.address && after.get(k) === a.address)!;
+    const round = (n: number) => concat(bytes(`${key}:${n}|c\n`), binary(2, key, n));
+    await sendTcp(proxy.tcpPort, round(1));
+    await a.waitForBytes(round(1).length);
+    assert.equal(a.accepted, 2, "an ascii and a binary connection");
+
+    await proxy.writeServers([a.address, d.address]);
+    proxy.signal("SIGHUP");
+    await proxy.waitForLog(/SIGHUP: reloaded: added .*; removed /);
+    await sendTcp(proxy.tcpPort, round(2));
+    await a.waitForBytes(2 * round(1).length);
+    await sleep(50);
+    assert.equal(a.accepted, 2, "no new connection to a server that stays");
+    const [ascii, bin] = a.byConnection();
+    assert.deepEqual(ascii, bytes(`${key}:1|c\n${key}:2|c\n`));
+    assert.deepEqual(bin, concat(binary(2, key, 1), binary(2, key, 2)));
+  } finally {
+    await proxy.stop();
+    await Promise.all([a, b, d].map((s) => s.stop()));
   }
 });
 
