@@ -540,6 +540,14 @@ function plan(options: BenchOptions): [Scenario, ProxyKind][] {
   return runs;
 }
 
+async function isFile(path: string): Promise<boolean> {
+  try {
+    return (await Deno.stat(path)).isFile;
+  } catch {
+    return false;
+  }
+}
+
 /** Runs the bench; returns the process exit code. */
 export async function runBench(options: BenchOptions): Promise<number> {
   const ticksPerSecond = await clockTicksPerSecond();
@@ -556,6 +564,9 @@ export async function runBench(options: BenchOptions): Promise<number> {
   Deno.addSignalListener("SIGINT", interrupt);
   Deno.addSignalListener("SIGTERM", interrupt);
   try {
+    if (options.hit9 !== undefined && !(await isFile(options.hit9))) {
+      throw new Error(`hit9-statsd-proxy not found at ${options.hit9} (set ${HIT9_ENV} or --hit9)`);
+    }
     procs.dir = await Deno.makeTempDir({ prefix: "statsite-proxy-bench-" });
     generator = await LoadGenerator.create(options.generator, procs.dir);
     progress(`load generator: ${generator.kind === "c" ? "C" : "Deno"} (${generator.note})`);
