@@ -12,7 +12,8 @@
  *
  * With `--peers` it also runs each UDP scenario against hit9/statsd-proxy
  * (`bench_peers.ts`), right after ours, with the same generator and rate, and
- * prints a comparison with the ratios ours / hit9.
+ * prints a comparison with the ratios ours / hit9. With `--statsite`, the
+ * same with the archived C statsite-proxy, on tcp-ascii and the UDP scenarios.
  *
  * With `--target HOST:PORT --sink-ports A,B,C` it drives a proxy it did not
  * start (TCP and UDP on that port) whose servers are sinks on those ports, so
@@ -26,7 +27,14 @@ import { LineChild } from "./bench_child.ts";
 import { type GeneratorChoice, LoadGenerator, type LoadReport } from "./bench_generator.ts";
 import { KEY_COUNT } from "./bench_keys.ts";
 import { DEFAULT_TICK_MS } from "./bench_load.ts";
-import { HIT9_DEFAULT, HIT9_ENV, Hit9Proxy } from "./bench_peers.ts";
+import {
+  HIT9_DEFAULT,
+  HIT9_ENV,
+  Hit9Proxy,
+  STATSITE_DEFAULT,
+  STATSITE_ENV,
+  StatsiteProxy,
+} from "./bench_peers.ts";
 import { clockTicksPerSecond, cpuTicks, memoryUse, udpDrops } from "./bench_proc.ts";
 import { BenchProxy, type ProxyProcess } from "./bench_proxy.ts";
 import {
@@ -61,7 +69,10 @@ const USAGE = `Usage: deno task bench [flags]
   --json FILE           where to write the results (default bench-results/bench-TIMESTAMP.json)
   --generator KIND      load generator: c, deno or auto (default auto: c if it compiles, else deno)
   --peers               also run each UDP scenario against hit9/statsd-proxy, after ours
-  --hit9 PATH           the hit9-statsd-proxy binary (default $${HIT9_ENV} or ${HIT9_DEFAULT})
+  --hit9-bin PATH       the hit9-statsd-proxy binary (default $${HIT9_ENV} or ${HIT9_DEFAULT})
+  --statsite            also run tcp-ascii and the UDP scenarios against the archived C
+                        statsite-proxy, after ours (slow: it forwards ~180k lines/s; see --count)
+  --statsite-bin PATH   its binary (default $${STATSITE_ENV} or ${STATSITE_DEFAULT})
   --connections N       TCP connections of the generator (default 4)
   --senders N           UDP sockets of the generator (default 8 for C; 2 batched, 4 single for deno)
   --target HOST:PORT    drive an external proxy (TCP and UDP on PORT) instead of starting one
@@ -87,6 +98,8 @@ export interface BenchOptions {
   generator: GeneratorChoice;
   /** The hit9 binary, to run each UDP scenario against it too; undefined without `--peers`. */
   hit9?: string;
+  /** The C statsite-proxy binary, to run against it too; undefined without `--statsite`. */
+  statsite?: string;
   /** TCP connections of the generator. */
   connections?: number;
   /** UDP sockets of the generator. */
@@ -132,7 +145,9 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
         json: { type: "string" },
         generator: { type: "string", default: "auto" },
         peers: { type: "boolean", default: false },
-        hit9: { type: "string" },
+        "hit9-bin": { type: "string" },
+        statsite: { type: "boolean", default: false },
+        "statsite-bin": { type: "string" },
         connections: { type: "string" },
         senders: { type: "string" },
         target: { type: "string" },
@@ -167,10 +182,19 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
   if (values.rate !== undefined) options.rate = integer("rate", values.rate, 0);
   if (values.count !== undefined) options.count = integer("count", values.count, 1);
   if (values["tick-ms"] !== undefined) options.tickMs = decimal("tick-ms", values["tick-ms"]);
-  if (values.hit9 !== undefined && !values.peers) throw new UsageError("--hit9 needs --peers");
+  if (values["hit9-bin"] !== undefined && !values.peers) {
+    throw new UsageError("--hit9-bin needs --peers");
+  }
   if (values.peers) {
-    options.hit9 = values.hit9 ?? Deno.env.get(HIT9_ENV) ??
+    options.hit9 = values["hit9-bin"] ?? Deno.env.get(HIT9_ENV) ??
       new URL(HIT9_DEFAULT, ROOT).pathname;
+  }
+  if (values["statsite-bin"] !== undefined && !values.statsite) {
+    throw new UsageError("--statsite-bin needs --statsite");
+  }
+  if (values.statsite) {
+    options.statsite = values["statsite-bin"] ?? Deno.env.get(STATSITE_ENV) ??
+      new URL(STATSITE_DEFAULT, ROOT).pathname;
   }
   if (values.connections !== undefined) {
     options.connections = integer("connections", values.connections, 1);
@@ -181,7 +205,9 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
     if (match === null) throw new UsageError(`--target must be HOST:PORT, got "${values.target}"`);
     options.target = { host: match[1], port: integer("target", match[2], 1) };
     if (values["sink-ports"] === undefined) throw new UsageError("--target needs --sink-ports");
-    if (values.peers) throw new UsageError("--peers starts its own proxies: not with --target");
+    if (values.peers || values.statsite) {
+      throw new UsageError("--peers and --statsite start their own proxies: not with --target");
+    }
   }
   if (values["sink-ports"] !== undefined) {
     if (options.target === undefined) throw new UsageError("--sink-ports needs --target");
@@ -308,7 +334,7 @@ function logTail(stderr: string): string {
 }
 
 /** Which proxy a scenario runs against. */
-type ProxyKind = "statsite-proxy" | "hit9" | "external";
+type ProxyKind = "statsite-proxy" | "hit9" | "statsite-c" | "external";
 
 /** What every scenario of a run shares. */
 interface RunContext {
@@ -334,13 +360,17 @@ async function startProxy(
     procs.proxy = proxy;
     return { host: "127.0.0.1", port: proxy.udpPort, udpPort: proxy.udpPort };
   }
-  const proxy = await BenchProxy.start({ servers });
+  const proxy = kind === "statsite-c"
+    ? await StatsiteProxy.start({ binary: options.statsite!, servers })
+    : await BenchProxy.start({ servers });
   procs.proxy = proxy;
   const connected = await waitFor(
     async () => (await procs.sinkStats()).every((s) => s.conns > 0),
     10_000,
   );
-  if (!connected) throw new Error(`the proxy did not connect to every sink: ${proxy.stderr}`);
+  if (!connected) {
+    throw new Error(`${proxy.name} did not connect to every sink: ${proxy.stderr}`);
+  }
   const port = scenario.transport === "tcp" ? proxy.tcpPort : proxy.udpPort;
   return { host: "127.0.0.1", port, udpPort: proxy.udpPort };
 }
@@ -536,6 +566,10 @@ function plan(options: BenchOptions): [Scenario, ProxyKind][] {
     }
     runs.push([scenario, "statsite-proxy"]);
     if (options.hit9 !== undefined && scenario.transport === "udp") runs.push([scenario, "hit9"]);
+    // It drops binary frames, so only the ascii scenarios.
+    if (options.statsite !== undefined && scenario.format === "ascii") {
+      runs.push([scenario, "statsite-c"]);
+    }
   }
   return runs;
 }
@@ -565,7 +599,14 @@ export async function runBench(options: BenchOptions): Promise<number> {
   Deno.addSignalListener("SIGTERM", interrupt);
   try {
     if (options.hit9 !== undefined && !(await isFile(options.hit9))) {
-      throw new Error(`hit9-statsd-proxy not found at ${options.hit9} (set ${HIT9_ENV} or --hit9)`);
+      throw new Error(
+        `hit9-statsd-proxy not found at ${options.hit9} (set ${HIT9_ENV} or --hit9-bin)`,
+      );
+    }
+    if (options.statsite !== undefined && !(await isFile(options.statsite))) {
+      throw new Error(
+        `statsite_proxy not found at ${options.statsite} (set ${STATSITE_ENV} or --statsite-bin)`,
+      );
     }
     procs.dir = await Deno.makeTempDir({ prefix: "statsite-proxy-bench-" });
     generator = await LoadGenerator.create(options.generator, procs.dir);
@@ -650,6 +691,7 @@ export async function runBench(options: BenchOptions): Promise<number> {
       quick: options.quick,
       generator: options.generator,
       hit9: options.hit9 ?? null,
+      statsite: options.statsite ?? null,
       connections: options.connections ?? null,
       senders: options.senders ?? null,
       target: options.target === undefined ? null : `${options.target.host}:${options.target.port}`,

@@ -1,7 +1,8 @@
 /**
- * Other proxies the bench measures side by side with ours (`deno task bench
- * --peers`), started as subprocesses in front of the bench's sinks:
- * hit9/statsd-proxy (UDP in, UDP out; {@linkcode Hit9Proxy}).
+ * Other proxies the bench measures side by side with ours, started as
+ * subprocesses in front of the bench's sinks: hit9/statsd-proxy (`--peers`;
+ * UDP in, UDP out; {@linkcode Hit9Proxy}) and the archived C statsite-proxy
+ * (`--statsite`; TCP and UDP in, TCP out; {@linkcode StatsiteProxy}).
  *
  * Only their binaries are run: a configuration is written to a temporary
  * folder, the process is started and the bench waits until it listens.
@@ -17,6 +18,12 @@ export const HIT9_DEFAULT = "../shared/peers/hit9-statsd-proxy";
 
 /** Environment variable that overrides the hit9 binary. */
 export const HIT9_ENV = "BENCH_HIT9";
+
+/** The default C statsite-proxy binary, relative to the repository root. */
+export const STATSITE_DEFAULT = "../shared/peers/statsite_proxy";
+
+/** Environment variable that overrides the C statsite-proxy binary. */
+export const STATSITE_ENV = "BENCH_STATSITE";
 
 /** hit9's worker threads, each with its own SO_REUSEPORT socket. */
 export const HIT9_THREADS = 2;
@@ -77,7 +84,7 @@ export class Hit9Proxy extends ProxyChild implements ProxyProcess {
       await Deno.stat(options.binary);
     } catch {
       throw new Error(
-        `hit9-statsd-proxy not found at ${options.binary} (set ${HIT9_ENV} or --hit9)`,
+        `hit9-statsd-proxy not found at ${options.binary} (set ${HIT9_ENV} or --hit9-bin)`,
       );
     }
     const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-bench-hit9-" });
@@ -115,6 +122,126 @@ export class Hit9Proxy extends ProxyChild implements ProxyProcess {
       }
       if (performance.now() > deadline) {
         throw new Error(`hit9 did not listen within ${timeoutMs} ms: ${this.stderr.trim()}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+  }
+}
+
+/** Options of {@linkcode StatsiteProxy.start}. */
+export interface StatsiteOptions {
+  /** Path of the `statsite_proxy` binary. */
+  binary: string;
+  /** The servers, `host:port` (the sinks' TCP ports), each of weight 100. */
+  servers: readonly string[];
+  /** Give up when it does not listen within this many ms. Default 10000. */
+  startTimeoutMs?: number;
+}
+
+/** A port free for both TCP and UDP on every address (statsite_proxy binds 0.0.0.0). */
+function freePortAnyAddress(): number {
+  for (let attempt = 1;; attempt++) {
+    const listener = Deno.listen({ hostname: "0.0.0.0", port: 0 });
+    const port = listener.addr.port;
+    try {
+      Deno.listenDatagram({ transport: "udp", hostname: "0.0.0.0", port }).close();
+      return port;
+    } catch (err) {
+      if (attempt >= 20) throw err;
+    } finally {
+      listener.close();
+    }
+  }
+}
+
+/**
+ * The archived C statsite-proxy (libev, one thread), started for one
+ * scenario: TCP and UDP in on one port, ascii lines out over TCP, one write
+ * per line; it drops binary frames.
+ */
+export class StatsiteProxy extends ProxyChild implements ProxyProcess {
+  /** What the bench calls it. */
+  readonly name = "statsite-c";
+  /** Its TCP port. */
+  readonly tcpPort: number;
+  /** Its UDP port (the same number). */
+  readonly udpPort: number;
+  /** Milliseconds from spawn until a TCP connect succeeded. */
+  startupMs = 0;
+
+  private constructor(dir: string, port: number, child: Deno.ChildProcess) {
+    super(dir, child);
+    this.tcpPort = port;
+    this.udpPort = port;
+  }
+
+  /** Writes its configuration, starts it and waits until its TCP port accepts a connection. */
+  static async start(options: StatsiteOptions): Promise<StatsiteProxy> {
+    for (let attempt = 1;; attempt++) {
+      const proxy = await StatsiteProxy.#spawn(options);
+      try {
+        await proxy.#waitListening(options.startTimeoutMs ?? 10_000);
+        return proxy;
+      } catch (err) {
+        await proxy.stop();
+        if (attempt >= 3) throw err;
+      }
+    }
+  }
+
+  static async #spawn(options: StatsiteOptions): Promise<StatsiteProxy> {
+    try {
+      await Deno.stat(options.binary);
+    } catch {
+      throw new Error(
+        `statsite_proxy not found at ${options.binary} (set ${STATSITE_ENV} or --statsite-bin)`,
+      );
+    }
+    const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-bench-c-" });
+    const port = freePortAnyAddress();
+    await Deno.writeTextFile(
+      `${dir}/servers.conf`,
+      options.servers.map((server) => `${server}\t100\n`).join(""),
+    );
+    const config = [
+      "[statsite-proxy]",
+      `port = ${port}`,
+      `udp_port = ${port}`,
+      `servers = ${dir}/servers.conf`,
+      "log_level = WARN",
+      "daemonize = 0",
+      `pid_file = ${dir}/statsite_proxy.pid`,
+      "",
+    ].join("\n");
+    await Deno.writeTextFile(`${dir}/proxy.ini`, config);
+    const child = new Deno.Command(options.binary, {
+      args: ["-f", `${dir}/proxy.ini`],
+      cwd: dir,
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    return new StatsiteProxy(dir, port, child);
+  }
+
+  async #waitListening(timeoutMs: number): Promise<void> {
+    const started = performance.now();
+    const deadline = started + timeoutMs;
+    while (true) {
+      if (this.exited) {
+        await this.ended();
+        throw new Error(`statsite_proxy exited at start: ${this.stderr.trim()}`);
+      }
+      try {
+        const conn = await Deno.connect({ hostname: "127.0.0.1", port: this.tcpPort });
+        conn.close();
+        this.startupMs = performance.now() - started;
+        return;
+      } catch {
+        // Not listening yet.
+      }
+      if (performance.now() > deadline) {
+        throw new Error(`statsite_proxy did not listen within ${timeoutMs} ms`);
       }
       await new Promise((resolve) => setTimeout(resolve, 5));
     }
