@@ -492,6 +492,7 @@ async function runScenario(
   const sinks: SinkResult[] = stats.map((s, i) => ({
     lines: s.lines,
     frames: s.frames,
+    datagrams: s.datagrams,
     keys: keys.each[i],
   }));
   const dropDelta = (key: "proxy" | "sinks") => {
@@ -709,7 +710,7 @@ export async function runBench(options: BenchOptions): Promise<number> {
       startupMs: "spawning the proxy until it listens",
       proxyUdpDrops: "datagrams the kernel dropped at the proxy's UDP socket(s) (/proc/net/udp)",
       sinkUdpDrops: "datagrams the kernel dropped at the sinks' UDP sockets (peers sending UDP)",
-      comparisons: "cpuRatio and deliveredRatio are ours / peer",
+      comparisons: "cpuRatio and deliveredRatio are ours / peer; lostAtSinks is an estimate",
     },
     results,
     comparisons,

@@ -13,6 +13,8 @@ export interface SinkResult {
   lines: number;
   /** Binary frames received. */
   frames: number;
+  /** Datagrams received (UDP). */
+  datagrams: number;
   /** Distinct key ids received. */
   keys: number;
 }
@@ -149,6 +151,12 @@ export interface ComparedRun {
   delivered: number;
   /** `delivered / sent`, in percent. */
   deliveredPercent: number;
+  /**
+   * Of the lines lost, about how many the kernel dropped at the sinks' UDP
+   * sockets (datagrams dropped × lines per datagram received), not at the
+   * proxy; null when unknown.
+   */
+  lostAtSinks: number | null;
   /** CPU seconds per million metrics delivered (= µs per metric), or null. */
   cpuSecondsPerMillion: number | null;
   /** Peak RSS in bytes, or null. */
@@ -175,6 +183,15 @@ export interface Comparison {
   deliveredRatio: number | null;
 }
 
+/** Lines lost in datagrams the sinks' sockets dropped, estimated; null when unknown. */
+export function lostAtSinks(r: ScenarioResult): number | null {
+  if (r.sinkUdpDrops === null) return null;
+  if (r.sinkUdpDrops === 0) return 0;
+  const lines = r.sinks.reduce((n, s) => n + (s.datagrams > 0 ? s.lines : 0), 0);
+  const datagrams = r.sinks.reduce((n, s) => n + s.datagrams, 0);
+  return datagrams > 0 ? Math.round(r.sinkUdpDrops * lines / datagrams) : null;
+}
+
 function compared(r: ScenarioResult): ComparedRun {
   return {
     proxy: r.proxy,
@@ -182,6 +199,7 @@ function compared(r: ScenarioResult): ComparedRun {
     sent: r.sent,
     delivered: r.delivered,
     deliveredPercent: r.sent > 0 ? r.delivered / r.sent * 100 : 0,
+    lostAtSinks: lostAtSinks(r),
     cpuSecondsPerMillion: r.cpuSecondsPerMillion,
     peakRssBytes: r.peakRssBytes,
     splitKeys: r.splitKeys,
@@ -218,9 +236,15 @@ function cpu(c: Comparison, run: ComparedRun): string {
   return n === "-" ? n : c.linesPerDatagram === 1 ? `${n} µs/dgram` : `${n} s/M`;
 }
 
-/** The comparisons as a plain-text table, with the ratios ours / peer. */
+function lost(run: ComparedRun): string {
+  return run.lostAtSinks === null ? "?" : `~${int.format(run.lostAtSinks)}`;
+}
+
+/**
+ * The comparisons as a plain-text table, with the ratios ours / peer (peak
+ * RSS and split keys are in {@linkcode formatTable}'s table and the JSON).
+ */
 export function formatComparisons(comparisons: readonly Comparison[]): string {
-  const mib = (n: number | null) => fixed(n === null ? null : n / 2 ** 20, 1);
   return table([
     [
       "scenario",
@@ -232,8 +256,7 @@ export function formatComparisons(comparisons: readonly Comparison[]): string {
       "CPU peer",
       "CPU ours/peer",
       "delivered ours/peer",
-      "RSS MiB ours/peer",
-      "split keys",
+      "lost at sinks ours/peer",
     ],
     ...comparisons.map((c) => [
       c.scenario,
@@ -245,8 +268,7 @@ export function formatComparisons(comparisons: readonly Comparison[]): string {
       cpu(c, c.peer),
       fixed(c.cpuRatio, 2),
       fixed(c.deliveredRatio, 3),
-      `${mib(c.ours.peakRssBytes)}/${mib(c.peer.peakRssBytes)}`,
-      `${c.ours.splitKeys}/${c.peer.splitKeys}`,
+      `${lost(c.ours)}/${lost(c.peer)}`,
     ]),
   ], 2);
 }
