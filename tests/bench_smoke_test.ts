@@ -2,16 +2,18 @@
  * Smoke tests of `deno task bench`: `--quick` runs, as subprocesses, must
  * print their tables and deliver every metric to exactly one sink; with the
  * C load generator when a C compiler is there, with the Deno one when it is
- * not, and side by side with hit9 when its binary is there. No timing is
- * asserted.
+ * not, and side by side with hit9 when its binary is there; and the pieces
+ * the C generator and the UDP sinks rely on. No timing is asserted.
  *
  * @module
  */
 
 import assert from "node:assert/strict";
+import { encodePayload, scenarioPayload } from "../scripts/bench_payload.ts";
 import { HIT9_DEFAULT, HIT9_ENV } from "../scripts/bench_peers.ts";
 import type { Comparison, ScenarioResult } from "../scripts/bench_report.ts";
 import { SCENARIOS } from "../scripts/bench_scenarios.ts";
+import { countDatagram, SinkCounts } from "../scripts/bench_sink.ts";
 
 const ROOT = new URL("../", import.meta.url);
 const BENCH = new URL("scripts/bench.ts", ROOT).pathname;
@@ -145,4 +147,35 @@ Deno.test({
     for (const c of comparisons) assert.equal(c.deliveredRatio, 1);
     assert.match(stdout, /^udp-20\s+hit9\s/m);
   },
+});
+
+Deno.test("udp-20 datagrams hold exactly 20 lines, and a sink counts each line once", () => {
+  const scenario = SCENARIOS.find((s) => s.name === "udp-20")!;
+  const { run, set } = scenarioPayload(scenario);
+  assert.ok(set !== undefined);
+  assert.ok(set.metrics.every((m) => m === 20), "20 lines per datagram");
+  const counts = new SinkCounts();
+  for (const datagram of set.datagrams) {
+    assert.notEqual(datagram[datagram.length - 1], 10, "no trailing newline");
+    countDatagram(datagram, datagram.length, counts);
+  }
+  assert.equal(counts.lines, run.count);
+  assert.equal(counts.datagrams, set.datagrams.length);
+  assert.equal(counts.bad, 0);
+  assert.ok(counts.seen.every((s) => s === 1), "every key seen");
+});
+
+Deno.test("the C generator's payload file holds the run and its datagrams", () => {
+  const scenario = SCENARIOS.find((s) => s.name === "udp-1")!;
+  const { run, set } = scenarioPayload(scenario);
+  const file = encodePayload(run, set);
+  const view = new DataView(file.buffer);
+  assert.equal(new TextDecoder().decode(file.subarray(0, 4)), "SPLG");
+  assert.equal(view.getUint32(4, true), 1);
+  assert.equal(view.getUint32(8, true), run.count);
+  assert.equal(view.getUint32(12, true), run.bytes.length);
+  assert.equal(view.getUint32(16, true), set!.datagrams.length);
+  const bytesAt = 20 + 4 * (run.count + 1 + 2 * set!.datagrams.length);
+  assert.equal(file.length, bytesAt + run.bytes.length);
+  assert.deepEqual(file.subarray(bytesAt), run.bytes);
 });
