@@ -237,7 +237,8 @@ function cpu(c: Comparison, run: ComparedRun): string {
 }
 
 function lost(run: ComparedRun): string {
-  return run.lostAtSinks === null ? "?" : `~${int.format(run.lostAtSinks)}`;
+  if (run.lostAtSinks === null) return "?";
+  return run.lostAtSinks === 0 ? "0" : `~${int.format(run.lostAtSinks)}`;
 }
 
 /**
