@@ -237,7 +237,7 @@ function cpu(c: Comparison, run: ComparedRun): string {
 }
 
 function lost(run: ComparedRun): string {
-  if (run.lostAtSinks === null) return "?";
+  if (run.lostAtSinks === null) return "-";
   return run.lostAtSinks === 0 ? "0" : `~${int.format(run.lostAtSinks)}`;
 }
 
