@@ -1,12 +1,19 @@
 /**
  * `deno task bench`: the proxy's end-to-end benchmark.
  *
- * Starts three sinks (`bench_sink.ts`) standing in for statsite, and for each
- * scenario (`bench_scenarios.ts`) a fresh proxy in front of them and a load
- * generator (`bench_load.ts`), each as its own process. It measures what the
- * generator offered, what the sinks received, the proxy's CPU time and peak
- * memory, and checks that no key was split across sinks; then prints a table
- * and writes the results as JSON.
+ * Starts three sinks (`bench_sink.ts`, TCP and UDP) standing in for
+ * statsite, and for each scenario (`bench_scenarios.ts`) a fresh proxy in
+ * front of them and a load generator, each as its own process. The load
+ * generator is the C one (`bench_loadgen.c`, compiled at run time) when a C
+ * compiler is there, else `bench_load.ts` (`bench_generator.ts`). It measures
+ * what the generator offered, what the sinks received, the proxy's CPU time
+ * and peak memory, the datagrams the kernel dropped, and checks that no key
+ * was split across sinks; then prints a table and writes the results as JSON.
+ *
+ * With `--peers` it also runs each UDP scenario against hit9/statsd-proxy
+ * (`bench_peers.ts`), right after ours, with the same generator and rate, and
+ * prints a comparison with the ratios ours / hit9. With `--statsite`, the
+ * same with the archived C statsite-proxy, on tcp-ascii and the UDP scenarios.
  *
  * With `--target HOST:PORT --sink-ports A,B,C` it drives a proxy it did not
  * start (TCP and UDP on that port) whose servers are sinks on those ports, so
@@ -17,18 +24,32 @@
 
 import { parseArgs } from "node:util";
 import { LineChild } from "./bench_child.ts";
+import { type GeneratorChoice, LoadGenerator, type LoadReport } from "./bench_generator.ts";
 import { KEY_COUNT } from "./bench_keys.ts";
-import { DEFAULT_TICK_MS, type LoadReport } from "./bench_load.ts";
-import { clockTicksPerSecond, cpuTicks, memoryUse } from "./bench_proc.ts";
-import { BenchProxy } from "./bench_proxy.ts";
-import { formatTable, type ScenarioResult, type SinkResult } from "./bench_report.ts";
+import { DEFAULT_TICK_MS } from "./bench_load.ts";
+import {
+  HIT9_DEFAULT,
+  HIT9_ENV,
+  Hit9Proxy,
+  STATSITE_DEFAULT,
+  STATSITE_ENV,
+  StatsiteProxy,
+} from "./bench_peers.ts";
+import { clockTicksPerSecond, cpuTicks, memoryUse, udpDrops } from "./bench_proc.ts";
+import { BenchProxy, type ProxyProcess } from "./bench_proxy.ts";
+import {
+  compare,
+  formatComparisons,
+  formatTable,
+  type ScenarioResult,
+  type SinkResult,
+} from "./bench_report.ts";
 import { type Scenario, SCENARIOS } from "./bench_scenarios.ts";
 import type { SinkStats } from "./bench_sink.ts";
 
 const ROOT = new URL("../", import.meta.url);
 const DENO_JSON = new URL("deno.json", ROOT).pathname;
 const SINK = new URL("scripts/bench_sink.ts", ROOT).pathname;
-const LOAD = new URL("scripts/bench_load.ts", ROOT).pathname;
 
 /** How long deliveries may stop growing before a scenario ends. */
 const SETTLE_MS = 500;
@@ -38,13 +59,22 @@ const STALL_MS = 30_000;
 const USAGE = `Usage: deno task bench [flags]
 
   --scenarios a,b       scenarios to run (default all: ${SCENARIOS.map((s) => s.name).join(", ")})
-  --count N             metrics per scenario (default per scenario: 70M tcp, 10M udp-batched, 2M udp-single)
-  --rate N              pace the generator to N metrics/s (default: as fast as it can)
-  --tick-ms N           with --rate: send what is due every N ms (default 1)
+  --count N             metrics per scenario (default per scenario: 70M tcp, 10M udp-batched,
+                        2M udp-single, 10M udp-20, 1.5M udp-1)
+  --rate N              pace the generator to N metrics/s, 0 for as fast as it can (default:
+                        1M lines/s for udp-20, 150k datagrams/s for udp-1, unpaced for the others)
+  --tick-ms N           when paced: send what is due every N ms, fractions allowed with the C
+                        generator (default 1)
   --quick               a tiny run of every scenario (a smoke test)
   --json FILE           where to write the results (default bench-results/bench-TIMESTAMP.json)
+  --generator KIND      load generator: c, deno or auto (default auto: c if it compiles, else deno)
+  --peers               also run each UDP scenario against hit9/statsd-proxy, after ours
+  --hit9-bin PATH       the hit9-statsd-proxy binary (default $${HIT9_ENV} or ${HIT9_DEFAULT})
+  --statsite            also run tcp-ascii and the UDP scenarios against the archived C
+                        statsite-proxy, after ours (slow: it forwards ~180k lines/s; see --count)
+  --statsite-bin PATH   its binary (default $${STATSITE_ENV} or ${STATSITE_DEFAULT})
   --connections N       TCP connections of the generator (default 4)
-  --senders N           UDP sockets of the generator (default 2 batched, 4 single)
+  --senders N           UDP sockets of the generator (default 8 for C; 2 batched, 4 single for deno)
   --target HOST:PORT    drive an external proxy (TCP and UDP on PORT) instead of starting one
   --sink-ports A,B,C    with --target: the ports the sinks listen on (the proxy's servers)
   --pid PID             with --target: the external proxy's process, for CPU and memory
@@ -56,14 +86,20 @@ export interface BenchOptions {
   scenarios: Scenario[];
   /** Metrics per scenario, overriding the defaults. */
   count?: number;
-  /** Pace in metrics/s; 0 for as fast as possible. */
-  rate: number;
+  /** Pace in metrics/s, 0 for as fast as possible; undefined for each scenario's default. */
+  rate?: number;
   /** Pacing tick in ms. */
   tickMs?: number;
   /** A tiny run of every scenario. */
   quick: boolean;
   /** Where the JSON goes. */
   json: string;
+  /** Which load generator. */
+  generator: GeneratorChoice;
+  /** The hit9 binary, to run each UDP scenario against it too; undefined without `--peers`. */
+  hit9?: string;
+  /** The C statsite-proxy binary, to run against it too; undefined without `--statsite`. */
+  statsite?: string;
   /** TCP connections of the generator. */
   connections?: number;
   /** UDP sockets of the generator. */
@@ -77,6 +113,14 @@ export interface BenchOptions {
 }
 
 class UsageError extends Error {}
+
+function decimal(name: string, text: string): number {
+  const n = Number(text);
+  if (!/^\d+(\.\d+)?$/.test(text) || !(n > 0)) {
+    throw new UsageError(`--${name} must be a number > 0, got "${text}"`);
+  }
+  return n;
+}
 
 function integer(name: string, text: string, min: number): number {
   const n = Number(text);
@@ -99,6 +143,11 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
         "tick-ms": { type: "string" },
         quick: { type: "boolean", default: false },
         json: { type: "string" },
+        generator: { type: "string", default: "auto" },
+        peers: { type: "boolean", default: false },
+        "hit9-bin": { type: "string" },
+        statsite: { type: "boolean", default: false },
+        "statsite-bin": { type: "string" },
         connections: { type: "string" },
         senders: { type: "string" },
         target: { type: "string" },
@@ -120,14 +169,33 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
     });
   }
   const stamp = new Date().toISOString().replace(/:/g, "-").replace(/\..*/, "");
+  const generator = values.generator;
+  if (generator !== "auto" && generator !== "c" && generator !== "deno") {
+    throw new UsageError(`--generator must be c, deno or auto, got "${generator}"`);
+  }
   const options: BenchOptions = {
     scenarios,
-    rate: values.rate === undefined ? 0 : integer("rate", values.rate, 1),
     quick: values.quick,
     json: values.json ?? `bench-results/bench-${stamp}.json`,
+    generator,
   };
+  if (values.rate !== undefined) options.rate = integer("rate", values.rate, 0);
   if (values.count !== undefined) options.count = integer("count", values.count, 1);
-  if (values["tick-ms"] !== undefined) options.tickMs = integer("tick-ms", values["tick-ms"], 1);
+  if (values["tick-ms"] !== undefined) options.tickMs = decimal("tick-ms", values["tick-ms"]);
+  if (values["hit9-bin"] !== undefined && !values.peers) {
+    throw new UsageError("--hit9-bin needs --peers");
+  }
+  if (values.peers) {
+    options.hit9 = values["hit9-bin"] ?? Deno.env.get(HIT9_ENV) ??
+      new URL(HIT9_DEFAULT, ROOT).pathname;
+  }
+  if (values["statsite-bin"] !== undefined && !values.statsite) {
+    throw new UsageError("--statsite-bin needs --statsite");
+  }
+  if (values.statsite) {
+    options.statsite = values["statsite-bin"] ?? Deno.env.get(STATSITE_ENV) ??
+      new URL(STATSITE_DEFAULT, ROOT).pathname;
+  }
   if (values.connections !== undefined) {
     options.connections = integer("connections", values.connections, 1);
   }
@@ -137,6 +205,9 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
     if (match === null) throw new UsageError(`--target must be HOST:PORT, got "${values.target}"`);
     options.target = { host: match[1], port: integer("target", match[2], 1) };
     if (values["sink-ports"] === undefined) throw new UsageError("--target needs --sink-ports");
+    if (values.peers || values.statsite) {
+      throw new UsageError("--peers and --statsite start their own proxies: not with --target");
+    }
   }
   if (values["sink-ports"] !== undefined) {
     if (options.target === undefined) throw new UsageError("--sink-ports needs --target");
@@ -161,14 +232,23 @@ function progress(text: string): void {
 class Processes {
   sinks: LineChild[] = [];
   sinkPorts: number[] = [];
-  proxy: BenchProxy | undefined;
+  proxy: ProxyProcess | undefined;
   load: LineChild | undefined;
+  /** A temporary folder (the C generator and its payloads), removed at the end. */
+  dir: string | undefined;
 
-  /** Kills everything at once (for an interrupted bench). */
+  /** Kills everything at once and removes the folder (for an interrupted bench). */
   kill(): void {
     this.load?.kill();
     this.proxy?.kill();
     for (const sink of this.sinks) sink.kill();
+    if (this.dir !== undefined) {
+      try {
+        Deno.removeSync(this.dir, { recursive: true });
+      } catch {
+        // Already removed.
+      }
+    }
   }
 
   /** Stops everything, waiting for each to exit. */
@@ -180,6 +260,8 @@ class Processes {
     this.proxy = undefined;
     await Promise.all(this.sinks.map((sink) => sink.close()));
     this.sinks = [];
+    if (this.dir !== undefined) await Deno.remove(this.dir, { recursive: true }).catch(() => {});
+    this.dir = undefined;
   }
 
   async sinkStats(): Promise<SinkStats[]> {
@@ -251,66 +333,101 @@ function logTail(stderr: string): string {
   return stderr.trim().split("\n").filter((l) => l !== "").slice(-10).join("\n");
 }
 
+/** Which proxy a scenario runs against. */
+type ProxyKind = "statsite-proxy" | "hit9" | "statsite-c" | "external";
+
+/** What every scenario of a run shares. */
+interface RunContext {
+  options: BenchOptions;
+  procs: Processes;
+  generator: LoadGenerator;
+  ticksPerSecond: number;
+}
+
+/** Starts the proxy of a scenario; returns where the generator sends. */
+async function startProxy(
+  kind: ProxyKind,
+  scenario: Scenario,
+  { options, procs }: RunContext,
+): Promise<{ host: string; port: number; udpPort: number | undefined }> {
+  if (kind === "external") {
+    const { host, port } = options.target!;
+    return { host, port, udpPort: host.startsWith("127.") ? port : undefined };
+  }
+  const servers = procs.sinkPorts.map((p) => `127.0.0.1:${p}`);
+  if (kind === "hit9") {
+    const proxy = await Hit9Proxy.start({ binary: options.hit9!, servers });
+    procs.proxy = proxy;
+    return { host: "127.0.0.1", port: proxy.udpPort, udpPort: proxy.udpPort };
+  }
+  const proxy = kind === "statsite-c"
+    ? await StatsiteProxy.start({ binary: options.statsite!, servers })
+    : await BenchProxy.start({ servers });
+  procs.proxy = proxy;
+  const connected = await waitFor(
+    async () => (await procs.sinkStats()).every((s) => s.conns > 0),
+    10_000,
+  );
+  if (!connected) {
+    throw new Error(`${proxy.name} did not connect to every sink: ${proxy.stderr}`);
+  }
+  const port = scenario.transport === "tcp" ? proxy.tcpPort : proxy.udpPort;
+  return { host: "127.0.0.1", port, udpPort: proxy.udpPort };
+}
+
+/** Kernel drops so far at the proxy's UDP port and, summed, at the sinks' ports. */
+function drops(
+  udpPort: number | undefined,
+  sinkPorts: readonly number[],
+): { proxy: number | null; sinks: number | null } {
+  const ports = udpPort === undefined ? sinkPorts : [udpPort, ...sinkPorts];
+  const counts = udpDrops(ports);
+  if (counts === null) return { proxy: null, sinks: null };
+  return {
+    proxy: udpPort === undefined ? null : counts.get(udpPort)!,
+    sinks: sinkPorts.reduce((n, p) => n + counts.get(p)!, 0),
+  };
+}
+
+/** The pace of a scenario: `--rate`, else its `--quick` or default rate; 0 for unpaced. */
+function scenarioRate(scenario: Scenario, options: BenchOptions): number {
+  if (options.rate !== undefined) return options.rate;
+  return (options.quick ? scenario.quickRate : scenario.rate) ?? 0;
+}
+
 async function runScenario(
   scenario: Scenario,
-  options: BenchOptions,
-  procs: Processes,
-  ticksPerSecond: number,
+  kind: ProxyKind,
+  context: RunContext,
 ): Promise<ScenarioResult> {
+  const { options, procs, generator, ticksPerSecond } = context;
   const count = options.count ?? (options.quick ? scenario.quickCount : scenario.count);
-  const rate = options.rate > 0 ? options.rate : options.quick ? scenario.quickRate ?? 0 : 0;
+  const rate = scenarioRate(scenario, options);
   await Promise.all(procs.sinks.map((sink) => sink.request("reset")));
 
-  let host: string;
-  let tcpPort: number;
-  let udpPort: number;
-  let pid: number | undefined;
-  let startupMs: number | null = null;
-  if (options.target === undefined) {
-    const proxy = await BenchProxy.start({ servers: procs.sinkPorts.map((p) => `127.0.0.1:${p}`) });
-    procs.proxy = proxy;
-    ({ tcpPort, udpPort, pid, startupMs } = proxy);
-    host = "127.0.0.1";
-    const connected = await waitFor(
-      async () => (await procs.sinkStats()).every((s) => s.conns > 0),
-      10_000,
-    );
-    if (!connected) throw new Error(`the proxy did not connect to every sink: ${proxy.stderr}`);
-  } else {
-    ({ host, port: tcpPort } = options.target);
-    udpPort = tcpPort;
-    pid = options.pid;
-  }
+  const { host, port, udpPort } = await startProxy(kind, scenario, context);
+  const proxy = procs.proxy;
+  const pid = proxy?.pid ?? options.pid;
+  const udp = scenario.transport === "udp";
 
-  const args = [
-    "run",
-    "--quiet",
-    "--allow-net",
-    "--config",
-    DENO_JSON,
-    LOAD,
-    "--scenario",
-    scenario.name,
-    "--count",
-    String(count),
-    "--host",
+  const { command, args } = await generator.command({
+    scenario,
+    count,
     host,
-    "--tcp-port",
-    String(tcpPort),
-    "--udp-port",
-    String(udpPort),
-  ];
-  if (rate > 0) args.push("--rate", String(rate));
-  if (options.tickMs !== undefined) args.push("--tick-ms", String(options.tickMs));
-  if (options.connections !== undefined) args.push("--connections", String(options.connections));
-  if (options.senders !== undefined) args.push("--senders", String(options.senders));
-  const load = LineChild.spawn({ name: "load generator", args });
+    port,
+    rate,
+    tickMs: options.tickMs,
+    connections: options.connections,
+    senders: options.senders,
+  });
+  const load = LineChild.spawn({ name: "load generator", command, args });
   procs.load = load;
   const ready = await load.readLine(60_000);
   if (ready !== "ready") throw new Error(`load generator said "${ready}": ${load.stderr}`);
 
   const cpuBefore = pid === undefined ? undefined : cpuTicks(pid);
   const sinkCpuBefore = sinkTicks(procs);
+  const dropsBefore = udp ? drops(udpPort, procs.sinkPorts) : undefined;
   await load.send("go");
   // Wait for the generator's report, aborting if the sinks see nothing new for too long.
   const answer = load.readLine(24 * 3600_000);
@@ -340,7 +457,7 @@ async function runScenario(
   let last = delivered(stats);
   let changedAt = performance.now();
   while (last < report.sent && performance.now() - changedAt < SETTLE_MS) {
-    if (procs.proxy?.exited) break;
+    if (proxy?.exited) break;
     await sleep(50);
     stats = await procs.sinkStats();
     const total = delivered(stats);
@@ -352,12 +469,12 @@ async function runScenario(
   const cpuAfter = pid === undefined ? undefined : cpuTicks(pid);
   const sinkCpu = (sinkTicks(procs) - sinkCpuBefore) / ticksPerSecond;
   const memory = pid === undefined ? undefined : memoryUse(pid);
+  const dropsAfter = udp ? drops(udpPort, procs.sinkPorts) : undefined;
   const keys = keyCheck(await Promise.all(procs.sinks.map((sink) => sink.request("seen"))));
 
   let proxyExitCode: number | null = null;
   let proxyLog = "";
-  if (procs.proxy !== undefined) {
-    const proxy = procs.proxy;
+  if (proxy !== undefined) {
     proxyExitCode = (await proxy.stop()) ?? null;
     proxyLog = logTail(proxy.stderr);
     procs.proxy = undefined;
@@ -375,14 +492,30 @@ async function runScenario(
   const sinks: SinkResult[] = stats.map((s, i) => ({
     lines: s.lines,
     frames: s.frames,
+    datagrams: s.datagrams,
     keys: keys.each[i],
   }));
+  const dropDelta = (key: "proxy" | "sinks") => {
+    const before = dropsBefore?.[key];
+    const after = dropsAfter?.[key];
+    return before === undefined || after === undefined || before === null || after === null
+      ? null
+      : after - before;
+  };
   return {
     scenario: scenario.name,
     description: scenario.description,
+    proxy: kind === "external" ? "external" : proxy!.name,
+    generator: generator.kind,
+    linesPerDatagram: !udp
+      ? null
+      : scenario.packing === "single"
+      ? 1
+      : scenario.linesPerDatagram ?? null,
     count,
     rate: rate > 0 ? rate : null,
     sent: report.sent,
+    sends: report.sends,
     sendErrors: report.errors,
     sendSeconds,
     offeredRate: sendSeconds > 0 ? report.sent / sendSeconds : 0,
@@ -397,10 +530,12 @@ async function runScenario(
     sinkCpuSeconds: sinkCpu,
     peakRssBytes: memory?.peakRss ?? null,
     rssBytes: memory?.rss ?? null,
-    startupMs,
+    startupMs: proxy?.startupMs ?? null,
     splitKeys: keys.split,
     keysSeen: keys.seen,
     badAtSinks: stats.reduce((n, s) => n + s.bad, 0),
+    proxyUdpDrops: dropDelta("proxy"),
+    sinkUdpDrops: dropDelta("sinks"),
     sinks,
     proxyExitCode,
     proxyLog,
@@ -422,12 +557,39 @@ async function gitVersion(): Promise<string | null> {
   }
 }
 
+/** The runs of a bench, in order: each scenario against ours (or the target), then its peers. */
+function plan(options: BenchOptions): [Scenario, ProxyKind][] {
+  const runs: [Scenario, ProxyKind][] = [];
+  for (const scenario of options.scenarios) {
+    if (options.target !== undefined) {
+      runs.push([scenario, "external"]);
+      continue;
+    }
+    runs.push([scenario, "statsite-proxy"]);
+    if (options.hit9 !== undefined && scenario.transport === "udp") runs.push([scenario, "hit9"]);
+    // It drops binary frames, so only the ascii scenarios.
+    if (options.statsite !== undefined && scenario.format === "ascii") {
+      runs.push([scenario, "statsite-c"]);
+    }
+  }
+  return runs;
+}
+
+async function isFile(path: string): Promise<boolean> {
+  try {
+    return (await Deno.stat(path)).isFile;
+  } catch {
+    return false;
+  }
+}
+
 /** Runs the bench; returns the process exit code. */
 export async function runBench(options: BenchOptions): Promise<number> {
   const ticksPerSecond = await clockTicksPerSecond();
   const startedAt = new Date().toISOString();
   const procs = new Processes();
   const results: ScenarioResult[] = [];
+  let generator: LoadGenerator | undefined;
   let failure: string | undefined;
   const interrupt = () => {
     procs.kill();
@@ -437,6 +599,19 @@ export async function runBench(options: BenchOptions): Promise<number> {
   Deno.addSignalListener("SIGINT", interrupt);
   Deno.addSignalListener("SIGTERM", interrupt);
   try {
+    if (options.hit9 !== undefined && !(await isFile(options.hit9))) {
+      throw new Error(
+        `hit9-statsd-proxy not found at ${options.hit9} (set ${HIT9_ENV} or --hit9-bin)`,
+      );
+    }
+    if (options.statsite !== undefined && !(await isFile(options.statsite))) {
+      throw new Error(
+        `statsite_proxy not found at ${options.statsite} (set ${STATSITE_ENV} or --statsite-bin)`,
+      );
+    }
+    procs.dir = await Deno.makeTempDir({ prefix: "statsite-proxy-bench-" });
+    generator = await LoadGenerator.create(options.generator, procs.dir);
+    progress(`load generator: ${generator.kind === "c" ? "C" : "Deno"} (${generator.note})`);
     await startSinks(procs, options.sinkPorts ?? [0, 0, 0]);
     if (options.target !== undefined) {
       const { host, port } = options.target;
@@ -451,12 +626,17 @@ export async function runBench(options: BenchOptions): Promise<number> {
       }, 60_000);
       if (!up) throw new Error(`${host}:${port} does not accept connections`);
     }
-    for (const scenario of options.scenarios) {
-      progress(`${scenario.name}: ${scenario.description}`);
-      const result = await runScenario(scenario, options, procs, ticksPerSecond);
+    const context: RunContext = { options, procs, generator, ticksPerSecond };
+    for (const [scenario, kind] of plan(options)) {
+      const rate = scenarioRate(scenario, options);
+      progress(
+        `${scenario.name} → ${kind}: ${scenario.description}` +
+          (rate > 0 ? ` (at ${rate}/s)` : ""),
+      );
+      const result = await runScenario(scenario, kind, context);
       results.push(result);
       progress(
-        `${scenario.name}: sent ${result.sent}, delivered ${result.delivered}, ` +
+        `${scenario.name} → ${kind}: sent ${result.sent}, delivered ${result.delivered}, ` +
           `${Math.round(result.throughput)}/s, split keys ${result.splitKeys}`,
       );
     }
@@ -468,9 +648,22 @@ export async function runBench(options: BenchOptions): Promise<number> {
     Deno.removeSignalListener("SIGTERM", interrupt);
   }
 
+  const comparisons = compare(results);
   if (results.length > 0) console.log(formatTable(results));
+  if (comparisons.length > 0) {
+    console.log(
+      "\nOurs and its peers on the same scenarios, same generator and rate " +
+        "(CPU per delivered line; ratios ours/peer, CPU below 1 is better):",
+    );
+    console.log(formatComparisons(comparisons));
+  }
+  if (generator !== undefined) {
+    console.log(
+      `\nLoad generator: ${generator.kind === "c" ? "C" : "Deno"} (${generator.note})`,
+    );
+  }
   const rmemDefault = await udpReceiveBuffer();
-  if (rmemDefault !== null && options.scenarios.some((s) => s.name.startsWith("udp"))) {
+  if (rmemDefault !== null && options.scenarios.some((s) => s.transport === "udp")) {
     console.log(
       `UDP receive buffer (net.core.rmem_default): ${rmemDefault} bytes` +
         (rmemDefault < 1 << 22
@@ -490,27 +683,37 @@ export async function runBench(options: BenchOptions): Promise<number> {
     },
     clockTicksPerSecond: ticksPerSecond,
     udpReceiveBufferBytes: rmemDefault,
+    generator: generator === undefined ? null : { kind: generator.kind, note: generator.note },
     options: {
       scenarios: options.scenarios.map((s) => s.name),
       count: options.count ?? null,
-      rate: options.rate > 0 ? options.rate : null,
+      rate: options.rate ?? null,
       tickMs: options.tickMs ?? DEFAULT_TICK_MS,
       quick: options.quick,
+      generator: options.generator,
+      hit9: options.hit9 ?? null,
+      statsite: options.statsite ?? null,
       connections: options.connections ?? null,
       senders: options.senders ?? null,
       target: options.target === undefined ? null : `${options.target.host}:${options.target.port}`,
       pid: options.pid ?? null,
     },
     notes: {
+      rate: "null in options: each scenario's default pace (results[].rate)",
       offeredRate: "metrics/s the generator handed to the kernel, first send to last",
       throughput: "metrics delivered to the sinks / seconds from first send to last delivery",
-      cpuSecondsPerMillion: "proxy user+sys CPU seconds during the scenario per million delivered",
+      cpuSecondsPerMillion:
+        "proxy user+sys CPU seconds during the scenario per million delivered (= µs per line)",
       generatorCpuSeconds: "CPU seconds of the load generator, building its payloads included",
       sinkCpuSeconds: "CPU seconds of the three sinks together during the scenario",
       peakRssBytes: "proxy VmHWM at the end of the scenario (a fresh proxy per scenario)",
-      startupMs: "spawning the proxy until a TCP connect succeeds",
+      startupMs: "spawning the proxy until it listens",
+      proxyUdpDrops: "datagrams the kernel dropped at the proxy's UDP socket(s) (/proc/net/udp)",
+      sinkUdpDrops: "datagrams the kernel dropped at the sinks' UDP sockets (peers sending UDP)",
+      comparisons: "cpuRatio and deliveredRatio are ours / peer; lostAtSinks is an estimate",
     },
     results,
+    comparisons,
     error: failure ?? null,
   };
   const dir = options.json.includes("/")

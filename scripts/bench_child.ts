@@ -1,5 +1,5 @@
 /**
- * A helper process of the bench (a sink or the load generator) that talks
+ * A helper process of the bench (a sink or a load generator) that talks
  * one line at a time: commands on its standard input, answers on its
  * standard output. Its standard error is kept for error messages.
  *
@@ -13,11 +13,13 @@ const encoder = new TextEncoder();
 export interface LineChildOptions {
   /** What to call it in errors, e.g. `sink 1`. */
   name: string;
-  /** Arguments of `deno`, e.g. `["run", "--allow-net", "script.ts", "--port", "0"]`. */
+  /** Arguments, e.g. of `deno`: `["run", "--allow-net", "script.ts", "--port", "0"]`. */
   args: string[];
+  /** The program to run. Default: this `deno`. */
+  command?: string;
 }
 
-/** A `deno` subprocess spoken to line by line. */
+/** A subprocess (by default `deno`) spoken to line by line. */
 export class LineChild {
   /** What to call it in errors. */
   readonly name: string;
@@ -38,9 +40,9 @@ export class LineChild {
     this.#reading = Promise.all([this.#readStdout(), this.#readStderr()]).then(() => {});
   }
 
-  /** Starts `deno ARGS` with piped standard streams. */
+  /** Starts `COMMAND ARGS` (default `deno ARGS`) with piped standard streams. */
   static spawn(options: LineChildOptions): LineChild {
-    const child = new Deno.Command(Deno.execPath(), {
+    const child = new Deno.Command(options.command ?? Deno.execPath(), {
       args: options.args,
       stdin: "piped",
       stdout: "piped",

@@ -21,11 +21,10 @@
 import { parseArgs } from "node:util";
 import {
   averageBytes,
-  buildDatagrams,
-  buildRun,
   datagramPrefix,
   type DatagramSet,
   type MetricRun,
+  scenarioPayload,
 } from "./bench_payload.ts";
 import { findScenario } from "./bench_scenarios.ts";
 
@@ -213,7 +212,7 @@ async function main(): Promise<void> {
   const rate = positive("rate", values.rate, 0);
   const tickMs = Math.max(1, positive("tick-ms", values["tick-ms"], DEFAULT_TICK_MS));
   const hostname = values.host;
-  const run = buildRun({ format: scenario.format });
+  const { run, set } = scenarioPayload(scenario);
   const report: LoadReport = { sent: 0, sends: 0, errors: 0, startedAt: 0, endedAt: 0 };
   let senders: ((start: number) => Promise<void>)[];
   const paced = (start: number, parts: number): Pace => ({ rate: rate / parts, tickMs, start });
@@ -233,7 +232,7 @@ async function main(): Promise<void> {
       );
     } else {
       const port = positive("udp-port", values["udp-port"], 0);
-      const set = buildDatagrams({ run, packing: scenario.packing ?? "batched" });
+      if (set === undefined) throw new Error("a UDP scenario without datagrams");
       const fallback = scenario.packing === "single" ? 4 : 2;
       const n = Math.max(1, positive("senders", values.senders, fallback));
       const target: Deno.NetAddr = { transport: "udp", hostname, port };

@@ -11,7 +11,7 @@
  */
 
 import { KEY_COUNT, type KeySpec, keySpec, type MetricType } from "./bench_keys.ts";
-import type { BenchFormat, DatagramPacking } from "./bench_scenarios.ts";
+import type { BenchFormat, DatagramPacking, Scenario } from "./bench_scenarios.ts";
 
 /** How many times each key appears in a run. */
 export const RUN_PASSES = 2;
@@ -139,19 +139,24 @@ export interface BuildDatagramsOptions {
   packing: DatagramPacking;
   /** Largest datagram when batched. Default 1400. */
   maxBytes?: number;
+  /** When batched: exactly this many lines per datagram instead of filling up to `maxBytes`. */
+  lines?: number;
 }
 
 /** Cuts a run of ascii lines into datagrams, each a view (no copy). */
 export function buildDatagrams(options: BuildDatagramsOptions): DatagramSet {
   const { run, packing } = options;
   const maxBytes = options.maxBytes ?? 1400;
+  const lines = packing === "single" ? 1 : options.lines;
   const { bytes, offsets } = run;
   const datagrams: Uint8Array[] = [];
   const metrics: number[] = [];
   const first: number[] = [];
   for (let i = 0; i < run.count;) {
     let j = i + 1;
-    if (packing === "batched") {
+    if (lines !== undefined) {
+      j = Math.min(run.count, i + lines);
+    } else {
       while (j < run.count && offsets[j + 1] - 1 - offsets[i] <= maxBytes) j++;
     }
     datagrams.push(bytes.subarray(offsets[i], offsets[j] - 1));
@@ -167,4 +172,45 @@ export function datagramPrefix(set: DatagramSet, d: number, n: number): Uint8Arr
   const { offsets, bytes } = set.run;
   const first = set.first[d];
   return bytes.subarray(offsets[first], offsets[first + n] - 1);
+}
+
+/** Magic of the payload file of `bench_loadgen.c`. */
+const PAYLOAD_MAGIC = "SPLG";
+
+/**
+ * Encodes a run, and for UDP its datagrams, as the payload file of the C
+ * load generator (`bench_loadgen.c`), which then sends these exact bytes.
+ * Little-endian: `SPLG`, u32 version 1, u32 lines, u32 bytes, u32
+ * datagrams, u32 line offsets (lines + 1), u32 first line of each datagram,
+ * u32 lines of each datagram, then the bytes of the run.
+ */
+export function encodePayload(run: MetricRun, set?: DatagramSet): Uint8Array {
+  const datagrams = set?.datagrams.length ?? 0;
+  const header = 20;
+  const table = 4 * (run.count + 1 + 2 * datagrams);
+  const out = new Uint8Array(header + table + run.bytes.length);
+  const view = new DataView(out.buffer);
+  out.set(new TextEncoder().encode(PAYLOAD_MAGIC), 0);
+  view.setUint32(4, 1, true);
+  view.setUint32(8, run.count, true);
+  view.setUint32(12, run.bytes.length, true);
+  view.setUint32(16, datagrams, true);
+  let at = header;
+  for (let i = 0; i <= run.count; i++, at += 4) view.setUint32(at, run.offsets[i], true);
+  for (let d = 0; d < datagrams; d++, at += 4) view.setUint32(at, set!.first[d], true);
+  for (let d = 0; d < datagrams; d++, at += 4) view.setUint32(at, set!.metrics[d], true);
+  out.set(run.bytes, at);
+  return out;
+}
+
+/** What a scenario sends: its run of metrics, and for UDP the datagrams cut from it. */
+export function scenarioPayload(scenario: Scenario): { run: MetricRun; set?: DatagramSet } {
+  const run = buildRun({ format: scenario.format });
+  if (scenario.transport === "tcp") return { run };
+  const set = buildDatagrams({
+    run,
+    packing: scenario.packing ?? "batched",
+    lines: scenario.linesPerDatagram,
+  });
+  return { run, set };
 }

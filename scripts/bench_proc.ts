@@ -70,3 +70,52 @@ export function memoryUse(pid: number): MemoryUse | undefined {
   const rss = kib("VmRSS");
   return Number.isNaN(peakRss) ? undefined : { peakRss, rss };
 }
+
+/**
+ * Datagrams the kernel dropped on the UDP sockets bound to each of `ports`
+ * (any address), summed per port: the `drops` column of `/proc/net/udp` and
+ * `/proc/net/udp6`, which counts datagrams that did not fit in a socket's
+ * receive buffer. A port with no socket maps to 0; null when `/proc` cannot
+ * be read.
+ */
+export function udpDrops(ports: readonly number[]): Map<number, number> | null {
+  const drops = new Map(ports.map((port) => [port, 0]));
+  let any = false;
+  for (const file of ["/proc/net/udp", "/proc/net/udp6"]) {
+    let text: string;
+    try {
+      text = Deno.readTextFileSync(file);
+      any = true;
+    } catch {
+      continue;
+    }
+    for (const line of text.split("\n").slice(1)) {
+      const fields = line.trim().split(/\s+/);
+      if (fields.length < 13) continue;
+      const port = parseInt(fields[1].slice(fields[1].lastIndexOf(":") + 1), 16);
+      const n = drops.get(port);
+      if (n !== undefined) drops.set(port, n + Number(fields[fields.length - 1]));
+    }
+  }
+  return any ? drops : null;
+}
+
+/** How many UDP sockets are bound to `port` (any address), from `/proc/net/udp` and `udp6`. */
+export function udpSockets(port: number): number {
+  let n = 0;
+  for (const file of ["/proc/net/udp", "/proc/net/udp6"]) {
+    let text: string;
+    try {
+      text = Deno.readTextFileSync(file);
+    } catch {
+      continue;
+    }
+    for (const line of text.split("\n").slice(1)) {
+      const local = line.trim().split(/\s+/)[1];
+      if (local !== undefined && parseInt(local.slice(local.lastIndexOf(":") + 1), 16) === port) {
+        n++;
+      }
+    }
+  }
+  return n;
+}

@@ -19,14 +19,34 @@ export interface BenchProxyOptions {
   startTimeoutMs?: number;
 }
 
-/** A proxy process started for one scenario. */
-export class BenchProxy {
-  /** TCP port. */
-  readonly tcpPort: number;
-  /** UDP port. */
+/** A proxy process the bench measures: ours, or a peer (`bench_peers.ts`). */
+export interface ProxyProcess {
+  /** What the bench calls it in its results. */
+  readonly name: string;
+  /** The process id. */
+  readonly pid: number;
+  /** Its TCP port, if it takes TCP. */
+  readonly tcpPort: number | undefined;
+  /** Its UDP port. */
   readonly udpPort: number;
-  /** Milliseconds from spawn until a TCP connect succeeded. */
-  startupMs = 0;
+  /** Milliseconds from spawn until it listened. */
+  readonly startupMs: number;
+  /** What it logged on standard error (the last 16 KiB). */
+  readonly stderr: string;
+  /** Whether it has exited. */
+  readonly exited: boolean;
+  /** Stops it (SIGTERM, then SIGKILL); the exit code, or undefined when killed. Never throws. */
+  stop(timeoutMs?: number): Promise<number | undefined>;
+  /** Kills it at once, synchronously (for an interrupted bench). */
+  kill(): void;
+}
+
+/**
+ * A proxy subprocess with its own temporary folder (for its configuration):
+ * keeps the end of its standard error, stops it with SIGTERM then SIGKILL,
+ * and removes the folder when it is gone.
+ */
+export class ProxyChild {
   #dir: string;
   #child: Deno.ChildProcess;
   #status: Promise<Deno.CommandStatus>;
@@ -34,10 +54,9 @@ export class BenchProxy {
   #stderr = "";
   #reading: Promise<void>;
 
-  private constructor(dir: string, tcpPort: number, udpPort: number, child: Deno.ChildProcess) {
+  /** Takes over `child` (spawned with a piped standard error) and its folder `dir`. */
+  constructor(dir: string, child: Deno.ChildProcess) {
     this.#dir = dir;
-    this.tcpPort = tcpPort;
-    this.udpPort = udpPort;
     this.#child = child;
     this.#status = child.status;
     this.#status.then(() => this.#exited = true);
@@ -62,6 +81,73 @@ export class BenchProxy {
   /** Whether it has exited. */
   get exited(): boolean {
     return this.#exited;
+  }
+
+  /** Resolves once it has exited and its standard error is read to the end. */
+  protected async ended(): Promise<void> {
+    await this.#status;
+    await this.#reading;
+  }
+
+  /**
+   * Stops it with SIGTERM, or SIGKILL after `timeoutMs`, and removes its
+   * temporary folder. Returns the exit code, or undefined when it had to be
+   * killed. Never throws.
+   */
+  async stop(timeoutMs = 10_000): Promise<number | undefined> {
+    let code: number | undefined;
+    try {
+      this.#child.kill("SIGTERM");
+    } catch {
+      // Already exited.
+    }
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const status = await Promise.race([
+      this.#status,
+      new Promise<undefined>((resolve) => timer = setTimeout(() => resolve(undefined), timeoutMs)),
+    ]);
+    clearTimeout(timer);
+    if (status === undefined) {
+      this.kill();
+      await this.#status;
+    } else {
+      code = status.code;
+    }
+    await this.#reading;
+    await Deno.remove(this.#dir, { recursive: true }).catch(() => {});
+    return code;
+  }
+
+  /** Kills it at once and removes its folder, synchronously (for an interrupted bench). */
+  kill(): void {
+    try {
+      this.#child.kill("SIGKILL");
+    } catch {
+      // Already exited.
+    }
+    try {
+      Deno.removeSync(this.#dir, { recursive: true });
+    } catch {
+      // Already removed.
+    }
+  }
+}
+
+/** Our proxy, started for one scenario. */
+export class BenchProxy extends ProxyChild implements ProxyProcess {
+  /** What the bench calls it. */
+  readonly name = "statsite-proxy";
+  /** TCP port. */
+  readonly tcpPort: number;
+  /** UDP port. */
+  readonly udpPort: number;
+  /** Milliseconds from spawn until a TCP connect succeeded. */
+  startupMs = 0;
+
+  private constructor(dir: string, tcpPort: number, udpPort: number, child: Deno.ChildProcess) {
+    super(dir, child);
+    this.tcpPort = tcpPort;
+    this.udpPort = udpPort;
   }
 
   /**
@@ -113,9 +199,9 @@ export class BenchProxy {
     const started = performance.now();
     const deadline = started + timeoutMs;
     while (true) {
-      if (this.#exited) {
-        await this.#reading;
-        throw new Error(`the proxy exited at start: ${this.#stderr.trim()}`);
+      if (this.exited) {
+        await this.ended();
+        throw new Error(`the proxy exited at start: ${this.stderr.trim()}`);
       }
       try {
         const conn = await Deno.connect({ hostname: "127.0.0.1", port: this.tcpPort });
@@ -126,52 +212,9 @@ export class BenchProxy {
         // Not listening yet.
       }
       if (performance.now() > deadline) {
-        throw new Error(`the proxy did not listen within ${timeoutMs} ms: ${this.#stderr.trim()}`);
+        throw new Error(`the proxy did not listen within ${timeoutMs} ms: ${this.stderr.trim()}`);
       }
       await new Promise((resolve) => setTimeout(resolve, 5));
-    }
-  }
-
-  /**
-   * Stops it with SIGTERM (it drains and exits), or SIGKILL after
-   * `timeoutMs`, and removes its temporary folder. Returns the exit code,
-   * or undefined when it had to be killed. Never throws.
-   */
-  async stop(timeoutMs = 10_000): Promise<number | undefined> {
-    let code: number | undefined;
-    try {
-      this.#child.kill("SIGTERM");
-    } catch {
-      // Already exited.
-    }
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const status = await Promise.race([
-      this.#status,
-      new Promise<undefined>((resolve) => timer = setTimeout(() => resolve(undefined), timeoutMs)),
-    ]);
-    clearTimeout(timer);
-    if (status === undefined) {
-      this.kill();
-      await this.#status;
-    } else {
-      code = status.code;
-    }
-    await this.#reading;
-    await Deno.remove(this.#dir, { recursive: true }).catch(() => {});
-    return code;
-  }
-
-  /** Kills it at once and removes its folder, synchronously (for an interrupted bench). */
-  kill(): void {
-    try {
-      this.#child.kill("SIGKILL");
-    } catch {
-      // Already exited.
-    }
-    try {
-      Deno.removeSync(this.#dir, { recursive: true });
-    } catch {
-      // Already removed.
     }
   }
 }

@@ -23,8 +23,15 @@ export interface Scenario {
   readonly format: BenchFormat;
   /** For UDP: many lines per datagram, or one. */
   readonly packing?: DatagramPacking;
+  /**
+   * For batched UDP: exactly this many lines per datagram; without it,
+   * datagrams are filled up to 1400 bytes.
+   */
+  readonly linesPerDatagram?: number;
   /** Metrics sent by default. */
   readonly count: number;
+  /** Pace (metrics/s) unless `--rate` is given; without it, as fast as possible. */
+  readonly rate?: number;
   /** Metrics sent with `--quick`. */
   readonly quickCount: number;
   /**
@@ -47,7 +54,7 @@ export const SCENARIOS: readonly Scenario[] = [
   },
   {
     name: "udp-batched",
-    description: "ascii lines in ~1400-byte datagrams",
+    description: "ascii lines in datagrams of up to 1400 bytes (about 35 lines)",
     transport: "udp",
     format: "ascii",
     packing: "batched",
@@ -62,6 +69,29 @@ export const SCENARIOS: readonly Scenario[] = [
     format: "ascii",
     packing: "single",
     count: 2_000_000,
+    quickCount: 2_000,
+    quickRate: 10_000,
+  },
+  {
+    name: "udp-20",
+    description: "20 ascii lines per datagram, paced at 1,000,000 lines/s",
+    transport: "udp",
+    format: "ascii",
+    packing: "batched",
+    linesPerDatagram: 20,
+    count: 10_000_000,
+    rate: 1_000_000,
+    quickCount: 4_000,
+    quickRate: 20_000,
+  },
+  {
+    name: "udp-1",
+    description: "one ascii line per datagram, paced at 150,000 datagrams/s",
+    transport: "udp",
+    format: "ascii",
+    packing: "single",
+    count: 1_500_000,
+    rate: 150_000,
     quickCount: 2_000,
     quickRate: 10_000,
   },

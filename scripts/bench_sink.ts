@@ -1,13 +1,18 @@
 /**
  * The bench's upstream sink, run as its own process by `scripts/bench.ts`: a
- * TCP server standing in for statsite that counts the ascii lines and
- * statsite binary frames it receives and the key ids they carry.
+ * TCP server and a UDP socket on the same port, standing in for statsite (or
+ * statsd behind a UDP-only proxy such as hit9's), that count the ascii lines
+ * and statsite binary frames they receive and the key ids they carry.
  *
  * ```sh
- * deno run --allow-net scripts/bench_sink.ts [--port 0] [--host 127.0.0.1]
+ * deno run --allow-net --unstable-net scripts/bench_sink.ts [--port 0] [--host 127.0.0.1]
  * ```
  *
- * It prints `port N` first, then answers one command per line on standard
+ * A datagram holds ascii lines separated by `\n`, the last one with or
+ * without its `\n` (statsd's format). Both transports count into the same
+ * totals.
+ *
+ * It prints `port N` first (TCP and UDP), then answers one command per line on standard
  * input with one line on standard output:
  *
  * - `stats`: a JSON {@linkcode SinkStats};
@@ -34,6 +39,8 @@ export interface SinkStats {
   frames: number;
   /** Bytes received. */
   bytes: number;
+  /** Datagrams received over UDP. */
+  datagrams: number;
   /** Lines or frames without a readable key id, and corrupt binary input. */
   bad: number;
   /** Connections open now. */
@@ -50,6 +57,8 @@ export class SinkCounts implements SinkStats {
   frames = 0;
   /** Bytes received. */
   bytes = 0;
+  /** Datagrams received over UDP. */
+  datagrams = 0;
   /** Lines or frames without a readable key id, and corrupt binary input. */
   bad = 0;
   /** Connections open now. */
@@ -64,6 +73,7 @@ export class SinkCounts implements SinkStats {
     this.lines = 0;
     this.frames = 0;
     this.bytes = 0;
+    this.datagrams = 0;
     this.bad = 0;
     this.lastAt = 0;
     this.seen.fill(0);
@@ -71,8 +81,8 @@ export class SinkCounts implements SinkStats {
 
   /** The counts, for `stats`. */
   stats(): SinkStats {
-    const { lines, frames, bytes, bad, conns, lastAt } = this;
-    return { lines, frames, bytes, bad, conns, lastAt };
+    const { lines, frames, bytes, datagrams, bad, conns, lastAt } = this;
+    return { lines, frames, bytes, datagrams, bad, conns, lastAt };
   }
 
   /** The ids seen as a hex bitmap. */
@@ -132,6 +142,70 @@ export function countFrames(buf: Uint8Array, end: number, counts: SinkCounts): n
   counts.frames += frames;
   counts.bad += bad;
   return pos;
+}
+
+/**
+ * Counts the ascii lines of one datagram, `buf[0, end)`, into `counts`: lines
+ * are separated by `\n`, and the last one may lack it. Empty lines are skipped.
+ */
+export function countDatagram(buf: Uint8Array, end: number, counts: SinkCounts): void {
+  const seen = counts.seen;
+  let lines = 0;
+  let bad = 0;
+  let pos = 0;
+  while (pos < end) {
+    let nl = buf.indexOf(10, pos);
+    if (nl < 0 || nl > end) nl = end;
+    if (nl > pos) {
+      const id = parseKeyId(buf, pos + KEY_ID_OFFSET, nl);
+      lines++;
+      if (id < 0 || id >= KEY_COUNT) bad++;
+      else seen[id] = 1;
+    }
+    pos = nl + 1;
+  }
+  counts.datagrams++;
+  counts.lines += lines;
+  counts.bad += bad;
+}
+
+/** Receives datagrams until the socket is closed, counting what arrives. */
+async function serveUdp(socket: Deno.DatagramConn, counts: SinkCounts): Promise<void> {
+  const buf = new Uint8Array(65_536);
+  try {
+    while (true) {
+      const [data] = await socket.receive(buf);
+      counts.bytes += data.length;
+      counts.lastAt = performance.timeOrigin + performance.now();
+      countDatagram(data, data.length, counts);
+    }
+  } catch {
+    // Closed.
+  }
+}
+
+/**
+ * A TCP listener and a UDP socket on the same port of `hostname`: `port`, or
+ * when 0 an ephemeral TCP port that is also free for UDP.
+ */
+function listenBoth(
+  hostname: string,
+  port: number,
+): { listener: Deno.TcpListener; socket: Deno.DatagramConn } {
+  for (let attempt = 1;; attempt++) {
+    const listener = Deno.listen({ hostname, port });
+    try {
+      const socket = Deno.listenDatagram({
+        transport: "udp",
+        hostname,
+        port: listener.addr.port,
+      });
+      return { listener, socket };
+    } catch (err) {
+      listener.close();
+      if (port !== 0 || attempt >= 20 || !(err instanceof Deno.errors.AddrInUse)) throw err;
+    }
+  }
 }
 
 /** Reads one connection to its end, counting what arrives. */
@@ -202,9 +276,10 @@ async function main(): Promise<void> {
       host: { type: "string", default: "127.0.0.1" },
     },
   });
-  const listener = Deno.listen({ hostname: values.host, port: Number(values.port) });
+  const { listener, socket } = listenBoth(values.host, Number(values.port));
   const counts = new SinkCounts();
   console.log(`port ${listener.addr.port}`);
+  serveUdp(socket, counts);
   (async () => {
     try {
       for await (const conn of listener) serve(conn, counts);

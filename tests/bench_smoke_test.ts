@@ -1,20 +1,35 @@
 /**
- * Smoke test of `deno task bench`: a `--quick` run of every scenario, as a
- * subprocess, must print its table and deliver every metric to exactly one
- * sink. No timing is asserted.
+ * Smoke tests of `deno task bench`: `--quick` runs, as subprocesses, must
+ * print their tables and deliver every metric to exactly one sink; with the
+ * C load generator when a C compiler is there, with the Deno one when it is
+ * not, and side by side with hit9 when its binary is there; and the pieces
+ * the C generator and the UDP sinks rely on. No timing is asserted.
  *
  * @module
  */
 
 import assert from "node:assert/strict";
-import type { ScenarioResult } from "../scripts/bench_report.ts";
+import { encodePayload, scenarioPayload } from "../scripts/bench_payload.ts";
+import { HIT9_DEFAULT, HIT9_ENV } from "../scripts/bench_peers.ts";
+import type { Comparison, ScenarioResult } from "../scripts/bench_report.ts";
 import { SCENARIOS } from "../scripts/bench_scenarios.ts";
+import { countDatagram, SinkCounts } from "../scripts/bench_sink.ts";
 
 const ROOT = new URL("../", import.meta.url);
 const BENCH = new URL("scripts/bench.ts", ROOT).pathname;
 const DENO_JSON = new URL("deno.json", ROOT).pathname;
+const HIT9 = Deno.env.get(HIT9_ENV) ?? new URL(HIT9_DEFAULT, ROOT).pathname;
 
-Deno.test("bench --quick runs every scenario and loses nothing", async () => {
+/** What a bench run wrote. */
+interface BenchRun {
+  stdout: string;
+  results: ScenarioResult[];
+  comparisons: Comparison[];
+  generator: { kind: string; note: string } | null;
+}
+
+/** Runs the bench with `args` (and `--json` into a temporary folder); asserts it succeeded. */
+async function bench(args: string[], env?: Record<string, string>): Promise<BenchRun> {
   const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-bench-test-" });
   try {
     const json = `${dir}/results.json`;
@@ -26,10 +41,11 @@ Deno.test("bench --quick runs every scenario and loses nothing", async () => {
         "--config",
         DENO_JSON,
         BENCH,
-        "--quick",
+        ...args,
         "--json",
         json,
       ],
+      env,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
@@ -37,32 +53,129 @@ Deno.test("bench --quick runs every scenario and loses nothing", async () => {
     const stdout = new TextDecoder().decode(out.stdout);
     const stderr = new TextDecoder().decode(out.stderr);
     assert.equal(out.code, 0, `bench failed:\n${stdout}\n${stderr}`);
-    assert.match(stdout, /^scenario\s+sent\s+offered\/s\s+delivered\s+lost/m);
-    for (const scenario of SCENARIOS) {
-      assert.match(stdout, new RegExp(`^${scenario.name}\\s`, "m"), `table row ${scenario.name}`);
-    }
-
-    const { results, error } = JSON.parse(await Deno.readTextFile(json)) as {
-      results: ScenarioResult[];
-      error: string | null;
-    };
-    assert.equal(error, null);
-    assert.deepEqual(results.map((r) => r.scenario), SCENARIOS.map((s) => s.name));
-    for (const r of results) {
-      assert.equal(r.sent, r.count, `${r.scenario}: sent`);
-      assert.equal(r.delivered, r.sent, `${r.scenario}: delivered`);
-      assert.equal(r.lost, 0, `${r.scenario}: lost`);
-      assert.equal(r.splitKeys, 0, `${r.scenario}: split keys`);
-      assert.equal(r.badAtSinks, 0, `${r.scenario}: unreadable keys at the sinks`);
-      assert.ok(r.keysSeen > 0, `${r.scenario}: keys seen`);
-      assert.equal(r.proxyExitCode, 0, `${r.scenario}: proxy exit code`);
-      assert.ok(r.cpuSeconds !== null && r.peakRssBytes !== null, `${r.scenario}: CPU and RSS`);
-    }
-    const binary = results.find((r) => r.scenario === "tcp-binary")!;
-    assert.equal(binary.sinks.reduce((n, s) => n + s.lines, 0), 0, "tcp-binary sends no lines");
-    const mixed = results.find((r) => r.scenario === "tcp-mixed")!;
-    assert.ok(mixed.sinks.every((s) => s.lines > 0 && s.frames > 0), "tcp-mixed: both formats");
+    assert.match(stdout, /^scenario\s+proxy\s+sent\s+offered\/s\s+delivered\s+lost/m);
+    const written = JSON.parse(await Deno.readTextFile(json));
+    assert.equal(written.error, null);
+    return { stdout, ...written };
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+}
+
+/** Every metric sent was delivered, to one sink per key. */
+function assertDelivered(r: ScenarioResult): void {
+  const what = `${r.scenario} → ${r.proxy}`;
+  assert.equal(r.sent, r.count, `${what}: sent`);
+  assert.equal(r.delivered, r.sent, `${what}: delivered`);
+  assert.equal(r.lost, 0, `${what}: lost`);
+  assert.equal(r.splitKeys, 0, `${what}: split keys`);
+  assert.equal(r.badAtSinks, 0, `${what}: unreadable keys at the sinks`);
+  assert.ok(r.keysSeen > 0, `${what}: keys seen`);
+  assert.ok(r.cpuSeconds !== null && r.peakRssBytes !== null, `${what}: CPU and RSS`);
+}
+
+Deno.test("bench --quick runs every scenario and loses nothing", async () => {
+  const { stdout, results, generator } = await bench(["--quick"]);
+  for (const scenario of SCENARIOS) {
+    assert.match(stdout, new RegExp(`^${scenario.name}\\s`, "m"), `table row ${scenario.name}`);
+  }
+  assert.ok(generator !== null, "generator recorded");
+  assert.match(stdout, /^Load generator: (C|Deno) /m);
+  assert.deepEqual(results.map((r) => r.scenario), SCENARIOS.map((s) => s.name));
+  for (const r of results) {
+    assertDelivered(r);
+    assert.equal(r.proxy, "statsite-proxy");
+    assert.equal(r.generator, generator.kind);
+    assert.equal(r.proxyExitCode, 0, `${r.scenario}: proxy exit code`);
+  }
+  const binary = results.find((r) => r.scenario === "tcp-binary")!;
+  assert.equal(binary.sinks.reduce((n, s) => n + s.lines, 0), 0, "tcp-binary sends no lines");
+  const mixed = results.find((r) => r.scenario === "tcp-mixed")!;
+  assert.ok(mixed.sinks.every((s) => s.lines > 0 && s.frames > 0), "tcp-mixed: both formats");
+  const udp20 = results.find((r) => r.scenario === "udp-20")!;
+  assert.equal(udp20.linesPerDatagram, 20);
+  assert.equal(udp20.sends, udp20.sent / 20, "udp-20: 20 lines per datagram");
+});
+
+Deno.test("bench --quick falls back to the Deno load generator without a C compiler", async () => {
+  const { stdout, results, generator } = await bench(
+    ["--quick", "--scenarios", "tcp-ascii,udp-20"],
+    { CC: "/nonexistent/cc" },
+  );
+  assert.equal(generator?.kind, "deno");
+  assert.match(stdout, /^Load generator: Deno \(no C compiler/m);
+  for (const r of results) {
+    assertDelivered(r);
+    assert.equal(r.generator, "deno");
+  }
+  const udp20 = results.find((r) => r.scenario === "udp-20")!;
+  assert.equal(udp20.sends, udp20.sent / 20, "udp-20: 20 lines per datagram");
+});
+
+let hit9Present = false;
+try {
+  hit9Present = Deno.statSync(HIT9).isFile;
+} catch {
+  // No hit9 here: that test is skipped.
+}
+
+Deno.test({
+  name: "bench --quick --peers runs hit9 after ours and compares them",
+  ignore: !hit9Present,
+  fn: async () => {
+    const { stdout, results, comparisons } = await bench([
+      "--quick",
+      "--peers",
+      "--scenarios",
+      "udp-20,udp-1,tcp-ascii",
+    ]);
+    assert.deepEqual(
+      results.map((r) => `${r.scenario} ${r.proxy}`),
+      [
+        "udp-20 statsite-proxy",
+        "udp-20 hit9",
+        "udp-1 statsite-proxy",
+        "udp-1 hit9",
+        "tcp-ascii statsite-proxy",
+      ],
+    );
+    for (const r of results) assertDelivered(r);
+    assert.deepEqual(comparisons.map((c) => [c.scenario, c.peer.proxy]), [
+      ["udp-20", "hit9"],
+      ["udp-1", "hit9"],
+    ]);
+    for (const c of comparisons) assert.equal(c.deliveredRatio, 1);
+    assert.match(stdout, /^udp-20\s+hit9\s/m);
+  },
+});
+
+Deno.test("udp-20 datagrams hold exactly 20 lines, and a sink counts each line once", () => {
+  const scenario = SCENARIOS.find((s) => s.name === "udp-20")!;
+  const { run, set } = scenarioPayload(scenario);
+  assert.ok(set !== undefined);
+  assert.ok(set.metrics.every((m) => m === 20), "20 lines per datagram");
+  const counts = new SinkCounts();
+  for (const datagram of set.datagrams) {
+    assert.notEqual(datagram[datagram.length - 1], 10, "no trailing newline");
+    countDatagram(datagram, datagram.length, counts);
+  }
+  assert.equal(counts.lines, run.count);
+  assert.equal(counts.datagrams, set.datagrams.length);
+  assert.equal(counts.bad, 0);
+  assert.ok(counts.seen.every((s) => s === 1), "every key seen");
+});
+
+Deno.test("the C generator's payload file holds the run and its datagrams", () => {
+  const scenario = SCENARIOS.find((s) => s.name === "udp-1")!;
+  const { run, set } = scenarioPayload(scenario);
+  const file = encodePayload(run, set);
+  const view = new DataView(file.buffer);
+  assert.equal(new TextDecoder().decode(file.subarray(0, 4)), "SPLG");
+  assert.equal(view.getUint32(4, true), 1);
+  assert.equal(view.getUint32(8, true), run.count);
+  assert.equal(view.getUint32(12, true), run.bytes.length);
+  assert.equal(view.getUint32(16, true), set!.datagrams.length);
+  const bytesAt = 20 + 4 * (run.count + 1 + 2 * set!.datagrams.length);
+  assert.equal(file.length, bytesAt + run.bytes.length);
+  assert.deepEqual(file.subarray(bytesAt), run.bytes);
 });
