@@ -12,12 +12,15 @@
 
 import type { ProxyConfig } from "./config/config.ts";
 import { errorText } from "./errors.ts";
-import { IngestCounters } from "./ingest/counters.ts";
+import { ByteBudget } from "./byte_budget.ts";
+import { IngestCounters, TcpClientCounters } from "./ingest/counters.ts";
+import { ReadBufferPool } from "./ingest/read_buffer_pool.ts";
+import { StreamDecoderContext } from "./ingest/stream_decoder.ts";
 import { logger } from "./log.ts";
 import { HashRing } from "./ring/ring.ts";
 import { movedShare } from "./ring/ring_diff.ts";
 import { Router } from "./routing/router.ts";
-import { TcpListener } from "./ingest/tcp_listener.ts";
+import { type TcpClientLimits, TcpListener } from "./ingest/tcp_listener.ts";
 import { UdpListener } from "./ingest/udp_listener.ts";
 import { Upstream } from "./upstream/upstream.ts";
 import type { Protocol, UpstreamConnection } from "./upstream/upstream_connection.ts";
@@ -118,6 +121,14 @@ export class Proxy {
   readonly tcpCounters: IngestCounters = new IngestCounters();
   /** Counters of UDP input. */
   readonly udpCounters: IngestCounters = new IngestCounters();
+  /** Counters of TCP clients, across listeners. */
+  readonly tcpClients: TcpClientCounters = new TcpClientCounters();
+  /** The large read buffers streaming TCP clients borrow. */
+  readonly readPool: ReadBufferPool = new ReadBufferPool();
+  /** The bound on bytes all TCP clients' unfinished lines hold (fixed at start). */
+  readonly pending: ByteBudget;
+  /** Limits on TCP clients; a reload changes them in place. */
+  readonly #limits: TcpClientLimits;
   /** Reload counters. */
   readonly reloadCounters: ReloadCounters = { reloads: 0, failures: 0 };
   /** When the proxy started (ms since epoch). */
@@ -138,6 +149,11 @@ export class Proxy {
 
   private constructor(config: ProxyConfig) {
     this.#config = config;
+    this.pending = new ByteBudget(config.maxPendingBytes);
+    this.#limits = {
+      maxConnections: config.maxConnections,
+      idleTimeoutMs: config.clientIdleTimeoutMs,
+    };
     this.#tcpBound = { host: config.bindAddress, port: config.tcpPort };
     this.#udpBound = { host: config.bindAddress, port: config.udpPort };
     const upstreams = config.servers.map((server) => upstreamFor(config, server));
@@ -181,27 +197,20 @@ export class Proxy {
     return this.#udp;
   }
 
-  /** TCP connections open now, across current and replaced listeners. */
-  get tcpConnectionsOpen(): number {
-    let n = this.#tcp?.connections.open ?? 0;
-    for (const l of this.#retired) n += l.connections.open;
-    return n;
-  }
-
-  /** TCP connections accepted since start, across listeners. */
-  get tcpConnectionsTotal(): number {
-    let n = this.#tcp?.connections.total ?? 0;
-    for (const l of this.#retired) n += l.connections.total;
-    return n;
-  }
-
   #listenTcp(config: ProxyConfig): TcpListener {
+    const context = new StreamDecoderContext({
+      counters: this.tcpCounters,
+      maxLineBytes: config.maxLineBytes,
+      pending: this.pending,
+    });
     const listener = TcpListener.listen({
       hostname: config.bindAddress,
       port: config.tcpPort,
       sink: this.router,
-      counters: this.tcpCounters,
-      maxLineBytes: config.maxLineBytes,
+      context,
+      clients: this.tcpClients,
+      pool: this.readPool,
+      limits: this.#limits,
     });
     log.info("listening on tcp {address}", { address: formatAddr(listener.addr) });
     return listener;
@@ -265,6 +274,8 @@ export class Proxy {
       });
     }
     this.#reloadListeners(next, report);
+    this.#limits.maxConnections = next.maxConnections;
+    this.#limits.idleTimeoutMs = next.clientIdleTimeoutMs;
     this.#config = next;
     this.reloadCounters.reloads++;
     return report;

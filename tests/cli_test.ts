@@ -96,6 +96,11 @@ Deno.test("check prints listeners and each server's weight and share", async () 
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /^tcp: 0\.0\.0\.0:9000$/m);
     assert.match(r.stdout, /^udp: disabled$/m);
+    assert.match(r.stdout, /^tcp clients: at most 10000 open, closed after 300000 ms idle$/m);
+    assert.match(
+      r.stdout,
+      /^unfinished lines: at most 67108864 \(64\.0 MiB\) = min\(max_pending_bytes 67108864 \(64\.0 MiB\), max_connections 10000 × max_line_bytes 65536 \(64\.0 KiB\)\)$/m,
+    );
     assert.match(r.stdout, /\(2 servers, 320 points\)/);
     const shares = [...r.stdout.matchAll(/share +([\d.]+)%/g)].map((m) => Number(m[1]));
     assert.equal(shares.length, 2);

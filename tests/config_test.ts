@@ -78,6 +78,9 @@ Deno.test("DEFAULTS holds the documented defaults and cannot be changed", () => 
     statsPrefix: "",
     statsIntervalS: 10,
     logFormat: "text",
+    maxConnections: 10000,
+    clientIdleTimeoutMs: 300000,
+    maxPendingBytes: 67108864,
   });
   assert.ok(Object.isFrozen(DEFAULTS));
 });
@@ -118,6 +121,9 @@ Deno.test("parseConfig() reads every key", () => {
     "stats_prefix = edge.proxy-1",
     "stats_interval = 5",
     "log_format = JSON",
+    "max_connections = 500",
+    "client_idle_timeout_ms = 0",
+    "max_pending_bytes = 1048576",
     "",
   ].join("\n");
   assert.deepEqual(parse(text), {
@@ -140,6 +146,9 @@ Deno.test("parseConfig() reads every key", () => {
     statsPrefix: "edge.proxy-1",
     statsIntervalS: 5,
     logFormat: "json",
+    maxConnections: 500,
+    clientIdleTimeoutMs: 0,
+    maxPendingBytes: 1048576,
   });
 });
 
@@ -456,6 +465,13 @@ Deno.test("parseConfig() rejects settings that contradict each other, on the lat
       "[statsite-proxy]\nmax_line_bytes = 1048576\nmax_buffer_bytes = 65536\n",
       3,
       `${FILE}:3: max_buffer_bytes (65536) must be at least max_line_bytes (1048576)`,
+    );
+  });
+  await t.step("max_pending_bytes below max_line_bytes", () => {
+    assertFails(
+      "[statsite-proxy]\nmax_pending_bytes = 65536\nmax_line_bytes = 1048576\nmax_buffer_bytes = 1048576\n",
+      3,
+      `${FILE}:3: max_pending_bytes (65536) must be at least max_line_bytes (1048576)`,
     );
   });
 });

@@ -8,7 +8,7 @@
 
 import { IngestCounters } from "../src/ingest/counters.ts";
 import { DatagramDecoder } from "../src/ingest/datagram_decoder.ts";
-import { StreamDecoder } from "../src/ingest/stream_decoder.ts";
+import { StreamDecoder, StreamDecoderContext } from "../src/ingest/stream_decoder.ts";
 
 const READ_SIZE = 65536;
 const enc = new TextEncoder();
@@ -52,13 +52,16 @@ const frames = binaryFrames(READ_SIZE);
 const datagrams = Array.from({ length: 64 }, (_, i) => asciiLines(1400, i * 40));
 
 const streamDecoder = (data: Uint8Array) => {
-  const decoder = new StreamDecoder({ counters: new IngestCounters(), readSize: READ_SIZE });
-  // The data ends at a frame boundary, so nothing is carried over and the
-  // bytes read once stay in place: each step measures decoding alone.
-  decoder.readTarget().set(data);
+  const context = new StreamDecoderContext({ counters: new IngestCounters() });
+  const decoder = new StreamDecoder(context);
+  // The data ends at a frame boundary, so nothing is carried over: each step
+  // measures decoding alone.
+  let count = 0;
+  const sink = { route: (batch: { count: number }) => count += batch.count };
   return () => {
-    decoder.readTarget();
-    return decoder.decodeRead(data.length).count;
+    count = 0;
+    decoder.decode(data, data.length, sink);
+    return count;
   };
 };
 
@@ -75,11 +78,11 @@ const asciiCount = asciiStep();
 const binaryCount = binaryStep();
 const datagramCount = datagramStep();
 
-Deno.bench(`StreamDecoder.decodeRead: 64 KiB of ascii lines (${asciiCount} lines)`, () => {
+Deno.bench(`StreamDecoder.decode: 64 KiB of ascii lines (${asciiCount} lines)`, () => {
   asciiStep();
 });
 
-Deno.bench(`StreamDecoder.decodeRead: 64 KiB of binary frames (${binaryCount} frames)`, () => {
+Deno.bench(`StreamDecoder.decode: 64 KiB of binary frames (${binaryCount} frames)`, () => {
   binaryStep();
 });
 

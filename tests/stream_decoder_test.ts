@@ -1,39 +1,56 @@
 import assert from "node:assert/strict";
+import { ByteBudget } from "../src/byte_budget.ts";
 import { DROP, IngestCounters } from "../src/ingest/counters.ts";
-import { binary, binarySet, concat, enc, type Frame, framesOf, latin1 } from "./frames.ts";
+import type { FrameBatch } from "../src/ingest/frame_batch.ts";
 import {
-  decodeStream,
+  SMALL_CARRY_BYTES,
   StreamDecoder,
-  type StreamDecoderOptions,
+  StreamDecoderContext,
+  type StreamDecoderContextOptions,
 } from "../src/ingest/stream_decoder.ts";
+import { binary, binarySet, concat, enc, type Frame, framesOf, latin1 } from "./frames.ts";
 
 interface Fed {
   frames: Frame[];
   counters: IngestCounters;
   decoder: StreamDecoder;
+  context: StreamDecoderContext;
   batches: number;
 }
 
-/** Feeds `chunks` to a decoder, one read each, then ends the stream. */
+/** A sink that keeps the frames of every batch it is handed. */
+function collector() {
+  const sink = {
+    frames: [] as Frame[],
+    batches: 0,
+    route(batch: FrameBatch) {
+      sink.batches++;
+      sink.frames.push(...framesOf(batch));
+    },
+  };
+  return sink;
+}
+
+/**
+ * Feeds `chunks` to a decoder, one read each (each in a buffer of its own, as
+ * reads into different buffers would be), then ends the stream.
+ */
 function feed(
   chunks: Uint8Array[],
-  options: Partial<StreamDecoderOptions> = {},
+  options: Partial<StreamDecoderContextOptions> = {},
   end = true,
 ): Fed {
   const counters = new IngestCounters();
-  const decoder = new StreamDecoder({ ...options, counters });
-  const frames: Frame[] = [];
-  let batches = 0;
+  const context = new StreamDecoderContext({ ...options, counters });
+  const decoder = new StreamDecoder(context);
+  const sink = collector();
   for (const chunk of chunks) {
-    const target = decoder.readTarget();
-    assert.ok(chunk.length <= target.length, "chunk larger than the read target");
-    target.set(chunk);
-    const batch = decoder.decodeRead(chunk.length);
-    if (batch.count > 0) batches++;
-    frames.push(...framesOf(batch));
+    const read = chunk.slice();
+    decoder.decode(read, read.length, sink);
+    read.fill(0xee); // the decoder must not keep pointing into a read buffer
   }
   if (end) decoder.finish();
-  return { frames, counters, decoder, batches };
+  return { frames: sink.frames, counters, decoder, context, batches: sink.batches };
 }
 
 /** Splits `input` into reads of `size` bytes. */
@@ -105,7 +122,7 @@ Deno.test("StreamDecoder decodes valid ascii lines byte for byte", async (t) => 
 
   await t.step("a read with more lines than the batch holds grows it", () => {
     const lines = Array.from({ length: 5000 }, (_, i) => `m${i}:${i}|c\n`).join("");
-    const { frames, counters } = feed([enc(lines)], { readSize: 1 << 17 });
+    const { frames, counters } = feed([enc(lines)]);
     assert.equal(frames.length, 5000);
     assert.equal(counters.lines, 5000);
     assert.deepEqual(frames[4999], asciiFrame("m4999:4999|c", "m4999"));
@@ -176,11 +193,7 @@ Deno.test("StreamDecoder drops and counts invalid ascii lines without harming th
   }
 
   await t.step("the sample is taken only once", () => {
-    const counters = new IngestCounters();
-    const decoder = new StreamDecoder({ counters });
-    const input = enc("abc\ndef\n");
-    decoder.readTarget().set(input);
-    decoder.decodeRead(input.length);
+    const { counters } = feed([enc("abc\ndef\n")]);
     assert.equal(counters.sample, 'no_colon: "abc"');
     assert.equal(counters.dropped[DROP.no_colon], 2);
   });
@@ -221,10 +234,11 @@ Deno.test("StreamDecoder gives the same frames however the stream is split into 
     assert.equal(bytes.counters.bytes, input.length);
   });
 
-  await t.step("every read size with a small read buffer", () => {
+  await t.step("every read size", () => {
     for (let size = 1; size <= 40; size++) {
-      const fed = feed(chunked(input, size), { readSize: size });
+      const fed = feed(chunked(input, size));
       assert.deepEqual(fed.frames, whole.frames, `reads of ${size}`);
+      assert.equal(fed.context.pending.used, 0, "the carry is given back at the end");
     }
   });
 });
@@ -235,7 +249,7 @@ Deno.test("StreamDecoder drops too long lines and frames with a bounded buffer",
     const long = "k:" + "1".repeat(13) + "|c"; // 17 bytes
     const input = enc(`${ok}\n${long}\n${ok}\r\n${ok}\n`);
     for (const size of [1, 3, 7, 64]) {
-      const { frames, counters } = feed(chunked(input, size), { maxLineBytes: 16, readSize: size });
+      const { frames, counters } = feed(chunked(input, size), { maxLineBytes: 16 });
       assert.deepEqual(frames, [asciiFrame(ok, "k"), asciiFrame(ok, "k")], `reads of ${size}`);
       assert.deepEqual(dropped(counters), { too_long: 2 }, `reads of ${size}`);
     }
@@ -243,30 +257,25 @@ Deno.test("StreamDecoder drops too long lines and frames with a bounded buffer",
 
   await t.step("ascii: a 10 MB line without a newline is discarded as it arrives", () => {
     const counters = new IngestCounters();
-    const decoder = new StreamDecoder({ counters, maxLineBytes: 1000, readSize: 4096 });
-    const size = decoder.bufferSize;
-    assert.ok(size <= 4096 + 1000 + 12);
-    const first = decoder.readTarget();
-    first.set(enc("before:1|c\nhuge:"));
-    let batch = decoder.decodeRead(16);
-    assert.deepEqual(framesOf(batch), [asciiFrame("before:1|c", "before")]);
-    let fed = 5;
-    while (fed < 10_000_000) {
-      const target = decoder.readTarget();
-      assert.equal(target.buffer, first.buffer);
-      assert.ok(target.byteOffset + target.length <= size);
-      target.fill(0x31);
-      batch = decoder.decodeRead(target.length);
-      fed += target.length;
-      assert.equal(batch.count, 0);
+    const context = new StreamDecoderContext({ counters, maxLineBytes: 1000 });
+    const decoder = new StreamDecoder(context);
+    const sink = collector();
+    const first = enc("before:1|c\nhuge:");
+    decoder.decode(first, first.length, sink);
+    assert.deepEqual(sink.frames, [asciiFrame("before:1|c", "before")]);
+    const read = new Uint8Array(4096).fill(0x31);
+    for (let fed = 5; fed < 10_000_000; fed += read.length) {
+      decoder.decode(read, read.length, sink);
+      assert.equal(sink.frames.length, 1);
       assert.ok(decoder.pending <= 1000);
-      assert.equal(decoder.bufferSize, size);
+      assert.ok(decoder.carryCapacity <= 1000);
+      assert.ok(context.pending.used <= 1000);
     }
     const tail = enc("|c\nafter:2|c\n");
-    decoder.readTarget().set(tail);
-    batch = decoder.decodeRead(tail.length);
-    assert.deepEqual(framesOf(batch), [asciiFrame("after:2|c", "after")]);
+    decoder.decode(tail, tail.length, sink);
+    assert.deepEqual(sink.frames.slice(1), [asciiFrame("after:2|c", "after")]);
     decoder.finish();
+    assert.equal(context.pending.used, 0);
     assert.deepEqual(dropped(counters), { too_long: 1 });
     assert.equal(counters.lines, 2);
     assert.match(counters.sample ?? "", /^too_long: "huge:1111/);
@@ -283,16 +292,16 @@ Deno.test("StreamDecoder drops too long lines and frames with a bounded buffer",
     ]);
     assert.deepEqual(dropped(whole.counters), { too_long: 1 });
     for (let size = 1; size <= 70; size++) {
-      const fed = feed(chunked(input, size), { maxLineBytes: 64, readSize: size });
+      const fed = feed(chunked(input, size), { maxLineBytes: 64 });
       assert.deepEqual(fed.frames, whole.frames, `reads of ${size}`);
       assert.deepEqual(dropped(fed.counters), { too_long: 1 }, `reads of ${size}`);
-      assert.ok(fed.decoder.bufferSize <= size + 64 + 12);
+      assert.ok(fed.decoder.carryCapacity <= SMALL_CARRY_BYTES);
     }
   });
 
   await t.step("binary: a frame of exactly maxLineBytes is kept", () => {
     const frame = binarySet("key", "m".repeat(50));
-    const { frames } = feed(chunked(frame, 5), { maxLineBytes: frame.length, readSize: 5 });
+    const { frames } = feed(chunked(frame, 5), { maxLineBytes: frame.length });
     assert.deepEqual(frames, [binaryFrame(frame, "key")]);
   });
 
@@ -355,8 +364,9 @@ Deno.test("StreamDecoder stops at a corrupt binary frame", async (t) => {
       assert.equal(decoder.corrupt, true);
       assert.deepEqual(dropped(counters), { corrupt: 1 });
       const more = enc("c:3|c\n");
-      decoder.readTarget().set(more);
-      assert.equal(decoder.decodeRead(more.length).count, 0);
+      const sink = collector();
+      decoder.decode(more, more.length, sink);
+      assert.equal(sink.frames.length, 0);
       decoder.finish();
       assert.deepEqual(dropped(counters), { corrupt: 1 });
     });
@@ -371,68 +381,68 @@ Deno.test("StreamDecoder stops at a corrupt binary frame", async (t) => {
   });
 });
 
-/** A reader that hands out `chunks`, one per read, then the end. */
-function reader(chunks: Uint8Array[]) {
-  let i = 0;
-  return {
-    reads: 0,
-    read(p: Uint8Array): Promise<number | null> {
-      this.reads++;
-      if (i === chunks.length) return Promise.resolve(null);
-      const chunk = chunks[i++];
-      p.set(chunk);
-      return Promise.resolve(chunk.length);
-    },
-  };
-}
+Deno.test("StreamDecoder holds unfinished lines within the shared pending budget", async (t) => {
+  const line = (n: number) => `k${n}:` + "1".repeat(380) + "|c"; // 385 bytes
 
-Deno.test("decodeStream yields one batch per read until the end", async (t) => {
-  await t.step("skips reads without complete frames and counts a partial end", async () => {
-    const counters = new IngestCounters();
-    const r = reader([enc("a:1|c\nb:"), enc("2|c"), enc("\nc:3|c\n"), enc("bad\n"), enc("d:4")]);
-    const batches: Frame[][] = [];
-    for await (const batch of decodeStream(r, { counters })) batches.push(framesOf(batch));
-    assert.deepEqual(batches, [
-      [asciiFrame("a:1|c", "a")],
-      [asciiFrame("b:2|c", "b"), asciiFrame("c:3|c", "c")],
-    ]);
-    assert.equal(r.reads, 6);
-    assert.equal(counters.reads, 5);
-    assert.deepEqual(dropped(counters), { no_colon: 1, partial: 1 });
+  await t.step("a small carry is kept for the next partial line, a large one given back", () => {
+    const { decoder, context } = feed([enc("a:1|"), enc("c\nb:")], {}, false);
+    assert.equal(decoder.carryCapacity, SMALL_CARRY_BYTES);
+    assert.equal(context.pending.used, SMALL_CARRY_BYTES);
+    const long = feed(
+      [enc(line(1)).subarray(0, 300), enc(line(1)).subarray(300), enc("\n")],
+      {},
+      false,
+    );
+    assert.equal(long.frames.length, 1);
+    assert.equal(long.decoder.carryCapacity, 0, "a large carry is given back once empty");
+    assert.equal(long.context.pending.used, 0);
+    decoder.finish();
+    assert.equal(context.pending.used, 0);
   });
 
-  await t.step("stops after the frames before a corrupt one", async () => {
+  await t.step("a line that does not fit is dropped as pending_full; others go on", () => {
     const counters = new IngestCounters();
-    const bad = CONNS.slice();
-    bad[1] = 9;
-    const r = reader([enc("a:1|c\n"), concat("b:2|c\n", bad, "c:3|c\n"), enc("d:4|c\n")]);
-    const batches: Frame[][] = [];
-    for await (const batch of decodeStream(r, { counters })) batches.push(framesOf(batch));
-    assert.deepEqual(batches, [[asciiFrame("a:1|c", "a")], [asciiFrame("b:2|c", "b")]]);
-    assert.equal(r.reads, 2);
-    assert.deepEqual(dropped(counters), { corrupt: 1 });
+    const pending = new ByteBudget(600);
+    const context = new StreamDecoderContext({ counters, maxLineBytes: 1000, pending });
+    const [a, b] = [new StreamDecoder(context), new StreamDecoder(context)];
+    const sink = collector();
+    const halfA = enc(line(1)).subarray(0, 300);
+    const halfB = enc(line(2)).subarray(0, 350);
+    a.decode(halfA, halfA.length, sink); // holds 300 (a 300-byte carry)
+    b.decode(halfB, halfB.length, sink); // would need 350 more: no room
+    assert.equal(counters.dropped[DROP.pending_full], 1);
+    assert.ok(pending.used <= 600);
+    const restA = enc(line(1).slice(300) + "\nnext:1|c\n");
+    const restB = enc(line(2).slice(350) + "\nafter:1|c\n");
+    a.decode(restA, restA.length, sink);
+    b.decode(restB, restB.length, sink); // skips the rest of its dropped line
+    assert.deepEqual(sink.frames.map((f) => f.key), ["k1", "next", "after"]);
+    a.finish();
+    b.finish();
+    assert.equal(pending.used, 0);
+    assert.equal(counters.dropped[DROP.partial], 0);
   });
 
-  await t.step("reads a real TCP connection", async () => {
-    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    const input = concat("a:1|c\n", CONNS, "b:2|c\n");
-    const sending = (async () => {
-      const conn = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
-      for (const chunk of chunked(input, 5)) await conn.write(chunk);
-      conn.close();
-    })();
-    const conn = await listener.accept();
+  await t.step("a binary frame that does not fit is dropped by its length", () => {
     const counters = new IngestCounters();
-    const frames: Frame[] = [];
-    for await (const batch of decodeStream(conn, { counters })) frames.push(...framesOf(batch));
-    conn.close();
-    await sending;
-    listener.close();
-    assert.deepEqual(frames, [
-      asciiFrame("a:1|c", "a"),
-      binaryFrame(CONNS, "Conns"),
-      asciiFrame("b:2|c", "b"),
-    ]);
-    assert.equal(counters.bytes, input.length);
+    const pending = new ByteBudget(300);
+    const context = new StreamDecoderContext({ counters, maxLineBytes: 1000, pending });
+    const hog = new StreamDecoder(context);
+    const decoder = new StreamDecoder(context);
+    const sink = collector();
+    const held = enc("x:" + "1".repeat(200));
+    hog.decode(held, held.length, sink); // holds 256 of the 300
+    const frame = binary(2, "k".repeat(150), 1);
+    const input = concat(frame, CONNS, "b:2|c\n");
+    for (const chunk of chunked(input, 40)) {
+      const read = chunk.slice();
+      decoder.decode(read, read.length, sink);
+    }
+    assert.deepEqual(sink.frames, [binaryFrame(CONNS, "Conns"), asciiFrame("b:2|c", "b")]);
+    assert.equal(counters.dropped[DROP.pending_full], 1);
+    assert.equal(decoder.corrupt, false);
+    hog.finish();
+    decoder.finish();
+    assert.equal(pending.used, 0);
   });
 });

@@ -16,9 +16,11 @@
 import { IngestCounters } from "../src/ingest/counters.ts";
 import { HashRing } from "../src/ring/ring.ts";
 import { Router } from "../src/routing/router.ts";
-import { StreamDecoder } from "../src/ingest/stream_decoder.ts";
+import type { FrameBatch } from "../src/ingest/frame_batch.ts";
+import { StreamDecoder, StreamDecoderContext } from "../src/ingest/stream_decoder.ts";
 import { Upstream } from "../src/upstream/upstream.ts";
-import { ByteBudget, UpstreamBuffer } from "../src/upstream/upstream_buffer.ts";
+import { ByteBudget } from "../src/byte_budget.ts";
+import { UpstreamBuffer } from "../src/upstream/upstream_buffer.ts";
 import { buildRun, type MetricRun } from "../scripts/bench_payload.ts";
 
 const READ_SIZE = 65536;
@@ -79,11 +81,11 @@ function newRouter(): Router {
   return new Router({ ring, upstreams });
 }
 
-/** A decoded batch of `bytes`; valid as long as its decoder reads nothing else. */
-function decoded(bytes: Uint8Array) {
-  const decoder = new StreamDecoder({ counters: new IngestCounters(), readSize: READ_SIZE });
-  decoder.readTarget().set(bytes);
-  return decoder.decodeRead(bytes.length);
+/** A decoded batch of `bytes`; valid as long as its context decodes nothing else. */
+function decoded(bytes: Uint8Array): FrameBatch {
+  const context = new StreamDecoderContext({ counters: new IngestCounters() });
+  new StreamDecoder(context).decode(bytes, bytes.length, { route: () => {} });
+  return context.batch;
 }
 
 /**

@@ -7,6 +7,7 @@
  */
 
 import { DROP_REASONS, type IngestCounters } from "../ingest/counters.ts";
+import { internalErrors } from "../internal_errors.ts";
 import type { Proxy } from "../proxy.ts";
 import type { UpstreamConnection } from "../upstream/upstream_connection.ts";
 import { VERSION } from "../version.ts";
@@ -74,10 +75,41 @@ export function renderMetrics(proxy: Proxy): string {
       out.sample("invalid_total", { transport, reason }, c.dropped[i])
     );
   }
+  const clients = proxy.tcpClients;
   out.family("tcp_connections_open", "gauge", "TCP client connections open now.")
-    .sample("tcp_connections_open", {}, proxy.tcpConnectionsOpen);
-  out.family("tcp_connections_total", "counter", "TCP client connections accepted.")
-    .sample("tcp_connections_total", {}, proxy.tcpConnectionsTotal);
+    .sample("tcp_connections_open", {}, clients.open);
+  out.family("tcp_connections_total", "counter", "TCP client connections accepted and served.")
+    .sample("tcp_connections_total", {}, clients.total);
+  out.family(
+    "tcp_connections_rejected_total",
+    "counter",
+    "TCP clients closed at once because max_connections were open.",
+  ).sample("tcp_connections_rejected_total", {}, clients.rejected);
+  out.family(
+    "tcp_connections_idle_closed_total",
+    "counter",
+    "TCP clients closed after client_idle_timeout_ms of silence.",
+  ).sample("tcp_connections_idle_closed_total", {}, clients.idleClosed);
+  out.family(
+    "tcp_accept_errors_total",
+    "counter",
+    "Failed accepts of TCP clients (out of file descriptors, most often), each retried.",
+  ).sample("tcp_accept_errors_total", {}, clients.acceptErrors);
+  out.family(
+    "tcp_pending_bytes",
+    "gauge",
+    "Bytes held for TCP clients' unfinished lines (bounded by max_pending_bytes).",
+  ).sample("tcp_pending_bytes", {}, proxy.pending.used);
+  out.family(
+    "tcp_read_buffers_lent",
+    "gauge",
+    "Large read buffers lent to streaming TCP clients.",
+  ).sample("tcp_read_buffers_lent", {}, proxy.readPool.lent);
+  out.family(
+    "internal_errors_total",
+    "counter",
+    "Unexpected errors caught and survived (see the log).",
+  ).sample("internal_errors_total", {}, internalErrors.count);
 
   const connections = proxy.upstreams.flatMap((u) => u.connections);
   const perConnection = (

@@ -63,7 +63,7 @@ export class SelfReport {
       counter(`${transport}.bytes`, c.bytes);
       DROP_REASONS.forEach((reason, i) => counter(`${transport}.invalid.${reason}`, c.dropped[i]));
     }
-    gauge("tcp.connections_open", proxy.tcpConnectionsOpen);
+    gauge("tcp.connections_open", proxy.tcpClients.open);
     for (const u of proxy.upstreams) {
       const name = `upstream.${metricSafe(u.address)}`;
       const sum = (value: (c: UpstreamConnection) => number) =>

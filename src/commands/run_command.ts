@@ -10,6 +10,7 @@ import { AdminServer } from "../admin/admin_server.ts";
 import { type ConfigOverrides, loadConfig, type ProxyConfig } from "../config/config.ts";
 import { errorText } from "../errors.ts";
 import { logger, setupLogging } from "../log.ts";
+import { MemoryReclaimer } from "../memory_reclaim.ts";
 import { PidFile } from "./pid_file.ts";
 import { Proxy, type ReloadReport } from "../proxy.ts";
 import { SelfReport } from "../admin/self_report.ts";
@@ -31,6 +32,7 @@ interface Extras {
   admin?: AdminServer;
   summary: SummaryLog;
   self?: SelfReport;
+  reclaimer: MemoryReclaimer;
 }
 
 /**
@@ -76,6 +78,7 @@ export async function runProxy(options: RunOptions): Promise<number> {
     admin,
     summary: startSummary(proxy, config),
     self: startSelfReport(proxy, config),
+    reclaimer: new MemoryReclaimer({ clients: () => proxy.tcpClients.open }),
   };
   log.info("statsite-proxy {version} started with {servers} servers from {file}", {
     version: VERSION,
@@ -95,6 +98,7 @@ export async function runProxy(options: RunOptions): Promise<number> {
     ms: proxy.config.drainTimeoutMs,
   });
   extras.self?.stop();
+  extras.reclaimer.stop();
   await extras.admin?.close();
   const report = await proxy.shutdown();
   extras.summary.stop();

@@ -100,6 +100,22 @@ export interface ProxyConfig {
   statsIntervalS: number;
   /** Log line format (key `log_format`): `text` (the default) or `json`. */
   logFormat: "text" | "json";
+  /**
+   * Most TCP clients open at once (key `max_connections`); past it a new
+   * client is accepted and closed at once. Default 10000.
+   */
+  maxConnections: number;
+  /**
+   * Close a TCP client silent this long, in ms (key `client_idle_timeout_ms`);
+   * 0 never does. Default 300000.
+   */
+  clientIdleTimeoutMs: number;
+  /**
+   * Most bytes all TCP clients' unfinished lines and frames may hold together
+   * (key `max_pending_bytes`); a line that does not fit is dropped and counted
+   * `pending_full`. Default 67108864 (64 MiB).
+   */
+  maxPendingBytes: number;
 }
 
 /** The configuration without the parsed servers: what {@linkcode parseConfig} returns. */
@@ -165,6 +181,9 @@ export const DEFAULTS: ConfigDefaults = Object.freeze({
   statsPrefix: "",
   statsIntervalS: 10,
   logFormat: "text",
+  maxConnections: 10000,
+  clientIdleTimeoutMs: 300000,
+  maxPendingBytes: 67108864,
 });
 
 /** The settings section. */
@@ -324,6 +343,15 @@ const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
   ["stats_prefix", { field: "statsPrefix", parse: metricPrefix }],
   ["stats_interval", { field: "statsIntervalS", parse: (t) => integer(t, 1, 86400) }],
   ["log_format", { field: "logFormat", parse: logFormat }],
+  ["max_connections", { field: "maxConnections", parse: (t) => integer(t, 1, 1_000_000) }],
+  [
+    "client_idle_timeout_ms",
+    { field: "clientIdleTimeoutMs", parse: (t) => integer(t, 0, MAX_DELAY_MS) },
+  ],
+  [
+    "max_pending_bytes",
+    { field: "maxPendingBytes", parse: (t) => integer(t, 65536, Number.MAX_SAFE_INTEGER) },
+  ],
 ]);
 
 /** How to read one flag of {@linkcode ConfigOverrides}. */
@@ -509,6 +537,14 @@ export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
   return settings;
 }
 
+/**
+ * The most memory all TCP clients' unfinished lines and frames can hold
+ * together, in bytes: `min(max_pending_bytes, max_connections × max_line_bytes)`.
+ */
+export function unfinishedLinesBound(settings: ConfigSettings): number {
+  return Math.min(settings.maxPendingBytes, settings.maxConnections * settings.maxLineBytes);
+}
+
 /** Sets one field of the settings. */
 function assign(settings: ConfigSettings, field: Field, value: unknown): void {
   (settings as unknown as Record<Field, unknown>)[field] = value;
@@ -545,6 +581,12 @@ function checkTogether(
     blame(
       ["maxLineBytes", "maxBufferBytes"],
       `max_buffer_bytes (${settings.maxBufferBytes}) must be at least max_line_bytes (${settings.maxLineBytes})`,
+    );
+  }
+  if (settings.maxPendingBytes < settings.maxLineBytes) {
+    blame(
+      ["maxLineBytes", "maxPendingBytes"],
+      `max_pending_bytes (${settings.maxPendingBytes}) must be at least max_line_bytes (${settings.maxLineBytes})`,
     );
   }
   if (settings.tcpPort === 0 && settings.udpPort === 0) {

@@ -26,6 +26,11 @@ export const DROP_REASONS = [
   "corrupt",
   /** A DogStatsD event (`_e{T,X}:TITLE|TEXT`) whose lengths do not match its title. */
   "bad_event",
+  /**
+   * An unfinished TCP line or frame that did not fit in `max_pending_bytes`,
+   * the bound on what all clients' unfinished lines may hold together.
+   */
+  "pending_full",
 ] as const;
 
 /** One of {@linkcode DROP_REASONS}. */
@@ -41,6 +46,7 @@ export const DROP = {
   partial: 5,
   corrupt: 6,
   bad_event: 7,
+  pending_full: 8,
 } as const satisfies Record<DropReason, number>;
 
 /** Counters of one inbound transport (TCP or UDP). */
@@ -80,4 +86,23 @@ export class IngestCounters {
     for (const v of this.dropped) n += v;
     return n;
   }
+}
+
+/**
+ * Counters of TCP clients, shared by every TCP listener of the proxy (a
+ * listener replaced by a reload keeps serving its clients).
+ */
+export class TcpClientCounters {
+  /** Connections open now. */
+  open = 0;
+  /** Connections accepted and served. */
+  total = 0;
+  /** Connections accepted and closed at once: `max_connections` were open. */
+  rejected = 0;
+  /** Connections closed after `client_idle_timeout_ms` of silence. */
+  idleClosed = 0;
+  /** Failed accepts (out of file descriptors, most often); each is retried after a backoff. */
+  acceptErrors = 0;
+  /** The latest accept error, for the summary; cleared by it. */
+  lastAcceptError: string | undefined = undefined;
 }

@@ -2,102 +2,127 @@
  * Decoding of a TCP stream of statsd / statsite ascii lines and statsite
  * binary frames, mixed as they come, into {@linkcode FrameBatch}es.
  *
- * {@linkcode StreamDecoder} reads straight into a buffer it owns and reuses,
- * and carries an incomplete line or frame over to the next read, so memory per
- * stream stays bounded whatever the client sends. {@linkcode decodeStream}
- * wraps it as an async generator with one await per read.
+ * A {@linkcode StreamDecoder} owns no read buffer: the caller reads into a
+ * buffer of its choice (a small one while the client is idle, a large pooled
+ * one while it streams) and hands over the bytes. The decoder decodes them
+ * in place and hands the complete frames to a sink in a batch shared by all
+ * the decoders of one listener ({@linkcode StreamDecoderContext}), so an
+ * idle connection costs only the decoder's few fields.
+ *
+ * An incomplete line or frame at the end of a read is carried over in a
+ * buffer allocated on demand, sized to what it holds, drawn from a budget
+ * shared by every connection: the total held for unfinished lines is
+ * bounded whatever the clients send.
  *
  * @module
  */
 
+import { ByteBudget } from "../byte_budget.ts";
 import { DROP, type IngestCounters } from "./counters.ts";
 import {
+  type BatchSink,
   BINARY_HEADER,
+  BINARY_SET_HEADER,
   DEFAULT_MAX_LINE_BYTES,
   FrameBatch,
   FrameScanner,
   ScanStop,
 } from "./frame_batch.ts";
 
-/** Default most bytes asked of one read. */
-export const DEFAULT_READ_SIZE = 65536;
+/** A carry buffer this small is kept while the stream lives; a larger one is given back when empty. */
+export const SMALL_CARRY_BYTES = 256;
 
-/** Options of {@linkcode StreamDecoder} and {@linkcode decodeStream}. */
-export interface StreamDecoderOptions {
+/** Options of {@linkcode StreamDecoderContext}. */
+export interface StreamDecoderContextOptions {
+  /** Where reads, bytes, lines, frames and drops are counted. */
+  counters: IngestCounters;
   /**
    * Longest ascii line (without its `\n`) or binary frame accepted; longer ones
    * are dropped and counted `too_long`. Defaults to 65536.
    */
   maxLineBytes?: number;
-  /** Where reads, bytes, lines, frames and drops are counted. */
-  counters: IngestCounters;
-  /** Most bytes asked of one read. Defaults to 65536. */
-  readSize?: number;
+  /**
+   * The bound on bytes held for unfinished lines and frames across every
+   * decoder of the context (or several contexts); a line that would exceed it
+   * is dropped and counted `pending_full`. Defaults to no bound.
+   */
+  pending?: ByteBudget;
 }
 
 /**
- * Decodes one TCP stream, read by read, without copying what was read.
+ * What the decoders of one listener share: the counters, the limits, the
+ * pending budget, and the one batch and scanner every decode uses (decoding
+ * and routing a read is synchronous, so one batch serves every connection).
+ */
+export class StreamDecoderContext {
+  /** Where reads, bytes, lines, frames and drops are counted. */
+  readonly counters: IngestCounters;
+  /** Longest line or frame accepted. */
+  readonly maxLineBytes: number;
+  /** The bound on bytes held for unfinished lines and frames. */
+  readonly pending: ByteBudget;
+  /** The batch handed to sinks; valid during the sink's call only. */
+  readonly batch: FrameBatch = new FrameBatch();
+  /** The scanner every decode uses. */
+  readonly scanner: FrameScanner;
+
+  /** Makes a context. */
+  constructor(options: StreamDecoderContextOptions) {
+    this.counters = options.counters;
+    this.maxLineBytes = options.maxLineBytes ?? DEFAULT_MAX_LINE_BYTES;
+    if (!(this.maxLineBytes >= 1)) throw new RangeError("maxLineBytes must be at least 1");
+    this.pending = options.pending ?? new ByteBudget(Infinity);
+    this.scanner = new FrameScanner({ maxLineBytes: this.maxLineBytes, counters: this.counters });
+  }
+}
+
+const EMPTY = new Uint8Array(0);
+
+/**
+ * Decodes one TCP stream, read by read.
  *
- * Each step is: `n = await conn.read(decoder.readTarget())`, then, if `n` is
- * not `null`, `decoder.decodeRead(n)`, which returns the complete frames, else
- * `decoder.finish()`.
+ * Each step is: `n = await conn.read(buf)`, then, if `n` is not `null`,
+ * `decoder.decode(buf, n, sink)`, which hands the complete frames to `sink`,
+ * else `decoder.finish()`. The buffer may differ from read to read.
  *
  * A corrupt binary frame leaves no way to find the next frame boundary:
- * `decodeRead` then counts it `corrupt`, returns the frames before it and sets
- * {@linkcode corrupt}, after which the caller should close the connection (the
- * decoder ignores any further input).
+ * `decode` then counts it `corrupt`, hands over the frames before it and sets
+ * {@linkcode corrupt}, after which the caller should close the connection.
  *
  * An ascii line longer than `maxLineBytes` is discarded up to its `\n` as it
  * arrives, and a too long binary frame is skipped by the length its header
  * gives: the decoder never holds more than `maxLineBytes` of an incomplete
- * frame, so its buffer has a fixed size, {@linkcode bufferSize}.
+ * frame.
  *
  * @example Usage
  * ```ts
- * import { StreamDecoder } from "./stream_decoder.ts";
+ * import { StreamDecoder, StreamDecoderContext } from "./stream_decoder.ts";
  * import { IngestCounters } from "./counters.ts";
  *
- * const decoder = new StreamDecoder({ counters: new IngestCounters() });
- * const input = new TextEncoder().encode("a:1|c\nb:2|");
- * decoder.readTarget().set(input); // in real use: await conn.read(decoder.readTarget())
- * const batch = decoder.decodeRead(input.length);
- * console.log(batch.count); // 1: "b:2|" waits for its "\n"
+ * const context = new StreamDecoderContext({ counters: new IngestCounters() });
+ * const decoder = new StreamDecoder(context);
+ * const read = new TextEncoder().encode("a:1|c\nb:2|");
+ * let count = 0;
+ * decoder.decode(read, read.length, { route: (batch) => count += batch.count });
+ * console.log(count, decoder.pending); // 1 4: "b:2|" waits for its "\n"
  * ```
  */
 export class StreamDecoder {
-  readonly #counters: IngestCounters;
-  readonly #max: number;
-  readonly #readSize: number;
-  readonly #scanner: FrameScanner;
-  readonly #batch = new FrameBatch();
-  readonly #buf: Uint8Array;
-  /** `#buf`'s first `#readSize` bytes, the read target when nothing is carried over. */
-  readonly #head: Uint8Array;
-  /** Length of the incomplete frame carried over to the next read. */
-  #carry = 0;
-  /** Where the carried frame still is; moved to 0 by {@linkcode readTarget}. */
-  #carryFrom = 0;
+  readonly #context: StreamDecoderContext;
+  /** The incomplete line or frame carried over, `#carry[0, #carryLength)`. */
+  #carry: Uint8Array = EMPTY;
+  #carryLength = 0;
   /** Whether the carried frame is an ascii line (known to have no `\n` yet). */
   #carryAscii = false;
-  /** Discarding a too long ascii line up to its `\n`. */
+  /** Discarding an ascii line up to its `\n` (too long, or no room to hold it). */
   #skipLine = false;
   /** Bytes of a too long binary frame still to discard. */
   #skipBytes = 0;
   #corrupt = false;
 
   /** Makes a decoder for one stream. */
-  constructor(options: StreamDecoderOptions) {
-    this.#counters = options.counters;
-    this.#max = options.maxLineBytes ?? DEFAULT_MAX_LINE_BYTES;
-    this.#readSize = options.readSize ?? DEFAULT_READ_SIZE;
-    if (!(this.#max >= 1) || !(this.#readSize >= 1)) {
-      throw new RangeError("maxLineBytes and readSize must be at least 1");
-    }
-    this.#scanner = new FrameScanner({ maxLineBytes: this.#max, counters: this.#counters });
-    // Room for a read after the longest incomplete frame that may be carried
-    // over: an ascii line of maxLineBytes, or a binary header not yet whole.
-    this.#buf = new Uint8Array(this.#readSize + Math.max(this.#max, BINARY_HEADER));
-    this.#head = this.#buf.subarray(0, this.#readSize);
+  constructor(context: StreamDecoderContext) {
+    this.#context = context;
   }
 
   /** Whether a corrupt binary frame was met: the caller should close the connection. */
@@ -107,151 +132,230 @@ export class StreamDecoder {
 
   /** Bytes of an incomplete line or frame held over to the next read. */
   get pending(): number {
-    return this.#carry;
+    return this.#carryLength;
   }
 
-  /** Size of the decoder's buffer, fixed for its life. */
-  get bufferSize(): number {
-    return this.#buf.length;
-  }
-
-  /**
-   * Returns where the next read must go (at most `readSize` bytes), after
-   * moving a carried-over incomplete frame to the front of the buffer. This
-   * ends the validity of the last batch returned.
-   */
-  readTarget(): Uint8Array {
-    const carry = this.#carry;
-    if (this.#carryFrom !== 0) {
-      this.#buf.copyWithin(0, this.#carryFrom, this.#carryFrom + carry);
-      this.#carryFrom = 0;
-    }
-    return carry === 0 ? this.#head : this.#buf.subarray(carry, carry + this.#readSize);
+  /** Bytes allocated to hold the incomplete line or frame (drawn from the pending budget). */
+  get carryCapacity(): number {
+    return this.#carry.length;
   }
 
   /**
-   * Decodes the `n` bytes just read into {@linkcode readTarget}, together with
-   * what was carried over, and returns the complete frames. The batch is valid
-   * until the next call to {@linkcode readTarget}. After a corrupt frame (see
-   * {@linkcode corrupt}) it holds the frames before it, and the decoder then
-   * returns empty batches.
+   * Decodes the `n` bytes just read into `buf[0, n)`, after what was carried
+   * over, and hands the complete frames to `sink` (in one or two batches,
+   * valid during the call). After a corrupt frame (see {@linkcode corrupt}) it
+   * ignores any further input.
    */
-  decodeRead(n: number): FrameBatch {
-    const counters = this.#counters;
-    const batch = this.#batch;
-    const buf = this.#buf;
+  decode(buf: Uint8Array, n: number, sink: BatchSink): void {
+    const { counters, scanner, batch } = this.#context;
     counters.reads++;
     counters.bytes += n;
-    batch.reset(buf);
-    if (this.#corrupt) return batch;
-    const end = this.#carry + n;
+    if (this.#corrupt) return;
     let pos = 0;
     if (this.#skipBytes > 0) {
       pos = Math.min(n, this.#skipBytes);
       this.#skipBytes -= pos;
     } else if (this.#skipLine) {
-      const nl = buf.subarray(0, end).indexOf(10);
-      if (nl < 0) return batch;
+      const nl = buf.subarray(0, n).indexOf(10);
+      if (nl < 0) return;
       this.#skipLine = false;
       pos = nl + 1;
-    } else if (this.#carryAscii) {
-      // The carried line has no "\n": look in the new bytes only.
-      const nl = buf.subarray(0, end).indexOf(10, this.#carry);
-      if (nl < 0) return this.#pendingLine(0, end);
-      this.#scanner.line(buf, 0, nl, batch);
-      pos = nl + 1;
+    } else if (this.#carryLength > 0) {
+      pos = this.#carryAscii ? this.#finishLine(buf, n, sink) : this.#finishFrame(buf, n, sink);
+      if (pos < 0) return; // still incomplete, or the stream turned out corrupt
     }
-    this.#carry = 0;
-    this.#carryAscii = false;
-    const scanner = this.#scanner;
-    switch (scanner.scan(buf, pos, end, batch)) {
+    if (pos >= n) return;
+    batch.reset(buf);
+    const stop = scanner.scan(buf, pos, n, batch);
+    if (batch.count > 0) sink.route(batch);
+    switch (stop) {
       case ScanStop.partialLine:
-        return this.#pendingLine(scanner.pos, end);
+        this.#hold(buf, scanner.pos, n, true);
+        break;
       case ScanStop.partialFrame:
-        this.#carry = end - scanner.pos;
-        this.#carryFrom = scanner.pos;
-        return batch;
+        this.#hold(buf, scanner.pos, n, false);
+        break;
       case ScanStop.skip:
         this.#skipBytes = scanner.skip;
-        return batch;
+        break;
       case ScanStop.corrupt:
         this.#corrupt = true;
-        return batch;
+        break;
     }
-    return batch;
   }
 
   /**
    * Ends the stream: an incomplete line or frame left over is counted
-   * `partial` (the rest of a too long one was already counted `too_long`).
+   * `partial` (the rest of a too long one was already counted `too_long`),
+   * and the carry buffer is given back.
    */
   finish(): void {
-    if (this.#carry > 0 && !this.#corrupt) {
-      this.#scanner.drop(DROP.partial, this.#buf, this.#carryFrom, this.#carryFrom + this.#carry);
+    if (this.#carryLength > 0 && !this.#corrupt) {
+      this.#context.scanner.drop(DROP.partial, this.#carry, 0, this.#carryLength);
     }
-    this.#carry = 0;
-    this.#carryFrom = 0;
+    this.#carryLength = 0;
     this.#carryAscii = false;
     this.#skipLine = false;
     this.#skipBytes = 0;
+    this.#release(0);
   }
 
-  /** Holds `buf[start, end)`, an ascii line with no `\n` yet, or starts discarding it. */
-  #pendingLine(start: number, end: number): FrameBatch {
-    if (end - start > this.#max) {
-      this.#scanner.drop(DROP.too_long, this.#buf, start, end);
-      this.#skipLine = true;
-      this.#carry = 0;
-      this.#carryAscii = false;
-    } else {
-      this.#carry = end - start;
-      this.#carryFrom = start;
-      this.#carryAscii = true;
+  /**
+   * Completes the carried ascii line with the bytes up to the first `\n` of
+   * `buf[0, n)` and hands it over. Returns where decoding continues in
+   * `buf`, or -1 when the line is still incomplete (or was dropped whole).
+   */
+  #finishLine(buf: Uint8Array, n: number, sink: BatchSink): number {
+    const { scanner, batch, maxLineBytes } = this.#context;
+    const nl = buf.subarray(0, n).indexOf(10);
+    const take = nl < 0 ? n : nl;
+    if (this.#carryLength + take > maxLineBytes) {
+      // Enough of the new bytes for the drop's sample (80 bytes), if they fit.
+      const room = Math.min(maxLineBytes - this.#carryLength, 80);
+      if (room > 0) this.#append(buf, 0, Math.min(room, take));
+      this.#dropCarry(DROP.too_long, nl < 0);
+      return nl < 0 ? -1 : nl + 1;
     }
-    return this.#batch;
+    if (!this.#append(buf, 0, take)) {
+      this.#dropCarry(DROP.pending_full, nl < 0);
+      return nl < 0 ? -1 : nl + 1;
+    }
+    if (nl < 0) return -1;
+    batch.reset(this.#carry);
+    scanner.line(this.#carry, 0, this.#carryLength, batch);
+    if (batch.count > 0) sink.route(batch);
+    this.#emptyCarry();
+    return nl + 1;
   }
-}
 
-/** What {@linkcode decodeStream} reads from, such as a `Deno.TcpConn`. */
-export interface StreamReader {
-  /** Reads into `p`, resolving to the number of bytes read, or `null` at the end. */
-  read(p: Uint8Array): Promise<number | null>;
+  /**
+   * Completes the carried binary frame from `buf[0, n)` and hands it over.
+   * Returns where decoding continues in `buf`, or -1 when the frame is still
+   * incomplete, is being skipped past the read, or the stream is corrupt.
+   */
+  #finishFrame(buf: Uint8Array, n: number, sink: BatchSink): number {
+    const { scanner, batch, maxLineBytes } = this.#context;
+    let pos = 0;
+    // Take what the frame needs: its header, then its whole size (or, when
+    // too long or corrupt, nothing more: the scan says which).
+    while (true) {
+      const need = binaryBytesNeeded(this.#carry, this.#carryLength, maxLineBytes);
+      if (need <= this.#carryLength) break;
+      if (pos === n) return -1; // the read ended first
+      const take = Math.min(n - pos, need - this.#carryLength);
+      if (!this.#append(buf, pos, pos + take)) {
+        this.#dropFrame(this.#carry, 0, this.#carryLength);
+        this.#emptyCarry();
+        return this.#skipped(n, pos);
+      }
+      pos += take;
+    }
+    batch.reset(this.#carry);
+    const stop = scanner.scan(this.#carry, 0, this.#carryLength, batch);
+    if (batch.count > 0) sink.route(batch);
+    this.#emptyCarry();
+    if (stop === ScanStop.corrupt) {
+      this.#corrupt = true;
+      return -1;
+    }
+    if (stop === ScanStop.skip) this.#skipBytes = scanner.skip;
+    return this.#skipped(n, pos);
+  }
+
+  /**
+   * Skips what is left of a dropped frame ({@linkcode #skipBytes}) in
+   * `buf[pos, n)`; returns where decoding continues, or -1 past the read.
+   */
+  #skipped(n: number, pos: number): number {
+    if (this.#corrupt) return -1;
+    const skipped = Math.min(n - pos, this.#skipBytes);
+    this.#skipBytes -= skipped;
+    return this.#skipBytes > 0 ? -1 : pos + skipped;
+  }
+
+  /** Holds `buf[start, end)`, an incomplete line (`ascii`) or frame, for the next read. */
+  #hold(buf: Uint8Array, start: number, end: number, ascii: boolean): void {
+    const { scanner, maxLineBytes } = this.#context;
+    if (ascii && end - start > maxLineBytes) {
+      scanner.drop(DROP.too_long, buf, start, end);
+      this.#skipLine = true;
+    } else if (this.#append(buf, start, end)) {
+      this.#carryAscii = ascii;
+    } else if (ascii) {
+      scanner.drop(DROP.pending_full, buf, start, end);
+      this.#skipLine = true;
+    } else {
+      this.#dropFrame(buf, start, end);
+    }
+  }
+
+  /**
+   * Drops the incomplete binary frame `buf[start, end)` for want of room to
+   * hold it: the rest is skipped by the length its header gives, or, without
+   * a whole header, the stream can no longer be framed and counts as corrupt.
+   */
+  #dropFrame(buf: Uint8Array, start: number, end: number): void {
+    const frame = buf.subarray(start, end);
+    const size = binaryBytesNeeded(frame, frame.length, Infinity);
+    this.#context.scanner.drop(DROP.pending_full, buf, start, end);
+    const headerKnown = frame.length >= 2 &&
+      frame.length >= (frame[1] === 4 ? BINARY_SET_HEADER : BINARY_HEADER);
+    if (headerKnown && size > frame.length) this.#skipBytes = size - frame.length;
+    else this.#corrupt = true;
+  }
+
+  /** Appends `buf[start, end)` to the carry, growing it within the budget; false if no room. */
+  #append(buf: Uint8Array, start: number, end: number): boolean {
+    const length = this.#carryLength + end - start;
+    if (length > this.#carry.length) {
+      const { pending, maxLineBytes } = this.#context;
+      const cap = Math.max(maxLineBytes, BINARY_HEADER);
+      const size = Math.min(cap, Math.max(length, SMALL_CARRY_BYTES, this.#carry.length * 2));
+      if (!pending.take(size - this.#carry.length)) return false;
+      const grown = new Uint8Array(size);
+      grown.set(this.#carry.subarray(0, this.#carryLength));
+      this.#carry = grown;
+    }
+    this.#carry.set(buf.subarray(start, end), this.#carryLength);
+    this.#carryLength = length;
+    return true;
+  }
+
+  /** Drops the carried line, counted for `reason`; skips the rest of it if it goes on. */
+  #dropCarry(reason: number, goesOn: boolean): void {
+    this.#context.scanner.drop(reason, this.#carry, 0, this.#carryLength);
+    this.#skipLine = goesOn;
+    this.#emptyCarry();
+  }
+
+  /** Empties the carry, giving back a large buffer. */
+  #emptyCarry(): void {
+    this.#carryLength = 0;
+    this.#carryAscii = false;
+    this.#release(SMALL_CARRY_BYTES);
+  }
+
+  /** Gives the carry buffer back to the budget when it is larger than `keep`. */
+  #release(keep: number): void {
+    if (this.#carry.length > keep) {
+      this.#context.pending.give(this.#carry.length);
+      this.#carry = EMPTY;
+    }
+  }
 }
 
 /**
- * Reads and decodes a stream until its end or a corrupt binary frame, yielding
- * one {@linkcode FrameBatch} per read that held complete frames. Each batch is
- * valid until the generator is resumed.
- *
- * At the end of the stream, an incomplete line or frame left over is counted
- * `partial`. After a corrupt frame, it yields the frames before it and returns,
- * so the caller should then close the connection.
- *
- * @example Usage
- * ```ts ignore
- * import { decodeStream } from "./stream_decoder.ts";
- * import { IngestCounters } from "./counters.ts";
- *
- * const conn = await Deno.connect({ port: 8125 });
- * for await (const batch of decodeStream(conn, { counters: new IngestCounters() })) {
- *   console.log(batch.count);
- * }
- * conn.close();
- * ```
+ * How many bytes of the binary frame starting at `carry[0]` (of which
+ * `length` are there) the decoder needs before scanning it: its header
+ * first, then its whole size, or no more than it has when the frame is
+ * longer than `max` (the scanner then skips it by its length).
  */
-export async function* decodeStream(
-  reader: StreamReader,
-  options: StreamDecoderOptions,
-): AsyncGenerator<FrameBatch, void, undefined> {
-  const decoder = new StreamDecoder(options);
-  while (true) {
-    const n = await reader.read(decoder.readTarget());
-    if (n === null) {
-      decoder.finish();
-      return;
-    }
-    const batch = decoder.decodeRead(n);
-    if (batch.count > 0) yield batch;
-    if (decoder.corrupt) return;
-  }
+function binaryBytesNeeded(carry: Uint8Array, length: number, max: number): number {
+  if (length < 2) return 2;
+  const header = carry[1] === 4 ? BINARY_SET_HEADER : BINARY_HEADER;
+  if (carry[1] < 1 || carry[1] > 6) return length; // corrupt: the scanner says so
+  if (length < header) return header;
+  let size = header + (carry[2] | (carry[3] << 8));
+  if (header === BINARY_SET_HEADER) size += carry[4] | (carry[5] << 8);
+  return size > max ? length : size;
 }

@@ -1,6 +1,14 @@
 /**
- * The TCP listener: accepts clients and feeds each connection's bytes through
- * a stream decoder into the router.
+ * The TCP listener: accepts clients and feeds each connection's bytes
+ * through a stream decoder to the sink (the router).
+ *
+ * An idle client costs little: its pending read holds a small buffer of its
+ * own, it borrows a large one from a {@linkcode ReadBufferPool} only while it
+ * streams, and the decode batch is the listener's. Past `maxConnections`
+ * open clients (across listeners), a new one is accepted and closed at once;
+ * a client silent for `idleTimeoutMs` is closed. A failed accept (out of
+ * file descriptors) is counted and retried after a growing pause; the
+ * listener keeps serving everyone else.
  *
  * A client that disconnects mid-line affects nobody else: its partial line
  * is counted and dropped. A corrupt binary frame closes that one connection
@@ -9,10 +17,15 @@
  * @module
  */
 
-import type { IngestCounters } from "./counters.ts";
-import type { BatchSink } from "./frame_batch.ts";
+import { internalErrors, isConnectionEnd } from "../internal_errors.ts";
 import { listenError } from "../errors.ts";
-import { decodeStream } from "./stream_decoder.ts";
+import type { TcpClientCounters } from "./counters.ts";
+import type { BatchSink } from "./frame_batch.ts";
+import type { ReadBufferPool } from "./read_buffer_pool.ts";
+import { StreamDecoder, type StreamDecoderContext } from "./stream_decoder.ts";
+
+/** Size of the buffer an idle client's pending read holds. */
+export const IDLE_READ_BYTES = 512;
 
 /** Options of {@linkcode TcpListener.listen}. */
 export interface TcpListenerOptions {
@@ -22,36 +35,52 @@ export interface TcpListenerOptions {
   port: number;
   /** Where decoded metrics go. */
   sink: BatchSink;
-  /** Counters of TCP input. */
-  counters: IngestCounters;
-  /** Longest line or frame accepted. */
-  maxLineBytes: number;
+  /** The decoding context: counters, line limit, pending budget, shared batch. */
+  context: StreamDecoderContext;
+  /** Client counters, shared with the proxy's other TCP listeners. */
+  clients: TcpClientCounters;
+  /** The large read buffers streaming clients borrow. */
+  pool: ReadBufferPool;
+  /** The limits on clients, read as they apply (a reload may change them). */
+  limits: TcpClientLimits;
 }
 
-/** Counters of TCP connections. */
-export interface ConnectionCounts {
-  /** Connections open now. */
-  open: number;
-  /** Connections accepted since start. */
-  total: number;
+/** Limits on TCP clients, shared by the proxy's TCP listeners. */
+export interface TcpClientLimits {
+  /** Most clients open at once, across the listeners sharing their counters. */
+  maxConnections: number;
+  /** Close a client silent this long, in ms; 0 never does. */
+  idleTimeoutMs: number;
+}
+
+/** How often silent clients are looked for, in ms: the idle timeout's precision. */
+const SWEEP_MS = 250;
+
+/** One connected client. */
+interface Client {
+  conn: Deno.TcpConn;
+  /** The listener's tick at the client's last read. */
+  tick: number;
 }
 
 /** Accepts TCP clients and decodes their metrics. */
 export class TcpListener {
   /** The bound address (with the real port when 0 was asked). */
   readonly addr: Deno.NetAddr;
-  /** Connection counters. */
-  readonly connections: ConnectionCounts = { open: 0, total: 0 };
   #listener: Deno.TcpListener;
   #options: TcpListenerOptions;
-  #conns = new Set<Deno.TcpConn>();
+  #clients = new Set<Client>();
   #handlers = new Set<Promise<void>>();
   #accepting: Promise<void>;
+  /** Advances every {@linkcode SWEEP_MS}; a client's tick says when it last read. */
+  #tick = 0;
+  #sweeper: ReturnType<typeof setInterval>;
 
   private constructor(listener: Deno.TcpListener, options: TcpListenerOptions) {
     this.#listener = listener;
     this.#options = options;
     this.addr = listener.addr;
+    this.#sweeper = setInterval(() => this.#sweep(), SWEEP_MS);
     this.#accepting = this.#accept();
   }
 
@@ -66,17 +95,33 @@ export class TcpListener {
     return new TcpListener(listener, options);
   }
 
+  /** Clients connected to this listener now. */
+  get open(): number {
+    return this.#clients.size;
+  }
+
   async #accept(): Promise<void> {
+    const clients = this.#options.clients;
+    let pause = 10;
     while (true) {
       let conn: Deno.TcpConn;
       try {
         conn = await this.#listener.accept();
+        pause = 10;
       } catch (err) {
         if (err instanceof Deno.errors.BadResource || err instanceof Deno.errors.Interrupted) {
           return;
         }
-        // Out of file descriptors and the like: wait a little, keep serving.
-        await new Promise((resolve) => setTimeout(resolve, 50));
+        // Out of file descriptors and the like: count it, pause, keep serving.
+        clients.acceptErrors++;
+        clients.lastAcceptError = err instanceof Error ? err.message : String(err);
+        await new Promise((resolve) => setTimeout(resolve, pause));
+        pause = Math.min(pause * 2, 1000);
+        continue;
+      }
+      if (clients.open >= this.#options.limits.maxConnections) {
+        clients.rejected++;
+        close(conn);
         continue;
       }
       const handler = this.#serve(conn);
@@ -86,23 +131,55 @@ export class TcpListener {
   }
 
   async #serve(conn: Deno.TcpConn): Promise<void> {
-    const { sink, counters, maxLineBytes } = this.#options;
-    this.#conns.add(conn);
-    this.connections.open++;
-    this.connections.total++;
+    const { sink, context, clients, pool } = this.#options;
+    const client: Client = { conn, tick: this.#tick };
+    this.#clients.add(client);
+    clients.open++;
+    clients.total++;
+    const decoder = new StreamDecoder(context);
+    const small = new Uint8Array(IDLE_READ_BYTES);
+    let large: Uint8Array | undefined;
     try {
-      for await (const batch of decodeStream(conn, { counters, maxLineBytes })) {
-        sink.route(batch);
+      while (true) {
+        const buf = large ?? small;
+        const n = await conn.read(buf);
+        if (n === null) break;
+        client.tick = this.#tick;
+        decoder.decode(buf, n, sink);
+        if (decoder.corrupt) break;
+        // A full read means more is waiting: read on in a large buffer while
+        // the client streams, and give it back once a read comes up short.
+        if (n === buf.length) {
+          large ??= pool.take();
+        } else if (large !== undefined) {
+          pool.give(large);
+          large = undefined;
+        }
       }
-    } catch {
-      // A reset connection or one closed by shutdown: what was read is routed.
+    } catch (err) {
+      // A reset connection, or one closed by shutdown or the idle timeout:
+      // what was read is routed. Anything else is a bug, survived.
+      if (!isConnectionEnd(err)) internalErrors.report("tcp client", err);
     } finally {
-      this.#conns.delete(conn);
-      this.connections.open--;
-      try {
-        conn.close();
-      } catch {
-        // Already closed.
+      decoder.finish();
+      if (large !== undefined) pool.give(large);
+      this.#clients.delete(client);
+      clients.open--;
+      close(conn);
+    }
+  }
+
+  /** Closes the clients silent for longer than the idle timeout. */
+  #sweep(): void {
+    const tick = ++this.#tick;
+    const timeout = this.#options.limits.idleTimeoutMs;
+    if (timeout <= 0) return;
+    const idleTicks = timeout / SWEEP_MS;
+    for (const client of this.#clients) {
+      if (tick - client.tick > idleTicks) {
+        this.#options.clients.idleClosed++;
+        this.#clients.delete(client);
+        close(client.conn);
       }
     }
   }
@@ -117,21 +194,24 @@ export class TcpListener {
     await this.#accepting;
   }
 
-  /** Resolves once no client connection is left. */
+  /** Resolves once no client connection is left, then stops the idle sweep. */
   async idle(): Promise<void> {
     while (this.#handlers.size > 0) await Promise.allSettled([...this.#handlers]);
+    clearInterval(this.#sweeper);
   }
 
   /** Stops accepting, closes every client connection and waits for them. */
   async close(): Promise<void> {
     await this.stopAccepting();
-    for (const conn of this.#conns) {
-      try {
-        conn.close();
-      } catch {
-        // Already closed.
-      }
-    }
-    await Promise.allSettled([...this.#handlers]);
+    for (const client of this.#clients) close(client.conn);
+    await this.idle();
+  }
+}
+
+function close(conn: Deno.TcpConn): void {
+  try {
+    conn.close();
+  } catch {
+    // Already closed.
   }
 }

@@ -12,7 +12,7 @@
  * @module
  */
 
-import { ByteBudget } from "./upstream_buffer.ts";
+import { ByteBudget } from "../byte_budget.ts";
 import { type DrainReason, UpstreamConnection } from "./upstream_connection.ts";
 
 /** Options of {@linkcode Upstream}. */

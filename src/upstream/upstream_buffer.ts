@@ -18,18 +18,7 @@
  * @module
  */
 
-/** A bound on bytes held, shared by the buffers of one server. */
-export class ByteBudget {
-  /** Most bytes the sharing buffers may hold together. */
-  readonly max: number;
-  /** Bytes they hold now. */
-  used = 0;
-
-  /** Makes a budget of `max` bytes. */
-  constructor(max: number) {
-    this.max = max;
-  }
-}
+import type { ByteBudget } from "../byte_budget.ts";
 
 /** One chunk of whole frames, written in order. */
 export class Chunk {

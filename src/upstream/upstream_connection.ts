@@ -27,7 +27,8 @@
 
 import { errorText } from "../errors.ts";
 import { logger } from "../log.ts";
-import { type ByteBudget, UpstreamBuffer } from "./upstream_buffer.ts";
+import type { ByteBudget } from "../byte_budget.ts";
+import { UpstreamBuffer } from "./upstream_buffer.ts";
 
 const log = logger("upstream");
 
