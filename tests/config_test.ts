@@ -637,7 +637,7 @@ Deno.test("loadConfig() reports unreadable files as ConfigErrors naming them", a
     await t.step("a folder as config file", async () => {
       await assert.rejects(loadConfig({ file: dir }), {
         name: "ConfigError",
-        message: `${dir}: cannot read config file: is a directory`,
+        message: `${dir}: cannot read config file: not a regular file (a directory)`,
       });
     });
     await t.step("a missing servers file", async () => {

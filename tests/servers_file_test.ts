@@ -300,6 +300,18 @@ Deno.test("isValidHost() accepts IP addresses and host names and rejects the res
   });
 });
 
+Deno.test("parseServers() refuses more servers than the ring holds, naming the line", () => {
+  const lines = Array.from({ length: 65536 }, (_, i) => `10.${i >> 8}.${i & 255}.1:8125 1`);
+  assert.equal(
+    parseServers({ file: "big.conf", text: lines.slice(0, 65535).join("\n") }).length,
+    65535,
+  );
+  assert.throws(() => parseServers({ file: "big.conf", text: lines.join("\n") }), {
+    name: "ConfigError",
+    message: "big.conf:65536: too many servers: the ring holds at most 65535",
+  });
+});
+
 Deno.test("readServersFile() reads and parses a file", async (t) => {
   const dir = await Deno.makeTempDir();
   try {
@@ -332,7 +344,31 @@ Deno.test("readServersFile() reads and parses a file", async (t) => {
     await t.step("a directory", async () => {
       await assert.rejects(readServersFile(dir), {
         name: "ConfigError",
-        message: `${dir}: cannot read servers file: is a directory`,
+        message: `${dir}: cannot read servers file: not a regular file (a directory)`,
+      });
+    });
+    await t.step("an endless device, refused before reading a byte", async () => {
+      await assert.rejects(readServersFile("/dev/zero"), {
+        name: "ConfigError",
+        message: "/dev/zero: cannot read servers file: not a regular file (a character device)",
+      });
+    });
+    await t.step("a FIFO, refused without waiting for a writer", async () => {
+      const fifo = join(dir, "fifo.conf");
+      const mk = await new Deno.Command("mkfifo", { args: [fifo] }).output();
+      assert.equal(mk.code, 0);
+      await assert.rejects(readServersFile(fifo), {
+        name: "ConfigError",
+        message: `${fifo}: cannot read servers file: not a regular file (a FIFO)`,
+      });
+    });
+    await t.step("more than 16 MiB", async () => {
+      const big = join(dir, "big.conf");
+      await Deno.writeFile(big, new Uint8Array(16 * 1024 * 1024 + 1).fill(0x23)); // "#"
+      await assert.rejects(readServersFile(big), {
+        name: "ConfigError",
+        message:
+          `${big}: cannot read servers file: larger than 16777216 bytes (16 MiB), the most read`,
       });
     });
   } finally {

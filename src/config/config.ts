@@ -25,7 +25,8 @@
 import { dirname, isAbsolute, join } from "node:path";
 // @ts-types="@types/ini"
 import ini from "ini";
-import { ConfigError, describeReadError, UsageError } from "../errors.ts";
+import { ConfigError, UsageError } from "../errors.ts";
+import { readBoundedText } from "./bounded_file.ts";
 import { isValidHost, readServersFile, type ServerSpec } from "./servers_file.ts";
 
 /**
@@ -624,16 +625,7 @@ export async function loadConfig(options: LoadConfigOptions = {}): Promise<Proxy
   if (file === undefined) {
     settings = parseConfig({ overrides });
   } else {
-    let text: string;
-    try {
-      text = await Deno.readTextFile(file);
-    } catch (error) {
-      throw new ConfigError({
-        file,
-        problem: `cannot read config file: ${describeReadError(error)}`,
-        cause: error,
-      });
-    }
+    const text = await readBoundedText(file, { what: "config file" });
     settings = parseConfig({ file, text, overrides });
   }
   const servers = await readServersFile(settings.serversFile);

@@ -20,7 +20,11 @@
  * @module
  */
 
-import { ConfigError, describeReadError } from "../errors.ts";
+import { ConfigError } from "../errors.ts";
+import { readBoundedText } from "./bounded_file.ts";
+
+/** The most servers a servers file may list: the ring numbers them in 16 bits. */
+export const MAX_SERVERS = 65535;
 
 /** The largest weight a server may have: 2^31 - 1. */
 export const MAX_WEIGHT = 2147483647;
@@ -213,6 +217,9 @@ export function parseServers(options: ParseServersOptions): ServerSpec[] {
     }
     firstLines.set(key, line);
 
+    if (servers.length === MAX_SERVERS) {
+      throw error(line, `too many servers: the ring holds at most ${MAX_SERVERS}`);
+    }
     servers.push({ address, host: parsed.host, port: parsed.port, weight, line });
   }
 
@@ -242,16 +249,7 @@ export function parseServers(options: ParseServersOptions): ServerSpec[] {
  * ```
  */
 export async function readServersFile(path: string): Promise<ServerSpec[]> {
-  let text: string;
-  try {
-    text = await Deno.readTextFile(path);
-  } catch (error) {
-    throw new ConfigError({
-      file: path,
-      problem: `cannot read servers file: ${describeReadError(error)}`,
-      cause: error,
-    });
-  }
+  const text = await readBoundedText(path, { what: "servers file" });
   return parseServers({ file: path, text });
 }
 
