@@ -116,6 +116,18 @@ export class UsageError extends Error {
   }
 }
 
+/**
+ * Whether `err` (or its cause) says the process or the system ran out of
+ * file descriptors (EMFILE, ENFILE): a passing state worth retrying.
+ */
+export function isOutOfFiles(err: unknown): boolean {
+  for (let e = err; e instanceof Error; e = e.cause) {
+    const code = (e as { code?: unknown }).code;
+    if (code === "EMFILE" || code === "ENFILE" || /\(os error 2[34]\)/.test(e.message)) return true;
+  }
+  return false;
+}
+
 /** One-line text of an error, without a stack. */
 export function errorText(err: unknown): string {
   return oneLine(err instanceof Error ? err.message : String(err));

@@ -22,6 +22,8 @@ import { movedShare } from "./ring/ring_diff.ts";
 import { Router } from "./routing/router.ts";
 import { type TcpClientLimits, TcpListener } from "./ingest/tcp_listener.ts";
 import { UdpListener } from "./ingest/udp_listener.ts";
+import { ConnectGate } from "./upstream/connect_gate.ts";
+import { ConnectionEvents } from "./upstream/connection_events.ts";
 import { Upstream } from "./upstream/upstream.ts";
 import type { Protocol, UpstreamConnection } from "./upstream/upstream_connection.ts";
 
@@ -101,8 +103,18 @@ export interface ReloadCounters {
   failures: number;
 }
 
+/** What every upstream of a proxy shares. */
+interface UpstreamShared {
+  gate: ConnectGate;
+  events: ConnectionEvents;
+}
+
 /** Builds an upstream for a server of `config`. */
-function upstreamFor(config: ProxyConfig, server: ProxyConfig["servers"][number]): Upstream {
+function upstreamFor(
+  config: ProxyConfig,
+  server: ProxyConfig["servers"][number],
+  shared: UpstreamShared,
+): Upstream {
   return new Upstream({
     address: server.address,
     host: server.host,
@@ -110,6 +122,7 @@ function upstreamFor(config: ProxyConfig, server: ProxyConfig["servers"][number]
     maxBufferBytes: config.maxBufferBytes,
     reconnectMinMs: config.reconnectMinMs,
     reconnectMaxMs: config.reconnectMaxMs,
+    ...shared,
   });
 }
 
@@ -127,6 +140,13 @@ export class Proxy {
   readonly readPool: ReadBufferPool = new ReadBufferPool();
   /** The bound on bytes all TCP clients' unfinished lines hold (fixed at start). */
   readonly pending: ByteBudget;
+  /** Upstream connection events, logged rate-limited; the summary reports the rest. */
+  readonly connectionEvents: ConnectionEvents = new ConnectionEvents();
+  /** What every upstream shares: the gate that paces connection attempts, the event log. */
+  readonly #shared: UpstreamShared = {
+    gate: new ConnectGate(),
+    events: this.connectionEvents,
+  };
   /** Limits on TCP clients; a reload changes them in place. */
   readonly #limits: TcpClientLimits;
   /** Reload counters. */
@@ -140,8 +160,11 @@ export class Proxy {
   #retired = new Set<TcpListener>();
   /** Upstreams removed by a reload, and their drains. */
   #leaving = new Map<Upstream, Promise<number>>();
-  /** Upstreams removed by a reload that finished draining: their accounts stay reported. */
-  #gone: Upstream[] = [];
+  /**
+   * The accounts of servers removed by reloads, summed per server and
+   * protocol (a server removed and added again many times is one entry).
+   */
+  #gone = new Map<string, ConnectionAccount>();
   /** The bind address and port the TCP listener was made for (port 0: none). */
   #tcpBound: { host: string; port: number };
   /** The bind address and port the UDP listener was made for (port 0: none). */
@@ -156,7 +179,7 @@ export class Proxy {
     };
     this.#tcpBound = { host: config.bindAddress, port: config.tcpPort };
     this.#udpBound = { host: config.bindAddress, port: config.udpPort };
-    const upstreams = config.servers.map((server) => upstreamFor(config, server));
+    const upstreams = config.servers.map((server) => upstreamFor(config, server, this.#shared));
     this.router = new Router({ ring: new HashRing({ servers: config.servers }), upstreams });
   }
 
@@ -241,10 +264,10 @@ export class Proxy {
     const current = new Map(this.upstreams.map((u) => [u.address, u]));
     const oldWeights = new Map(before.servers.map((s) => [s.address, s.weight]));
     const upstreams = next.servers.map((server) =>
-      current.get(server.address) ?? upstreamFor(next, server)
+      current.get(server.address) ?? upstreamFor(next, server, this.#shared)
     );
     const nextAddresses = new Set(next.servers.map((s) => s.address));
-    const ring = new HashRing({ servers: next.servers });
+    const ring = new HashRing({ servers: next.servers, replaces: before });
     const report: ReloadReport = {
       added: next.servers.filter((s) => !current.has(s.address)).map((s) => s.address),
       removed: before.servers.filter((s) => !nextAddresses.has(s.address)).map((s) => s.address),
@@ -264,7 +287,7 @@ export class Proxy {
       this.#leaving.set(upstream, leaving);
       leaving.then((lost) => {
         this.#leaving.delete(upstream);
-        this.#gone.push(upstream);
+        for (const c of upstream.connections) this.#addGone(accountOf(c));
         if (lost > 0) {
           log.error("removed server {address}: {count} held metrics could not be delivered", {
             address,
@@ -317,6 +340,22 @@ export class Proxy {
     }
   }
 
+  /** Adds a removed server's account to what was removed before at its address. */
+  #addGone(account: ConnectionAccount): void {
+    const name = `${account.server} ${account.protocol}`;
+    const sum = this.#gone.get(name);
+    if (sum === undefined) {
+      this.#gone.set(name, account);
+      return;
+    }
+    sum.received += account.received;
+    sum.forwarded += account.forwarded;
+    sum.dropped.buffer_full += account.dropped.buffer_full;
+    sum.dropped.shutdown += account.dropped.shutdown;
+    sum.dropped.removed += account.dropped.removed;
+    sum.held += account.held;
+  }
+
   /**
    * Stops accepting, closes client connections (what was read is already
    * routed), then drains the upstreams until `drainTimeoutMs` passes.
@@ -336,8 +375,10 @@ export class Proxy {
       if (n > 0) byServer[this.upstreams[i].address] = n;
       undelivered += n;
     });
-    const accounts = [...this.#gone, ...this.upstreams]
-      .flatMap((u) => u.connections.map(accountOf));
+    const accounts = [
+      ...this.#gone.values(),
+      ...this.upstreams.flatMap((u) => u.connections.map(accountOf)),
+    ];
     return { undelivered, byServer, accounts };
   }
 }

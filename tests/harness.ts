@@ -241,6 +241,8 @@ export interface ProxyStartOptions {
   udp?: boolean;
   /** Turn the admin endpoint on, on a free port. */
   admin?: boolean;
+  /** Run the proxy with this limit on open files (`ulimit -n`). */
+  maxOpenFiles?: number;
 }
 
 /** A servers file's text; a plain address gets weight 100. */
@@ -328,12 +330,26 @@ export class ProxyProcess {
     };
     const lines = ["[statsite-proxy]", ...Object.entries(settings).map(([k, v]) => `${k} = ${v}`)];
     await Deno.writeTextFile(`${dir}/proxy.ini`, lines.join("\n") + "\n");
-    const child = new Deno.Command(Deno.execPath(), {
-      args: proxyArgs("-f", `${dir}/proxy.ini`, ...(options.args ?? [])),
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
+    const args = proxyArgs("-f", `${dir}/proxy.ini`, ...(options.args ?? []));
+    // With a limit on open files, bash sets it and execs deno: same pid.
+    const child = (options.maxOpenFiles === undefined
+      ? new Deno.Command(Deno.execPath(), {
+        args,
+        stdin: "null",
+        stdout: "piped",
+        stderr: "piped",
+      })
+      : new Deno.Command("bash", {
+        args: [
+          "-c",
+          `ulimit -n ${options.maxOpenFiles} && exec "$0" "$@"`,
+          Deno.execPath(),
+          ...args,
+        ],
+        stdin: "null",
+        stdout: "piped",
+        stderr: "piped",
+      })).spawn();
     const proxy = new ProxyProcess(dir, child);
     proxy.tcpPort = tcp;
     proxy.udpPort = udp;
@@ -367,6 +383,19 @@ export class ProxyProcess {
   /** Rewrites the servers file (entries as in {@linkcode ProxyStartOptions.servers}). */
   async writeServers(servers: ProxyStartOptions["servers"]): Promise<void> {
     await Deno.writeTextFile(`${this.dir}/servers.conf`, serversText(servers));
+  }
+
+  /** The proxy's resident memory now, in MiB. */
+  rssMiB(): number {
+    return rssMiB(this.pid);
+  }
+
+  /** Whether the process still runs (and is no zombie). */
+  get alive(): boolean {
+    const out = new Deno.Command("ps", { args: ["-o", "stat=", "-p", String(this.pid)] })
+      .outputSync();
+    const state = new TextDecoder().decode(out.stdout).trim();
+    return out.code === 0 && state !== "" && !state.startsWith("Z");
   }
 
   /** Sends a signal without waiting. */
@@ -552,4 +581,15 @@ function assertAddsUp(a: Account, what: string): void {
     a.forwarded + a.bufferFull + a.shutdown + a.removed + a.held,
     `${what}: received ${a.received} = forwarded ${a.forwarded} + buffer_full ${a.bufferFull} + shutdown ${a.shutdown} + removed ${a.removed} + held ${a.held}`,
   );
+}
+
+/**
+ * The resident memory of process `pid`, in MiB, as `ps` reports it (Deno
+ * lets a test read `/proc/PID` only with every permission).
+ */
+export function rssMiB(pid: number): number {
+  const out = new Deno.Command("ps", { args: ["-o", "rss=", "-p", String(pid)] }).outputSync();
+  const kib = Number(new TextDecoder().decode(out.stdout).trim());
+  assert.ok(out.code === 0 && kib > 0, `ps found no process ${pid}`);
+  return kib / 1024;
 }

@@ -291,3 +291,21 @@ Deno.test("ring keeps its server list apart from the caller's", () => {
   assert.equal(ring.servers[0].address, "127.0.0.1:8125");
   assert.ok(Object.isFrozen(ring.servers));
 });
+
+Deno.test("a ring that replaces another takes over its route cache, emptied", () => {
+  const servers = [1, 2, 3].map((i) => ({ address: `10.0.0.${i}:8125`, weight: 100 }));
+  const old = new HashRing({ servers });
+  for (let i = 0; i < 100; i++) old.lookupKey(`key${i}`);
+  const cache = old.cache!;
+  assert.ok(cache.size > 0);
+  const next = new HashRing({ servers: servers.slice(0, 2), replaces: old });
+  assert.equal(next.cache, cache, "the same cache object");
+  assert.equal(cache.size, 0, "emptied");
+  assert.equal(old.cache, null, "the old ring goes on uncached");
+  const fresh = new HashRing({ servers: servers.slice(0, 2), cache: false });
+  for (let i = 0; i < 100; i++) {
+    const key = `key${i}`;
+    assert.equal(next.lookupKey(key), fresh.lookupKey(key), key);
+    assert.equal(old.lookupKey(key), new HashRing({ servers, cache: false }).lookupKey(key), key);
+  }
+});

@@ -18,6 +18,8 @@ import { HashRing } from "../src/ring/ring.ts";
 import { Router } from "../src/routing/router.ts";
 import type { FrameBatch } from "../src/ingest/frame_batch.ts";
 import { StreamDecoder, StreamDecoderContext } from "../src/ingest/stream_decoder.ts";
+import { ConnectGate } from "../src/upstream/connect_gate.ts";
+import { ConnectionEvents } from "../src/upstream/connection_events.ts";
 import { Upstream } from "../src/upstream/upstream.ts";
 import { ByteBudget } from "../src/byte_budget.ts";
 import { UpstreamBuffer } from "../src/upstream/upstream_buffer.ts";
@@ -76,6 +78,8 @@ function newRouter(): Router {
       maxBufferBytes: 256 * 1024 * 1024,
       reconnectMinMs: 100,
       reconnectMaxMs: 1000,
+      gate: new ConnectGate(),
+      events: new ConnectionEvents(),
     })
   );
   return new Router({ ring, upstreams });

@@ -1,6 +1,7 @@
 /**
- * The admin HTTP endpoint (`admin_port`, `admin_bind`), served with
- * `Deno.serve`:
+ * The admin HTTP endpoint (`admin_port`, `admin_bind`), served by the small
+ * HTTP server of `http_server.ts` (a connection limit, deadlines, 4xx for
+ * malformed requests, and survival when file descriptors run out):
  *
  * - `GET /health`: JSON state; 200, or 503 when no upstream is connected;
  * - `GET /metrics`: Prometheus text (see `metrics_text.ts`);
@@ -9,8 +10,13 @@
  * @module
  */
 
-import { listenError } from "../errors.ts";
 import { logger } from "../log.ts";
+import {
+  type HttpCounters,
+  type HttpRequest,
+  type HttpResponse,
+  HttpServer,
+} from "./http_server.ts";
 import { renderMetrics } from "./metrics_text.ts";
 import { formatAddr, type Proxy } from "../proxy.ts";
 import { VERSION } from "../version.ts";
@@ -54,16 +60,6 @@ function hex(bytes: Uint8Array): string {
   return [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** Options of {@linkcode AdminServer.start}. */
-export interface AdminServerOptions {
-  /** Address to bind. */
-  hostname: string;
-  /** Port to bind. */
-  port: number;
-  /** The proxy whose state is served (read on each request, so reloads show). */
-  proxy: Proxy;
-}
-
 /** The health document of `GET /health`. */
 export function health(proxy: Proxy): { status: number; body: unknown } {
   const since = (ms: number) => ms === 0 ? null : new Date(ms).toISOString();
@@ -96,18 +92,27 @@ export function health(proxy: Proxy): { status: number; body: unknown } {
   };
 }
 
-function json(status: number, body: unknown): Response {
-  return new Response(JSON.stringify(body, null, 2) + "\n", {
-    status,
-    headers: { "content-type": "application/json" },
-  });
+function json(status: number, body: unknown): HttpResponse {
+  return { status, contentType: "application/json", body: JSON.stringify(body, null, 2) + "\n" };
 }
 
-/** Answers one admin request. */
-export function handleAdmin(proxy: Proxy, request: Request): Response {
-  const url = new URL(request.url);
+/**
+ * Answers one admin request (`target` as sent: path and raw query);
+ * `counters` are the endpoint's own, shown in `/metrics`.
+ */
+export function handleAdmin(
+  proxy: Proxy,
+  request: HttpRequest,
+  counters: HttpCounters,
+): HttpResponse {
   if (request.method !== "GET" && request.method !== "HEAD") {
     return json(405, { error: "only GET" });
+  }
+  let url: URL;
+  try {
+    url = new URL(request.target, "http://admin");
+  } catch {
+    return json(400, { error: "malformed request target" });
   }
   switch (url.pathname) {
     case "/health": {
@@ -115,9 +120,11 @@ export function handleAdmin(proxy: Proxy, request: Request): Response {
       return json(status, body);
     }
     case "/metrics":
-      return new Response(renderMetrics(proxy), {
-        headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" },
-      });
+      return {
+        status: 200,
+        contentType: "text/plain; version=0.0.4; charset=utf-8",
+        body: renderMetrics(proxy, counters),
+      };
     case "/route": {
       const bytes = queryBytes(url.search, "key");
       if (bytes === undefined) return json(400, { error: "missing ?key=NAME" });
@@ -136,33 +143,38 @@ export function handleAdmin(proxy: Proxy, request: Request): Response {
   }
 }
 
+/** Options of {@linkcode AdminServer.start}. */
+export interface AdminServerOptions {
+  /** Address to bind. */
+  hostname: string;
+  /** Port to bind. */
+  port: number;
+  /** The proxy whose state is served (read on each request, so reloads show). */
+  proxy: Proxy;
+  /** Counters, kept across restarts of the endpoint. */
+  counters: HttpCounters;
+}
+
 /** The running admin endpoint. */
 export class AdminServer {
   /** The bound address. */
   readonly addr: Deno.NetAddr;
-  #server: Deno.HttpServer<Deno.NetAddr>;
+  #server: HttpServer;
 
-  private constructor(server: Deno.HttpServer<Deno.NetAddr>) {
+  private constructor(server: HttpServer) {
     this.#server = server;
     this.addr = server.addr;
   }
 
   /** Starts serving; throws a `ListenError` when it cannot bind. */
   static start(options: AdminServerOptions): AdminServer {
-    const { hostname, port, proxy } = options;
-    let server: Deno.HttpServer<Deno.NetAddr>;
-    try {
-      server = Deno.serve({ hostname, port, onListen: () => {} }, (request) => {
-        try {
-          return handleAdmin(proxy, request);
-        } catch (err) {
-          log.error("admin request failed: {error}", { error: String(err) });
-          return json(500, { error: "internal error" });
-        }
-      });
-    } catch (err) {
-      throw listenError({ transport: "http", hostname, port }, err);
-    }
+    const { hostname, port, proxy, counters } = options;
+    const server = HttpServer.listen({
+      hostname,
+      port,
+      counters,
+      handler: (request) => handleAdmin(proxy, request, counters),
+    });
     const admin = new AdminServer(server);
     log.info("admin endpoint listening on http {address}", { address: formatAddr(admin.addr) });
     return admin;
@@ -170,6 +182,6 @@ export class AdminServer {
 
   /** Stops serving. */
   async close(): Promise<void> {
-    await this.#server.shutdown();
+    await this.#server.close();
   }
 }

@@ -8,6 +8,7 @@
 
 import { DROP_REASONS, type IngestCounters } from "../ingest/counters.ts";
 import { internalErrors } from "../internal_errors.ts";
+import type { HttpCounters } from "./http_server.ts";
 import type { Proxy } from "../proxy.ts";
 import type { UpstreamConnection } from "../upstream/upstream_connection.ts";
 import { VERSION } from "../version.ts";
@@ -40,8 +41,8 @@ function escapeLabel(value: string): string {
   return value.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
 }
 
-/** Renders every counter of `proxy` as Prometheus text. */
-export function renderMetrics(proxy: Proxy): string {
+/** Renders every counter of `proxy`, and of its admin endpoint, as Prometheus text. */
+export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
   const out = new Exposition();
   const ingest: [string, IngestCounters][] = [["tcp", proxy.tcpCounters], [
     "udp",
@@ -192,5 +193,24 @@ export function renderMetrics(proxy: Proxy): string {
     .sample("reloads_total", {}, proxy.reloadCounters.reloads);
   out.family("reload_failures_total", "counter", "Reloads refused because of an invalid file.")
     .sample("reload_failures_total", {}, proxy.reloadCounters.failures);
+  out.family("admin_requests_total", "counter", "Admin requests answered.")
+    .sample("admin_requests_total", {}, admin.requests);
+  out.family("admin_bad_requests_total", "counter", "Malformed admin requests, answered 4xx.")
+    .sample("admin_bad_requests_total", {}, admin.badRequests);
+  out.family(
+    "admin_connections_rejected_total",
+    "counter",
+    "Admin connections closed at once: too many were open.",
+  ).sample("admin_connections_rejected_total", {}, admin.rejected);
+  out.family(
+    "admin_connections_timed_out_total",
+    "counter",
+    "Admin connections closed because they took too long.",
+  ).sample("admin_connections_timed_out_total", {}, admin.timedOut);
+  out.family(
+    "admin_accept_errors_total",
+    "counter",
+    "Failed accepts on the admin endpoint (e.g. out of file descriptors), each retried.",
+  ).sample("admin_accept_errors_total", {}, admin.acceptErrors);
   return out.toString();
 }

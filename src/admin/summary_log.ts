@@ -1,33 +1,45 @@
 /**
- * Rate-limited summaries of traffic problems: at most one log line per source
- * per interval, with counts by reason and one sample, however much bad input
- * arrives or however long a server is down.
+ * Rate-limited summaries of traffic problems: at most a few log lines per
+ * interval, with counts and one sample, however much bad input arrives, how
+ * many servers are down, or how often file descriptors run out.
  *
  * @module
  */
 
-import { DROP_REASONS, type IngestCounters } from "../ingest/counters.ts";
+import { DROP_REASONS, type IngestCounters, type TcpClientCounters } from "../ingest/counters.ts";
 import { logger } from "../log.ts";
+import type { ConnectionEvents } from "../upstream/connection_events.ts";
 import type { Upstream } from "../upstream/upstream.ts";
+import type { HttpCounters } from "./http_server.ts";
 
 const log = logger("summary");
+
+/** Connections in trouble named one by one in a summary; the rest are added up. */
+const NAMED_CONNECTIONS = 10;
 
 /** Options of {@linkcode SummaryLog}. */
 export interface SummaryLogOptions {
   /** Inbound counters by transport name. */
   ingest: Record<string, IngestCounters>;
+  /** TCP client counters. */
+  tcpClients: TcpClientCounters;
+  /** The admin endpoint's counters. */
+  admin: HttpCounters;
+  /** Upstream connection events not logged one by one. */
+  connectionEvents: ConnectionEvents;
   /** The upstreams (read each time, so a reload may change them). */
   upstreams: () => readonly Upstream[];
   /** Interval between summaries, in ms. */
   intervalMs: number;
 }
 
-/** Logs what was dropped since the last summary, once per interval. */
+/** Logs what went wrong since the last summary, once per interval. */
 export class SummaryLog {
   #options: SummaryLogOptions;
   #timer: ReturnType<typeof setInterval> | undefined;
   #lastIngest = new Map<string, Float64Array>();
   #lastUpstream = new Map<string, number>();
+  #last = { rejected: 0, acceptErrors: 0, adminBad: 0, adminAcceptErrors: 0 };
 
   /** Starts the periodic summaries. */
   constructor(options: SummaryLogOptions) {
@@ -35,13 +47,32 @@ export class SummaryLog {
     for (const [name, counters] of Object.entries(options.ingest)) {
       this.#lastIngest.set(name, counters.dropped.slice());
     }
+    const { tcpClients, admin } = options;
+    this.#last = {
+      rejected: tcpClients.rejected,
+      acceptErrors: tcpClients.acceptErrors,
+      adminBad: admin.badRequests,
+      adminAcceptErrors: admin.acceptErrors,
+    };
     this.#timer = setInterval(() => this.report(), options.intervalMs);
     Deno.unrefTimer(this.#timer);
   }
 
   /** Logs the summary now (also called once more at shutdown). */
   report(): void {
-    const seconds = Math.round(this.#options.intervalMs / 1000);
+    const ms = this.#options.intervalMs;
+    const seconds = ms >= 10_000 ? String(Math.round(ms / 1000)) : (ms / 1000).toFixed(1);
+    this.#ingest();
+    this.#clients(seconds);
+    this.#upstreams(seconds);
+  }
+
+  /** Stops the periodic summaries. */
+  stop(): void {
+    clearInterval(this.#timer);
+  }
+
+  #ingest(): void {
     for (const [name, counters] of Object.entries(this.#options.ingest)) {
       const last = this.#lastIngest.get(name)!;
       const parts: string[] = [];
@@ -62,6 +93,68 @@ export class SummaryLog {
       }
       counters.sample = undefined;
     }
+  }
+
+  #clients(seconds: string): void {
+    const { tcpClients, admin } = this.#options;
+    const last = this.#last;
+    const rejected = tcpClients.rejected - last.rejected;
+    const acceptErrors = tcpClients.acceptErrors - last.acceptErrors;
+    const adminBad = admin.badRequests - last.adminBad;
+    const adminAcceptErrors = admin.acceptErrors - last.adminAcceptErrors;
+    this.#last = {
+      rejected: tcpClients.rejected,
+      acceptErrors: tcpClients.acceptErrors,
+      adminBad: admin.badRequests,
+      adminAcceptErrors: admin.acceptErrors,
+    };
+    if (rejected > 0) {
+      log.warn("tcp: closed {count} at once in the last {seconds} s: max_connections were open", {
+        count: plural(rejected, "new client"),
+        seconds,
+      });
+    }
+    if (acceptErrors > 0) {
+      log.warn("tcp: {count} in the last {seconds} s ({error}); retrying", {
+        count: plural(acceptErrors, "failed accept"),
+        seconds,
+        error: tcpClients.lastAcceptError ?? "-",
+      });
+    }
+    tcpClients.lastAcceptError = undefined;
+    if (adminBad > 0) {
+      log.warn("admin: answered {count} with 4xx in the last {seconds} s; sample {sample}", {
+        count: plural(adminBad, "malformed request"),
+        seconds,
+        sample: admin.lastBadRequest ?? "-",
+      });
+    }
+    admin.lastBadRequest = undefined;
+    if (adminAcceptErrors > 0) {
+      log.warn("admin: {count} in the last {seconds} s ({error}); retrying", {
+        count: plural(adminAcceptErrors, "failed accept"),
+        seconds,
+        error: admin.lastAcceptError ?? "-",
+      });
+    }
+    admin.lastAcceptError = undefined;
+  }
+
+  #upstreams(seconds: string): void {
+    const suppressed = this.#options.connectionEvents.takeSuppressed();
+    if (suppressed.size > 0) {
+      const parts = [...suppressed].map(([event, n]) => `${event.replace("_", " ")} ${n}`);
+      const total = [...suppressed.values()].reduce((a, b) => a + b, 0);
+      log.warn("upstream: {count} not logged one by one in the last {seconds} s: {events}", {
+        count: plural(total, "more connection event"),
+        seconds,
+        events: parts.join(", "),
+      });
+    }
+    let named = 0;
+    let more = 0;
+    let moreHeld = 0;
+    let moreDropped = 0;
     for (const upstream of this.#options.upstreams()) {
       for (const c of upstream.connections) {
         const name = `${c.address} ${c.protocol}`;
@@ -71,6 +164,13 @@ export class SummaryLog {
         // downSince is 0 while up (and after a clean stop): only trouble is logged.
         const up = c.downSince === 0;
         if (up && dropped === 0) continue;
+        if (named === NAMED_CONNECTIONS) {
+          more++;
+          moreHeld += c.held;
+          moreDropped += dropped;
+          continue;
+        }
+        named++;
         const state = up ? "up" : `down for ${Math.round((Date.now() - c.downSince) / 1000)} s`;
         log.warn(
           "{address} ({protocol}): {state}; holding {held} ({bytes} bytes); dropped {dropped} (buffer full) in the last {seconds} s",
@@ -86,11 +186,17 @@ export class SummaryLog {
         );
       }
     }
-  }
-
-  /** Stops the periodic summaries. */
-  stop(): void {
-    clearInterval(this.#timer);
+    if (more > 0) {
+      log.warn(
+        "upstream: and {count} in trouble, holding {held}; dropped {dropped} (buffer full) in the last {seconds} s",
+        {
+          count: plural(more, "more connection"),
+          held: plural(moreHeld, "metric"),
+          dropped: moreDropped,
+          seconds,
+        },
+      );
+    }
   }
 }
 

@@ -7,8 +7,10 @@
  */
 
 import { AdminServer } from "../admin/admin_server.ts";
+import { HttpCounters } from "../admin/http_server.ts";
 import { type ConfigOverrides, loadConfig, type ProxyConfig } from "../config/config.ts";
-import { errorText } from "../errors.ts";
+import { errorText, isOutOfFiles } from "../errors.ts";
+import { internalErrors } from "../internal_errors.ts";
 import { logger, setupLogging } from "../log.ts";
 import { MemoryReclaimer } from "../memory_reclaim.ts";
 import { PidFile } from "./pid_file.ts";
@@ -30,6 +32,8 @@ export interface RunOptions {
 /** The optional parts that a reload may restart. */
 interface Extras {
   admin?: AdminServer;
+  /** The admin endpoint's counters, kept when a reload moves it. */
+  adminCounters: HttpCounters;
   summary: SummaryLog;
   self?: SelfReport;
   reclaimer: MemoryReclaimer;
@@ -41,6 +45,16 @@ interface Extras {
  */
 export async function runProxy(options: RunOptions): Promise<number> {
   const { config, overrides } = options;
+  // An error nothing caught must not end the process and lose what it
+  // holds: it is counted and logged (rate-limited) instead.
+  globalThis.addEventListener("unhandledrejection", (event) => {
+    event.preventDefault();
+    internalErrors.report("an unhandled promise", event.reason);
+  });
+  globalThis.addEventListener("error", (event) => {
+    event.preventDefault();
+    internalErrors.report("an uncaught exception", event.error);
+  });
   // Signals first: a SIGHUP or SIGTERM that arrives while the proxy starts
   // must not meet the default action, which ends the process at once. A
   // SIGHUP during start-up is applied once started; a SIGTERM stops it then.
@@ -58,6 +72,7 @@ export async function runProxy(options: RunOptions): Promise<number> {
   if (config.pidFile !== undefined && pidFile === undefined) return 0; // already running
   let proxy: Proxy;
   let admin: AdminServer | undefined;
+  const adminCounters = new HttpCounters();
   try {
     setupLogging({ level: config.logLevel, format: config.logFormat });
     if (config.daemonize) {
@@ -65,7 +80,7 @@ export async function runProxy(options: RunOptions): Promise<number> {
     }
     proxy = Proxy.start(config);
     try {
-      if (config.adminPort !== 0) admin = startAdmin(proxy, config);
+      if (config.adminPort !== 0) admin = startAdmin(proxy, config, adminCounters);
     } catch (err) {
       await proxy.shutdown();
       throw err;
@@ -76,7 +91,8 @@ export async function runProxy(options: RunOptions): Promise<number> {
   }
   const extras: Extras = {
     admin,
-    summary: startSummary(proxy, config),
+    adminCounters,
+    summary: startSummary(proxy, config, adminCounters),
     self: startSelfReport(proxy, config),
     reclaimer: new MemoryReclaimer({ clients: () => proxy.tcpClients.open }),
   };
@@ -86,13 +102,30 @@ export async function runProxy(options: RunOptions): Promise<number> {
     file: config.serversFile,
   });
 
+  // Reloads run one after another. One that could not read the files for
+  // want of file descriptors is tried again, after 1 s, then 2 s, ... 30 s.
   let reloading = Promise.resolve();
+  let retry: ReturnType<typeof setTimeout> | undefined;
+  let retryMs = 1000;
   onHup = () => {
-    reloading = reloading.then(() => reload(proxy, extras, overrides));
+    reloading = reloading.then(async () => {
+      clearTimeout(retry);
+      retry = undefined;
+      if (await reload(proxy, extras, overrides) === "done") {
+        retryMs = 1000;
+        return;
+      }
+      log.warn("SIGHUP: out of file descriptors; trying the reload again in {seconds} s", {
+        seconds: retryMs / 1000,
+      });
+      retry = setTimeout(() => onHup(), retryMs);
+      retryMs = Math.min(retryMs * 2, 30_000);
+    });
   };
   if (hupsDuringStart > 0) onHup(); // one reload re-reads the files however many came
   const signal = await stopping;
   await reloading;
+  clearTimeout(retry);
   log.info("{signal}: stopping; draining upstreams for up to {ms} ms", {
     signal,
     ms: proxy.config.drainTimeoutMs,
@@ -123,13 +156,21 @@ export async function runProxy(options: RunOptions): Promise<number> {
   return 0;
 }
 
-function startAdmin(proxy: Proxy, config: ProxyConfig): AdminServer {
-  return AdminServer.start({ hostname: config.adminBind, port: config.adminPort, proxy });
+function startAdmin(proxy: Proxy, config: ProxyConfig, counters: HttpCounters): AdminServer {
+  return AdminServer.start({
+    hostname: config.adminBind,
+    port: config.adminPort,
+    proxy,
+    counters,
+  });
 }
 
-function startSummary(proxy: Proxy, config: ProxyConfig): SummaryLog {
+function startSummary(proxy: Proxy, config: ProxyConfig, admin: HttpCounters): SummaryLog {
   return new SummaryLog({
     ingest: { tcp: proxy.tcpCounters, udp: proxy.udpCounters },
+    tcpClients: proxy.tcpClients,
+    admin,
+    connectionEvents: proxy.connectionEvents,
     upstreams: () => proxy.upstreams,
     intervalMs: config.summaryIntervalMs,
   });
@@ -140,8 +181,15 @@ function startSelfReport(proxy: Proxy, config: ProxyConfig): SelfReport | undefi
   return new SelfReport({ proxy, prefix: config.statsPrefix, intervalS: config.statsIntervalS });
 }
 
-/** SIGHUP: re-reads the files; a bad file changes nothing. */
-async function reload(proxy: Proxy, extras: Extras, overrides: ConfigOverrides): Promise<void> {
+/**
+ * SIGHUP: re-reads the files; a bad file changes nothing. Returns `retry`
+ * when the files could not be read for want of file descriptors.
+ */
+async function reload(
+  proxy: Proxy,
+  extras: Extras,
+  overrides: ConfigOverrides,
+): Promise<"done" | "retry"> {
   const old = proxy.config;
   let next: ProxyConfig;
   try {
@@ -151,7 +199,7 @@ async function reload(proxy: Proxy, extras: Extras, overrides: ConfigOverrides):
     log.error("SIGHUP: reload refused, the running configuration stays: {error}", {
       error: errorText(err),
     });
-    return;
+    return isOutOfFiles(err) ? "retry" : "done";
   }
   if (next.logLevel !== old.logLevel || next.logFormat !== old.logFormat) {
     setupLogging({ level: next.logLevel, format: next.logFormat });
@@ -160,7 +208,9 @@ async function reload(proxy: Proxy, extras: Extras, overrides: ConfigOverrides):
   const refused = [...report.refused];
   if (next.adminPort !== old.adminPort || next.adminBind !== old.adminBind) {
     try {
-      const fresh = next.adminPort === 0 ? undefined : startAdmin(proxy, next);
+      const fresh = next.adminPort === 0
+        ? undefined
+        : startAdmin(proxy, next, extras.adminCounters);
       await extras.admin?.close();
       extras.admin = fresh;
     } catch (err) {
@@ -169,7 +219,7 @@ async function reload(proxy: Proxy, extras: Extras, overrides: ConfigOverrides):
   }
   if (next.summaryIntervalMs !== old.summaryIntervalMs) {
     extras.summary.stop();
-    extras.summary = startSummary(proxy, next);
+    extras.summary = startSummary(proxy, next, extras.adminCounters);
   }
   if (next.statsPrefix !== old.statsPrefix || next.statsIntervalS !== old.statsIntervalS) {
     extras.self?.stop();
@@ -178,6 +228,7 @@ async function reload(proxy: Proxy, extras: Extras, overrides: ConfigOverrides):
   if (next.pidFile !== old.pidFile) refused.push("pid_file changes take effect at the next start");
   log.info("SIGHUP: reloaded: {changes}", { changes: describe(report) });
   for (const line of refused) log.error("SIGHUP: {refused}", { refused: line });
+  return "done";
 }
 
 function describe(report: ReloadReport): string {

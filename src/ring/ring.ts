@@ -47,6 +47,12 @@ export interface HashRingOptions {
    * for no cache. Defaults to a {@linkcode RouteCache} with default options.
    */
   readonly cache?: RouteCacheOptions | false;
+  /**
+   * A ring this one replaces: its route cache is taken over (emptied, in
+   * O(1)) instead of allocating a new one, and the old ring goes on without
+   * a cache. A reload does this, so a storm of reloads allocates no caches.
+   */
+  readonly replaces?: HashRing;
 }
 
 /** Inputs of {@linkcode ketamaDigestCount}. */
@@ -98,7 +104,7 @@ export class HashRing {
    * 0..65536, so a look-up only searches the points sharing its top 16 bits.
    */
   readonly #starts: Uint32Array;
-  readonly #cache: RouteCache | null;
+  #cache: RouteCache | null;
   readonly #md5 = new Md5();
 
   /**
@@ -163,7 +169,16 @@ export class HashRing {
 
     this.servers = Object.freeze(servers.map((s) => Object.freeze(s)));
     this.digestCounts = Object.freeze(digestCounts);
-    this.#cache = options.cache === false ? null : new RouteCache(options.cache);
+    const replaced = options.replaces;
+    const taken = replaced === undefined ? null : replaced.#cache;
+    if (replaced !== undefined) replaced.#cache = null;
+    if (options.cache === false) this.#cache = null;
+    else if (taken) {
+      taken.clear();
+      this.#cache = taken;
+    } else {
+      this.#cache = new RouteCache(options.cache);
+    }
   }
 
   /**

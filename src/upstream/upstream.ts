@@ -13,6 +13,8 @@
  */
 
 import { ByteBudget } from "../byte_budget.ts";
+import type { ConnectGate } from "./connect_gate.ts";
+import type { ConnectionEvents } from "./connection_events.ts";
 import { type DrainReason, UpstreamConnection } from "./upstream_connection.ts";
 
 /** Options of {@linkcode Upstream}. */
@@ -29,6 +31,10 @@ export interface UpstreamOptions {
   reconnectMinMs: number;
   /** Largest reconnect delay. */
   reconnectMaxMs: number;
+  /** The gate that paces the proxy's connection attempts. */
+  gate: ConnectGate;
+  /** Where connection events are logged, rate-limited. */
+  events: ConnectionEvents;
 }
 
 /** A statsite server the proxy forwards to. */
@@ -124,15 +130,7 @@ export class Upstream {
   }
 
   #connection(protocol: "ascii" | "binary"): UpstreamConnection {
-    const { address, host, port, reconnectMinMs, reconnectMaxMs } = this.#options;
-    return new UpstreamConnection({
-      address,
-      host,
-      port,
-      protocol,
-      budget: this.budget,
-      reconnectMinMs,
-      reconnectMaxMs,
-    });
+    const { maxBufferBytes: _, ...options } = this.#options;
+    return new UpstreamConnection({ ...options, protocol, budget: this.budget });
   }
 }

@@ -26,11 +26,10 @@
  */
 
 import { errorText } from "../errors.ts";
-import { logger } from "../log.ts";
 import type { ByteBudget } from "../byte_budget.ts";
+import type { ConnectGate } from "./connect_gate.ts";
+import type { ConnectionEvents } from "./connection_events.ts";
 import { UpstreamBuffer } from "./upstream_buffer.ts";
-
-const log = logger("upstream");
 
 /**
  * A write smaller than this waits up to {@linkcode LINGER_MS} for more
@@ -89,6 +88,10 @@ export interface UpstreamConnectionOptions {
   reconnectMaxMs: number;
   /** Give up a connection attempt after this long. Default 5000. */
   connectTimeoutMs?: number;
+  /** The gate that paces the proxy's connection attempts. */
+  gate: ConnectGate;
+  /** Where connection events are logged, rate-limited. */
+  events: ConnectionEvents;
 }
 
 /** A connection to a statsite server, for one protocol. */
@@ -270,7 +273,17 @@ export class UpstreamConnection {
       this.#delay = Math.min(this.#delay * 2, this.#options.reconnectMaxMs);
       if (this.#stopped) return;
     }
-    const { host, port } = this.#options;
+    const { host, port, gate } = this.#options;
+    // Wait for a turn at the proxy's gate, unless stopped meanwhile.
+    const turn = gate.enter();
+    const granted = await new Promise<boolean>((resolve) => {
+      turn.ready.then(() => resolve(true));
+      this.#interrupt = () => resolve(false);
+    });
+    if (!granted || this.#stopped) {
+      turn.leave();
+      return;
+    }
     const abort = new AbortController();
     const timer = setTimeout(() => abort.abort(), this.#options.connectTimeoutMs ?? 5000);
     let conn: Deno.TcpConn;
@@ -280,24 +293,23 @@ export class UpstreamConnection {
       this.counters.failures++;
       if (!this.#warned) {
         this.#warned = true;
-        log.warn(
+        this.#options.events.report(
+          "cannot_connect",
           "cannot connect to {address} ({protocol}): {error}; holding its metrics and retrying",
-          {
-            address: this.address,
-            protocol: this.protocol,
-            error: errorText(err),
-          },
+          { address: this.address, protocol: this.protocol, error: errorText(err) },
         );
       }
       return;
     } finally {
       clearTimeout(timer);
+      turn.leave();
     }
     conn.setNoDelay(true);
     const downFor = Date.now() - this.#downSince;
     if (this.#ever) {
       this.counters.reconnects++;
-      log.info(
+      this.#options.events.report(
+        "reconnected",
         "reconnected to {address} ({protocol}) after {seconds} s down; sending {bytes} held bytes",
         {
           address: this.address,
@@ -307,7 +319,7 @@ export class UpstreamConnection {
         },
       );
     } else {
-      log.info("connected to {address} ({protocol})", {
+      this.#options.events.report("connected", "connected to {address} ({protocol})", {
         address: this.address,
         protocol: this.protocol,
       });
@@ -343,13 +355,10 @@ export class UpstreamConnection {
     this.#downSince = Date.now();
     if (!this.#closing) {
       this.#warned = true;
-      log.warn(
+      this.#options.events.report(
+        "lost",
         "lost connection to {address} ({protocol}): {error}; holding its metrics and reconnecting",
-        {
-          address: this.address,
-          protocol: this.protocol,
-          error: errorText(reason),
-        },
+        { address: this.address, protocol: this.protocol, error: errorText(reason) },
       );
     }
     this.#wakeNow();

@@ -1,0 +1,265 @@
+/**
+ * A small HTTP/1.1 server for the admin endpoint, on `Deno.listen`.
+ *
+ * The admin endpoint answers a few GETs, so this server does only what they
+ * need, and everything a long-running process needs around it: a limit on
+ * connections, a deadline for each connection, a bound on a request's head,
+ * a 4xx for a malformed request (counted, never logged one by one), and an
+ * accept loop that survives running out of file descriptors. Every response
+ * closes its connection.
+ *
+ * @module
+ */
+
+import { errorText, listenError } from "../errors.ts";
+import { internalErrors, isConnectionEnd } from "../internal_errors.ts";
+
+/** A request, as far as the admin endpoint reads one. */
+export interface HttpRequest {
+  /** The method, e.g. `GET`. */
+  method: string;
+  /** The request target as sent, e.g. `/route?key=a%20b`. */
+  target: string;
+}
+
+/** A response to send. */
+export interface HttpResponse {
+  /** The status code. */
+  status: number;
+  /** The content type. */
+  contentType: string;
+  /** The body. */
+  body: string;
+}
+
+/** Counters of an {@linkcode HttpServer}. */
+export class HttpCounters {
+  /** Requests answered (any status). */
+  requests = 0;
+  /** Malformed requests, answered 400 or 431. */
+  badRequests = 0;
+  /** The latest malformed request, for the summary; cleared by it. */
+  lastBadRequest: string | undefined = undefined;
+  /** Connections closed at once because the limit was reached. */
+  rejected = 0;
+  /** Connections closed because their deadline passed. */
+  timedOut = 0;
+  /** Failed accepts (out of file descriptors, most often), each retried. */
+  acceptErrors = 0;
+  /** The latest accept error, for the summary; cleared by it. */
+  lastAcceptError: string | undefined = undefined;
+}
+
+/** Options of {@linkcode HttpServer.listen}. */
+export interface HttpServerOptions {
+  /** Address to bind. */
+  hostname: string;
+  /** Port to bind. */
+  port: number;
+  /** Answers one well-formed request. */
+  handler: (request: HttpRequest) => HttpResponse;
+  /** Counters. */
+  counters: HttpCounters;
+  /** Most connections open at once. Default 32. */
+  maxConnections?: number;
+  /** Most time a connection may take to send its request and read the answer, in ms. Default 10000. */
+  timeoutMs?: number;
+  /** Most bytes of a request's head (request line and headers). Default 8192. */
+  maxHeadBytes?: number;
+}
+
+const REASONS: Record<number, string> = {
+  200: "OK",
+  400: "Bad Request",
+  404: "Not Found",
+  405: "Method Not Allowed",
+  431: "Request Header Fields Too Large",
+  500: "Internal Server Error",
+  503: "Service Unavailable",
+};
+
+const encoder = new TextEncoder();
+const latin1 = new TextDecoder("latin1");
+
+/** A running HTTP server. */
+export class HttpServer {
+  /** The bound address. */
+  readonly addr: Deno.NetAddr;
+  #listener: Deno.TcpListener;
+  #options: Required<HttpServerOptions>;
+  #conns = new Set<Deno.TcpConn>();
+  #handlers = new Set<Promise<void>>();
+  #accepting: Promise<void>;
+
+  private constructor(listener: Deno.TcpListener, options: Required<HttpServerOptions>) {
+    this.#listener = listener;
+    this.#options = options;
+    this.addr = listener.addr;
+    this.#accepting = this.#accept();
+  }
+
+  /** Binds and starts serving; throws a `ListenError` when it cannot bind. */
+  static listen(options: HttpServerOptions): HttpServer {
+    const { hostname, port } = options;
+    let listener: Deno.TcpListener;
+    try {
+      listener = Deno.listen({ hostname, port });
+    } catch (err) {
+      throw listenError({ transport: "http", hostname, port }, err);
+    }
+    return new HttpServer(listener, {
+      maxConnections: 32,
+      timeoutMs: 10_000,
+      maxHeadBytes: 8192,
+      ...options,
+    });
+  }
+
+  /** Stops accepting, closes open connections and waits for them. */
+  async close(): Promise<void> {
+    try {
+      this.#listener.close();
+    } catch {
+      // Already closed.
+    }
+    await this.#accepting;
+    for (const conn of this.#conns) close(conn);
+    await Promise.allSettled([...this.#handlers]);
+  }
+
+  async #accept(): Promise<void> {
+    const counters = this.#options.counters;
+    let pause = 10;
+    while (true) {
+      let conn: Deno.TcpConn;
+      try {
+        conn = await this.#listener.accept();
+        pause = 10;
+      } catch (err) {
+        if (err instanceof Deno.errors.BadResource || err instanceof Deno.errors.Interrupted) {
+          return;
+        }
+        counters.acceptErrors++;
+        counters.lastAcceptError = errorText(err);
+        await new Promise((resolve) => setTimeout(resolve, pause));
+        pause = Math.min(pause * 2, 1000);
+        continue;
+      }
+      if (this.#conns.size >= this.#options.maxConnections) {
+        counters.rejected++;
+        close(conn);
+        continue;
+      }
+      this.#conns.add(conn);
+      const handler = this.#serve(conn).finally(() => {
+        this.#conns.delete(conn);
+        close(conn);
+      });
+      this.#handlers.add(handler);
+      handler.finally(() => this.#handlers.delete(handler));
+    }
+  }
+
+  /** Reads one request, answers it, and lets the caller close the connection. */
+  async #serve(conn: Deno.TcpConn): Promise<void> {
+    const { counters, timeoutMs } = this.#options;
+    // One deadline for the whole exchange: a client that stalls is cut off.
+    const deadline = setTimeout(() => {
+      counters.timedOut++;
+      close(conn);
+    }, timeoutMs);
+    try {
+      const head = await this.#readHead(conn);
+      if (head === undefined) return; // closed before a whole head arrived
+      const response = this.#answer(head);
+      counters.requests++;
+      await writeAll(conn, responseBytes(response, "method" in head && head.method === "HEAD"));
+    } catch (err) {
+      if (!isConnectionEnd(err)) internalErrors.report("admin connection", err);
+    } finally {
+      clearTimeout(deadline);
+    }
+  }
+
+  /**
+   * Reads up to the blank line ending a request's head; returns the request
+   * line's parts, an `Error` status for a malformed or too large head, or
+   * `undefined` when the peer closed first.
+   */
+  async #readHead(
+    conn: Deno.TcpConn,
+  ): Promise<HttpRequest | { status: number; what: string } | undefined> {
+    const max = this.#options.maxHeadBytes;
+    const buf = new Uint8Array(max);
+    let length = 0;
+    while (true) {
+      if (length === max) return { status: 431, what: "a request head over the limit" };
+      const n = await conn.read(buf.subarray(length));
+      if (n === null) return undefined;
+      const from = Math.max(0, length - 3);
+      length += n;
+      const end = indexOfBlankLine(buf, from, length);
+      if (end < 0) continue;
+      const lineEnd = buf.subarray(0, end).indexOf(10);
+      const line = latin1.decode(buf.subarray(0, lineEnd < 0 ? end : lineEnd)).replace(/\r$/, "");
+      const match = /^([A-Z]+) (\S+) HTTP\/1\.[01]$/.exec(line);
+      if (match === null) return { status: 400, what: JSON.stringify(line.slice(0, 80)) };
+      return { method: match[1], target: match[2] };
+    }
+  }
+
+  #answer(head: HttpRequest | { status: number; what: string }): HttpResponse {
+    if ("status" in head) {
+      const counters = this.#options.counters;
+      counters.badRequests++;
+      counters.lastBadRequest ??= head.what;
+      return { status: head.status, contentType: "text/plain", body: `${REASONS[head.status]}\n` };
+    }
+    try {
+      return this.#options.handler(head);
+    } catch (err) {
+      internalErrors.report("admin request", err);
+      return { status: 500, contentType: "text/plain", body: "Internal Server Error\n" };
+    }
+  }
+}
+
+/** The index after the `\r\n\r\n` or `\n\n` ending a head in `buf[from, to)`, or -1. */
+function indexOfBlankLine(buf: Uint8Array, from: number, to: number): number {
+  const view = buf.subarray(0, to);
+  for (let i = view.indexOf(10, from); i >= 0; i = view.indexOf(10, i + 1)) {
+    if (i + 1 < to && buf[i + 1] === 10) return i + 2;
+    if (i + 2 < to && buf[i + 1] === 13 && buf[i + 2] === 10) return i + 3;
+  }
+  return -1;
+}
+
+function responseBytes(response: HttpResponse, head: boolean): Uint8Array {
+  const body = encoder.encode(response.body);
+  const lines = [
+    `HTTP/1.1 ${response.status} ${REASONS[response.status] ?? "Status"}`,
+    `content-type: ${response.contentType}`,
+    `content-length: ${body.length}`,
+    "connection: close",
+    "",
+    "",
+  ];
+  const headBytes = encoder.encode(lines.join("\r\n"));
+  if (head) return headBytes;
+  const out = new Uint8Array(headBytes.length + body.length);
+  out.set(headBytes);
+  out.set(body, headBytes.length);
+  return out;
+}
+
+async function writeAll(conn: Deno.TcpConn, bytes: Uint8Array): Promise<void> {
+  for (let off = 0; off < bytes.length;) off += await conn.write(bytes.subarray(off));
+}
+
+function close(conn: Deno.TcpConn): void {
+  try {
+    conn.close();
+  } catch {
+    // Already closed.
+  }
+}
