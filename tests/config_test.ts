@@ -81,6 +81,8 @@ Deno.test("DEFAULTS holds the documented defaults and cannot be changed", () => 
     maxConnections: 10000,
     clientIdleTimeoutMs: 300000,
     maxPendingBytes: 67108864,
+    adminMaxConnections: 32,
+    adminTimeoutMs: 10000,
   });
   assert.ok(Object.isFrozen(DEFAULTS));
 });
@@ -124,6 +126,8 @@ Deno.test("parseConfig() reads every key", () => {
     "max_connections = 500",
     "client_idle_timeout_ms = 0",
     "max_pending_bytes = 1048576",
+    "admin_max_connections = 4",
+    "admin_timeout_ms = 2000",
     "",
   ].join("\n");
   assert.deepEqual(parse(text), {
@@ -149,6 +153,8 @@ Deno.test("parseConfig() reads every key", () => {
     maxConnections: 500,
     clientIdleTimeoutMs: 0,
     maxPendingBytes: 1048576,
+    adminMaxConnections: 4,
+    adminTimeoutMs: 2000,
   });
 });
 

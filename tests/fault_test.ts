@@ -414,3 +414,91 @@ Deno.test("fault: random bytes on TCP and UDP harm no healthy client", async () 
     await Promise.all(servers.map((s) => s.stop()));
   }
 });
+
+/** Sends `request` raw to the admin port; returns the status of the answer (0 if none). */
+async function rawHttp(port: number, request: string | Uint8Array): Promise<number> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    const data = typeof request === "string" ? bytes(request) : request;
+    for (let off = 0; off < data.length;) off += await conn.write(data.subarray(off));
+    const buf = new Uint8Array(4096);
+    let text = "";
+    for (let n = await conn.read(buf); n !== null; n = await conn.read(buf)) {
+      text += new TextDecoder().decode(buf.subarray(0, n));
+    }
+    return Number(/^HTTP\/1\.1 (\d{3}) /.exec(text)?.[1] ?? 0);
+  } catch {
+    return 0;
+  } finally {
+    conn.close();
+  }
+}
+
+Deno.test("fault: malformed admin requests get 4xx and one log line per interval; admin connections are limited and timed out", async () => {
+  const server = RecordingServer.start();
+  const proxy = await ProxyProcess.start({
+    servers: [server.address],
+    admin: true,
+    settings: { admin_max_connections: 4, admin_timeout_ms: 500, summary_interval_ms: 1000 },
+  });
+  try {
+    const started = Date.now();
+    const malformed = [
+      "GET /health HTTP/1.1\r\nHost: [::1\r\n\r\n",
+      "GET /health HTTP/1.1\r\nHost: a b\r\n\r\n",
+      "GET /health HTTP/1.1\r\n\r\n",
+      "GET /health HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+      "GET /health HTTP/1.1\r\nno colon here\r\nHost: x\r\n\r\n",
+      "NONSENSE\r\n\r\n",
+      "GET  /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    ];
+    const statuses: number[] = [];
+    for (let i = 0; i < 1000; i += 4) {
+      statuses.push(
+        ...await Promise.all(
+          [0, 1, 2, 3].map((j) => rawHttp(proxy.adminPort, malformed[(i + j) % malformed.length])),
+        ),
+      );
+    }
+    assert.deepEqual([...new Set(statuses)], [400]);
+    assert.equal(await rawHttp(proxy.adminPort, `GET /${"x".repeat(9000)} HTTP/1.1\r\n\r\n`), 431);
+    assert.equal(
+      await rawHttp(proxy.adminPort, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+      200,
+    );
+    assert.equal(await rawHttp(proxy.adminPort, "GET /health HTTP/1.0\r\n\r\n"), 200);
+    await sleep(1200);
+    const seconds = (Date.now() - started) / 1000;
+    const lines = proxy.stderr.split("\n").filter((l) => /admin: answered \d+ malformed/.test(l));
+    assert.ok(
+      lines.length >= 1 && lines.length <= seconds + 1,
+      `${lines.length} lines in ${seconds} s`,
+    );
+    assert.equal(await metric(proxy, "admin_bad_requests_total"), 1001);
+
+    // Six idle connections: four are served (then cut off at the deadline), two closed at once.
+    const idle = await Promise.all(
+      [0, 1, 2, 3, 4, 5].map(() => Deno.connect({ hostname: "127.0.0.1", port: proxy.adminPort })),
+    );
+    const ends = await Promise.all(idle.map(async (conn) => {
+      const t0 = Date.now();
+      try {
+        await conn.read(new Uint8Array(16));
+      } catch {
+        // reset
+      }
+      conn.close();
+      return Date.now() - t0;
+    }));
+    const early = ends.filter((ms) => ms < 300).length;
+    assert.equal(early, 2, `closed at once: ${ends}`);
+    assert.ok(ends.every((ms) => ms < 2000), `all closed by the deadline: ${ends}`);
+    const m = await proxy.metrics();
+    assert.equal(m.get("statsite_proxy_admin_connections_rejected_total"), 2);
+    assert.equal(m.get("statsite_proxy_admin_connections_timed_out_total"), 4);
+    assert.ok(proxy.alive);
+  } finally {
+    await proxy.stop();
+    await server.stop();
+  }
+});

@@ -153,6 +153,10 @@ export interface AdminServerOptions {
   proxy: Proxy;
   /** Counters, kept across restarts of the endpoint. */
   counters: HttpCounters;
+  /** Most connections open at once. */
+  maxConnections: number;
+  /** Most time a connection may take, in ms. */
+  timeoutMs: number;
 }
 
 /** The running admin endpoint. */
@@ -168,11 +172,13 @@ export class AdminServer {
 
   /** Starts serving; throws a `ListenError` when it cannot bind. */
   static start(options: AdminServerOptions): AdminServer {
-    const { hostname, port, proxy, counters } = options;
+    const { hostname, port, proxy, counters, maxConnections, timeoutMs } = options;
     const server = HttpServer.listen({
       hostname,
       port,
       counters,
+      maxConnections,
+      timeoutMs,
       handler: (request) => handleAdmin(proxy, request, counters),
     });
     const admin = new AdminServer(server);

@@ -200,11 +200,7 @@ export class HttpServer {
       length += n;
       const end = indexOfBlankLine(buf, from, length);
       if (end < 0) continue;
-      const lineEnd = buf.subarray(0, end).indexOf(10);
-      const line = latin1.decode(buf.subarray(0, lineEnd < 0 ? end : lineEnd)).replace(/\r$/, "");
-      const match = /^([A-Z]+) (\S+) HTTP\/1\.[01]$/.exec(line);
-      if (match === null) return { status: 400, what: JSON.stringify(line.slice(0, 80)) };
-      return { method: match[1], target: match[2] };
+      return parseHead(latin1.decode(buf.subarray(0, end)));
     }
   }
 
@@ -221,6 +217,46 @@ export class HttpServer {
       internalErrors.report("admin request", err);
       return { status: 500, contentType: "text/plain", body: "Internal Server Error\n" };
     }
+  }
+}
+
+/**
+ * Parses a request head: a request line `METHOD TARGET HTTP/1.x`, then
+ * header lines `Name: value`. HTTP/1.1 wants exactly one `Host`, and a
+ * well-formed one. Anything else is a 400, with a few words saying why.
+ */
+export function parseHead(head: string): HttpRequest | { status: number; what: string } {
+  const lines = head.split("\n").map((l) => l.replace(/\r$/, ""));
+  const bad = (why: string, line: string) => ({
+    status: 400,
+    what: `${why}: ${JSON.stringify(line.slice(0, 80))}`,
+  });
+  const match = /^([A-Z]+) (\S+) HTTP\/1\.([01])$/.exec(lines[0]);
+  if (match === null) return bad("malformed request line", lines[0]);
+  const hosts: string[] = [];
+  for (const line of lines.slice(1)) {
+    if (line === "") break;
+    const colon = line.indexOf(":");
+    if (colon <= 0 || !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(line.slice(0, colon))) {
+      return bad("malformed header", line);
+    }
+    if (line.slice(0, colon).toLowerCase() === "host") hosts.push(line.slice(colon + 1).trim());
+  }
+  if (match[3] === "1" && hosts.length !== 1) {
+    return bad(hosts.length === 0 ? "no Host header" : "more than one Host header", lines[0]);
+  }
+  if (hosts.length > 0 && !validHost(hosts[0])) return bad("malformed Host header", hosts[0]);
+  return { method: match[1], target: match[2] };
+}
+
+/** Whether `host` is a `host[:port]` that makes a URL, and nothing more. */
+function validHost(host: string): boolean {
+  if (host === "" || /[\s/?#@\\]/.test(host)) return false;
+  try {
+    new URL(`http://${host}/`);
+    return true;
+  } catch {
+    return false;
   }
 }
 

@@ -162,6 +162,8 @@ function startAdmin(proxy: Proxy, config: ProxyConfig, counters: HttpCounters): 
     port: config.adminPort,
     proxy,
     counters,
+    maxConnections: config.adminMaxConnections,
+    timeoutMs: config.adminTimeoutMs,
   });
 }
 
@@ -206,7 +208,11 @@ async function reload(
   }
   const report = proxy.reload(next);
   const refused = [...report.refused];
-  if (next.adminPort !== old.adminPort || next.adminBind !== old.adminBind) {
+  if (
+    next.adminPort !== old.adminPort || next.adminBind !== old.adminBind ||
+    next.adminMaxConnections !== old.adminMaxConnections ||
+    next.adminTimeoutMs !== old.adminTimeoutMs
+  ) {
     try {
       const fresh = next.adminPort === 0
         ? undefined

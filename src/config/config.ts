@@ -117,6 +117,16 @@ export interface ProxyConfig {
    * `pending_full`. Default 67108864 (64 MiB).
    */
   maxPendingBytes: number;
+  /**
+   * Most admin connections open at once (key `admin_max_connections`); past
+   * it a new one is closed at once. Default 32.
+   */
+  adminMaxConnections: number;
+  /**
+   * Most time an admin connection may take to send its request and read the
+   * answer, in ms (key `admin_timeout_ms`). Default 10000.
+   */
+  adminTimeoutMs: number;
 }
 
 /** The configuration without the parsed servers: what {@linkcode parseConfig} returns. */
@@ -185,6 +195,8 @@ export const DEFAULTS: ConfigDefaults = Object.freeze({
   maxConnections: 10000,
   clientIdleTimeoutMs: 300000,
   maxPendingBytes: 67108864,
+  adminMaxConnections: 32,
+  adminTimeoutMs: 10000,
 });
 
 /** The settings section. */
@@ -353,6 +365,11 @@ const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
     "max_pending_bytes",
     { field: "maxPendingBytes", parse: (t) => integer(t, 65536, Number.MAX_SAFE_INTEGER) },
   ],
+  [
+    "admin_max_connections",
+    { field: "adminMaxConnections", parse: (t) => integer(t, 1, 10000) },
+  ],
+  ["admin_timeout_ms", { field: "adminTimeoutMs", parse: (t) => integer(t, 100, MAX_DELAY_MS) }],
 ]);
 
 /** How to read one flag of {@linkcode ConfigOverrides}. */
