@@ -37,6 +37,7 @@ import {
 } from "./bench_peers.ts";
 import { clockTicksPerSecond, cpuTicks, memoryUse, udpDrops } from "./bench_proc.ts";
 import { BenchProxy, type ProxyProcess } from "./bench_proxy.ts";
+import { runSoak } from "./bench_soak.ts";
 import {
   compare,
   formatComparisons,
@@ -58,7 +59,10 @@ const STALL_MS = 30_000;
 
 const USAGE = `Usage: deno task bench [flags]
 
-  --scenarios a,b       scenarios to run (default all: ${SCENARIOS.map((s) => s.name).join(", ")})
+  --scenarios a,b       scenarios to run (default all: ${SCENARIOS.map((s) => s.name).join(", ")});
+                        also "soak": a long mixed run with a dying server and client churn,
+                        reporting memory and open files over time and exact delivery
+  --soak-seconds N      how long the soak runs (default 60)
   --count N             metrics per scenario (default per scenario: 70M tcp, 10M udp-batched,
                         2M udp-single, 10M udp-20, 1.5M udp-1)
   --rate N              pace the generator to N metrics/s, 0 for as fast as it can (default:
@@ -110,6 +114,8 @@ export interface BenchOptions {
   sinkPorts?: number[];
   /** The external proxy's pid. */
   pid?: number;
+  /** With the soak scenario: how long it runs, in seconds. */
+  soakSeconds?: number;
 }
 
 class UsageError extends Error {}
@@ -153,6 +159,7 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
         target: { type: "string" },
         "sink-ports": { type: "string" },
         pid: { type: "string" },
+        "soak-seconds": { type: "string" },
         help: { type: "boolean", short: "h", default: false },
       },
     }));
@@ -161,9 +168,12 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
   }
   if (values.help) return undefined;
   let scenarios = [...SCENARIOS];
+  let soak = false;
   if (values.scenarios !== undefined) {
-    scenarios = values.scenarios.split(",").map((name) => {
-      const scenario = SCENARIOS.find((s) => s.name === name.trim());
+    const names = values.scenarios.split(",").map((name) => name.trim());
+    soak = names.includes("soak");
+    scenarios = names.filter((name) => name !== "soak").map((name) => {
+      const scenario = SCENARIOS.find((s) => s.name === name);
       if (scenario === undefined) throw new UsageError(`unknown scenario "${name}"`);
       return scenario;
     });
@@ -179,6 +189,13 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
     json: values.json ?? `bench-results/bench-${stamp}.json`,
     generator,
   };
+  if (soak) {
+    options.soakSeconds = values["soak-seconds"] === undefined
+      ? 60
+      : integer("soak-seconds", values["soak-seconds"], 5);
+  } else if (values["soak-seconds"] !== undefined) {
+    throw new UsageError("--soak-seconds needs --scenarios soak");
+  }
   if (values.rate !== undefined) options.rate = integer("rate", values.rate, 0);
   if (values.count !== undefined) options.count = integer("count", values.count, 1);
   if (values["tick-ms"] !== undefined) options.tickMs = decimal("tick-ms", values["tick-ms"]);
@@ -737,7 +754,14 @@ if (import.meta.main) {
       console.log(USAGE);
       code = 0;
     } else {
-      code = await runBench(options);
+      code = options.scenarios.length > 0 ? await runBench(options) : 0;
+      if (options.soakSeconds !== undefined) {
+        const soak = await runSoak({
+          seconds: options.soakSeconds,
+          json: options.json.replace(/(\.json)?$/, "-soak.json"),
+        });
+        code = Math.max(code, soak);
+      }
     }
   } catch (err) {
     if (!(err instanceof UsageError)) throw err;

@@ -17,6 +17,8 @@ export interface BenchProxyOptions {
   maxBufferBytes?: number;
   /** Give up when it does not listen within this many ms. Default 30000. */
   startTimeoutMs?: number;
+  /** More `key = value` settings for its configuration. */
+  settings?: Record<string, string | number>;
 }
 
 /** A proxy process the bench measures: ours, or a peer (`bench_peers.ts`). */
@@ -183,6 +185,7 @@ export class BenchProxy extends ProxyChild implements ProxyProcess {
       "log_level = WARN",
       `max_buffer_bytes = ${options.maxBufferBytes ?? 1024 ** 3}`,
       "drain_timeout_ms = 2000",
+      ...Object.entries(options.settings ?? {}).map(([k, v]) => `${k} = ${v}`),
       "",
     ].join("\n");
     await Deno.writeTextFile(`${dir}/proxy.ini`, config);

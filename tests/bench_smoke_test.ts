@@ -179,3 +179,44 @@ Deno.test("the C generator's payload file holds the run and its datagrams", () =
   assert.equal(file.length, bytesAt + run.bytes.length);
   assert.deepEqual(file.subarray(bytesAt), run.bytes);
 });
+
+Deno.test("bench soak runs with a dying server and client churn, and its accounting holds", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-soak-test-" });
+  try {
+    const json = `${dir}/results.json`;
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--quiet",
+        "--allow-all",
+        "--config",
+        DENO_JSON,
+        BENCH,
+        "--scenarios",
+        "soak",
+        "--soak-seconds",
+        "5",
+        "--json",
+        json,
+      ],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stdout = new TextDecoder().decode(out.stdout);
+    assert.match(stdout, /^soak: 5 s; sent [\d,]+ over TCP on [\d,]+ client connections/m);
+    const { result, error } = JSON.parse(await Deno.readTextFile(`${dir}/results-soak.json`));
+    assert.equal(error, null);
+    assert.equal(result.accountingHolds, true);
+    assert.ok(result.sent.clientConnections > 20, "clients came and went");
+    assert.ok(result.flaps >= 1, "the server died");
+    for (const sink of result.sinks) {
+      assert.equal(sink.wrongKeys, 0, `${sink.address}: no key at the wrong sink`);
+      if (sink.flapping) assert.ok(sink.counted <= sink.forwarded);
+      else assert.ok(sink.counted >= sink.expected - result.notIngested, `${sink.address} counted`);
+    }
+    assert.ok(result.samples.length >= 2);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
