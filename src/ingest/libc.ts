@@ -152,17 +152,34 @@ const SYMBOLS = {
 /** The libc functions bound by {@linkcode openLibc}. */
 export type LibcSymbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
 
-/** libc, bound: its functions and the errno of the calling thread. */
+/**
+ * A reference to libc, bound: its functions and the errno of the calling
+ * thread. {@linkcode openLibc} hands one out per user; {@linkcode close}
+ * gives it back.
+ */
 export interface Libc {
-  /** The functions, called as in C. */
+  /** The functions, called as in C. Not to be called after {@linkcode close}. */
   readonly symbols: LibcSymbols;
   /** The calling thread's `errno`: read it right after a failed synchronous call. */
   errno(): number;
   /** `strerror(errno)` and the number, as Deno prints OS errors: `"... (os error 98)"`. */
   describe(errno: number): string;
+  /**
+   * Gives this reference back; the library is closed with the last one. Call
+   * it only once no call through it is running (a pending `poll` included).
+   * Closing twice does nothing.
+   */
+  close(): void;
 }
 
-let opened: Libc | undefined;
+interface Loaded {
+  lib: Deno.DynamicLibrary<typeof SYMBOLS>;
+  errno: () => number;
+  describe: (errno: number) => string;
+  users: number;
+}
+
+let loaded: Loaded | undefined;
 
 /** The file names tried, in order, for this architecture. */
 function libraryNames(): string[] {
@@ -170,14 +187,34 @@ function libraryNames(): string[] {
 }
 
 /**
- * Opens libc once per process (the library is kept open for the process's
- * life, so no call can outlive it) and returns its bindings.
+ * Returns a reference to libc's bindings, opening the library when no other
+ * reference is held. One `Deno.dlopen` serves every reference, and it is
+ * closed when the last is (test sanitizers count an open library as a leak).
  *
  * @throws {NativeUdpUnavailable} Not Linux x86_64/aarch64, no `--allow-ffi`,
  * or no libc with every symbol.
  */
 export function openLibc(): Libc {
-  if (opened !== undefined) return opened;
+  const shared = loaded ?? load();
+  loaded = shared;
+  shared.users++;
+  let open = true;
+  return {
+    symbols: shared.lib.symbols,
+    errno: shared.errno,
+    describe: shared.describe,
+    close(): void {
+      if (!open) return;
+      open = false;
+      if (--shared.users === 0) {
+        if (loaded === shared) loaded = undefined;
+        shared.lib.close();
+      }
+    },
+  };
+}
+
+function load(): Loaded {
   if (Deno.build.os !== "linux") throw new NativeUdpUnavailable(`not Linux (${Deno.build.os})`);
   if (Deno.build.arch !== "x86_64" && Deno.build.arch !== "aarch64") {
     throw new NativeUdpUnavailable(`unsupported architecture ${Deno.build.arch}`);
@@ -194,28 +231,28 @@ export function openLibc(): Libc {
       failures.push(`${name}: ${err instanceof Error ? err.message : String(err)}`);
       continue;
     }
-    opened = bind(lib.symbols);
-    return opened;
+    const symbols = lib.symbols;
+    // errno is thread-local: this is the JavaScript thread's, where every
+    // synchronous call runs (a Worker is another thread, but also another
+    // module instance, which loads its own).
+    const errnoPointer = symbols.__errno_location();
+    if (errnoPointer === null) {
+      lib.close();
+      throw new NativeUdpUnavailable("__errno_location() returned NULL");
+    }
+    const errnoView = new Deno.UnsafePointerView(errnoPointer);
+    return {
+      lib,
+      errno: () => errnoView.getInt32(0),
+      describe(errno: number): string {
+        const text = symbols.strerror(errno);
+        const what = text === null ? "unknown error" : Deno.UnsafePointerView.getCString(text);
+        return `${what} (os error ${errno})`;
+      },
+      users: 0,
+    };
   }
   throw new NativeUdpUnavailable(`cannot load libc: ${failures.join("; ")}`);
-}
-
-function bind(symbols: LibcSymbols): Libc {
-  // errno is thread-local: this is the JavaScript thread's, where every
-  // synchronous call runs (a Worker is another thread, but also another
-  // module instance, so it binds its own).
-  const errnoPointer = symbols.__errno_location();
-  if (errnoPointer === null) throw new NativeUdpUnavailable("__errno_location() returned NULL");
-  const errnoView = new Deno.UnsafePointerView(errnoPointer);
-  return {
-    symbols,
-    errno: () => errnoView.getInt32(0),
-    describe(errno: number): string {
-      const text = symbols.strerror(errno);
-      const what = text === null ? "unknown error" : Deno.UnsafePointerView.getCString(text);
-      return `${what} (os error ${errno})`;
-    },
-  };
 }
 
 /**

@@ -245,6 +245,32 @@ export class NativeUdpSocket {
       0x7fffffff,
     );
     const libc = openLibc();
+    try {
+      return NativeUdpSocket.#open(libc, options, {
+        port,
+        rcvbuf,
+        batchSize,
+        slotBytes,
+        batchesPerPoll,
+      });
+    } catch (err) {
+      libc.close();
+      throw err;
+    }
+  }
+
+  static #open(
+    libc: Libc,
+    options: NativeUdpOptions,
+    valid: {
+      port: number;
+      rcvbuf: number;
+      batchSize: number;
+      slotBytes: number;
+      batchesPerPoll: number;
+    },
+  ): NativeUdpSocket {
+    const { port, rcvbuf, batchSize, slotBytes, batchesPerPoll } = valid;
     const ip = parseIpLiteral(libc, options.hostname);
     if (ip === undefined) throw new NativeUdpUnavailable("bind address is a host name");
     const sockaddr = encodeSockaddr(ip, port);
@@ -338,8 +364,8 @@ export class NativeUdpSocket {
     try {
       if (this.#credit > 0) {
         // The last batch was full: more is likely queued; take it without a poll.
-        this.#credit--;
         const n = this.#read();
+        this.#credit = n === this.batchSize ? this.#credit - 1 : 0;
         if (n > 0) return n;
       }
       const pollFds = this.#pollFds;
@@ -505,6 +531,7 @@ export class NativeUdpSocket {
     this.#credit = 0;
     this.#libc.symbols.close(this.#fd);
     this.#libc.symbols.close(this.#eventFd);
+    this.#libc.close();
   }
 }
 
