@@ -578,6 +578,74 @@ Deno.test("NativeUdpSocket takes full batches back to back up to batchesPerPoll"
   }
 });
 
+Deno.test("NativeUdpSocket coalesces after a batch that drained the queue", async (t) => {
+  await t.step("the next receive sleeps coalesceMs, then takes what came meanwhile", async () => {
+    const socket = openNative({ coalesceMs: 50 });
+    const conn = sender();
+    try {
+      await sendAll(conn, socket.addr, lines(0, 1));
+      assert.equal(await socket.receive(), 1);
+      const polls = socket.polls;
+      const start = performance.now();
+      const pending = socket.receive();
+      await sendAll(conn, socket.addr, lines(1, 5));
+      assert.equal(await pending, 5);
+      const ms = performance.now() - start;
+      assert.ok(ms >= 45, `woke after ${ms} ms, before the 50 ms sleep ended`);
+      assert.equal(socket.polls, polls + 1);
+    } finally {
+      socket.close();
+      conn.close();
+    }
+  });
+
+  await t.step("coalesceMs 0: the next receive wakes at the next datagram", async () => {
+    const socket = openNative({ coalesceMs: 0 });
+    const conn = sender();
+    try {
+      await sendAll(conn, socket.addr, lines(0, 1));
+      assert.equal(await socket.receive(), 1);
+      const pending = socket.receive();
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      const start = performance.now();
+      await sendAll(conn, socket.addr, lines(1, 1));
+      assert.equal(await pending, 1);
+      const ms = performance.now() - start;
+      assert.ok(ms < 15, `${ms} ms from send to receive`);
+    } finally {
+      socket.close();
+      conn.close();
+    }
+  });
+
+  await t.step("close() during the sleep resolves the receive to 0 at once", async () => {
+    const before = fdCount();
+    const socket = openNative({ coalesceMs: 100 });
+    const conn = sender();
+    try {
+      await sendAll(conn, socket.addr, lines(0, 1));
+      assert.equal(await socket.receive(), 1);
+      const pending = socket.receive();
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      const start = performance.now();
+      socket.close();
+      assert.equal(await pending, 0);
+      const ms = performance.now() - start;
+      assert.ok(ms < 50, `${ms} ms to resolve after close()`);
+    } finally {
+      socket.close();
+      conn.close();
+    }
+    assert.equal(fdCount(), before);
+  });
+
+  await t.step("coalesceMs out of range: RangeError", () => {
+    assert.throws(() => openNative({ coalesceMs: -1 }), RangeError);
+    assert.throws(() => openNative({ coalesceMs: 101 }), RangeError);
+    assert.throws(() => openNative({ coalesceMs: NaN }), RangeError);
+  });
+});
+
 Deno.test("NativeUdpSocket allows one receive at a time", async () => {
   const socket = openNative();
   const first = socket.receive();

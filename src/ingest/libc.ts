@@ -13,6 +13,8 @@
  * - `mmsghdr`, 64 bytes: the `msghdr` at 0, `msg_len` u32 at 56, 4 bytes of
  *   padding.
  * - `pollfd`, 8 bytes: `fd` i32 at 0, `events` i16 at 4, `revents` i16 at 6.
+ * - `timespec`, 16 bytes: `tv_sec` i64 at 0, `tv_nsec` i64 at 8 (glibc and
+ *   musl alike on LP64).
  * - `sockaddr_in`, 16 bytes: `sin_family` u16 at 0, `sin_port` u16 big-endian
  *   at 2, `sin_addr` at 4, 8 zero bytes.
  * - `sockaddr_in6`, 28 bytes: `sin6_family` u16 at 0, `sin6_port` u16
@@ -35,7 +37,7 @@
  *
  * `errno` is read with `__errno_location()` right after a synchronous call,
  * on the same (JavaScript) thread that made it. A `nonblocking` symbol
- * (`poll`) runs on a helper thread, whose `errno` cannot be read.
+ * (`ppoll`) runs on a helper thread, whose `errno` cannot be read.
  *
  * Whatever keeps the bindings from working here (not Linux, another
  * architecture, no `--allow-ffi`, no libc found, a symbol missing) throws one
@@ -125,6 +127,7 @@ export const LAYOUT = {
   MMSGHDR_SIZE: 64,
   MSG_LEN: 56,
   POLLFD_SIZE: 8,
+  TIMESPEC_SIZE: 16,
   SOCKADDR_IN_SIZE: 16,
   SOCKADDR_IN6_SIZE: 28,
   /** `sizeof(struct sockaddr_storage)`: room for any address. */
@@ -139,7 +142,11 @@ const SYMBOLS = {
   getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
   recvmmsg: { parameters: ["i32", "pointer", "u32", "i32", "pointer"], result: "i32" },
   /** Runs on a helper thread and returns a Promise: it may block for long. */
-  poll: { parameters: ["pointer", "u64", "i32"], result: "i32", nonblocking: true },
+  ppoll: {
+    parameters: ["pointer", "u64", "pointer", "pointer"],
+    result: "i32",
+    nonblocking: true,
+  },
   eventfd: { parameters: ["u32", "i32"], result: "i32" },
   write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   close: { parameters: ["i32"], result: "i32" },
@@ -166,7 +173,7 @@ export interface Libc {
   describe(errno: number): string;
   /**
    * Gives this reference back; the library is closed with the last one. Call
-   * it only once no call through it is running (a pending `poll` included).
+   * it only once no call through it is running (a pending `ppoll` included).
    * Closing twice does nothing.
    */
   close(): void;
