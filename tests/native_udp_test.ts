@@ -492,12 +492,21 @@ Deno.test("NativeUdpSocket keeps receiving across forced garbage collections", a
     ["--v8-flags=--expose-gc", "--allow-ffi", "--allow-net", "--unstable-net"],
     `
     import { NativeUdpSocket } from ${JSON.stringify(MODULE_URL)};
-    const watchdog = setTimeout(() => { console.log(JSON.stringify({ timeout: true })); Deno.exit(3); }, 20000);
+    const watchdog = setTimeout(() => {
+      console.log(JSON.stringify({ timeout: true }));
+      Deno.exit(3);
+    }, 20000);
     const enc = new TextEncoder(), dec = new TextDecoder();
     let collected = false;
     const registry = new FinalizationRegistry(() => { collected = true; });
     (() => { registry.register(new Uint8Array(1 << 20), "probe"); })();
-    const socket = NativeUdpSocket.open({ hostname: "127.0.0.1", port: 0, receiveBufferBytes: 1 << 20, batchSize: 4 });
+    const socket = NativeUdpSocket.open({
+      hostname: "127.0.0.1",
+      port: 0,
+      receiveBufferBytes: 1 << 20,
+      batchSize: 4,
+    });
+    const { buffer, starts, lengths } = socket;
     const conn = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
     let rounds = 0;
     const wrong = [];
@@ -516,12 +525,13 @@ Deno.test("NativeUdpSocket keeps receiving across forced garbage collections", a
       while (got.length < sent.length) {
         const n = await socket.receive();
         for (let i = 0; i < n; i++) {
-          got.push(dec.decode(socket.buffer.subarray(socket.starts[i], socket.starts[i] + socket.lengths[i])));
+          got.push(dec.decode(buffer.subarray(starts[i], starts[i] + lengths[i])));
         }
       }
       if (got.join() === sent.join()) rounds++; else wrong.push(got);
     }
-    console.log(JSON.stringify({ rounds, wrong, collected, errors: socket.errors, datagrams: socket.datagrams }));
+    const { errors, datagrams } = socket;
+    console.log(JSON.stringify({ rounds, wrong, collected, errors, datagrams }));
     clearTimeout(watchdog);
     socket.close();
     conn.close();

@@ -120,7 +120,8 @@ const CLOSED = 2;
  *
  * After `receive()` resolves to `n`, datagram `i < n` is
  * `buffer[starts[i], starts[i] + lengths[i])`, valid until the next
- * `receive()`. No datagram is cut: every slot fits the largest UDP payload.
+ * `receive()`. With the default `slotBytes` no datagram is cut: every slot
+ * fits the largest UDP payload.
  *
  * @example Usage
  * ```ts ignore
@@ -131,10 +132,11 @@ const CLOSED = 2;
  *   port: 8125,
  *   receiveBufferBytes: 8 << 20,
  * });
+ * const { buffer, starts, lengths } = socket;
  * let n;
  * while ((n = await socket.receive()) > 0) {
  *   for (let i = 0; i < n; i++) {
- *     const datagram = socket.buffer.subarray(socket.starts[i], socket.starts[i] + socket.lengths[i]);
+ *     const datagram = buffer.subarray(starts[i], starts[i] + lengths[i]);
  *     console.log(datagram.length);
  *   }
  * }
@@ -151,7 +153,10 @@ export class NativeUdpSocket {
    * `net.core.rmem_max`. This is the number reported, unchanged.
    */
   readonly receiveBufferBytes: number;
-  /** True when `SO_RCVBUFFORCE` was accepted (root or CAP_NET_ADMIN); false after a fallback to `SO_RCVBUF`, or when 0 was asked. */
+  /**
+   * True when `SO_RCVBUFFORCE` was accepted (root or CAP_NET_ADMIN); false
+   * after a fallback to `SO_RCVBUF`, or when 0 was asked.
+   */
   readonly receiveBufferForced: boolean;
   /** One contiguous buffer holding every slot of the batch. */
   readonly buffer: Uint8Array;
@@ -426,7 +431,7 @@ export class NativeUdpSocket {
         if (sleepMs > 0) {
           const seconds = Math.floor(sleepMs / 1000);
           this.#timeout[0] = seconds;
-          this.#timeout[2] = Math.round((sleepMs - seconds * 1000) * 1e6);
+          this.#timeout[2] = Math.min(999_999_999, Math.round((sleepMs - seconds * 1000) * 1e6));
           timeout = this.#timeoutPointer;
         }
         pollFds[0] = sleepMs > 0 ? -1 : fd;
@@ -570,7 +575,11 @@ export class NativeUdpSocket {
     return this.#truncated;
   }
 
-  /** `recvmmsg` calls that found nothing (`EAGAIN`): spurious wake-ups, or a full batch that was the last. */
+  /**
+   * `recvmmsg` calls that found nothing (`EAGAIN`): after a coalescing sleep
+   * in which nothing came, after a full batch that was the last, or a
+   * spurious wake-up.
+   */
   get emptyReads(): number {
     return this.#emptyReads;
   }
