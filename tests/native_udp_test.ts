@@ -239,22 +239,28 @@ nativeTest("NativeUdpSocket receives datagrams in batches, byte for byte", async
   });
 });
 
-nativeTest("NativeUdpSocket binds IPv6 ::1 and reports the real port when 0 is asked", async () => {
-  const socket = openNative({ hostname: "::1" });
-  const conn = sender("::1");
-  try {
-    assert.equal(socket.addr.transport, "udp");
-    assert.equal(socket.addr.hostname, "::1");
-    assert.ok(socket.addr.port > 0 && socket.addr.port < 65536);
-    const sent = lines(0, 3);
-    await sendAll(conn, socket.addr, sent);
-    const { datagrams } = await receiveCount(socket, 3);
-    assert.deepEqual(datagrams, sent);
-  } finally {
-    socket.close();
-    conn.close();
-  }
-});
+nativeTest(
+  "NativeUdpSocket binds IPv6 ::1, takes a 65,527-byte datagram whole, reports the real port",
+  async () => {
+    const socket = openNative({ hostname: "::1" });
+    const conn = sender("::1");
+    try {
+      assert.equal(socket.addr.transport, "udp");
+      assert.equal(socket.addr.hostname, "::1");
+      assert.ok(socket.addr.port > 0 && socket.addr.port < 65536);
+      const largest = new Uint8Array(65527); // the largest UDP payload over IPv6
+      for (let i = 0; i < largest.length; i++) largest[i] = (i * 13) & 0xff;
+      const sent = [...lines(0, 3), largest];
+      await sendAll(conn, socket.addr, sent);
+      const { datagrams } = await receiveCount(socket, 4);
+      assert.deepEqual(datagrams, sent);
+      assert.equal(socket.truncated, 0);
+    } finally {
+      socket.close();
+      conn.close();
+    }
+  },
+);
 
 nativeTest("NativeUdpSocket on 127.0.0.1 reports its address as getsockname says", () => {
   const socket = openNative();

@@ -59,6 +59,9 @@ export const DEFAULT_COALESCE_MS = 0.5;
 /** Largest {@linkcode NativeUdpOptions.coalesceMs}. */
 export const MAX_COALESCE_MS = 100;
 
+/** Readiness wake-ups in a row that find nothing before the loop sleeps 1 ms per wait. */
+const MAX_IDLE_WAKES = 16;
+
 /** Longest back-off after a failed `recvmmsg` or `ppoll`, in milliseconds. */
 const MAX_BACKOFF_MS = 100;
 
@@ -205,6 +208,8 @@ export class NativeUdpSocket {
   #interrupted = 0;
   #errors = 0;
   #lastErrno = 0;
+  /** Readiness wake-ups in a row after which nothing could be read. */
+  #idleWakes = 0;
 
   private constructor(init: {
     libc: Libc;
@@ -453,8 +458,14 @@ export class NativeUdpSocket {
         }
         const n = this.#read();
         if (n > 0) {
+          this.#idleWakes = 0;
           if (n === this.batchSize) this.#credit = this.#batchesPerPoll - 1;
           return n;
+        }
+        if (sleepMs === 0 && this.#sleepMs === 0 && ++this.#idleWakes >= MAX_IDLE_WAKES) {
+          // Readable, yet nothing to read, again and again: never expected of
+          // a UDP socket, but if it happens, pace the loop rather than spin.
+          this.#sleepMs = 1;
         }
       }
     } finally {
