@@ -1,0 +1,708 @@
+/**
+ * A Linux UDP receiver through libc and Deno FFI: {@linkcode NativeUdpSocket}
+ * takes up to a batch of datagrams per `recvmmsg(2)` call, into one buffer,
+ * and sizes its kernel receive buffer (`SO_RCVBUFFORCE`, else `SO_RCVBUF`),
+ * which `Deno.listenDatagram` cannot do.
+ *
+ * How it waits: `receive()` awaits a `ppoll(2)` over the socket and an
+ * eventfd, run on a helper thread by Deno's nonblocking FFI, so an idle socket
+ * costs no CPU, and then drains what is queued with one
+ * `recvmmsg(MSG_DONTWAIT)` on the JavaScript thread. Every batch thus follows
+ * a turn of the event loop (which the proxy needs for its upstream writes).
+ * The hop to the helper thread and back costs some 25 µs of CPU, so after a
+ * batch that drained the queue the next wait is a short sleep (`coalesceMs`,
+ * 0.5 ms by default) and then a read, rather than a wake-up per datagram: at
+ * moderate rates that is what makes a batch hold many datagrams.
+ * `close()` writes the eventfd, so a pending `ppoll` returns at once; the fds
+ * are closed only after that, never while the helper thread polls them.
+ *
+ * Every buffer whose address the kernel is given inside another buffer (the
+ * data slots in the iovecs, the iovecs in the mmsghdrs) is held by the socket
+ * for its whole life: a buffer that only native memory points to would be
+ * freed by the garbage collector and `recvmmsg` would then write into freed
+ * memory (or fail with `EFAULT`).
+ *
+ * Linux only (x86_64, aarch64), and only with `--allow-ffi`: anything else
+ * throws {@linkcode NativeUdpUnavailable}, for the caller to fall back to
+ * `Deno.listenDatagram`.
+ *
+ * @module
+ */
+
+import {
+  decodeSockaddr,
+  encodeSockaddr,
+  ERRNO,
+  errnoError,
+  LAYOUT,
+  type Libc,
+  LINUX,
+  NativeUdpUnavailable,
+  openLibc,
+  parseIpLiteral,
+} from "./libc.ts";
+
+export { NativeUdpUnavailable };
+
+/** Largest slot, and the default: it holds any UDP payload (65,527 bytes over IPv6). */
+export const MAX_SLOT_BYTES = 65536;
+
+/** Default number of datagrams taken per `recvmmsg` call. */
+export const DEFAULT_BATCH_SIZE = 64;
+
+/** Largest batch: the kernel's `UIO_MAXIOV`, the most `recvmmsg` takes at once. */
+export const MAX_BATCH_SIZE = 1024;
+
+/** Default of {@linkcode NativeUdpOptions.coalesceMs}. */
+export const DEFAULT_COALESCE_MS = 0.5;
+
+/** Largest {@linkcode NativeUdpOptions.coalesceMs}. */
+export const MAX_COALESCE_MS = 100;
+
+/** Readiness wake-ups in a row that find nothing before the loop sleeps 1 ms per wait. */
+const MAX_IDLE_WAKES = 16;
+
+/** Longest back-off after a failed `recvmmsg` or `ppoll`, in milliseconds. */
+const MAX_BACKOFF_MS = 100;
+
+/** Options of {@linkcode NativeUdpSocket.open}. */
+export interface NativeUdpOptions {
+  /**
+   * IP literal to bind: IPv4 (`0.0.0.0`, `127.0.0.1`) or IPv6 (`::`, `::1`).
+   * A host name throws {@linkcode NativeUdpUnavailable}. `::` gets the
+   * system's default for `IPV6_V6ONLY` (`net.ipv6.bindv6only`, 0 unless
+   * changed: IPv4 too), as `Deno.listenDatagram` does.
+   */
+  hostname: string;
+  /** Port to bind; 0 picks a free one (see {@linkcode NativeUdpSocket.addr}). */
+  port: number;
+  /**
+   * Kernel receive buffer to ask for, in bytes; 0 keeps the system default
+   * (`net.core.rmem_default`). Asked with `SO_RCVBUFFORCE` first (root or
+   * CAP_NET_ADMIN, not capped), else with `SO_RCVBUF` (capped at
+   * `net.core.rmem_max`). See {@linkcode NativeUdpSocket.receiveBufferBytes}
+   * for what is granted.
+   */
+  receiveBufferBytes: number;
+  /** Datagrams taken per `recvmmsg` call, 1 to 1024. Defaults to 64. */
+  batchSize?: number;
+  /** Sets `SO_REUSEPORT`, so several sockets can share the port. Defaults to false. */
+  reusePort?: boolean;
+  /**
+   * Bytes per datagram slot, 1 to 65536 (the default, which fits any UDP
+   * payload). A smaller slot saves memory, but a longer datagram is then cut
+   * by the kernel: it is counted in {@linkcode NativeUdpSocket.truncated} and
+   * reported with length 0.
+   */
+  slotBytes?: number;
+  /**
+   * When a batch comes back full, up to this many batches are taken before
+   * the next poll (and so the next turn of the event loop), 1 to 16. Defaults
+   * to 1: every batch follows a poll.
+   */
+  batchesPerPoll?: number;
+  /**
+   * After a batch that was not full (so the queue was drained), the next
+   * receive sleeps this many milliseconds (0 to 100, fractions allowed)
+   * before it reads, instead of waking at the next datagram: at moderate
+   * rates each wake-up then takes a fuller batch, for less CPU per datagram.
+   * A datagram that comes during the sleep waits for its end (plus the
+   * kernel's timer slack and the wake-up); the first one after an empty read
+   * does not. 0 turns it off. Defaults to 0.5.
+   */
+  coalesceMs?: number;
+}
+
+/** State of a {@linkcode NativeUdpSocket}. */
+const OPEN = 0;
+const CLOSING = 1;
+const CLOSED = 2;
+
+/**
+ * A bound UDP socket that receives datagrams in batches with `recvmmsg`.
+ *
+ * After `receive()` resolves to `n`, datagram `i < n` is
+ * `buffer[starts[i], starts[i] + lengths[i])`, valid until the next
+ * `receive()`. With the default `slotBytes` no datagram is cut: every slot
+ * fits the largest UDP payload.
+ *
+ * @example Usage
+ * ```ts ignore
+ * import { NativeUdpSocket } from "./native_udp.ts";
+ *
+ * const socket = NativeUdpSocket.open({
+ *   hostname: "127.0.0.1",
+ *   port: 8125,
+ *   receiveBufferBytes: 8 << 20,
+ * });
+ * const { buffer, starts, lengths } = socket;
+ * let n;
+ * while ((n = await socket.receive()) > 0) {
+ *   for (let i = 0; i < n; i++) {
+ *     const datagram = buffer.subarray(starts[i], starts[i] + lengths[i]);
+ *     console.log(datagram.length);
+ *   }
+ * }
+ * ```
+ */
+export class NativeUdpSocket {
+  /** The bound address, with the real port when 0 was asked (from `getsockname`). */
+  readonly addr: Deno.NetAddr;
+  /**
+   * The kernel receive buffer, as `getsockopt(SO_RCVBUF)` reports it. Linux
+   * doubles the value it is given (the other half is for its bookkeeping) and
+   * reports the doubled value, so asking 8 MiB with `SO_RCVBUFFORCE` reports
+   * 16 MiB; with `SO_RCVBUF` the value asked is first capped at
+   * `net.core.rmem_max`. This is the number reported, unchanged.
+   */
+  readonly receiveBufferBytes: number;
+  /**
+   * True when `SO_RCVBUFFORCE` was accepted (root or CAP_NET_ADMIN); false
+   * after a fallback to `SO_RCVBUF`, or when 0 was asked.
+   */
+  readonly receiveBufferForced: boolean;
+  /** One contiguous buffer holding every slot of the batch. */
+  readonly buffer: Uint8Array;
+  /** Start of each datagram's slot in {@linkcode buffer}: `i * slotBytes`. */
+  readonly starts: Int32Array;
+  /** Length of each datagram of the last batch. */
+  readonly lengths: Int32Array;
+  /** Datagrams taken per `recvmmsg` call at most. */
+  readonly batchSize: number;
+  /** Bytes per datagram slot. */
+  readonly slotBytes: number;
+
+  readonly #libc: Libc;
+  readonly #fd: number;
+  readonly #eventFd: number;
+  readonly #batchesPerPoll: number;
+  readonly #coalesceMs: number;
+  /** The iovecs, mmsghdrs and pollfds, which the kernel reads: kept for the socket's life. */
+  readonly #control: ArrayBuffer;
+  /** The mmsghdrs as u32, to read `msg_flags` and `msg_len`. */
+  readonly #headers: Uint32Array;
+  /** The two pollfds' `fd` fields (int32 index 0 and 2). */
+  readonly #pollFds: Int32Array;
+  /** The ppoll timeout, as int32 halves: `tv_sec` at 0, `tv_nsec` at 2. */
+  readonly #timeout: Int32Array;
+  readonly #timeoutPointer: Deno.PointerValue;
+  readonly #headersPointer: Deno.PointerValue;
+  readonly #pollPointer: Deno.PointerValue;
+  /** The 8-byte value 1, written to the eventfd to wake a pending poll. */
+  readonly #wakeValue: Uint8Array;
+
+  #state = OPEN;
+  #receiving = false;
+  #polling = false;
+  /** Batches still to take without a poll (see `batchesPerPoll`). */
+  #credit = 0;
+  /** The current back-off after failures, in ms (0: none). */
+  #backoffMs = 0;
+  /** How the next receive waits: 0, until readable; else sleep this many ms, then read. */
+  #sleepMs = 0;
+  #datagrams = 0;
+  #batches = 0;
+  #polls = 0;
+  #truncated = 0;
+  #emptyReads = 0;
+  #interrupted = 0;
+  #errors = 0;
+  #lastErrno = 0;
+  /** Readiness wake-ups in a row after which nothing could be read. */
+  #idleWakes = 0;
+
+  private constructor(init: {
+    libc: Libc;
+    fd: number;
+    eventFd: number;
+    addr: Deno.NetAddr;
+    receiveBufferBytes: number;
+    receiveBufferForced: boolean;
+    batchSize: number;
+    slotBytes: number;
+    batchesPerPoll: number;
+    coalesceMs: number;
+    buffer: Uint8Array;
+    control: ArrayBuffer;
+  }) {
+    this.#libc = init.libc;
+    this.#fd = init.fd;
+    this.#eventFd = init.eventFd;
+    this.addr = init.addr;
+    this.receiveBufferBytes = init.receiveBufferBytes;
+    this.receiveBufferForced = init.receiveBufferForced;
+    this.batchSize = init.batchSize;
+    this.slotBytes = init.slotBytes;
+    this.#batchesPerPoll = init.batchesPerPoll;
+    this.#coalesceMs = init.coalesceMs;
+    this.buffer = init.buffer;
+    this.#control = init.control;
+    const layout = controlLayout(init.batchSize);
+    this.#headers = new Uint32Array(this.#control, layout.headers, layout.headersBytes / 4);
+    this.#pollFds = new Int32Array(this.#control, layout.pollfds, 4);
+    this.#wakeValue = new Uint8Array(this.#control, layout.wake, 8);
+    this.#timeout = new Int32Array(this.#control, layout.timespec, 4);
+    const base = addressOf(this.#control);
+    this.#headersPointer = Deno.UnsafePointer.create(base + BigInt(layout.headers));
+    this.#pollPointer = Deno.UnsafePointer.create(base + BigInt(layout.pollfds));
+    this.#timeoutPointer = Deno.UnsafePointer.create(base + BigInt(layout.timespec));
+    this.starts = new Int32Array(init.batchSize);
+    for (let i = 0; i < init.batchSize; i++) this.starts[i] = i * init.slotBytes;
+    this.lengths = new Int32Array(init.batchSize);
+  }
+
+  /**
+   * Opens a UDP socket bound to `options.hostname:options.port`.
+   *
+   * @throws {NativeUdpUnavailable} Native UDP cannot work here (see the
+   * module doc), or the hostname is not an IP literal.
+   * @throws {Deno.errors.AddrInUse} The address is in use.
+   * @throws {Deno.errors.AddrNotAvailable} The address is not local.
+   * @throws {Deno.errors.PermissionDenied} A privileged port without the privilege.
+   * @throws {Error} Another failed call (its message names it and says why).
+   * @throws {RangeError} An option out of range.
+   */
+  static open(options: NativeUdpOptions): NativeUdpSocket {
+    const batchSize = integerOption(
+      "batchSize",
+      options.batchSize,
+      DEFAULT_BATCH_SIZE,
+      1,
+      MAX_BATCH_SIZE,
+    );
+    const slotBytes = integerOption(
+      "slotBytes",
+      options.slotBytes,
+      MAX_SLOT_BYTES,
+      1,
+      MAX_SLOT_BYTES,
+    );
+    const batchesPerPoll = integerOption("batchesPerPoll", options.batchesPerPoll, 1, 1, 16);
+    const coalesceMs = options.coalesceMs ?? DEFAULT_COALESCE_MS;
+    if (!(coalesceMs >= 0 && coalesceMs <= MAX_COALESCE_MS)) {
+      throw new RangeError(
+        `coalesceMs must be from 0 to ${MAX_COALESCE_MS}, got ${options.coalesceMs}`,
+      );
+    }
+    const port = integerOption("port", options.port, 0, 0, 65535);
+    const rcvbuf = integerOption(
+      "receiveBufferBytes",
+      options.receiveBufferBytes,
+      0,
+      0,
+      0x7fffffff,
+    );
+    const libc = openLibc();
+    try {
+      return NativeUdpSocket.#open(libc, options, {
+        port,
+        rcvbuf,
+        batchSize,
+        slotBytes,
+        batchesPerPoll,
+        coalesceMs,
+      });
+    } catch (err) {
+      libc.close();
+      throw err;
+    }
+  }
+
+  static #open(
+    libc: Libc,
+    options: NativeUdpOptions,
+    valid: {
+      port: number;
+      rcvbuf: number;
+      batchSize: number;
+      slotBytes: number;
+      batchesPerPoll: number;
+      coalesceMs: number;
+    },
+  ): NativeUdpSocket {
+    const { port, rcvbuf, batchSize, slotBytes, batchesPerPoll, coalesceMs } = valid;
+    const ip = parseIpLiteral(libc, options.hostname);
+    if (ip === undefined) throw new NativeUdpUnavailable("bind address is a host name");
+    const sockaddr = encodeSockaddr(ip, port);
+    // Allocate before any fd exists, so a failed allocation leaks nothing.
+    // An ArrayBuffer's memory is off the V8 heap and never moves.
+    const buffer = new Uint8Array(new ArrayBuffer(batchSize * slotBytes));
+    const control = new ArrayBuffer(controlLayout(batchSize).size);
+
+    const { symbols } = libc;
+    const fail = (call: string): never => {
+      throw errnoError(libc, call, libc.errno());
+    };
+    const fd = symbols.socket(
+      ip.family,
+      LINUX.SOCK_DGRAM | LINUX.SOCK_NONBLOCK | LINUX.SOCK_CLOEXEC,
+      0,
+    );
+    if (fd < 0) fail("socket");
+    let eventFd = -1;
+    try {
+      const int = new Int32Array(1);
+      const intBytes = new Uint8Array(int.buffer);
+      if (options.reusePort) {
+        int[0] = 1;
+        if (symbols.setsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_REUSEPORT, intBytes, 4) !== 0) {
+          fail("setsockopt(SO_REUSEPORT)");
+        }
+      }
+      let forced = false;
+      if (rcvbuf > 0) {
+        int[0] = rcvbuf;
+        forced = symbols.setsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_RCVBUFFORCE, intBytes, 4) === 0;
+        if (
+          !forced && symbols.setsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_RCVBUF, intBytes, 4) !== 0
+        ) {
+          fail("setsockopt(SO_RCVBUF)");
+        }
+      }
+      if (symbols.bind(fd, sockaddr, sockaddr.length) !== 0) fail("bind");
+
+      const length = new Uint32Array(1);
+      const lengthBytes = new Uint8Array(length.buffer);
+      const bound = new Uint8Array(LAYOUT.SOCKADDR_STORAGE_SIZE);
+      length[0] = bound.length;
+      if (symbols.getsockname(fd, bound, lengthBytes) !== 0) fail("getsockname");
+      const addr = decodeSockaddr(libc, bound);
+      length[0] = 4;
+      if (symbols.getsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_RCVBUF, intBytes, lengthBytes) !== 0) {
+        fail("getsockopt(SO_RCVBUF)");
+      }
+      const granted = int[0];
+
+      eventFd = symbols.eventfd(0, LINUX.EFD_NONBLOCK | LINUX.EFD_CLOEXEC);
+      if (eventFd < 0) fail("eventfd");
+      fillControl(control, buffer, batchSize, slotBytes, fd, eventFd);
+      return new NativeUdpSocket({
+        libc,
+        fd,
+        eventFd,
+        addr,
+        receiveBufferBytes: granted,
+        receiveBufferForced: forced,
+        batchSize,
+        slotBytes,
+        batchesPerPoll,
+        coalesceMs,
+        buffer,
+        control,
+      });
+    } catch (err) {
+      symbols.close(fd);
+      if (eventFd >= 0) symbols.close(eventFd);
+      throw err;
+    }
+  }
+
+  /**
+   * Waits, without spinning, until at least one datagram is queued, then takes
+   * up to {@linkcode batchSize} with one `recvmmsg(MSG_DONTWAIT)`. Resolves to
+   * how many (at least 1), or to 0 once the socket is closed. Datagram `i` is
+   * then `buffer[starts[i], starts[i] + lengths[i])`, until the next call.
+   *
+   * How it waits depends on the last batch: after an empty read, until the
+   * socket is readable; after a full batch, the same (which returns at once,
+   * after a turn of the event loop), or not at all while `batchesPerPoll`
+   * allows; after a partial batch, it sleeps `coalesceMs` and then reads
+   * whatever came meanwhile, so moderate traffic comes in fuller batches.
+   *
+   * Passing failures (`EINTR`, `EAGAIN`, `ENOMEM`, ...) are counted and
+   * retried, after a back-off for those that are not spurious wake-ups; only
+   * a programming error (`EFAULT`, `EBADF`, `EINVAL`, `ENOTSOCK`) rejects.
+   * One receive at a time: a second call while one is pending rejects.
+   */
+  async receive(): Promise<number> {
+    if (this.#state !== OPEN) return 0;
+    if (this.#receiving) throw new Error("NativeUdpSocket: a receive() is already pending");
+    this.#receiving = true;
+    try {
+      if (this.#credit > 0) {
+        // The last batch was full: more is likely queued; take it without a poll.
+        this.#credit--;
+        const n = this.#read();
+        if (n > 0) return n;
+      }
+      const pollFds = this.#pollFds;
+      const fd = this.#fd;
+      while (true) {
+        // sleepMs > 0: sleep that long (to coalesce, or to back off), on the
+        // eventfd alone (ppoll skips a negative fd) so close() still wakes it.
+        // Else wait, without a timeout, until the socket is readable.
+        const sleepMs = this.#sleepMs;
+        let timeout: Deno.PointerValue = null;
+        if (sleepMs > 0) {
+          const seconds = Math.floor(sleepMs / 1000);
+          this.#timeout[0] = seconds;
+          this.#timeout[2] = Math.min(999_999_999, Math.round((sleepMs - seconds * 1000) * 1e6));
+          timeout = this.#timeoutPointer;
+        }
+        pollFds[0] = sleepMs > 0 ? -1 : fd;
+        this.#polling = true;
+        const ready = await this.#libc.symbols.ppoll(this.#pollPointer, 2n, timeout, null);
+        this.#polling = false;
+        this.#polls++;
+        if (this.#state !== OPEN) {
+          if (this.#state === CLOSING) this.#free();
+          return 0;
+        }
+        if (ready < 0) {
+          // ppoll ran on a helper thread, whose errno cannot be read: EINTR or
+          // ENOMEM are the only failures of a well-formed call. Back off.
+          this.#errors++;
+          this.#backoffMs = nextBackoff(this.#backoffMs);
+          this.#sleepMs = this.#backoffMs;
+          continue;
+        }
+        const n = this.#read();
+        if (n > 0) {
+          this.#idleWakes = 0;
+          if (n === this.batchSize) this.#credit = this.#batchesPerPoll - 1;
+          return n;
+        }
+        if (sleepMs === 0 && this.#sleepMs === 0 && ++this.#idleWakes >= MAX_IDLE_WAKES) {
+          // Readable, yet nothing to read, again and again: never expected of
+          // a UDP socket, but if it happens, pace the loop rather than spin.
+          this.#sleepMs = 1;
+        }
+      }
+    } finally {
+      this.#receiving = false;
+    }
+  }
+
+  /**
+   * One `recvmmsg(MSG_DONTWAIT)`: fills {@linkcode lengths} and returns the
+   * count, or returns 0 when nothing could be taken (counted). Sets how the
+   * next receive waits.
+   */
+  #read(): number {
+    const libc = this.#libc;
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const n = libc.symbols.recvmmsg(
+        this.#fd,
+        this.#headersPointer,
+        this.batchSize,
+        LINUX.MSG_DONTWAIT,
+        null,
+      );
+      if (n > 0) {
+        const headers = this.#headers;
+        const lengths = this.lengths;
+        // Each mmsghdr is 16 u32: msg_flags at index 12, msg_len at 14.
+        for (let i = 0; i < n; i++) {
+          const at = i << 4;
+          if ((headers[at + 12] & LINUX.MSG_TRUNC) !== 0) {
+            lengths[i] = 0;
+            this.#truncated++;
+          } else {
+            lengths[i] = headers[at + 14];
+          }
+        }
+        this.#datagrams += n;
+        this.#batches++;
+        this.#backoffMs = 0;
+        if (n === this.batchSize) {
+          this.#sleepMs = 0;
+        } else {
+          this.#credit = 0;
+          this.#sleepMs = this.#coalesceMs;
+        }
+        return n;
+      }
+      if (n === 0) break;
+      const errno = libc.errno();
+      switch (errno) {
+        case ERRNO.EINTR:
+          this.#interrupted++;
+          continue;
+        case ERRNO.EAGAIN:
+          this.#emptyReads++;
+          this.#credit = 0;
+          this.#backoffMs = 0;
+          this.#sleepMs = 0;
+          return 0;
+        case ERRNO.EFAULT:
+        case ERRNO.EBADF:
+        case ERRNO.EINVAL:
+        case ERRNO.ENOTSOCK:
+          throw errnoError(libc, "recvmmsg", errno);
+        default:
+          // ENOMEM, ENOBUFS, a pending socket error (e.g. ECONNREFUSED): count,
+          // back off, go on.
+          this.#errors++;
+          this.#lastErrno = errno;
+          this.#credit = 0;
+          this.#backoffMs = nextBackoff(this.#backoffMs);
+          this.#sleepMs = this.#backoffMs;
+          return 0;
+      }
+    }
+    this.#credit = 0;
+    this.#sleepMs = 0;
+    return 0;
+  }
+
+  /**
+   * Closes the socket. A pending {@linkcode receive} resolves to 0 at once;
+   * the fds are closed now, or, when a poll is in flight, as soon as it
+   * returns. Closing twice does nothing.
+   */
+  close(): void {
+    if (this.#state !== OPEN) return;
+    if (this.#polling) {
+      this.#state = CLOSING;
+      // An eventfd write of 8 bytes cannot fail here (the counter is 0 or 1).
+      this.#libc.symbols.write(this.#eventFd, this.#wakeValue, 8n);
+    } else {
+      this.#free();
+    }
+  }
+
+  /** True once {@linkcode close} was called. */
+  get closed(): boolean {
+    return this.#state !== OPEN;
+  }
+
+  /** Datagrams received. */
+  get datagrams(): number {
+    return this.#datagrams;
+  }
+
+  /** `recvmmsg` calls that returned datagrams. */
+  get batches(): number {
+    return this.#batches;
+  }
+
+  /** Polls that returned (readiness waits and back-offs). */
+  get polls(): number {
+    return this.#polls;
+  }
+
+  /** Datagrams cut because they did not fit a slot (reported with length 0). */
+  get truncated(): number {
+    return this.#truncated;
+  }
+
+  /**
+   * `recvmmsg` calls that found nothing (`EAGAIN`): after a coalescing sleep
+   * in which nothing came, after a full batch that was the last, or a
+   * spurious wake-up.
+   */
+  get emptyReads(): number {
+    return this.#emptyReads;
+  }
+
+  /** `recvmmsg` calls interrupted by a signal (`EINTR`), retried at once. */
+  get interrupted(): number {
+    return this.#interrupted;
+  }
+
+  /** Failed `recvmmsg` or `ppoll` calls (e.g. `ENOMEM`) after which the socket backed off. */
+  get errors(): number {
+    return this.#errors;
+  }
+
+  /** errno of the last failed `recvmmsg` counted in {@linkcode errors}, or 0. */
+  get lastErrno(): number {
+    return this.#lastErrno;
+  }
+
+  #free(): void {
+    this.#state = CLOSED;
+    this.#credit = 0;
+    this.#libc.symbols.close(this.#fd);
+    this.#libc.symbols.close(this.#eventFd);
+    this.#libc.close();
+  }
+}
+
+/** Where the parts of the control buffer are, for `batchSize` datagrams. */
+function controlLayout(batchSize: number): {
+  iovecs: number;
+  headers: number;
+  headersBytes: number;
+  pollfds: number;
+  wake: number;
+  timespec: number;
+  size: number;
+} {
+  const iovecs = 0;
+  const headers = iovecs + batchSize * LAYOUT.IOVEC_SIZE;
+  const headersBytes = batchSize * LAYOUT.MMSGHDR_SIZE;
+  const pollfds = headers + headersBytes;
+  const wake = pollfds + 2 * LAYOUT.POLLFD_SIZE;
+  const timespec = wake + 8;
+  return {
+    iovecs,
+    headers,
+    headersBytes,
+    pollfds,
+    wake,
+    timespec,
+    size: timespec + LAYOUT.TIMESPEC_SIZE,
+  };
+}
+
+/**
+ * Writes the iovecs (one per slot of `buffer`), the mmsghdrs (one iovec each,
+ * no address, no control data), the two pollfds (`fd` and `eventFd`, POLLIN)
+ * and the eventfd wake value into `control`.
+ */
+function fillControl(
+  control: ArrayBuffer,
+  buffer: Uint8Array,
+  batchSize: number,
+  slotBytes: number,
+  fd: number,
+  eventFd: number,
+): void {
+  const layout = controlLayout(batchSize);
+  const view = new DataView(control);
+  const bufferAddress = addressOf(buffer.buffer as ArrayBuffer);
+  const controlAddress = addressOf(control);
+  for (let i = 0; i < batchSize; i++) {
+    const iovec = layout.iovecs + i * LAYOUT.IOVEC_SIZE;
+    view.setBigUint64(iovec + LAYOUT.IOV_BASE, bufferAddress + BigInt(i * slotBytes), true);
+    view.setBigUint64(iovec + LAYOUT.IOV_LEN, BigInt(slotBytes), true);
+    const header = layout.headers + i * LAYOUT.MMSGHDR_SIZE;
+    view.setBigUint64(header + LAYOUT.MSG_NAME, 0n, true);
+    view.setUint32(header + LAYOUT.MSG_NAMELEN, 0, true);
+    view.setBigUint64(header + LAYOUT.MSG_IOV, controlAddress + BigInt(iovec), true);
+    view.setBigUint64(header + LAYOUT.MSG_IOVLEN, 1n, true);
+    view.setBigUint64(header + LAYOUT.MSG_CONTROL, 0n, true);
+    view.setBigUint64(header + LAYOUT.MSG_CONTROLLEN, 0n, true);
+    view.setInt32(header + LAYOUT.MSG_FLAGS, 0, true);
+    view.setUint32(header + LAYOUT.MSG_LEN, 0, true);
+  }
+  view.setInt32(layout.pollfds, fd, true);
+  view.setInt16(layout.pollfds + 4, LINUX.POLLIN, true);
+  view.setInt32(layout.pollfds + LAYOUT.POLLFD_SIZE, eventFd, true);
+  view.setInt16(layout.pollfds + LAYOUT.POLLFD_SIZE + 4, LINUX.POLLIN, true);
+  view.setBigUint64(layout.wake, 1n, true);
+}
+
+/** The address of an ArrayBuffer's memory (off the V8 heap: it never moves). */
+function addressOf(buffer: ArrayBuffer): bigint {
+  return BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(new Uint8Array(buffer))));
+}
+
+function nextBackoff(ms: number): number {
+  return Math.min(MAX_BACKOFF_MS, Math.max(1, ms * 2));
+}
+
+function integerOption(
+  name: string,
+  value: number | undefined,
+  fallback: number,
+  min: number,
+  max: number,
+): number {
+  const v = value ?? fallback;
+  if (!Number.isInteger(v) || v < min || v > max) {
+    throw new RangeError(`${name} must be an integer from ${min} to ${max}, got ${value}`);
+  }
+  return v;
+}
