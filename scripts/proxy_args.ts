@@ -13,17 +13,20 @@ export const MAIN: string = new URL("main.ts", ROOT).pathname;
 /** The project's deno.json. */
 export const DENO_JSON: string = new URL("deno.json", ROOT).pathname;
 
+/** The permissions the proxy runs with, as `deno task start` gives them. */
+export const PERMISSIONS: readonly string[] = [
+  "--allow-net",
+  "--allow-read",
+  "--allow-write",
+  "--allow-ffi",
+];
+
 /** Arguments for `Deno.execPath()` that run `main.ts ARGS` as `deno task start` would. */
 export function proxyArgs(...args: string[]): string[] {
-  return [
-    "run",
-    "--quiet",
-    "--allow-net",
-    "--allow-read",
-    "--allow-write",
-    "--config",
-    DENO_JSON,
-    MAIN,
-    ...args,
-  ];
+  return proxyArgsWith(PERMISSIONS, ...args);
+}
+
+/** Like {@linkcode proxyArgs}, with other permissions (e.g. without `--allow-ffi`). */
+export function proxyArgsWith(permissions: readonly string[], ...args: string[]): string[] {
+  return ["run", "--quiet", ...permissions, "--config", DENO_JSON, MAIN, ...args];
 }

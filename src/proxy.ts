@@ -246,8 +246,13 @@ export class Proxy {
       sink: this.router,
       counters: this.udpCounters,
       maxLineBytes: config.maxLineBytes,
+      receiver: config.udpReceiver,
+      receiveBufferBytes: config.udpReceiveBufferBytes,
     });
-    log.info("listening on udp {address}", { address: formatAddr(listener.addr) });
+    log.info("listening on udp {address} with the {receiver}", {
+      address: formatAddr(listener.addr),
+      receiver: listener.describe(),
+    });
     return listener;
   }
 

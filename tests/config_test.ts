@@ -83,6 +83,8 @@ Deno.test("DEFAULTS holds the documented defaults and cannot be changed", () => 
     maxPendingBytes: 67108864,
     adminMaxConnections: 32,
     adminTimeoutMs: 10000,
+    udpReceiver: "auto",
+    udpReceiveBufferBytes: 8388608,
   });
   assert.ok(Object.isFrozen(DEFAULTS));
 });
@@ -128,6 +130,8 @@ Deno.test("parseConfig() reads every key", () => {
     "max_pending_bytes = 1048576",
     "admin_max_connections = 4",
     "admin_timeout_ms = 2000",
+    "udp_receiver = Native",
+    "udp_receive_buffer_bytes = 0",
     "",
   ].join("\n");
   assert.deepEqual(parse(text), {
@@ -155,6 +159,8 @@ Deno.test("parseConfig() reads every key", () => {
     maxPendingBytes: 1048576,
     adminMaxConnections: 4,
     adminTimeoutMs: 2000,
+    udpReceiver: "native",
+    udpReceiveBufferBytes: 0,
   });
 });
 

@@ -283,3 +283,36 @@ Deno.test("decodeDatagrams yields one batch per datagram received into one buffe
     assert.equal((await pending).done, true);
   });
 });
+
+Deno.test("DatagramDecoder.decodeBatch decodes datagrams in slots of one buffer into one batch, each standing alone", () => {
+  const counters = new IngestCounters();
+  const decoder = new DatagramDecoder({ counters });
+  const slot = 64;
+  const datagrams = [
+    enc("a:1|c\nb:2|c"), // last line without "\n"
+    concat(CONNS, "c:3|c\n"),
+    concat("d:4|c\n", CONNS.subarray(0, 5)), // a frame cut by the datagram's end
+    enc("e:5|c"),
+  ];
+  const buf = new Uint8Array(slot * datagrams.length).fill(0x41); // "A": no "\n" to find
+  const starts = new Int32Array(datagrams.length);
+  const lengths = new Int32Array(datagrams.length);
+  datagrams.forEach((d, i) => {
+    buf.set(d, i * slot);
+    starts[i] = i * slot;
+    lengths[i] = d.length;
+  });
+  const batch = decoder.decodeBatch(buf, starts, lengths, datagrams.length);
+  assert.equal(batch.buf, buf);
+  assert.deepEqual(framesOf(batch), [
+    asciiFrame("a:1|c", "a"),
+    asciiFrame("b:2|c", "b"),
+    binaryFrame(CONNS, "Conns"),
+    asciiFrame("c:3|c", "c"),
+    asciiFrame("d:4|c", "d"),
+    asciiFrame("e:5|c", "e"),
+  ]);
+  assert.equal(counters.reads, 4);
+  assert.equal(counters.bytes, datagrams.reduce((n, d) => n + d.length, 0));
+  assert.deepEqual(dropped(counters), { partial: 1 });
+});

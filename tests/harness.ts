@@ -9,7 +9,7 @@
 
 import assert from "node:assert/strict";
 import { freePort } from "../scripts/free_port.ts";
-import { proxyArgs } from "../scripts/proxy_args.ts";
+import { PERMISSIONS, proxyArgsWith } from "../scripts/proxy_args.ts";
 
 export { freePort };
 
@@ -243,6 +243,10 @@ export interface ProxyStartOptions {
   admin?: boolean;
   /** Run the proxy with this limit on open files (`ulimit -n`). */
   maxOpenFiles?: number;
+  /** Run it without `--allow-ffi` (so the native UDP receiver cannot work). */
+  withoutFfi?: boolean;
+  /** The address to listen on. Default `127.0.0.1`. */
+  bind?: string;
 }
 
 /** A servers file's text; a plain address gets weight 100. */
@@ -320,7 +324,7 @@ export class ProxyProcess {
     const settings: Record<string, string | number> = {
       port: tcp,
       udp_port: udp,
-      bind_address: "127.0.0.1",
+      bind_address: options.bind ?? "127.0.0.1",
       servers: "servers.conf",
       log_level: "DEBUG",
       reconnect_min_ms: 20,
@@ -330,7 +334,10 @@ export class ProxyProcess {
     };
     const lines = ["[statsite-proxy]", ...Object.entries(settings).map(([k, v]) => `${k} = ${v}`)];
     await Deno.writeTextFile(`${dir}/proxy.ini`, lines.join("\n") + "\n");
-    const args = proxyArgs("-f", `${dir}/proxy.ini`, ...(options.args ?? []));
+    const permissions = options.withoutFfi
+      ? PERMISSIONS.filter((p) => p !== "--allow-ffi")
+      : PERMISSIONS;
+    const args = proxyArgsWith(permissions, "-f", `${dir}/proxy.ini`, ...(options.args ?? []));
     // With a limit on open files, bash sets it and execs deno: same pid.
     const child = (options.maxOpenFiles === undefined
       ? new Deno.Command(Deno.execPath(), {
@@ -459,10 +466,13 @@ export async function sendUdp(port: number, ...datagrams: Uint8Array[]): Promise
 /** Runs `main.ts ARGS` to completion with optional standard input. */
 export async function runMain(
   args: string[],
-  options: { stdin?: Uint8Array; cwd?: string } = {},
+  options: { stdin?: Uint8Array; cwd?: string; withoutFfi?: boolean } = {},
 ): Promise<{ code: number; stdout: string; stderr: string; stdoutBytes: Uint8Array }> {
+  const permissions = options.withoutFfi
+    ? PERMISSIONS.filter((p) => p !== "--allow-ffi")
+    : PERMISSIONS;
   const child = new Deno.Command(Deno.execPath(), {
-    args: proxyArgs(...args),
+    args: proxyArgsWith(permissions, ...args),
     stdin: options.stdin === undefined ? "null" : "piped",
     stdout: "piped",
     stderr: "piped",

@@ -86,6 +86,13 @@ export function health(proxy: Proxy): { status: number; body: unknown } {
       listeners: {
         tcp: proxy.tcp ? formatAddr(proxy.tcp.addr) : null,
         udp: proxy.udp ? formatAddr(proxy.udp.addr) : null,
+        udp_receiver: proxy.udp
+          ? {
+            kind: proxy.udp.receiver,
+            receive_buffer_bytes: proxy.udp.receiveBufferBytes ?? null,
+            fallback_reason: proxy.udp.fallbackReason ?? null,
+          }
+          : null,
       },
       upstreams,
     },

@@ -127,6 +127,17 @@ export interface ProxyConfig {
    * answer, in ms (key `admin_timeout_ms`). Default 10000.
    */
   adminTimeoutMs: number;
+  /**
+   * The UDP receiver (key `udp_receiver`): `native` (recvmmsg through libc,
+   * Linux, needs `--allow-ffi`), `deno` (`Deno.listenDatagram`), or `auto`
+   * (the default: native where it works, else deno).
+   */
+  udpReceiver: "auto" | "native" | "deno";
+  /**
+   * Kernel receive buffer the native UDP receiver asks for, in bytes (key
+   * `udp_receive_buffer_bytes`); 0 keeps the system default. Default 8388608.
+   */
+  udpReceiveBufferBytes: number;
 }
 
 /** The configuration without the parsed servers: what {@linkcode parseConfig} returns. */
@@ -197,6 +208,8 @@ export const DEFAULTS: ConfigDefaults = Object.freeze({
   maxPendingBytes: 67108864,
   adminMaxConnections: 32,
   adminTimeoutMs: 10000,
+  udpReceiver: "auto",
+  udpReceiveBufferBytes: 8388608,
 });
 
 /** The settings section. */
@@ -317,6 +330,15 @@ function logFormat(text: string): "text" | "json" {
   throw new InvalidValue(`unknown log format ${JSON.stringify(text)} (expected text or json)`);
 }
 
+/** Parses a UDP receiver choice. */
+function udpReceiver(text: string): "auto" | "native" | "deno" {
+  const lower = text.toLowerCase();
+  if (lower === "auto" || lower === "native" || lower === "deno") return lower;
+  throw new InvalidValue(
+    `unknown UDP receiver ${JSON.stringify(text)} (expected auto, native or deno)`,
+  );
+}
+
 /** Checks a path and resolves it against `base` (`undefined`: keep it as is). */
 function path(text: string, base: string | undefined): string {
   if (text === "") throw new InvalidValue("empty path");
@@ -370,6 +392,11 @@ const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
     { field: "adminMaxConnections", parse: (t) => integer(t, 1, 10000) },
   ],
   ["admin_timeout_ms", { field: "adminTimeoutMs", parse: (t) => integer(t, 100, MAX_DELAY_MS) }],
+  ["udp_receiver", { field: "udpReceiver", parse: udpReceiver }],
+  [
+    "udp_receive_buffer_bytes",
+    { field: "udpReceiveBufferBytes", parse: (t) => integer(t, 0, 0x7fffffff) },
+  ],
 ]);
 
 /** How to read one flag of {@linkcode ConfigOverrides}. */

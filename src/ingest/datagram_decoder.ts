@@ -60,24 +60,42 @@ export class DatagramDecoder {
    * pointing into `buf` that is valid until the next call.
    */
   decode(buf: Uint8Array, len: number = buf.length): FrameBatch {
-    const counters = this.#counters;
     const batch = this.#batch;
+    batch.reset(buf);
+    this.#decodeOne(buf, 0, len, batch);
+    return batch;
+  }
+
+  /**
+   * Decodes `n` datagrams received into one buffer, datagram `i` being
+   * `buf[starts[i], starts[i] + lengths[i])`, into one batch pointing into
+   * `buf`, valid until the next call: one routing pass serves them all.
+   * Positional parameters: this is the hot path.
+   */
+  decodeBatch(buf: Uint8Array, starts: Int32Array, lengths: Int32Array, n: number): FrameBatch {
+    const batch = this.#batch;
+    batch.reset(buf);
+    for (let i = 0; i < n; i++) this.#decodeOne(buf, starts[i], starts[i] + lengths[i], batch);
+    return batch;
+  }
+
+  /** Decodes the datagram `buf[start, end)`, appending its frames to `batch`. */
+  #decodeOne(buf: Uint8Array, start: number, end: number, batch: FrameBatch): void {
+    const counters = this.#counters;
     const scanner = this.#scanner;
     counters.reads++;
-    counters.bytes += len;
-    batch.reset(buf);
-    switch (scanner.scan(buf, 0, len, batch)) {
+    counters.bytes += end - start;
+    switch (scanner.scan(buf, start, end, batch)) {
       case ScanStop.partialLine:
         // The end of the datagram ends its last line.
-        scanner.line(buf, scanner.pos, len, batch);
+        scanner.line(buf, scanner.pos, end, batch);
         break;
       case ScanStop.partialFrame:
-        scanner.drop(DROP.partial, buf, scanner.pos, len);
+        scanner.drop(DROP.partial, buf, scanner.pos, end);
         break;
         // ScanStop.skip and ScanStop.corrupt: already counted, and the rest of
         // the datagram belongs to the dropped frame.
     }
-    return batch;
   }
 }
 

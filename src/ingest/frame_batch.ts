@@ -253,8 +253,10 @@ export class FrameScanner {
    * to where it stopped and returns why.
    */
   scan(buf: Uint8Array, from: number, to: number, batch: FrameBatch): ScanStop {
-    // A view that ends at `to`, so no search runs past the range.
-    const view = to === buf.length ? buf : buf.subarray(0, to);
+    // No subarray per call (it would cost an allocation per datagram): reads
+    // stay below `to` because every search for "\n" starts before the last
+    // "\n" of the range, and binary frames are checked against `to`.
+    const view = buf;
     const max = this.#max;
     const counters = this.#counters;
     // The last "\n" in the range, found at the first ascii line: a search for
@@ -264,7 +266,7 @@ export class FrameScanner {
     while (pos < to) {
       let b = view[pos];
       if (b !== BINARY_MAGIC) {
-        if (lastNl === -2) lastNl = view.lastIndexOf(10);
+        if (lastNl === -2) lastNl = to === 0 ? -1 : view.lastIndexOf(10, to - 1);
         if (pos > lastNl) {
           this.pos = pos;
           return ScanStop.partialLine;
