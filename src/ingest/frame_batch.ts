@@ -266,7 +266,12 @@ export class FrameScanner {
     while (pos < to) {
       let b = view[pos];
       if (b !== BINARY_MAGIC) {
-        if (lastNl === -2) lastNl = to === 0 ? -1 : view.lastIndexOf(10, to - 1);
+        if (lastNl === -2) {
+          // Backwards from the end, never before the range: the buffer may
+          // hold many datagrams, and the last "\n" is near the end.
+          lastNl = to - 1;
+          while (lastNl >= from && view[lastNl] !== 10) lastNl--;
+        }
         if (pos > lastNl) {
           this.pos = pos;
           return ScanStop.partialLine;
