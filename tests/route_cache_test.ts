@@ -119,3 +119,24 @@ Deno.test("route cache rejects bad sizes and values", async (t) => {
     assert.throws(() => cache.set(bytes("a"), 0, 1, 1.5), RangeError);
   });
 });
+
+Deno.test("route cache starts small and grows its table and arena as keys arrive, keeping them", () => {
+  const cache = new RouteCache({
+    slots: 1024,
+    initialSlots: 16,
+    arenaBytes: 1 << 16,
+    initialArenaBytes: 64,
+  });
+  const enc = new TextEncoder();
+  const keys = Array.from({ length: 700 }, (_, i) => enc.encode(`grow.key.${i}`));
+  keys.forEach((k, i) => assert.ok(cache.set(k, 0, k.length, i % 100)));
+  assert.equal(cache.clears, 0, "grown, not cleared");
+  assert.equal(cache.size, 700);
+  keys.forEach((k, i) => assert.equal(cache.get(k, 0, k.length), i % 100, `key ${i}`));
+  // At its bounds (1024 slots: 768 keys) it clears as before.
+  for (let i = 700; i < 800; i++) {
+    const k = enc.encode(`grow.key.${i}`);
+    cache.set(k, 0, k.length, 1);
+  }
+  assert.equal(cache.clears, 1);
+});

@@ -152,7 +152,7 @@ export class UpstreamBuffer {
       const from = this.#viewOf(buf);
       const to = chunk.view;
       let i = start;
-      for (; i + 4 <= end; i += 4, at += 4) to.setInt32(at, from.getInt32(i));
+      for (; i + 4 <= end; i += 4, at += 4) to.setInt32(at, from.getInt32(i, true), true);
       for (; i < end; i++) bytes[at++] = buf[i];
     } else {
       bytes.set(buf.subarray(start, end), at);
