@@ -684,7 +684,7 @@ export async function runBench(options: BenchOptions): Promise<number> {
     console.log(
       `UDP receive buffer (net.core.rmem_default): ${rmemDefault} bytes` +
         (rmemDefault < 1 << 22
-          ? "; UDP loss under bursts falls with a larger one (README, Performance)"
+          ? " (the sinks' and a Deno receiver's; our native receiver and hit9 set their own)"
           : ""),
     );
   }
