@@ -27,6 +27,16 @@ import { dirname, isAbsolute, join } from "node:path";
 import ini from "ini";
 import { ConfigError, UsageError } from "../errors.ts";
 import { readBoundedText } from "./bounded_file.ts";
+import {
+  parsePoolsAndRoutes,
+  POOL_DEFAULTS,
+  POOL_KEYS,
+  type PoolSettings,
+  ROUTE_KEYS,
+  type RouteSettings,
+  SECTION_NAME,
+  type SectionBlock,
+} from "./pool_settings.ts";
 import { isValidHost, readServersFile, type ServerSpec } from "./servers_file.ts";
 
 /**
@@ -138,13 +148,32 @@ export interface ProxyConfig {
    * `udp_receive_buffer_bytes`); 0 keeps the system default. Default 8388608.
    */
   udpReceiveBufferBytes: number;
+  /**
+   * The pools, when the file has `[pool:NAME]` or `[route:NAME]` sections
+   * (the pool `default` first when there is one); absent otherwise, when the
+   * one pool is the main section's servers.
+   */
+  pools?: PoolConfig[];
+  /** The routes, in file order, when the file has pool or route sections. */
+  routes?: RouteSettings[];
+}
+
+/** A pool with its servers read. */
+export interface PoolConfig extends PoolSettings {
+  /** Its servers, in file order. */
+  servers: ServerSpec[];
 }
 
 /** The configuration without the parsed servers: what {@linkcode parseConfig} returns. */
-export type ConfigSettings = Omit<ProxyConfig, "servers">;
+export type ConfigSettings = Omit<ProxyConfig, "servers" | "pools"> & {
+  /** The pools, their servers files named but not read. */
+  pools?: PoolSettings[];
+};
 
 /** The settings that have a default value. */
-export type ConfigDefaults = Readonly<Omit<ProxyConfig, "configFile" | "servers" | "pidFile">>;
+export type ConfigDefaults = Readonly<
+  Omit<ProxyConfig, "configFile" | "servers" | "pidFile" | "pools" | "routes">
+>;
 
 /**
  * Values from command-line flags; they beat the config file. Each value is
@@ -429,15 +458,26 @@ interface Entry {
 /** Where a setting came from, to blame the right key or flag. */
 type Origin = { name: string; line: number } | { flag: string };
 
+/** What {@linkcode scan} finds: the main section's keys, and the pool and route sections. */
+interface Scanned {
+  entries: Entry[];
+  blocks: SectionBlock[];
+  /** The section name of each block as `ini` reports it, to look its values up. */
+  blockSections: string[];
+}
+
 /**
  * Scans the raw text for sections and keys, with their lines, and checks the
  * structure: known sections and keys, no key outside a section, no repeats.
  */
-function scan(file: string, text: string): Entry[] {
+function scan(file: string, text: string): Scanned {
   const error = (line: number, problem: string) => new ConfigError({ file, line, problem });
   const sections = new Map<string, number>();
   const keys = new Map<Field, Entry>();
+  const blocks: SectionBlock[] = [];
+  const blockSections: string[] = [];
   let section: string | undefined;
+  let block: SectionBlock | undefined;
 
   // `ini` splits lines the same way: at any run of CR and LF.
   for (const [index, raw] of text.split(/\r\n|\r|\n/).entries()) {
@@ -456,6 +496,28 @@ function scan(file: string, text: string): Entry[] {
       }
       const name = match[1].trim();
       const lower = name.toLowerCase();
+      const sub = /^(pool|route):(.*)$/i.exec(name);
+      if (sub !== null) {
+        const kind = sub[1].toLowerCase() as "pool" | "route";
+        const subName = sub[2].trim();
+        if (!SECTION_NAME.test(subName)) {
+          throw error(
+            line,
+            `bad ${kind} name ${JSON.stringify(subName)}: use letters, digits, "_", "." and "-"`,
+          );
+        }
+        const id = `${kind}:${subName}`;
+        const first = sections.get(id);
+        if (first !== undefined) {
+          throw error(line, `duplicate section [${name}] (first on line ${first})`);
+        }
+        sections.set(id, line);
+        block = { kind, name: subName, line, keys: new Map() };
+        blocks.push(block);
+        blockSections.push(name);
+        section = name;
+        continue;
+      }
       if (lower !== SECTION && lower !== SECTION_ALIAS) {
         throw error(line, `unknown section [${name}] (expected [${SECTION}])`);
       }
@@ -472,6 +534,7 @@ function scan(file: string, text: string): Entry[] {
       }
       sections.set(lower, line);
       section = name;
+      block = undefined;
       continue;
     }
 
@@ -484,6 +547,22 @@ function scan(file: string, text: string): Entry[] {
         line,
         `key ${JSON.stringify(name)} outside any section; put it under [${SECTION}]`,
       );
+    }
+    if (block !== undefined) {
+      const known = block.kind === "pool" ? POOL_KEYS : ROUTE_KEYS;
+      const lowerName = name.toLowerCase();
+      if (!known.has(lowerName)) {
+        throw error(
+          line,
+          `unknown key ${JSON.stringify(name)} in [${section}] (expected ${[...known].join(", ")})`,
+        );
+      }
+      const first = block.keys.get(lowerName);
+      if (first !== undefined) {
+        throw error(line, `duplicate key ${JSON.stringify(name)} (first on line ${first.line})`);
+      }
+      block.keys.set(lowerName, { name, line, value: "" });
+      continue;
     }
     const spec = KEYS.get(name.toLowerCase());
     if (spec === undefined) {
@@ -503,10 +582,10 @@ function scan(file: string, text: string): Entry[] {
     keys.set(spec.field, { name, line, section, spec });
   }
 
-  if (sections.size === 0) {
+  if (!sections.has(SECTION) && !sections.has(SECTION_ALIAS)) {
     throw new ConfigError({ file, problem: `no [${SECTION}] section` });
   }
-  return [...keys.values()];
+  return { entries: [...keys.values()], blocks, blockSections };
 }
 
 /**
@@ -537,14 +616,25 @@ export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
   }
   const settings: ConfigSettings = { configFile: file, ...DEFAULTS };
   const origins = new Map<Field, Origin>();
+  let blocks: SectionBlock[] = [];
 
   if (file !== undefined) {
     const base = dirname(file);
     settings.serversFile = join(base, DEFAULTS.serversFile);
     let text = options.text ?? "";
     if (text.startsWith("\uFEFF")) text = text.slice(1);
-    const entries = scan(file, text);
+    const { entries, blocks: found, blockSections } = scan(file, text);
     const data = ini.parse(text);
+    found.forEach((block, i) => {
+      for (const key of block.keys.values()) {
+        const raw: unknown = data[blockSections[i]]?.[key.name];
+        if (raw === undefined || typeof raw === "object" && raw !== null) {
+          throw new ConfigError({ file, line: key.line, problem: "cannot parse this line" });
+        }
+        key.value = String(raw);
+      }
+    });
+    blocks = found;
     for (const entry of entries) {
       const raw: unknown = data[entry.section]?.[entry.name];
       if (raw === undefined || typeof raw === "object" && raw !== null) {
@@ -579,6 +669,23 @@ export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
   }
 
   checkTogether(settings, origins, file);
+  if (blocks.length > 0) {
+    // Pools and routes: the main section's servers define the pool
+    // "default" only when written (or given by flag).
+    const origin = origins.get("serversFile");
+    const { pools, routes } = parsePoolsAndRoutes({
+      file: file!,
+      path: (text) => path(text, dirname(file!)),
+      blocks,
+      mainServers: origin === undefined ? undefined : {
+        file: settings.serversFile,
+        ...("flag" in origin ? { flag: origin.flag } : { line: origin.line }),
+      },
+    });
+    settings.pools = pools;
+    settings.routes = routes;
+    settings.serversFile = pools.find((p) => p.name === "default")?.serversFile ?? "";
+  }
   return settings;
 }
 
@@ -672,6 +779,29 @@ export async function loadConfig(options: LoadConfigOptions = {}): Promise<Proxy
     const text = await readBoundedText(file, { what: "config file" });
     settings = parseConfig({ file, text, overrides });
   }
-  const servers = await readServersFile(settings.serversFile);
-  return { ...settings, servers };
+  if (settings.pools === undefined) {
+    const servers = await readServersFile(settings.serversFile);
+    const { pools: _, ...rest } = settings;
+    return { ...rest, servers };
+  }
+  const pools: PoolConfig[] = [];
+  for (const pool of settings.pools) {
+    const servers = await readServersFile(pool.serversFile, { shards: pool.hash === "statsrelay" });
+    pools.push({ ...pool, servers });
+  }
+  const servers = pools.find((p) => p.name === "default")?.servers ?? [];
+  return { ...settings, pools, servers };
+}
+
+/**
+ * The pools of a configuration: its `pools`, or, without pool sections, the
+ * one pool `default` of the main section's servers.
+ */
+export function poolsOf(config: ProxyConfig): PoolConfig[] {
+  return config.pools ?? [{
+    name: "default",
+    serversFile: config.serversFile,
+    servers: config.servers,
+    ...POOL_DEFAULTS,
+  }];
 }

@@ -49,6 +49,12 @@ export interface ParseServersOptions {
   file: string;
   /** The content of the file. */
   text: string;
+  /**
+   * A statsrelay shard map (`hash = statsrelay`): each line is one shard, so
+   * an address may repeat (that is how statsrelay weights), and the weight
+   * column is optional and must be 1.
+   */
+  shards?: boolean;
 }
 
 const IPV4_PART = /^(?:0|[1-9][0-9]{0,2})$/;
@@ -197,7 +203,7 @@ export function parseServers(options: ParseServersOptions): ServerSpec[] {
     if (fields[0] === "" || fields[0].startsWith("#")) continue;
     const [address, weightText, extra] = fields;
 
-    if (weightText === undefined) {
+    if (weightText === undefined && !options.shards) {
       throw error(line, `missing weight after address ${quote(address)}`);
     }
     if (extra !== undefined) {
@@ -207,12 +213,18 @@ export function parseServers(options: ParseServersOptions): ServerSpec[] {
     const parsed = parseAddress(address);
     if ("problem" in parsed) throw error(line, `bad address ${quote(address)}: ${parsed.problem}`);
 
-    const weight = parseWeight(weightText);
+    const weight = weightText === undefined ? 1 : parseWeight(weightText);
     if (typeof weight === "string") throw error(line, `bad weight ${quote(weightText)}: ${weight}`);
+    if (options.shards && weight !== 1) {
+      throw error(
+        line,
+        `weight ${weight}: with hash = statsrelay each line is one shard (weight 1); repeat a line to weight a server`,
+      );
+    }
 
     const key = `${parsed.host.toLowerCase()}:${parsed.port}`;
     const first = firstLines.get(key);
-    if (first !== undefined) {
+    if (first !== undefined && !options.shards) {
       throw error(line, `duplicate address ${quote(address)} (first on line ${first})`);
     }
     firstLines.set(key, line);
@@ -248,9 +260,12 @@ export function parseServers(options: ParseServersOptions): ServerSpec[] {
  * console.log(servers.map((server) => server.address));
  * ```
  */
-export async function readServersFile(path: string): Promise<ServerSpec[]> {
+export async function readServersFile(
+  path: string,
+  options: { shards?: boolean } = {},
+): Promise<ServerSpec[]> {
   const text = await readBoundedText(path, { what: "servers file" });
-  return parseServers({ file: path, text });
+  return parseServers({ file: path, text, shards: options.shards });
 }
 
 /** Quotes a field for an error message, escaping control characters. */

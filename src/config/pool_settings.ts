@@ -1,0 +1,316 @@
+/**
+ * The `[pool:NAME]` and `[route:NAME]` sections of the configuration file.
+ *
+ * ```ini
+ * [pool:timers]
+ * servers = timers.conf     ; same format as the main servers file
+ * hash = ketama             ; ketama (default) | statsrelay
+ * protocol = tcp            ; tcp (default) | udp
+ * mtu = 1432                ; udp only: largest datagram payload
+ * flush_interval_ms = 10    ; udp only: longest a partial datagram waits
+ * on_failure = hold         ; hold (default) | eject
+ * eject_after = 3           ; eject only: consecutive failures before leaving the ring
+ * eject_retry_ms = 30000    ; eject only: how often an ejected server is tried
+ *
+ * [route:timers]
+ * match = ^timers\.         ; a JavaScript regular expression, tested on the routing key
+ * pools = timers, archive   ; every listed pool gets the metric; "drop" discards it
+ * ```
+ *
+ * The main section's `servers` still defines the pool named `default`, and
+ * `[pool:default]` may define it instead. Routes are tried in file order; a
+ * metric no route matches goes to `default`. Without a default pool, a
+ * catch-all route (`match = .`) must say where those go.
+ *
+ * @module
+ */
+
+import { ConfigError } from "../errors.ts";
+
+/** The hash families a pool can use. */
+export type HashFamily = "ketama" | "statsrelay";
+
+/** A pool as the configuration file describes it (its servers not yet read). */
+export interface PoolSettings {
+  /** The name (`default` for the main section's servers). */
+  name: string;
+  /** The line of its section, or undefined for the main section's `servers`. */
+  line?: number;
+  /** Its servers file. */
+  serversFile: string;
+  /** How a key picks a server. */
+  hash: HashFamily;
+  /** How metrics are sent. */
+  protocol: "tcp" | "udp";
+  /** UDP: the largest datagram payload, in bytes. */
+  mtu: number;
+  /** UDP: the longest a partial datagram waits, in ms. */
+  flushIntervalMs: number;
+  /** What a dead server means: hold its metrics (retry), or eject it from the ring. */
+  onFailure: "hold" | "eject";
+  /** Eject: consecutive failed connects or writes before a server leaves the ring. */
+  ejectAfter: number;
+  /** Eject: how often an ejected server is tried again, in ms. */
+  ejectRetryMs: number;
+}
+
+/** A route of the configuration file. */
+export interface RouteSettings {
+  /** The name, from `[route:NAME]`. */
+  name: string;
+  /** The line of its section. */
+  line: number;
+  /** The regular expression, as written. */
+  pattern: string;
+  /** The compiled regular expression. */
+  match: RegExp;
+  /** The pools that get a matching metric, in order; empty for `drop`. */
+  pools: string[];
+  /** Whether matching metrics are dropped. */
+  drop: boolean;
+  /** Whether it matches every key (a catch-all): `.`, `.*`, `^`, ... */
+  catchAll: boolean;
+}
+
+/** The defaults of a pool's settings. */
+export const POOL_DEFAULTS: Readonly<Omit<PoolSettings, "name" | "line" | "serversFile">> = Object
+  .freeze({
+    hash: "ketama",
+    protocol: "tcp",
+    mtu: 1432,
+    flushIntervalMs: 10,
+    onFailure: "hold",
+    ejectAfter: 3,
+    ejectRetryMs: 30000,
+  });
+
+/** A key of a pool or route section, where the scan found it, with its value. */
+export interface SectionKey {
+  /** The key as written. */
+  name: string;
+  /** The 1-based line. */
+  line: number;
+  /** The value, as the INI parser gives it. */
+  value: string;
+}
+
+/** A `[pool:NAME]` or `[route:NAME]` section found by the scan. */
+export interface SectionBlock {
+  /** Which kind. */
+  kind: "pool" | "route";
+  /** The name after the colon. */
+  name: string;
+  /** The 1-based line of the header. */
+  line: number;
+  /** Its keys, by lower-case name. */
+  keys: Map<string, SectionKey>;
+}
+
+/** The keys a pool section accepts. */
+export const POOL_KEYS: ReadonlySet<string> = new Set([
+  "servers",
+  "hash",
+  "protocol",
+  "mtu",
+  "flush_interval_ms",
+  "on_failure",
+  "eject_after",
+  "eject_retry_ms",
+]);
+
+/** The keys a route section accepts. */
+export const ROUTE_KEYS: ReadonlySet<string> = new Set(["match", "pools"]);
+
+/** A section or pool name: letters, digits, `_`, `.` and `-`. */
+export const SECTION_NAME = /^[A-Za-z0-9_.-]+$/;
+
+/** Patterns that match every (non-empty) key. */
+const CATCH_ALL = new Set([".", ".*", ".+", "^", "^.", "^.*", "^.+", "", "(?:)"]);
+
+/** Options of {@linkcode parsePoolsAndRoutes}. */
+export interface ParsePoolsAndRoutesOptions {
+  /** The config file, for errors. */
+  file: string;
+  /** Resolves a path written in the file. */
+  path: (text: string) => string;
+  /** The pool and route sections, in file order. */
+  blocks: readonly SectionBlock[];
+  /**
+   * The main section's servers file, when the main section or a flag set it
+   * (it then defines the pool `default`), with where: a line, or a flag.
+   */
+  mainServers?: { file: string; line?: number; flag?: string };
+}
+
+/**
+ * Reads the pool and route sections: every value checked, every pool a
+ * route names defined, and every metric given a destination.
+ *
+ * @throws {ConfigError} On any problem, naming the file and line.
+ */
+export function parsePoolsAndRoutes(
+  options: ParsePoolsAndRoutesOptions,
+): { pools: PoolSettings[]; routes: RouteSettings[] } {
+  const { file, blocks, mainServers } = options;
+  const error = (line: number | undefined, problem: string) =>
+    new ConfigError({ file, line, problem });
+  const pools: PoolSettings[] = [];
+  const routes: RouteSettings[] = [];
+
+  for (const block of blocks.filter((b) => b.kind === "pool")) {
+    pools.push(parsePool(block, options.path, error));
+  }
+  const defaultSection = pools.find((p) => p.name === "default");
+  if (defaultSection !== undefined && mainServers !== undefined) {
+    const where = mainServers.flag ?? `line ${mainServers.line}`;
+    throw error(
+      defaultSection.line,
+      `[pool:default] and the servers of [statsite-proxy] (${where}) both define the pool "default"; keep one`,
+    );
+  }
+  if (defaultSection === undefined && mainServers !== undefined) {
+    pools.unshift({ name: "default", serversFile: mainServers.file, ...POOL_DEFAULTS });
+  }
+  const names = new Set(pools.map((p) => p.name));
+
+  let catchAll: RouteSettings | undefined;
+  for (const block of blocks.filter((b) => b.kind === "route")) {
+    const route = parseRoute(block, names, error);
+    if (catchAll !== undefined) {
+      throw error(
+        block.line,
+        `[route:${block.name}] comes after the catch-all [route:${catchAll.name}] (line ${catchAll.line}): it would never match`,
+      );
+    }
+    if (route.catchAll) catchAll = route;
+    routes.push(route);
+  }
+  if (!names.has("default") && catchAll === undefined) {
+    throw error(
+      undefined,
+      'no pool "default" (servers in [statsite-proxy], or [pool:default]) and no catch-all route: add [route:...] with match = . to say where metrics no route matches go',
+    );
+  }
+  return { pools, routes };
+}
+
+type ErrorAt = (line: number | undefined, problem: string) => ConfigError;
+
+function parsePool(block: SectionBlock, path: (t: string) => string, error: ErrorAt): PoolSettings {
+  const get = (key: string) => block.keys.get(key);
+  if (block.name === "drop") {
+    throw error(block.line, '"drop" is not a pool name: a route says pools = drop to discard');
+  }
+  const servers = get("servers");
+  if (servers === undefined) {
+    throw error(block.line, `[pool:${block.name}] needs servers = FILE`);
+  }
+  const pool: PoolSettings = {
+    name: block.name,
+    line: block.line,
+    serversFile: path(servers.value),
+    ...POOL_DEFAULTS,
+  };
+  const choose = <T extends string>(key: string, allowed: readonly T[]): T | undefined => {
+    const entry = get(key);
+    if (entry === undefined) return undefined;
+    const value = entry.value.trim().toLowerCase() as T;
+    if (!allowed.includes(value)) {
+      throw error(
+        entry.line,
+        `${entry.name}: ${JSON.stringify(entry.value)} is not one of ${allowed.join(", ")}`,
+      );
+    }
+    return value;
+  };
+  const integer = (key: string, min: number, max: number): number | undefined => {
+    const entry = get(key);
+    if (entry === undefined) return undefined;
+    const text = entry.value.trim();
+    if (!/^[0-9]+$/.test(text) || Number(text) < min || Number(text) > max) {
+      throw error(
+        entry.line,
+        `${entry.name}: must be a whole number from ${min} to ${max}, got ${JSON.stringify(text)}`,
+      );
+    }
+    return Number(text);
+  };
+  pool.hash = choose("hash", ["ketama", "statsrelay"] as const) ?? pool.hash;
+  pool.protocol = choose("protocol", ["tcp", "udp"] as const) ?? pool.protocol;
+  pool.onFailure = choose("on_failure", ["hold", "eject"] as const) ?? pool.onFailure;
+  pool.mtu = integer("mtu", 64, 65507) ?? pool.mtu;
+  pool.flushIntervalMs = integer("flush_interval_ms", 1, 60000) ?? pool.flushIntervalMs;
+  pool.ejectAfter = integer("eject_after", 1, 1000) ?? pool.ejectAfter;
+  pool.ejectRetryMs = integer("eject_retry_ms", 100, 86_400_000) ?? pool.ejectRetryMs;
+  // Settings that cannot apply are mistakes: say so rather than ignore them.
+  for (const key of ["mtu", "flush_interval_ms"]) {
+    const entry = get(key);
+    if (entry !== undefined && pool.protocol !== "udp") {
+      throw error(entry.line, `${entry.name} applies only to protocol = udp`);
+    }
+  }
+  for (const key of ["eject_after", "eject_retry_ms"]) {
+    const entry = get(key);
+    if (entry !== undefined && pool.onFailure !== "eject") {
+      throw error(entry.line, `${entry.name} applies only to on_failure = eject`);
+    }
+  }
+  if (pool.protocol === "udp" && pool.onFailure === "eject") {
+    throw error(
+      get("on_failure")!.line,
+      "on_failure = eject needs protocol = tcp: UDP does not tell when a server is gone",
+    );
+  }
+  return pool;
+}
+
+function parseRoute(
+  block: SectionBlock,
+  pools: ReadonlySet<string>,
+  error: ErrorAt,
+): RouteSettings {
+  const match = block.keys.get("match");
+  if (match === undefined) throw error(block.line, `[route:${block.name}] needs match = REGEX`);
+  const list = block.keys.get("pools");
+  if (list === undefined) {
+    throw error(block.line, `[route:${block.name}] needs pools = NAME, ... (or pools = drop)`);
+  }
+  const pattern = match.value.trim();
+  let regex: RegExp;
+  try {
+    regex = new RegExp(pattern);
+  } catch (err) {
+    const why = err instanceof Error ? err.message : String(err);
+    throw error(
+      match.line,
+      `match: ${JSON.stringify(pattern)} is not a regular expression: ${why}`,
+    );
+  }
+  const names = list.value.split(",").map((n) => n.trim());
+  if (names.some((n) => n === "")) {
+    throw error(list.line, `pools: an empty name in ${JSON.stringify(list.value)}`);
+  }
+  const drop = names.includes("drop");
+  if (drop && names.length > 1) {
+    throw error(list.line, "pools: drop discards the metric; it cannot go with other pools");
+  }
+  if (!drop) {
+    for (const name of names) {
+      if (!pools.has(name)) throw error(list.line, `pools: no pool named ${JSON.stringify(name)}`);
+    }
+    const seen = new Set<string>();
+    for (const name of names) {
+      if (seen.has(name)) throw error(list.line, `pools: ${JSON.stringify(name)} listed twice`);
+      seen.add(name);
+    }
+  }
+  return {
+    name: block.name,
+    line: block.line,
+    pattern,
+    match: regex,
+    pools: drop ? [] : names,
+    drop,
+    catchAll: CATCH_ALL.has(pattern),
+  };
+}
