@@ -1,40 +1,43 @@
 /**
- * The running proxy: listeners → decoders → router (ring) → upstreams.
+ * The running proxy: listeners → decoders → router (routes, pools) →
+ * upstreams.
  *
  * {@linkcode Proxy.start} binds the listeners and connects the upstreams;
- * {@linkcode Proxy.reload} swaps in a new configuration (servers that stay
- * keep their connection and buffer); {@linkcode Proxy.shutdown} stops
- * accepting, lets what was read finish, and drains every upstream within the
- * drain timeout.
+ * {@linkcode Proxy.reload} swaps in a new configuration (servers that stay in
+ * a pool keep their connections and buffers); {@linkcode Proxy.shutdown}
+ * stops accepting, lets what was read finish, and drains every upstream
+ * within the drain timeout.
  *
  * @module
  */
 
-import type { ProxyConfig } from "./config/config.ts";
+import { poolsOf, type ProxyConfig } from "./config/config.ts";
 import { errorText } from "./errors.ts";
 import { ByteBudget } from "./byte_budget.ts";
 import { IngestCounters, TcpClientCounters } from "./ingest/counters.ts";
 import { ReadBufferPool } from "./ingest/read_buffer_pool.ts";
 import { StreamDecoderContext } from "./ingest/stream_decoder.ts";
 import { logger } from "./log.ts";
-import { HashRing } from "./ring/ring.ts";
-import { movedShare } from "./ring/ring_diff.ts";
+import { Pool, type PoolShared } from "./routing/pool.ts";
 import { Router } from "./routing/router.ts";
+import { RoutingTable } from "./routing/routing_table.ts";
 import { type TcpClientLimits, TcpListener } from "./ingest/tcp_listener.ts";
 import { UdpListener } from "./ingest/udp_listener.ts";
 import { ConnectGate } from "./upstream/connect_gate.ts";
 import { ConnectionEvents } from "./upstream/connection_events.ts";
-import { Upstream } from "./upstream/upstream.ts";
-import type { Protocol, UpstreamConnection } from "./upstream/upstream_connection.ts";
+import type { Destination } from "./upstream/destination.ts";
+import type { ConnectionView, Protocol } from "./upstream/upstream_connection.ts";
 
 const log = logger("proxy");
 
 /**
  * The account of one upstream connection: every line or frame routed to it,
- * and where it went. `received = forwarded + dropped.buffer_full +
- * dropped.shutdown + dropped.removed + held`, exactly.
+ * and where it went. `received = forwarded + dropped (every reason) + held`,
+ * exactly.
  */
 export interface ConnectionAccount {
+  /** The pool, when the configuration has pools beyond `default`. */
+  pool?: string;
   /** The server's address, as written in the servers file. */
   server: string;
   /** The connection's protocol. */
@@ -44,15 +47,22 @@ export interface ConnectionAccount {
   /** Lines or frames wholly written to the server. */
   forwarded: number;
   /** Lines or frames dropped, by reason. */
-  dropped: { buffer_full: number; shutdown: number; removed: number };
+  dropped: {
+    buffer_full: number;
+    shutdown: number;
+    removed: number;
+    rerouted: number;
+    send_failed: number;
+  };
   /** Lines or frames still held. */
   held: number;
 }
 
 /** The account of a connection, from its counters. */
-export function accountOf(connection: UpstreamConnection): ConnectionAccount {
+export function accountOf(connection: ConnectionView, pool?: string): ConnectionAccount {
   const c = connection.counters;
   return {
+    ...(pool === undefined ? {} : { pool }),
     server: connection.address,
     protocol: connection.protocol,
     received: c.received,
@@ -61,6 +71,8 @@ export function accountOf(connection: UpstreamConnection): ConnectionAccount {
       buffer_full: c.droppedBufferFull,
       shutdown: c.droppedShutdown,
       removed: c.droppedRemoved,
+      rerouted: c.droppedRerouted,
+      send_failed: c.droppedSendFailed,
     },
     held: connection.held,
   };
@@ -79,16 +91,36 @@ export interface ShutdownReport {
   accounts: ConnectionAccount[];
 }
 
-/** What a reload changed. */
-export interface ReloadReport {
+/** What a reload changed in one pool. */
+export interface PoolChanges {
+  /** The pool. */
+  pool: string;
   /** Servers added. */
   added: string[];
   /** Servers removed (their held metrics are flushed, then they are closed). */
   removed: string[];
   /** Servers kept whose weight changed. */
   reweighted: string[];
-  /** Fraction of the key-hash space that moved to another server. */
+  /** Fraction of the key-hash space that moved to another server (0 for a new pool). */
   moved: number;
+  /** Whether the pool is new, or gone. */
+  status: "kept" | "added" | "removed";
+}
+
+/** What a reload changed. */
+export interface ReloadReport {
+  /** Servers added to the pool `default`. */
+  added: string[];
+  /** Servers removed from the pool `default`. */
+  removed: string[];
+  /** Servers of `default` kept whose weight changed. */
+  reweighted: string[];
+  /** Fraction of `default`'s key-hash space that moved to another server. */
+  moved: number;
+  /** Every pool's changes (the proxy's pools before and after). */
+  pools: PoolChanges[];
+  /** Whether the routes changed. */
+  routesChanged: boolean;
   /** Listener changes made, e.g. `tcp 127.0.0.1:8150 -> 127.0.0.1:8160`. */
   listeners: string[];
   /** Changes refused (a listener that could not bind), as log text. */
@@ -103,32 +135,9 @@ export interface ReloadCounters {
   failures: number;
 }
 
-/** What every upstream of a proxy shares. */
-interface UpstreamShared {
-  gate: ConnectGate;
-  events: ConnectionEvents;
-}
-
-/** Builds an upstream for a server of `config`. */
-function upstreamFor(
-  config: ProxyConfig,
-  server: ProxyConfig["servers"][number],
-  shared: UpstreamShared,
-): Upstream {
-  return new Upstream({
-    address: server.address,
-    host: server.host,
-    port: server.port,
-    maxBufferBytes: config.maxBufferBytes,
-    reconnectMinMs: config.reconnectMinMs,
-    reconnectMaxMs: config.reconnectMaxMs,
-    ...shared,
-  });
-}
-
 /** A running proxy. */
 export class Proxy {
-  /** Routes decoded batches to the upstreams. */
+  /** Routes decoded batches to the pools. */
   readonly router: Router;
   /** Counters of TCP input. */
   readonly tcpCounters: IngestCounters = new IngestCounters();
@@ -142,11 +151,8 @@ export class Proxy {
   readonly pending: ByteBudget;
   /** Upstream connection events, logged rate-limited; the summary reports the rest. */
   readonly connectionEvents: ConnectionEvents = new ConnectionEvents();
-  /** What every upstream shares: the gate that paces connection attempts, the event log. */
-  readonly #shared: UpstreamShared = {
-    gate: new ConnectGate(),
-    events: this.connectionEvents,
-  };
+  /** Paces connection attempts, for every pool. */
+  readonly #gate: ConnectGate = new ConnectGate();
   /** Limits on TCP clients; a reload changes them in place. */
   readonly #limits: TcpClientLimits;
   /** Reload counters. */
@@ -158,10 +164,10 @@ export class Proxy {
   #udp: UdpListener | undefined;
   /** TCP listeners replaced by a reload whose client connections still run. */
   #retired = new Set<TcpListener>();
-  /** Upstreams removed by a reload, and their drains. */
-  #leaving = new Map<Upstream, Promise<number>>();
+  /** Servers removed by a reload, and their drains. */
+  #leaving = new Map<Destination, Promise<number>>();
   /**
-   * The accounts of servers removed by reloads, summed per server and
+   * The accounts of servers removed by reloads, summed per pool, server and
    * protocol (a server removed and added again many times is one entry).
    */
   #gone = new Map<string, ConnectionAccount>();
@@ -179,8 +185,12 @@ export class Proxy {
     };
     this.#tcpBound = { host: config.bindAddress, port: config.tcpPort };
     this.#udpBound = { host: config.bindAddress, port: config.udpPort };
-    const upstreams = config.servers.map((server) => upstreamFor(config, server, this.#shared));
-    this.router = new Router({ ring: new HashRing({ servers: config.servers }), upstreams });
+    const pools = poolsOf(config).map((p) => new Pool({ config: p, shared: this.#shared(config) }));
+    const table = new RoutingTable({
+      routes: config.routes ?? [],
+      pools: pools.map((p) => p.name),
+    });
+    this.router = new Router({ pools, table });
   }
 
   /**
@@ -196,7 +206,7 @@ export class Proxy {
       proxy.#tcp?.close();
       throw err;
     }
-    for (const upstream of proxy.upstreams) upstream.start();
+    for (const pool of proxy.pools) pool.start();
     return proxy;
   }
 
@@ -205,9 +215,22 @@ export class Proxy {
     return this.#config;
   }
 
-  /** The upstreams, in servers-file order. */
-  get upstreams(): readonly Upstream[] {
-    return this.router.upstreams;
+  /** The pools in force. */
+  get pools(): readonly Pool[] {
+    return this.router.pools;
+  }
+
+  /**
+   * Whether the configuration has pool or route sections: then metrics and
+   * reports name each server's pool.
+   */
+  get pooled(): boolean {
+    return this.#config.pools !== undefined;
+  }
+
+  /** Every server of every pool, pool by pool, in servers-file order. */
+  get upstreams(): readonly Destination[] {
+    return this.pools.flatMap((p) => p.members);
   }
 
   /** The TCP listener, unless TCP is disabled. */
@@ -218,6 +241,16 @@ export class Proxy {
   /** The UDP listener, unless UDP is disabled. */
   get udp(): UdpListener | undefined {
     return this.#udp;
+  }
+
+  #shared(config: ProxyConfig): PoolShared {
+    return {
+      maxBufferBytes: config.maxBufferBytes,
+      reconnectMinMs: config.reconnectMinMs,
+      reconnectMaxMs: config.reconnectMaxMs,
+      gate: this.#gate,
+      events: this.connectionEvents,
+    };
   }
 
   #listenTcp(config: ProxyConfig): TcpListener {
@@ -257,56 +290,107 @@ export class Proxy {
   }
 
   /**
-   * Applies a new, valid configuration. The ring and the upstream list are
-   * swapped in one step, so every metric goes wholly to the old or the new
-   * ring: servers that stay keep their connection and held metrics, new
-   * servers connect, removed ones are flushed (within the drain timeout) and
-   * closed. Listeners whose address changed are re-bound; one that cannot
-   * bind is refused and the old one kept.
+   * Applies a new, valid configuration. Pools and routes are swapped in one
+   * step, so every metric goes wholly to the old or the new: servers that
+   * stay in a pool keep their connections, held metrics and ejection; new
+   * servers connect; removed ones are flushed (within the drain timeout)
+   * and closed. Listeners whose address changed are re-bound; one that
+   * cannot bind is refused and the old one kept.
    */
   reload(next: ProxyConfig): ReloadReport {
-    const before = this.router.ring;
-    const current = new Map(this.upstreams.map((u) => [u.address, u]));
-    const oldWeights = new Map(before.servers.map((s) => [s.address, s.weight]));
-    const upstreams = next.servers.map((server) =>
-      current.get(server.address) ?? upstreamFor(next, server, this.#shared)
+    const oldPools = new Map(this.pools.map((p) => [p.name, p]));
+    const pools = poolsOf(next).map((config) =>
+      new Pool({ config, shared: this.#shared(next), previous: oldPools.get(config.name) })
     );
-    const nextAddresses = new Set(next.servers.map((s) => s.address));
-    const ring = new HashRing({ servers: next.servers, replaces: before });
+    const table = new RoutingTable({
+      routes: next.routes ?? [],
+      pools: pools.map((p) => p.name),
+      replaces: this.router.table,
+    });
+    const changes: PoolChanges[] = [];
+    const leaving: [string, Destination][] = [];
+    for (const pool of pools) {
+      const before = oldPools.get(pool.name);
+      const kept = new Set(pool.members);
+      if (before === undefined) {
+        changes.push({
+          pool: pool.name,
+          added: pool.members.map((m) => m.address),
+          removed: [],
+          reweighted: [],
+          moved: 0,
+          status: "added",
+        });
+        continue;
+      }
+      const weights = new Map(before.config.servers.map((s) => [s.address, s.weight]));
+      const oldAddresses = new Set(before.members.map((m) => m.address));
+      const removed = before.members.filter((m) => !kept.has(m));
+      leaving.push(...removed.map((m): [string, Destination] => [pool.name, m]));
+      changes.push({
+        pool: pool.name,
+        added: pool.members.filter((m) => !oldAddresses.has(m.address)).map((m) => m.address),
+        removed: removed.map((m) => m.address),
+        reweighted: pool.config.servers.filter((s) =>
+          weights.has(s.address) && weights.get(s.address) !== s.weight
+        ).map((s) => s.address),
+        moved: pool.hash.movedFrom(before.hash),
+        status: "kept",
+      });
+    }
+    for (const [name, before] of oldPools) {
+      if (pools.some((p) => p.name === name)) continue;
+      leaving.push(...before.members.map((m): [string, Destination] => [name, m]));
+      changes.push({
+        pool: name,
+        added: [],
+        removed: before.members.map((m) => m.address),
+        reweighted: [],
+        moved: 1,
+        status: "removed",
+      });
+    }
+    const oldRoutes = this.router.table.routes.map((r) => `${r.name}=${r.pattern}>${r.pools}`);
+    const newRoutes = table.routes.map((r) => `${r.name}=${r.pattern}>${r.pools}`);
+    this.router.swap({ pools, table });
+    for (const pool of pools) pool.start();
+    const deadline = Date.now() + next.drainTimeoutMs;
+    for (const [pool, member] of leaving) this.#leave(pool, member, deadline);
+    const main = changes.find((c) => c.pool === "default");
     const report: ReloadReport = {
-      added: next.servers.filter((s) => !current.has(s.address)).map((s) => s.address),
-      removed: before.servers.filter((s) => !nextAddresses.has(s.address)).map((s) => s.address),
-      reweighted: next.servers.filter((s) =>
-        oldWeights.has(s.address) && oldWeights.get(s.address) !== s.weight
-      ).map((s) => s.address),
-      moved: movedShare(before, ring),
+      added: main?.added ?? [],
+      removed: main?.removed ?? [],
+      reweighted: main?.reweighted ?? [],
+      moved: main?.moved ?? 0,
+      pools: changes,
+      routesChanged: oldRoutes.join("\n") !== newRoutes.join("\n"),
       listeners: [],
       refused: [],
     };
-    this.router.swap({ ring, upstreams });
-    for (const upstream of upstreams) upstream.start();
-    const deadline = Date.now() + next.drainTimeoutMs;
-    for (const address of report.removed) {
-      const upstream = current.get(address)!;
-      const leaving = upstream.drain(deadline, "removed");
-      this.#leaving.set(upstream, leaving);
-      leaving.then((lost) => {
-        this.#leaving.delete(upstream);
-        for (const c of upstream.connections) this.#addGone(accountOf(c));
-        if (lost > 0) {
-          log.error("removed server {address}: {count} held metrics could not be delivered", {
-            address,
-            count: lost,
-          });
-        }
-      });
-    }
     this.#reloadListeners(next, report);
     this.#limits.maxConnections = next.maxConnections;
     this.#limits.idleTimeoutMs = next.clientIdleTimeoutMs;
     this.#config = next;
     this.reloadCounters.reloads++;
     return report;
+  }
+
+  /** Drains a server a reload removed, then keeps its accounts. */
+  #leave(pool: string, member: Destination, deadline: number): void {
+    const leaving = member.drain(deadline, "removed");
+    this.#leaving.set(member, leaving);
+    leaving.then((lost) => {
+      this.#leaving.delete(member);
+      for (const c of member.connections) {
+        this.#addGone(accountOf(c, this.pooled ? pool : undefined));
+      }
+      if (lost > 0) {
+        log.error("removed server {address}: {count} held metrics could not be delivered", {
+          address: member.address,
+          count: lost,
+        });
+      }
+    });
   }
 
   #reloadListeners(next: ProxyConfig, report: ReloadReport): void {
@@ -347,7 +431,7 @@ export class Proxy {
 
   /** Adds a removed server's account to what was removed before at its address. */
   #addGone(account: ConnectionAccount): void {
-    const name = `${account.server} ${account.protocol}`;
+    const name = `${account.pool ?? ""} ${account.server} ${account.protocol}`;
     const sum = this.#gone.get(name);
     if (sum === undefined) {
       this.#gone.set(name, account);
@@ -358,6 +442,8 @@ export class Proxy {
     sum.dropped.buffer_full += account.dropped.buffer_full;
     sum.dropped.shutdown += account.dropped.shutdown;
     sum.dropped.removed += account.dropped.removed;
+    sum.dropped.rerouted += account.dropped.rerouted;
+    sum.dropped.send_failed += account.dropped.send_failed;
     sum.held += account.held;
   }
 
@@ -372,17 +458,23 @@ export class Proxy {
       ...[...this.#retired].map((l) => l.close()),
     ]);
     const deadline = Date.now() + this.#config.drainTimeoutMs;
-    const lost = await Promise.all(this.upstreams.map((u) => u.drain(deadline, "shutdown")));
+    const upstreams = this.upstreams;
+    const lost = await Promise.all(upstreams.map((u) => u.drain(deadline, "shutdown")));
     await Promise.all([...this.#leaving.values()]);
+    for (const pool of this.pools) pool.sockets?.close();
     const byServer: Record<string, number> = {};
     let undelivered = 0;
     lost.forEach((n, i) => {
-      if (n > 0) byServer[this.upstreams[i].address] = n;
+      if (n > 0) byServer[upstreams[i].address] = (byServer[upstreams[i].address] ?? 0) + n;
       undelivered += n;
     });
     const accounts = [
       ...this.#gone.values(),
-      ...this.upstreams.flatMap((u) => u.connections.map(accountOf)),
+      ...this.pools.flatMap((p) =>
+        p.members.flatMap((m) =>
+          m.connections.map((c) => accountOf(c, this.pooled ? p.name : undefined))
+        )
+      ),
     ];
     return { undelivered, byServer, accounts };
   }

@@ -530,6 +530,10 @@ export interface Account {
   bufferFull: number;
   shutdown: number;
   removed: number;
+  /** Ejected from its pool and routed again (pooled configurations). */
+  rerouted?: number;
+  /** UDP sends that failed (pooled configurations). */
+  sendFailed?: number;
   held: number;
 }
 
@@ -542,10 +546,11 @@ export function metricsAccounts(m: Map<string, number>): Map<string, Account> {
   const out = new Map<string, Account>();
   const p = "statsite_proxy_upstream_";
   for (const [name, received] of m) {
-    const match = /^statsite_proxy_upstream_received_total\{(server="([^"]*)",protocol="(\w+)")\}$/
-      .exec(name);
+    const match =
+      /^statsite_proxy_upstream_received_total\{((?:pool="([^"]*)",)?server="([^"]*)",protocol="(\w+)")\}$/
+        .exec(name);
     if (match === null) continue;
-    const [, labels, server, protocol] = match;
+    const [, labels, pool, server, protocol] = match;
     const get = (metric: string, extra = "") => {
       const value = m.get(`${p}${metric}{${labels}${extra}}`);
       assert.ok(value !== undefined, `${p}${metric}{${labels}${extra}} in /metrics`);
@@ -559,8 +564,13 @@ export function metricsAccounts(m: Map<string, number>): Map<string, Account> {
       removed: get("dropped_total", ',reason="removed"'),
       held: get("held"),
     };
-    assertAddsUp(account, `${server} ${protocol} in /metrics`);
-    out.set(`${server} ${protocol}`, account);
+    if (pool !== undefined) {
+      account.rerouted = get("dropped_total", ',reason="rerouted"');
+      account.sendFailed = get("dropped_total", ',reason="send_failed"');
+    }
+    const id = pool === undefined ? `${server} ${protocol}` : `${pool}/${server} ${protocol}`;
+    assertAddsUp(account, `${id} in /metrics`);
+    out.set(id, account);
   }
   return out;
 }
@@ -572,13 +582,26 @@ export function metricsAccounts(m: Map<string, number>): Map<string, Account> {
 export function shutdownAccounts(stderr: string): Map<string, Account> {
   const out = new Map<string, Account>();
   const pattern =
-    /shutdown: (\S+) \((\w+)\): received (\d+) = forwarded (\d+) \+ dropped (\d+) \(buffer_full (\d+), shutdown (\d+), removed (\d+)\) \+ held (\d+)/g;
+    /shutdown: (\S+) \((\w+)\): received (\d+) = forwarded (\d+) \+ dropped (\d+) \(buffer_full (\d+), shutdown (\d+), removed (\d+)(?:, rerouted (\d+), send_failed (\d+))?\) \+ held (\d+)/g;
   for (const m of stderr.matchAll(pattern)) {
-    const [received, forwarded, dropped, bufferFull, shutdown, removed, held] = m.slice(3).map(
-      Number,
+    const [
+      received,
+      forwarded,
+      dropped,
+      bufferFull,
+      shutdown,
+      removed,
+      rerouted,
+      sendFailed,
+      held,
+    ] = m.slice(3).map((v) => Number(v ?? 0));
+    assert.equal(
+      dropped,
+      bufferFull + shutdown + removed + rerouted + sendFailed,
+      `dropped of ${m[1]} ${m[2]}`,
     );
-    assert.equal(dropped, bufferFull + shutdown + removed, `dropped of ${m[1]} ${m[2]}`);
-    const account = { received, forwarded, bufferFull, shutdown, removed, held };
+    const account: Account = { received, forwarded, bufferFull, shutdown, removed, held };
+    if (m[9] !== undefined) Object.assign(account, { rerouted, sendFailed });
     assertAddsUp(account, `${m[1]} ${m[2]} at shutdown`);
     out.set(`${m[1]} ${m[2]}`, account);
   }
@@ -586,9 +609,10 @@ export function shutdownAccounts(stderr: string): Map<string, Account> {
 }
 
 function assertAddsUp(a: Account, what: string): void {
+  const dropped = a.bufferFull + a.shutdown + a.removed + (a.rerouted ?? 0) + (a.sendFailed ?? 0);
   assert.equal(
     a.received,
-    a.forwarded + a.bufferFull + a.shutdown + a.removed + a.held,
+    a.forwarded + dropped + a.held,
     `${what}: received ${a.received} = forwarded ${a.forwarded} + buffer_full ${a.bufferFull} + shutdown ${a.shutdown} + removed ${a.removed} + held ${a.held}`,
   );
 }

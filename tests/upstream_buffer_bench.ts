@@ -14,13 +14,14 @@
  */
 
 import { IngestCounters } from "../src/ingest/counters.ts";
-import { HashRing } from "../src/ring/ring.ts";
+import { POOL_DEFAULTS } from "../src/config/pool_settings.ts";
+import { Pool } from "../src/routing/pool.ts";
 import { Router } from "../src/routing/router.ts";
+import { RoutingTable } from "../src/routing/routing_table.ts";
 import type { FrameBatch } from "../src/ingest/frame_batch.ts";
 import { StreamDecoder, StreamDecoderContext } from "../src/ingest/stream_decoder.ts";
 import { ConnectGate } from "../src/upstream/connect_gate.ts";
 import { ConnectionEvents } from "../src/upstream/connection_events.ts";
-import { Upstream } from "../src/upstream/upstream.ts";
 import { ByteBudget } from "../src/byte_budget.ts";
 import { UpstreamBuffer } from "../src/upstream/upstream_buffer.ts";
 import { buildRun, type MetricRun } from "../scripts/bench_payload.ts";
@@ -65,24 +66,27 @@ Deno.bench(
   () => appendAll(buffer, binaryRun, binary.count, false),
 );
 
-const servers = [8125, 8126, 8127].map((port) => ({ address: `127.0.0.1:${port}`, weight: 100 }));
-const ring = new HashRing({ servers });
+const servers = [8125, 8126, 8127].map((port) => ({
+  address: `127.0.0.1:${port}`,
+  host: "127.0.0.1",
+  port,
+  weight: 100,
+  line: port - 8124,
+}));
 
 /** A router over three upstreams that are never started, so appends only fill their buffers. */
 function newRouter(): Router {
-  const upstreams = servers.map((s) =>
-    new Upstream({
-      address: s.address,
-      host: "127.0.0.1",
-      port: Number(s.address.split(":")[1]),
+  const pool = new Pool({
+    config: { name: "default", serversFile: "servers.conf", servers, ...POOL_DEFAULTS },
+    shared: {
       maxBufferBytes: 256 * 1024 * 1024,
       reconnectMinMs: 100,
       reconnectMaxMs: 1000,
       gate: new ConnectGate(),
       events: new ConnectionEvents(),
-    })
-  );
-  return new Router({ ring, upstreams });
+    },
+  });
+  return new Router({ pools: [pool], table: new RoutingTable({ routes: [], pools: ["default"] }) });
 }
 
 /** A decoded batch of `bytes`; valid as long as its context decodes nothing else. */

@@ -19,6 +19,7 @@ import {
 } from "./http_server.ts";
 import { renderMetrics } from "./metrics_text.ts";
 import { formatAddr, type Proxy } from "../proxy.ts";
+import { destinationsOf } from "../routing/destinations.ts";
 import { VERSION } from "../version.ts";
 
 const log = logger("admin");
@@ -63,18 +64,28 @@ function hex(bytes: Uint8Array): string {
 /** The health document of `GET /health`. */
 export function health(proxy: Proxy): { status: number; body: unknown } {
   const since = (ms: number) => ms === 0 ? null : new Date(ms).toISOString();
-  const upstreams = proxy.upstreams.map((u) => ({
-    address: u.address,
-    connected: u.connected,
-    buffered_bytes: u.bufferedBytes,
-    down_since: since(u.downSince),
-    connections: u.connections.map((c) => ({
-      protocol: c.protocol,
-      connected: c.connected,
-      buffered_bytes: c.bufferedBytes,
-      held: c.held,
-      down_since: since(c.downSince),
-    })),
+  const upstreams = proxy.pools.flatMap((pool) =>
+    pool.members.map((u) => ({
+      ...(proxy.pooled ? { pool: pool.name } : {}),
+      address: u.address,
+      connected: u.connected,
+      buffered_bytes: u.bufferedBytes,
+      down_since: since(u.downSince),
+      connections: u.connections.map((c) => ({
+        protocol: c.protocol,
+        connected: c.connected,
+        buffered_bytes: c.bufferedBytes,
+        held: c.held,
+        down_since: since(c.downSince),
+      })),
+    }))
+  );
+  const pools = proxy.pools.map((pool) => ({
+    name: pool.name,
+    hash: pool.config.hash,
+    protocol: pool.config.protocol,
+    on_failure: pool.config.onFailure,
+    servers: pool.members.map((m, i) => ({ address: m.address, ejected: pool.isEjected(i) })),
   }));
   const anyUp = upstreams.some((u) => u.connected);
   return {
@@ -95,6 +106,7 @@ export function health(proxy: Proxy): { status: number; body: unknown } {
           : null,
       },
       upstreams,
+      ...(proxy.pooled ? { pools } : {}),
     },
   };
 }
@@ -135,12 +147,13 @@ export function handleAdmin(
     case "/route": {
       const bytes = queryBytes(url.search, "key");
       if (bytes === undefined) return json(400, { error: "missing ?key=NAME" });
-      const ring = proxy.router.ring;
-      const server = ring.servers[ring.lookup(bytes, 0, bytes.length)].address;
       const key = lossy.decode(bytes);
       // A key that is not UTF-8 cannot be shown exactly as text: give its bytes too.
       const exact = encoder.encode(key).length === bytes.length && !key.includes("\uFFFD");
-      return json(200, exact ? { key, server } : { key, key_hex: hex(bytes), server });
+      const named = exact ? { key } : { key, key_hex: hex(bytes) };
+      const { route, destinations } = destinationsOf(proxy.router, bytes);
+      if (!proxy.pooled) return json(200, { ...named, server: destinations[0].server });
+      return json(200, { ...named, route, drop: destinations.length === 0, destinations });
     }
     default:
       return json(404, {

@@ -10,7 +10,8 @@ import { DROP_REASONS, type IngestCounters } from "../ingest/counters.ts";
 import { internalErrors } from "../internal_errors.ts";
 import type { HttpCounters } from "./http_server.ts";
 import type { Proxy } from "../proxy.ts";
-import type { UpstreamConnection } from "../upstream/upstream_connection.ts";
+import type { Pool } from "../routing/pool.ts";
+import type { ConnectionView } from "../upstream/upstream_connection.ts";
 import { VERSION } from "../version.ts";
 
 type Labels = Record<string, string>;
@@ -112,17 +113,24 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
     "Unexpected errors caught and survived (see the log).",
   ).sample("internal_errors_total", {}, internalErrors.count);
 
-  const connections = proxy.upstreams.flatMap((u) => u.connections);
+  // With pool sections, every upstream and ring metric names its pool; without
+  // them, the labels are those of before pools, so dashboards keep working.
+  const pooled = proxy.pooled;
+  const connections = proxy.pools.flatMap((pool) =>
+    pool.members.flatMap((m) => m.connections.map((c) => ({ pool: pool.name, c })))
+  );
+  const labelsOf = (pool: string, c: ConnectionView): Labels =>
+    pooled
+      ? { pool, server: c.address, protocol: c.protocol }
+      : { server: c.address, protocol: c.protocol };
   const perConnection = (
     name: string,
     type: "counter" | "gauge",
     help: string,
-    value: (c: UpstreamConnection) => number,
+    value: (c: ConnectionView) => number,
   ) => {
     out.family(name, type, help);
-    for (const c of connections) {
-      out.sample(name, { server: c.address, protocol: c.protocol }, value(c));
-    }
+    for (const { pool, c } of connections) out.sample(name, labelsOf(pool, c), value(c));
   };
   perConnection(
     "upstream_up",
@@ -147,11 +155,16 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
     "counter",
     "Lines or frames for the server dropped, by reason.",
   );
-  for (const c of connections) {
-    const labels = (reason: string) => ({ server: c.address, protocol: c.protocol, reason });
-    out.sample("upstream_dropped_total", labels("buffer_full"), c.counters.droppedBufferFull);
-    out.sample("upstream_dropped_total", labels("shutdown"), c.counters.droppedShutdown);
-    out.sample("upstream_dropped_total", labels("removed"), c.counters.droppedRemoved);
+  for (const { pool, c } of connections) {
+    const labels = (reason: string) => ({ ...labelsOf(pool, c), reason });
+    const k = c.counters;
+    out.sample("upstream_dropped_total", labels("buffer_full"), k.droppedBufferFull);
+    out.sample("upstream_dropped_total", labels("shutdown"), k.droppedShutdown);
+    out.sample("upstream_dropped_total", labels("removed"), k.droppedRemoved);
+    if (pooled) {
+      out.sample("upstream_dropped_total", labels("rerouted"), k.droppedRerouted);
+      out.sample("upstream_dropped_total", labels("send_failed"), k.droppedSendFailed);
+    }
   }
   perConnection(
     "upstream_held",
@@ -180,15 +193,78 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
   perConnection(
     "upstream_failures_total",
     "counter",
-    "Failed connection attempts and broken connections.",
+    "Failed connection attempts and broken connections (UDP: failed sends).",
     (c) => c.counters.failures,
   );
 
-  const ring = proxy.router.ring;
-  out.family("ring_servers", "gauge", "Servers on the hash ring.")
-    .sample("ring_servers", {}, ring.servers.length);
-  out.family("ring_points", "gauge", "Points on the hash ring.")
-    .sample("ring_points", {}, ring.pointCount);
+  if (!pooled) {
+    const hash = proxy.pools[0].hash;
+    out.family("ring_servers", "gauge", "Servers on the hash ring.")
+      .sample("ring_servers", {}, hash.servers.length);
+    out.family("ring_points", "gauge", "Points on the hash ring.")
+      .sample("ring_points", {}, hash.pointCount);
+  } else {
+    const perPool = (
+      name: string,
+      type: "counter" | "gauge",
+      help: string,
+      value: (p: Pool) => number,
+    ) => {
+      out.family(name, type, help);
+      for (const p of proxy.pools) out.sample(name, { pool: p.name }, value(p));
+    };
+    perPool(
+      "ring_servers",
+      "gauge",
+      "Servers in the pool's hash (shard lines for statsrelay).",
+      (p) => p.hash.servers.length,
+    );
+    perPool(
+      "ring_points",
+      "gauge",
+      "Points on the pool's ring (shards for statsrelay).",
+      (p) => p.hash.pointCount,
+    );
+    perPool(
+      "pool_ejections_total",
+      "counter",
+      "Servers ejected from the pool's hash (on_failure = eject).",
+      (p) => p.counters.ejections,
+    );
+    perPool(
+      "pool_rejoins_total",
+      "counter",
+      "Ejected servers that rejoined the pool.",
+      (p) => p.counters.rejoins,
+    );
+    perPool(
+      "pool_rerouted_total",
+      "counter",
+      "Held metrics routed again when their server was ejected.",
+      (p) => p.counters.rerouted,
+    );
+    out.family("upstream_ejected", "gauge", "1 while the server is ejected from its pool's hash.");
+    for (const p of proxy.pools) {
+      p.members.forEach((m, i) =>
+        out.sample("upstream_ejected", { pool: p.name, server: m.address }, p.isEjected(i) ? 1 : 0)
+      );
+    }
+    out.family("upstream_oversize_total", "counter", "UDP: metrics longer than mtu, sent alone.");
+    for (const { pool, c } of connections) {
+      if (c.counters.oversize > 0) {
+        out.sample("upstream_oversize_total", labelsOf(pool, c), c.counters.oversize);
+      }
+    }
+    const drops = new Set(proxy.router.table.routes.filter((r) => r.drop).map((r) => r.name));
+    out.family(
+      "route_metrics_total",
+      "counter",
+      'Metrics each route took (route="" : no route matched); a drop route\'s are dropped.',
+    );
+    for (const [route, n] of proxy.router.routeCounts()) {
+      out.sample("route_metrics_total", { route, drop: drops.has(route) ? "true" : "false" }, n);
+    }
+  }
   out.family("reloads_total", "counter", "Configuration reloads applied (SIGHUP).")
     .sample("reloads_total", {}, proxy.reloadCounters.reloads);
   out.family("reload_failures_total", "counter", "Reloads refused because of an invalid file.")

@@ -13,7 +13,7 @@
 import { DROP_REASONS, IngestCounters } from "../ingest/counters.ts";
 import { DatagramDecoder } from "../ingest/datagram_decoder.ts";
 import type { Proxy } from "../proxy.ts";
-import type { UpstreamConnection } from "../upstream/upstream_connection.ts";
+import type { ConnectionView, Protocol } from "../upstream/upstream_connection.ts";
 
 /** Options of {@linkcode SelfReport}. */
 export interface SelfReportOptions {
@@ -64,12 +64,17 @@ export class SelfReport {
       DROP_REASONS.forEach((reason, i) => counter(`${transport}.invalid.${reason}`, c.dropped[i]));
     }
     gauge("tcp.connections_open", proxy.tcpClients.open);
-    for (const u of proxy.upstreams) {
-      const name = `upstream.${metricSafe(u.address)}`;
-      const sum = (value: (c: UpstreamConnection) => number) =>
-        u.connections.reduce((n, c) => n + value(c), 0);
-      counter(`${name}.lines`, u.ascii.counters.forwarded);
-      counter(`${name}.frames`, u.binary?.counters.forwarded ?? 0);
+    const members = proxy.pools.flatMap((pool) => pool.members.map((u) => ({ pool, u })));
+    for (const { pool, u } of members) {
+      // With pools, the same address may be in two: the name says which.
+      const name = proxy.pooled
+        ? `upstream.${metricSafe(pool.name)}.${metricSafe(u.address)}`
+        : `upstream.${metricSafe(u.address)}`;
+      const sum = (value: (c: ConnectionView) => number, protocol?: Protocol) =>
+        u.connections.filter((c) => protocol === undefined || c.protocol === protocol)
+          .reduce((n, c) => n + value(c), 0);
+      counter(`${name}.lines`, sum((c) => c.counters.forwarded, "ascii"));
+      counter(`${name}.frames`, sum((c) => c.counters.forwarded, "binary"));
       counter(`${name}.bytes`, sum((c) => c.counters.bytes));
       counter(`${name}.dropped.buffer_full`, sum((c) => c.counters.droppedBufferFull));
       counter(`${name}.reconnects`, sum((c) => c.counters.reconnects));

@@ -9,7 +9,7 @@
 import { DROP_REASONS, type IngestCounters, type TcpClientCounters } from "../ingest/counters.ts";
 import { logger } from "../log.ts";
 import type { ConnectionEvents } from "../upstream/connection_events.ts";
-import type { Upstream } from "../upstream/upstream.ts";
+import type { Destination } from "../upstream/destination.ts";
 import type { HttpCounters } from "./http_server.ts";
 
 const log = logger("summary");
@@ -28,7 +28,7 @@ export interface SummaryLogOptions {
   /** Upstream connection events not logged one by one. */
   connectionEvents: ConnectionEvents;
   /** The upstreams (read each time, so a reload may change them). */
-  upstreams: () => readonly Upstream[];
+  upstreams: () => readonly Destination[];
   /** Interval between summaries, in ms. */
   intervalMs: number;
 }

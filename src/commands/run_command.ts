@@ -138,11 +138,19 @@ export async function runProxy(options: RunOptions): Promise<number> {
   extras.summary.report();
   for (const a of report.accounts) {
     if (a.received === 0) continue;
-    const { buffer_full, shutdown, removed } = a.dropped;
-    log.info(
-      "shutdown: {server} ({protocol}): received {received} = forwarded {forwarded} + dropped {dropped} (buffer_full {buffer_full}, shutdown {shutdown}, removed {removed}) + held {held}",
-      { ...a, dropped: buffer_full + shutdown + removed, buffer_full, shutdown, removed },
-    );
+    const { buffer_full, shutdown, removed, rerouted, send_failed } = a.dropped;
+    const dropped = buffer_full + shutdown + removed + rerouted + send_failed;
+    if (a.pool === undefined) {
+      log.info(
+        "shutdown: {server} ({protocol}): received {received} = forwarded {forwarded} + dropped {dropped} (buffer_full {buffer_full}, shutdown {shutdown}, removed {removed}) + held {held}",
+        { ...a, dropped, buffer_full, shutdown, removed },
+      );
+    } else {
+      log.info(
+        "shutdown: {pool}/{server} ({protocol}): received {received} = forwarded {forwarded} + dropped {dropped} (buffer_full {buffer_full}, shutdown {shutdown}, removed {removed}, rerouted {rerouted}, send_failed {send_failed}) + held {held}",
+        { ...a, dropped, buffer_full, shutdown, removed, rerouted, send_failed },
+      );
+    }
   }
   if (report.undelivered > 0) {
     log.error("shutdown: {count} metrics could not be delivered: {servers}", {
@@ -232,9 +240,28 @@ async function reload(
     extras.self = startSelfReport(proxy, next);
   }
   if (next.pidFile !== old.pidFile) refused.push("pid_file changes take effect at the next start");
-  log.info("SIGHUP: reloaded: {changes}", { changes: describe(report) });
+  log.info("SIGHUP: reloaded: {changes}", {
+    changes: proxy.pooled ? describePools(report) : describe(report),
+  });
   for (const line of refused) log.error("SIGHUP: {refused}", { refused: line });
   return "done";
+}
+
+/** A pooled configuration's reload, pool by pool. */
+function describePools(report: ReloadReport): string {
+  const parts = report.pools.map((p) => {
+    if (p.status === "added") return `pool ${p.pool} added (${p.added.join(", ")})`;
+    if (p.status === "removed") return `pool ${p.pool} removed`;
+    const changes: string[] = [];
+    if (p.added.length > 0) changes.push(`added ${p.added.join(", ")}`);
+    if (p.removed.length > 0) changes.push(`removed ${p.removed.join(", ")}`);
+    if (p.reweighted.length > 0) changes.push(`new weight for ${p.reweighted.join(", ")}`);
+    if (changes.length === 0) changes.push("servers unchanged");
+    return `pool ${p.pool}: ${changes.join(", ")}, ${(p.moved * 100).toFixed(2)}% of keys moved`;
+  });
+  parts.push(report.routesChanged ? "routes changed" : "routes unchanged");
+  for (const change of report.listeners) parts.push(change);
+  return parts.join("; ");
 }
 
 function describe(report: ReloadReport): string {

@@ -1,64 +1,113 @@
 /**
- * The router: each decoded frame goes to the upstream its key hashes to.
+ * The router: each decoded frame goes through the routes to its pools, and
+ * in each pool to the server its key hashes to.
  *
- * One call routes a whole batch (one read or datagram) and then wakes the
- * upstream writers once, so the per-metric work is a ring lookup and a copy.
+ * One call routes a whole batch (a read, or a batch of datagrams) and then
+ * wakes the writers it appended to, once. With only the pool `default` and
+ * no routes (every configuration before pools), a frame costs one hash
+ * look-up and a copy, as it always did; with routes, one more cached
+ * look-up picks the route.
  *
  * @module
  */
 
-import type { FrameBatch } from "../ingest/frame_batch.ts";
-import type { HashRing } from "../ring/ring.ts";
-import type { Upstream } from "../upstream/upstream.ts";
+import type { BatchSink, FrameBatch } from "../ingest/frame_batch.ts";
+import type { Pool } from "./pool.ts";
+import type { RoutingTable } from "./routing_table.ts";
 
 /** Options of {@linkcode Router}. */
 export interface RouterOptions {
-  /** The ring; server index i on the ring is `upstreams[i]`. */
-  ring: HashRing;
-  /** The upstreams, in ring order. */
-  upstreams: readonly Upstream[];
+  /** The pools, in the order the table's destinations index. */
+  pools: readonly Pool[];
+  /** The routes. */
+  table: RoutingTable;
 }
 
-/** Routes decoded batches to upstreams. */
-export class Router {
-  #ring: HashRing;
-  #upstreams: readonly Upstream[];
+/** Routes decoded batches to pools. */
+export class Router implements BatchSink {
+  #pools: readonly Pool[] = [];
+  #table!: RoutingTable;
+  /** For each decision, the pools that get the metric, or null (drop). */
+  #targets: (readonly Pool[] | null)[] = [];
+  /** The one pool, when there are no routes: the fast path. */
+  #only: Pool | undefined;
+  /** Metrics each decision of the current table took. */
+  #counts = new Float64Array(1);
+  /** Totals by route name (`""` for "no route matched") from tables replaced. */
+  #totals = new Map<string, number>();
 
-  /** Makes a router over a ring and its upstreams. */
+  /** Makes a router. */
   constructor(options: RouterOptions) {
-    this.#ring = options.ring;
-    this.#upstreams = options.upstreams;
+    this.swap(options);
   }
 
-  /** The ring in use. */
-  get ring(): HashRing {
-    return this.#ring;
+  /** The pools in force. */
+  get pools(): readonly Pool[] {
+    return this.#pools;
   }
 
-  /** The upstreams, in ring order. */
-  get upstreams(): readonly Upstream[] {
-    return this.#upstreams;
+  /** The routes in force. */
+  get table(): RoutingTable {
+    return this.#table;
   }
 
   /**
-   * Swaps in a new ring and its upstreams, in one step: a batch is routed
-   * wholly on the old or wholly on the new ring.
+   * Metrics routed, by route name (`""` for those no route matched), since
+   * start: across reloads, for routes of the same name.
    */
-  swap(options: RouterOptions): void {
-    this.#ring = options.ring;
-    this.#upstreams = options.upstreams;
+  routeCounts(): Map<string, number> {
+    const out = new Map(this.#totals);
+    this.#table.routes.forEach((r, i) => out.set(r.name, (out.get(r.name) ?? 0) + this.#counts[i]));
+    const none = this.#table.routes.length;
+    out.set("", (out.get("") ?? 0) + this.#counts[none]);
+    return out;
   }
 
-  /** Queues every frame of `batch` on its upstream, then wakes the writers. */
+  /**
+   * Swaps in new pools and routes, in one step: a batch is routed wholly on
+   * the old or wholly on the new.
+   */
+  swap(options: RouterOptions): void {
+    if (this.#table !== undefined) this.#totals = this.routeCounts();
+    this.#pools = options.pools;
+    this.#table = options.table;
+    this.#targets = options.table.destinations.map((d) =>
+      d === null ? null : d.map((i) => options.pools[i])
+    );
+    this.#counts = new Float64Array(options.table.destinations.length);
+    this.#only = options.table.routes.length === 0 && options.pools.length === 1
+      ? options.pools[0]
+      : undefined;
+  }
+
+  /** Hands every frame of `batch` to its pools, then wakes their writers. */
   route(batch: FrameBatch): void {
-    const ring = this.#ring;
-    const upstreams = this.#upstreams;
     const { buf, start, end, keyStart, keyEnd, ascii } = batch;
     const count = batch.count;
-    for (let i = 0; i < count; i++) {
-      const server = ring.lookup(buf, keyStart[i], keyEnd[i]);
-      upstreams[server].append(buf, start[i], end[i], ascii[i] === 1);
+    if (count === 0) return;
+    const only = this.#only;
+    if (only !== undefined) {
+      for (let i = 0; i < count; i++) {
+        only.append(buf, start[i], end[i], ascii[i] === 1, keyStart[i], keyEnd[i]);
+      }
+      this.#counts[0] += count;
+      only.kick();
+      return;
     }
-    if (count > 0) { for (const upstream of upstreams) upstream.kick(); }
+    const table = this.#table;
+    const targets = this.#targets;
+    const counts = this.#counts;
+    for (let i = 0; i < count; i++) {
+      const ks = keyStart[i];
+      const ke = keyEnd[i];
+      const decision = table.decide(buf, ks, ke);
+      counts[decision]++;
+      const pools = targets[decision];
+      if (pools === null) continue; // a drop route: counted above
+      for (let p = 0; p < pools.length; p++) {
+        pools[p].append(buf, start[i], end[i], ascii[i] === 1, ks, ke);
+      }
+    }
+    for (const pool of this.#pools) pool.kick();
   }
 }

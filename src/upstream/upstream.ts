@@ -15,6 +15,7 @@
 import { ByteBudget } from "../byte_budget.ts";
 import type { ConnectGate } from "./connect_gate.ts";
 import type { ConnectionEvents } from "./connection_events.ts";
+import type { Destination } from "./destination.ts";
 import { type DrainReason, UpstreamConnection } from "./upstream_connection.ts";
 
 /** Options of {@linkcode Upstream}. */
@@ -37,8 +38,8 @@ export interface UpstreamOptions {
   events: ConnectionEvents;
 }
 
-/** A statsite server the proxy forwards to. */
-export class Upstream {
+/** A statsite server the proxy forwards to over TCP. */
+export class Upstream implements Destination {
   /** Address as written in the servers file. */
   readonly address: string;
   /** The connection that carries ascii lines; it opens at start. */
@@ -48,6 +49,8 @@ export class Upstream {
   #binary: UpstreamConnection | undefined;
   #options: UpstreamOptions;
   #started = false;
+  #retryMs = 0;
+  #onState: ((event: "failed" | "connected") => void) | undefined;
 
   /** Makes an upstream; call {@linkcode start} to connect. */
   constructor(options: UpstreamOptions) {
@@ -105,6 +108,30 @@ export class Upstream {
     this.#binary?.kick();
   }
 
+  /**
+   * Calls `listener` at each failed connect or broken connection, and each
+   * connect, of any of its connections (`undefined` stops it): its pool
+   * decides on ejection.
+   */
+  onState(listener: ((event: "failed" | "connected") => void) | undefined): void {
+    this.#onState = listener;
+  }
+
+  /** Retries lost connections every `ms` instead of with the backoff (0: the backoff again). */
+  retryEvery(ms: number): void {
+    this.#retryMs = ms;
+    for (const c of this.connections) c.retryEvery(ms);
+  }
+
+  /**
+   * Takes out everything held on its connections, whole lines and frames in
+   * order per connection, counted dropped as `rerouted`: the caller routes
+   * them again.
+   */
+  takeHeld(): Uint8Array[] {
+    return this.connections.flatMap((c) => c.takeHeld());
+  }
+
   /** Starts connecting (the binary connection starts when first needed). */
   start(): void {
     this.#started = true;
@@ -124,6 +151,7 @@ export class Upstream {
 
   #openBinary(): UpstreamConnection {
     const binary = this.#connection("binary");
+    binary.retryEvery(this.#retryMs);
     this.#binary = binary;
     if (this.#started) binary.start();
     return binary;
@@ -131,6 +159,11 @@ export class Upstream {
 
   #connection(protocol: "ascii" | "binary"): UpstreamConnection {
     const { maxBufferBytes: _, ...options } = this.#options;
-    return new UpstreamConnection({ ...options, protocol, budget: this.budget });
+    return new UpstreamConnection({
+      ...options,
+      protocol,
+      budget: this.budget,
+      onState: (event) => this.#onState?.(event),
+    });
   }
 }

@@ -198,6 +198,16 @@ export class UpstreamBuffer {
     return finished;
   }
 
+  /**
+   * Takes out everything held, as copies of whole frames in order (a frame a
+   * write had begun is taken from its start), and empties the buffer.
+   */
+  takePending(): { bytes: Uint8Array[]; frames: number } {
+    this.#chunks[0]?.rewindToFrameStart();
+    const bytes = this.#chunks.map((chunk) => chunk.bytes.slice(chunk.sent, chunk.length));
+    return { bytes, frames: this.clear() };
+  }
+
   /** Drops everything held; returns the frames dropped. */
   clear(): number {
     const frames = this.#held;

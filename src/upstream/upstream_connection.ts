@@ -47,9 +47,9 @@ export type Protocol = "ascii" | "binary";
 export type DrainReason = "shutdown" | "removed";
 
 /**
- * Counters of one upstream connection. At any moment
- * `received = forwarded + droppedBufferFull + droppedShutdown + droppedRemoved + held`,
- * where `held` is {@linkcode UpstreamConnection.held}.
+ * Counters of one upstream connection. At any moment `received = forwarded
+ * + droppedBufferFull + droppedShutdown + droppedRemoved + droppedRerouted +
+ * droppedSendFailed + held`, where `held` is the connection's.
  */
 export class ConnectionCounters {
   /** Lines or frames routed to this connection (including those refused). */
@@ -64,6 +64,16 @@ export class ConnectionCounters {
   droppedShutdown = 0;
   /** Lines and frames still held when a reload removed the server and its drain timed out. */
   droppedRemoved = 0;
+  /**
+   * Lines and frames held when the server was ejected from its pool's ring
+   * (`on_failure = eject`): they were routed again, to the servers that took
+   * over its keys, where they count as received.
+   */
+  droppedRerouted = 0;
+  /** UDP: lines and frames in datagrams the kernel would not send. */
+  droppedSendFailed = 0;
+  /** UDP: lines or frames longer than the pool's `mtu`, sent alone (not dropped). */
+  oversize = 0;
   /** Successful connections after the first. */
   reconnects = 0;
   /** Failed connection attempts and broken connections. */
@@ -92,10 +102,30 @@ export interface UpstreamConnectionOptions {
   gate: ConnectGate;
   /** Where connection events are logged, rate-limited. */
   events: ConnectionEvents;
+  /** Told of each failed connect or broken connection, and each connect. */
+  onState?: (event: "failed" | "connected") => void;
+}
+
+/** What the metrics, health and summaries read of a connection, TCP or UDP. */
+export interface ConnectionView {
+  /** Address as written in the servers file. */
+  readonly address: string;
+  /** The protocol it carries. */
+  readonly protocol: Protocol;
+  /** Its counters. */
+  readonly counters: ConnectionCounters;
+  /** Lines or frames held: received, and neither forwarded nor dropped. */
+  readonly held: number;
+  /** Bytes held. */
+  readonly bufferedBytes: number;
+  /** True while it can send (for UDP: always, but for a failed name). */
+  readonly connected: boolean;
+  /** Since when it is down (ms since epoch), or 0 while up. */
+  readonly downSince: number;
 }
 
 /** A connection to a statsite server, for one protocol. */
-export class UpstreamConnection {
+export class UpstreamConnection implements ConnectionView {
   /** Address as written in the servers file. */
   readonly address: string;
   /** The protocol it carries. */
@@ -122,6 +152,8 @@ export class UpstreamConnection {
   #warned = false;
   #running: Promise<void> | undefined;
   #delay: number;
+  /** A fixed retry interval that replaces the backoff (an ejected server's), or 0. */
+  #retryEvery = 0;
 
   /** Makes a connection; call {@linkcode start} to connect. */
   constructor(options: UpstreamConnectionOptions) {
@@ -190,6 +222,26 @@ export class UpstreamConnection {
       this.#lingering = undefined;
     }
     wake();
+  }
+
+  /**
+   * Retries a lost connection every `ms` instead of with the backoff (0
+   * goes back to the backoff): an ejected server is tried at its pool's
+   * `eject_retry_ms`.
+   */
+  retryEvery(ms: number): void {
+    this.#retryEvery = ms;
+  }
+
+  /**
+   * Takes out every line or frame held, whole (a frame a broken write cut is
+   * taken from its start), counting them dropped as `rerouted`: the caller
+   * routes them again. Returns their bytes, in order.
+   */
+  takeHeld(): Uint8Array[] {
+    const { bytes, frames } = this.#buffer.takePending();
+    this.counters.droppedRerouted += frames;
+    return bytes;
   }
 
   /** Starts connecting and writing. */
@@ -269,7 +321,7 @@ export class UpstreamConnection {
   /** One connection attempt, after the backoff delay when it is a retry. */
   async #connect(): Promise<void> {
     if (this.#ever || this.counters.failures > 0) {
-      await this.#sleep(this.#delay);
+      await this.#sleep(this.#retryEvery || this.#delay);
       this.#delay = Math.min(this.#delay * 2, this.#options.reconnectMaxMs);
       if (this.#stopped) return;
     }
@@ -291,6 +343,7 @@ export class UpstreamConnection {
       conn = await Deno.connect({ hostname: host, port, signal: abort.signal });
     } catch (err) {
       this.counters.failures++;
+      this.#options.onState?.("failed");
       if (!this.#warned) {
         this.#warned = true;
         this.#options.events.report(
@@ -325,6 +378,7 @@ export class UpstreamConnection {
       });
     }
     this.#ever = true;
+    this.#options.onState?.("connected");
     this.#conn = conn;
     this.#connectedAt = Date.now();
     this.#downSince = 0;
@@ -349,6 +403,7 @@ export class UpstreamConnection {
   /** Marks the connection lost and wakes the writer to reconnect. */
   #lost(reason: unknown): void {
     this.counters.failures++;
+    if (!this.#closing) this.#options.onState?.("failed");
     // A connection that lived a while resets the backoff; a flapping one does not.
     if (Date.now() - this.#connectedAt > 1000) this.#delay = this.#options.reconnectMinMs;
     this.#closeConn();

@@ -1,0 +1,51 @@
+/**
+ * Where a key goes, for people: the route that takes it and, in each pool
+ * it names, the server. `statsite-proxy route` and `GET /route` answer
+ * with this.
+ *
+ * @module
+ */
+
+import type { Pool } from "./pool.ts";
+import type { RoutingTable } from "./routing_table.ts";
+
+/** A key's destination in one pool. */
+export interface KeyDestination {
+  /** The pool. */
+  pool: string;
+  /** The server's address, as written in the pool's servers file. */
+  server: string;
+}
+
+/** Where a key goes. */
+export interface KeyRoute {
+  /** The route that took it, or `null` when none did (it went to `default`). */
+  route: string | null;
+  /** Its destinations, one per pool; empty when it is dropped. */
+  destinations: KeyDestination[];
+}
+
+/** The routes and pools a key is looked up in: a running router, or a plan. */
+export interface RoutesAndPools {
+  /** The routes. */
+  readonly table: RoutingTable;
+  /** The pools, in the order the table's destinations index. */
+  readonly pools: readonly Pick<Pool, "name" | "hash">[];
+}
+
+/** Where the key `bytes` goes. */
+export function destinationsOf(routing: RoutesAndPools, bytes: Uint8Array): KeyRoute {
+  const { table, pools } = routing;
+  const decision = table.decide(bytes, 0, bytes.length);
+  const targets = table.destinations[decision] ?? [];
+  return {
+    route: decision < table.routes.length ? table.routes[decision].name : null,
+    destinations: targets.map((i) => {
+      const pool = pools[i];
+      return {
+        pool: pool.name,
+        server: pool.hash.servers[pool.hash.lookup(bytes, 0, bytes.length)].address,
+      };
+    }),
+  };
+}

@@ -1,0 +1,78 @@
+/**
+ * The routes of a configuration, and where each key goes: tried in file
+ * order on the metric's routing key, the first match wins, and a key no
+ * route matches goes to the pool `default`.
+ *
+ * A route's regular expression runs once per distinct key: the decision is
+ * cached by the key's bytes (a {@linkcode RouteCache}), so the hot path pays
+ * a cache look-up per metric, not a regular expression.
+ *
+ * @module
+ */
+
+import type { RouteSettings } from "../config/pool_settings.ts";
+import { RouteCache } from "../ring/route_cache.ts";
+
+/** Options of {@linkcode RoutingTable}. */
+export interface RoutingTableOptions {
+  /** The routes, in order. */
+  routes: readonly RouteSettings[];
+  /** The pools' names, in the proxy's order (a route names pools by name). */
+  pools: readonly string[];
+  /** The table this one replaces: its decision cache is taken over, emptied. */
+  replaces?: RoutingTable;
+}
+
+/** Routes and the decisions they make. */
+export class RoutingTable {
+  /** The routes, in order. */
+  readonly routes: readonly RouteSettings[];
+  /**
+   * For each decision (a route's index, or `routes.length` for "no route
+   * matched"), the indexes of the pools that get the metric, or `null` to
+   * drop it.
+   */
+  readonly destinations: readonly (readonly number[] | null)[];
+  #cache: RouteCache;
+  #decoder = new TextDecoder();
+
+  /** Builds the table. */
+  constructor(options: RoutingTableOptions) {
+    const { routes, pools } = options;
+    this.routes = routes;
+    const index = (name: string) => {
+      const i = pools.indexOf(name);
+      if (i < 0) throw new RangeError(`no pool named ${name}`);
+      return i;
+    };
+    const fallback = pools.indexOf("default");
+    this.destinations = [
+      ...routes.map((r) => r.drop ? null : r.pools.map(index)),
+      fallback < 0 ? null : [fallback],
+    ];
+    const taken = options.replaces === undefined ? undefined : options.replaces.#cache;
+    if (taken !== undefined) taken.clear();
+    this.#cache = taken ?? new RouteCache();
+  }
+
+  /**
+   * The decision for the key `buf[start, end)`: the index of the first route
+   * whose expression matches it (decoded as UTF-8), or `routes.length` when
+   * none does. Positional parameters: the hot path.
+   */
+  decide(buf: Uint8Array, start: number, end: number): number {
+    const cached = this.#cache.get(buf, start, end);
+    if (cached >= 0) return cached;
+    const key = this.#decoder.decode(buf.subarray(start, end));
+    const routes = this.routes;
+    let decision = routes.length;
+    for (let r = 0; r < routes.length; r++) {
+      if (routes[r].match.test(key)) {
+        decision = r;
+        break;
+      }
+    }
+    this.#cache.set(buf, start, end, decision);
+    return decision;
+  }
+}
