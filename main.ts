@@ -15,7 +15,7 @@ import { ConfigError, ListenError, UsageError } from "./src/errors.ts";
 import { PidFileError } from "./src/commands/pid_file.ts";
 import { runRoute } from "./src/commands/route_command.ts";
 import { runProxy } from "./src/commands/run_command.ts";
-import { HashRing } from "./src/ring/ring.ts";
+import { routingPlan } from "./src/routing/destinations.ts";
 import { VERSION } from "./src/version.ts";
 
 async function main(args: string[]): Promise<number> {
@@ -35,7 +35,8 @@ async function main(args: string[]): Promise<number> {
       return 0;
     case "route":
       await runRoute({
-        ring: new HashRing({ servers: config.servers }),
+        plan: routingPlan(config),
+        pooled: config.pools !== undefined,
         keys: cli.rest,
         input: Deno.stdin.readable,
         output: Deno.stdout.writable,

@@ -221,6 +221,50 @@ export class RecordingServer {
   }
 }
 
+/** A stand-in for a UDP statsd server: records every datagram received, whole. */
+export class UdpRecordingServer {
+  readonly #conn: Deno.DatagramConn;
+  readonly #receiving: Promise<void>;
+  /** The datagrams received, in order. */
+  readonly datagrams: Uint8Array[] = [];
+
+  private constructor(conn: Deno.DatagramConn) {
+    this.#conn = conn;
+    this.#receiving = (async () => {
+      try {
+        for await (const [data] of conn) this.datagrams.push(data.slice());
+      } catch {
+        // closed
+      }
+    })();
+  }
+
+  /** Starts a server on an ephemeral port of 127.0.0.1. */
+  static start(): UdpRecordingServer {
+    return new UdpRecordingServer(
+      Deno.listenDatagram({ hostname: "127.0.0.1", port: 0, transport: "udp" }),
+    );
+  }
+
+  /** `127.0.0.1:PORT`, as written in a servers file. */
+  get address(): string {
+    return `127.0.0.1:${(this.#conn.addr as Deno.NetAddr).port}`;
+  }
+
+  /** The ascii lines of every datagram, in order (binary datagrams skipped). */
+  lines(): string[] {
+    return this.datagrams.filter((d) => d[0] !== 0xaa).flatMap((d) =>
+      new TextDecoder().decode(d).split("\n").filter((l) => l !== "")
+    );
+  }
+
+  /** Stops listening. */
+  async stop(): Promise<void> {
+    this.#conn.close();
+    await this.#receiving;
+  }
+}
+
 function countNewlines(data: Uint8Array): number {
   let n = 0;
   for (let i = data.indexOf(10); i !== -1; i = data.indexOf(10, i + 1)) n++;
@@ -247,6 +291,10 @@ export interface ProxyStartOptions {
   withoutFfi?: boolean;
   /** The address to listen on. Default `127.0.0.1`. */
   bind?: string;
+  /** More INI text after the main section (`[pool:NAME]`, `[route:NAME]` sections). */
+  sections?: string;
+  /** More files to write in the proxy's folder, by name (e.g. a pool's servers file). */
+  files?: Record<string, string>;
 }
 
 /** A servers file's text; a plain address gets weight 100. */
@@ -333,7 +381,13 @@ export class ProxyProcess {
       ...options.settings,
     };
     const lines = ["[statsite-proxy]", ...Object.entries(settings).map(([k, v]) => `${k} = ${v}`)];
-    await Deno.writeTextFile(`${dir}/proxy.ini`, lines.join("\n") + "\n");
+    await Deno.writeTextFile(
+      `${dir}/proxy.ini`,
+      lines.join("\n") + "\n" + (options.sections ?? ""),
+    );
+    for (const [name, text] of Object.entries(options.files ?? {})) {
+      await Deno.writeTextFile(`${dir}/${name}`, text);
+    }
     const permissions = options.withoutFfi
       ? PERMISSIONS.filter((p) => p !== "--allow-ffi")
       : PERMISSIONS;
@@ -497,11 +551,15 @@ export async function runMain(
 export async function routeOf(
   serversFile: string,
   keys: readonly string[],
+  extraArgs: readonly string[] = [],
 ): Promise<Map<string, string>> {
   const input = bytes(keys.map((k) => k + "\n").join(""));
-  const { code, stdout, stderr } = await runMain(["route", "--servers", serversFile], {
-    stdin: input,
-  });
+  const { code, stdout, stderr } = await runMain(
+    ["route", "--servers", serversFile, ...extraArgs],
+    {
+      stdin: input,
+    },
+  );
   if (code !== 0) throw new Error(`route failed: ${stderr}`);
   const map = new Map<string, string>();
   for (const line of stdout.split("\n")) {
@@ -626,4 +684,24 @@ export function rssMiB(pid: number): number {
   const kib = Number(new TextDecoder().decode(out.stdout).trim());
   assert.ok(out.code === 0 && kib > 0, `ps found no process ${pid}`);
   return kib / 1024;
+}
+
+/**
+ * Asks `main.ts route -f CONFIG` where each key goes, for a configuration
+ * with pools: key → its destinations as `POOL ADDRESS`, or `["drop"]`.
+ */
+export async function routesOf(
+  configFile: string,
+  keys: readonly string[],
+): Promise<Map<string, string[]>> {
+  const input = bytes(keys.map((k) => k + "\n").join(""));
+  const { code, stdout, stderr } = await runMain(["route", "-f", configFile], { stdin: input });
+  if (code !== 0) throw new Error(`route failed: ${stderr}`);
+  const map = new Map<string, string[]>();
+  for (const line of stdout.split("\n")) {
+    if (line === "") continue;
+    const [key, ...rest] = line.split("\t");
+    map.set(key, [...(map.get(key) ?? []), rest.join(" ")]);
+  }
+  return map;
 }

@@ -1,21 +1,24 @@
 /**
  * `statsite-proxy check`: validates the configuration and prints what the
- * proxy would run: its listeners, and each server with its weight and its
- * share of the ring.
+ * proxy would run: its listeners, its limits, and each pool (its hash,
+ * protocol and failure policy) with each server's weight and share of the
+ * keys, then the routes in order.
  *
  * @module
  */
 
-import { type ProxyConfig, unfinishedLinesBound } from "../config/config.ts";
-import { HashRing } from "../ring/ring.ts";
+import {
+  type PoolConfig,
+  poolsOf,
+  type ProxyConfig,
+  unfinishedLinesBound,
+} from "../config/config.ts";
+import { PoolHash } from "../routing/pool_hash.ts";
 
 /** The summary `check` prints for a valid configuration. */
 export function checkSummary(config: ProxyConfig): string {
-  const ring = new HashRing({ servers: config.servers });
-  const shares = ring.shares();
   const host = config.bindAddress.includes(":") ? `[${config.bindAddress}]` : config.bindAddress;
   const listener = (port: number) => port === 0 ? "disabled" : `${host}:${port}`;
-  const width = Math.max(...config.servers.map((s) => s.address.length));
   const lines = [
     `config: ${config.configFile ?? "(none: defaults and flags)"}`,
     `tcp: ${listener(config.tcpPort)}`,
@@ -26,15 +29,65 @@ export function checkSummary(config: ProxyConfig): string {
     `unfinished lines: at most ${bytes(unfinishedLinesBound(config))} = min(max_pending_bytes ${
       bytes(config.maxPendingBytes)
     }, max_connections ${config.maxConnections} × max_line_bytes ${bytes(config.maxLineBytes)})`,
-    `servers: ${config.serversFile} (${config.servers.length} servers, ${ring.pointCount} points)`,
-    ...config.servers.map((s, i) =>
-      `  ${s.address.padEnd(width)}  weight ${String(s.weight).padStart(6)}  share ${
+  ];
+  if (config.pools === undefined) {
+    const [pool] = poolsOf(config);
+    const hash = new PoolHash({ family: pool.hash, servers: pool.servers });
+    lines.push(
+      `servers: ${config.serversFile} (${size(pool, hash)})`,
+      ...serverLines(pool, hash),
+    );
+  } else {
+    for (const pool of config.pools) {
+      const hash = new PoolHash({ family: pool.hash, servers: pool.servers });
+      const how = pool.protocol === "udp"
+        ? `udp, mtu ${pool.mtu}, flush ${pool.flushIntervalMs} ms`
+        : "tcp";
+      const policy = pool.onFailure === "eject"
+        ? `eject after ${pool.ejectAfter} failures, retry every ${pool.ejectRetryMs} ms`
+        : "hold";
+      lines.push(
+        `pool ${pool.name}: ${pool.serversFile} (${pool.hash}, ${how}, ${policy}; ${
+          size(pool, hash)
+        })`,
+        ...serverLines(pool, hash),
+      );
+    }
+    const routes = config.routes ?? [];
+    lines.push(`routes: ${routes.length === 0 ? "none" : ""}`.trimEnd());
+    routes.forEach((r, i) => {
+      lines.push(`  ${i + 1}. ${r.name}: ${r.pattern} -> ${r.drop ? "drop" : r.pools.join(", ")}`);
+    });
+    if (!routes.some((r) => r.catchAll)) lines.push("  no route matches -> default");
+  }
+  lines.push("ok");
+  return lines.join("\n") + "\n";
+}
+
+/** `2 servers, 320 points` (ketama) or `3 shards` (statsrelay). */
+function size(pool: PoolConfig, hash: PoolHash): string {
+  const count = (n: number, noun: string) => `${n} ${noun}${n === 1 ? "" : "s"}`;
+  return pool.hash === "ketama"
+    ? `${count(pool.servers.length, "server")}, ${count(hash.pointCount, "point")}`
+    : count(pool.servers.length, "shard");
+}
+
+/** One line per server: address, weight (ketama) and share of the keys. */
+function serverLines(pool: PoolConfig, hash: PoolHash): string[] {
+  const shares = hash.shares();
+  const width = Math.max(...pool.servers.map((s) => s.address.length));
+  if (pool.hash === "statsrelay") {
+    return pool.servers.map((s, i) =>
+      `  shard ${String(i).padStart(4)}  ${s.address.padEnd(width)}  share ${
         (shares[i] * 100).toFixed(2).padStart(6)
       }%`
-    ),
-    "ok",
-  ];
-  return lines.join("\n") + "\n";
+    );
+  }
+  return pool.servers.map((s, i) =>
+    `  ${s.address.padEnd(width)}  weight ${String(s.weight).padStart(6)}  share ${
+      (shares[i] * 100).toFixed(2).padStart(6)
+    }%`
+  );
 }
 
 /** `67108864 (64.0 MiB)`. */

@@ -38,8 +38,9 @@ export interface CliArgs {
 export const USAGE = `Usage:
   statsite-proxy [run] [-f FILE] [flags]    run the proxy
   statsite-proxy check [-f FILE] [flags]    validate the configuration and print a summary
-  statsite-proxy route [-f FILE | --servers FILE] [KEY ...]
-                                            print KEY<TAB>SERVER for each key
+  statsite-proxy route [-f FILE | --servers FILE [--hash statsrelay]] [KEY ...]
+                                            print KEY<TAB>SERVER for each key, or with
+                                            pools KEY<TAB>POOL<TAB>SERVER (or KEY<TAB>drop)
                                             (keys from standard input, one per line, when none given)
 
 Flags (they override the configuration file):
@@ -50,6 +51,7 @@ Flags (they override the configuration file):
       --servers FILE    servers file (relative to the current folder)
       --log-level LEVEL DEBUG, INFO, WARN, ERROR or CRITICAL
       --pid-file FILE   pid file, so that cron can start it only when not running
+      --hash FAMILY     hash of the pool "default": ketama (the default) or statsrelay
   -h, --help            show this help
       --version         show the version
 
@@ -71,6 +73,7 @@ export function parseCli(args: readonly string[]): CliArgs {
         servers: { type: "string" },
         "log-level": { type: "string" },
         "pid-file": { type: "string" },
+        hash: { type: "string" },
         help: { type: "boolean", short: "h" },
         version: { type: "boolean" },
       },
@@ -99,6 +102,7 @@ export function parseCli(args: readonly string[]): CliArgs {
   if (values.servers !== undefined) overrides.servers = values.servers;
   if (values["log-level"] !== undefined) overrides.logLevel = values["log-level"];
   if (values["pid-file"] !== undefined) overrides.pidFile = values["pid-file"];
+  if (values.hash !== undefined) overrides.hash = values.hash;
   return {
     command,
     configFile: values.config,

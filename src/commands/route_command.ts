@@ -1,7 +1,9 @@
 /**
  * `statsite-proxy route`: prints `KEY<TAB>ADDRESS` for each key, ADDRESS
- * exactly as written in the servers file. Operators use it to plan a change
- * of servers: run it over the keys before and after, and compare.
+ * exactly as written in the servers file; with pools, one line per
+ * destination, `KEY<TAB>POOL<TAB>ADDRESS`, or `KEY<TAB>drop`. Operators use
+ * it to plan a change of servers: run it over the keys before and after, and
+ * compare.
  *
  * Keys come from the arguments, or from standard input one per line, byte
  * for byte (only the `\n` ending a line is removed, so keys may hold spaces,
@@ -11,15 +13,19 @@
  * @module
  */
 
-import type { HashRing } from "../ring/ring.ts";
+import type { RoutesAndPools } from "../routing/destinations.ts";
 
-const TAB = 9;
 const NEWLINE = 10;
 
 /** Options of {@linkcode runRoute}. */
 export interface RouteOptions {
-  /** The ring to look keys up on. */
-  ring: HashRing;
+  /** The routes and pools to look keys up in. */
+  plan: RoutesAndPools;
+  /**
+   * Whether the configuration has pools: then each destination is printed
+   * as `KEY<TAB>POOL<TAB>ADDRESS` (or `KEY<TAB>drop`), else `KEY<TAB>ADDRESS`.
+   */
+  pooled: boolean;
   /** Keys given as arguments; when empty, keys are read from `input`. */
   keys: readonly string[];
   /** Where keys are read from when none are given. */
@@ -33,23 +39,20 @@ class LineWriter {
   #out: WritableStreamDefaultWriter<Uint8Array>;
   #buf = new Uint8Array(64 * 1024);
   #len = 0;
-  #names: Uint8Array[];
 
-  constructor(out: WritableStream<Uint8Array>, names: Uint8Array[]) {
+  constructor(out: WritableStream<Uint8Array>) {
     this.#out = out.getWriter();
-    this.#names = names;
   }
 
-  async line(key: Uint8Array, start: number, end: number, server: number): Promise<void> {
-    const name = this.#names[server];
-    const size = end - start + name.length + 2;
+  /** Writes `key[start, end)` then `tail` (a tab and what follows) and a newline. */
+  async line(key: Uint8Array, start: number, end: number, tail: Uint8Array): Promise<void> {
+    const size = end - start + tail.length + 1;
     if (this.#len + size > this.#buf.length) await this.flush();
     if (size > this.#buf.length) this.#buf = new Uint8Array(size * 2);
     this.#buf.set(key.subarray(start, end), this.#len);
     this.#len += end - start;
-    this.#buf[this.#len++] = TAB;
-    this.#buf.set(name, this.#len);
-    this.#len += name.length;
+    this.#buf.set(tail, this.#len);
+    this.#len += tail.length;
     this.#buf[this.#len++] = NEWLINE;
   }
 
@@ -65,16 +68,30 @@ class LineWriter {
   }
 }
 
-/** Prints the server of each key. */
+/** Prints where each key goes. */
 export async function runRoute(options: RouteOptions): Promise<void> {
-  const { ring } = options;
+  const { plan, pooled } = options;
   const encoder = new TextEncoder();
-  const names = ring.servers.map((s) => encoder.encode(s.address));
-  const out = new LineWriter(options.output, names);
+  // What follows a key, for each pool and server: "\tADDRESS" or "\tPOOL\tADDRESS".
+  const tails = plan.pools.map((pool) =>
+    pool.hash.servers.map((s) =>
+      encoder.encode(pooled ? `\t${pool.name}\t${s.address}` : `\t${s.address}`)
+    )
+  );
+  const drop = encoder.encode("\tdrop");
+  const out = new LineWriter(options.output);
+  const write = async (key: Uint8Array, start: number, end: number) => {
+    const { table, pools } = plan;
+    const targets = pooled ? table.destinations[table.decide(key, start, end)] : [0];
+    if (targets === null || targets.length === 0) return await out.line(key, start, end, drop);
+    for (const p of targets) {
+      await out.line(key, start, end, tails[p][pools[p].hash.lookup(key, start, end)]);
+    }
+  };
   if (options.keys.length > 0) {
     for (const key of options.keys) {
       const bytes = encoder.encode(key);
-      await out.line(bytes, 0, bytes.length, ring.lookup(bytes, 0, bytes.length));
+      await write(bytes, 0, bytes.length);
     }
     await out.close();
     return;
@@ -86,14 +103,12 @@ export async function runRoute(options: RouteOptions): Promise<void> {
     let start = 0;
     let nl: number;
     while ((nl = data.indexOf(NEWLINE, start)) !== -1) {
-      await out.line(data, start, nl, ring.lookup(data, start, nl));
+      await write(data, start, nl);
       start = nl + 1;
     }
     pending = data.slice(start);
   }
-  if (pending.length > 0) {
-    await out.line(pending, 0, pending.length, ring.lookup(pending, 0, pending.length));
-  }
+  if (pending.length > 0) await write(pending, 0, pending.length);
   await out.close();
 }
 

@@ -28,6 +28,7 @@ import ini from "ini";
 import { ConfigError, UsageError } from "../errors.ts";
 import { readBoundedText } from "./bounded_file.ts";
 import {
+  type HashFamily,
   parsePoolsAndRoutes,
   POOL_DEFAULTS,
   POOL_KEYS,
@@ -156,6 +157,11 @@ export interface ProxyConfig {
   pools?: PoolConfig[];
   /** The routes, in file order, when the file has pool or route sections. */
   routes?: RouteSettings[];
+  /**
+   * The hash of the pool `default` when it is the main section's servers and
+   * the `--hash` flag chose one; ketama otherwise.
+   */
+  defaultHash?: HashFamily;
 }
 
 /** A pool with its servers read. */
@@ -193,6 +199,8 @@ export interface ConfigOverrides {
   logLevel?: string;
   /** `--pid-file`: the pid file, relative to the working directory. */
   pidFile?: string;
+  /** `--hash`: the default pool's hash, `ketama` or `statsrelay`. */
+  hash?: string;
 }
 
 /** Options of {@linkcode loadConfig}. */
@@ -435,7 +443,8 @@ interface FlagSpec {
   parse(text: string): unknown;
 }
 
-const FLAGS: Readonly<Record<keyof ConfigOverrides, FlagSpec>> = {
+/** The flags that set one field each (`--hash` is applied to the pools, below). */
+const FLAGS: Readonly<Record<Exclude<keyof ConfigOverrides, "hash">, FlagSpec>> = {
   port: { flag: "--port", field: "tcpPort", parse: port },
   udpPort: { flag: "--udp-port", field: "udpPort", parse: port },
   bind: { flag: "--bind", field: "bindAddress", parse: bindAddress },
@@ -519,7 +528,11 @@ function scan(file: string, text: string): Scanned {
         continue;
       }
       if (lower !== SECTION && lower !== SECTION_ALIAS) {
-        throw error(line, `unknown section [${name}] (expected [${SECTION}])`);
+        // A section of the form [KIND:NAME] was meant as a pool or a route.
+        const expected = name.includes(":")
+          ? `[${SECTION}], [pool:NAME] or [route:NAME]`
+          : `[${SECTION}]`;
+        throw error(line, `unknown section [${name}] (expected ${expected})`);
       }
       const first = sections.get(lower);
       if (first !== undefined) {
@@ -656,7 +669,12 @@ export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
     }
   }
 
-  for (const [key, spec] of Object.entries(FLAGS) as [keyof ConfigOverrides, FlagSpec][]) {
+  for (
+    const [key, spec] of Object.entries(FLAGS) as [
+      Exclude<keyof ConfigOverrides, "hash">,
+      FlagSpec,
+    ][]
+  ) {
     const value = overrides[key];
     if (value === undefined) continue;
     try {
@@ -669,6 +687,14 @@ export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
   }
 
   checkTogether(settings, origins, file);
+  let hash: HashFamily | undefined;
+  if (overrides.hash !== undefined) {
+    const value = overrides.hash.trim().toLowerCase();
+    if (value !== "ketama" && value !== "statsrelay") {
+      throw new UsageError(`--hash: ${JSON.stringify(overrides.hash)} is not ketama or statsrelay`);
+    }
+    hash = value;
+  }
   if (blocks.length > 0) {
     // Pools and routes: the main section's servers define the pool
     // "default" only when written (or given by flag).
@@ -682,9 +708,16 @@ export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
         ...("flag" in origin ? { flag: origin.flag } : { line: origin.line }),
       },
     });
+    if (hash !== undefined) {
+      const main = pools.find((p) => p.name === "default");
+      if (main === undefined) throw new UsageError('--hash: there is no pool "default"');
+      main.hash = hash;
+    }
     settings.pools = pools;
     settings.routes = routes;
     settings.serversFile = pools.find((p) => p.name === "default")?.serversFile ?? "";
+  } else if (hash !== undefined) {
+    settings.defaultHash = hash;
   }
   return settings;
 }
@@ -780,7 +813,9 @@ export async function loadConfig(options: LoadConfigOptions = {}): Promise<Proxy
     settings = parseConfig({ file, text, overrides });
   }
   if (settings.pools === undefined) {
-    const servers = await readServersFile(settings.serversFile);
+    const servers = await readServersFile(settings.serversFile, {
+      shards: settings.defaultHash === "statsrelay",
+    });
     const { pools: _, ...rest } = settings;
     return { ...rest, servers };
   }
@@ -803,5 +838,6 @@ export function poolsOf(config: ProxyConfig): PoolConfig[] {
     serversFile: config.serversFile,
     servers: config.servers,
     ...POOL_DEFAULTS,
+    hash: config.defaultHash ?? POOL_DEFAULTS.hash,
   }];
 }

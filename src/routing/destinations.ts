@@ -6,8 +6,10 @@
  * @module
  */
 
+import { poolsOf, type ProxyConfig } from "../config/config.ts";
 import type { Pool } from "./pool.ts";
-import type { RoutingTable } from "./routing_table.ts";
+import { PoolHash } from "./pool_hash.ts";
+import { RoutingTable } from "./routing_table.ts";
 
 /** A key's destination in one pool. */
 export interface KeyDestination {
@@ -48,4 +50,17 @@ export function destinationsOf(routing: RoutesAndPools, bytes: Uint8Array): KeyR
       };
     }),
   };
+}
+
+/**
+ * The routes and pools of a configuration, without upstreams: what
+ * `statsite-proxy route` looks keys up in.
+ */
+export function routingPlan(config: ProxyConfig): RoutesAndPools {
+  const pools = poolsOf(config).map((p) => ({
+    name: p.name,
+    hash: new PoolHash({ family: p.hash, servers: p.servers }),
+  }));
+  const table = new RoutingTable({ routes: config.routes ?? [], pools: pools.map((p) => p.name) });
+  return { table, pools };
 }

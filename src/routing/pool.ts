@@ -22,6 +22,7 @@ import type { ConnectionEvents } from "../upstream/connection_events.ts";
 import type { Destination } from "../upstream/destination.ts";
 import { UdpSockets, UdpUpstream } from "../upstream/udp_upstream.ts";
 import { Upstream } from "../upstream/upstream.ts";
+import type { HashRing } from "../ring/ring.ts";
 import { PoolHash } from "./pool_hash.ts";
 
 const log = logger("pool");
@@ -80,7 +81,13 @@ export class Pool {
   readonly #memberOf: Int32Array;
   /** The lines of each member. */
   readonly #linesOf: number[][];
-  #hash: PoolHash;
+  #hash!: PoolHash;
+  /**
+   * The ketama ring itself while nothing is ejected: its indexes are then
+   * the members' (a ketama servers file has no repeated address), so a
+   * look-up skips two index maps. The hot path's shortcut.
+   */
+  #ring: HashRing | undefined;
   /** Members ejected (eject pools). */
   readonly #ejected: Set<number>;
   /** Consecutive failures of each member. */
@@ -88,6 +95,11 @@ export class Pool {
   /** Members appended to since the last kick, with a mark each. */
   #touched: number[] = [];
   readonly #mark: Uint8Array;
+  /**
+   * Whether appends mark the members they touch, so a kick wakes only those:
+   * worth it for a large pool; a small one kicks every member instead.
+   */
+  readonly #marks: boolean;
 
   /** Makes the pool; call {@linkcode start} to connect. */
   constructor(options: PoolOptions) {
@@ -125,13 +137,19 @@ export class Pool {
     this.members = members;
     this.#failures = new Int32Array(members.length);
     this.#mark = new Uint8Array(members.length);
+    this.#marks = members.length > 64;
     members.forEach((member, i) => {
       if (!(member instanceof Upstream)) return;
       const eject = config.onFailure === "eject";
       member.onState(eject ? (event) => this.#onState(i, event) : undefined);
       member.retryEvery(this.#ejected.has(i) ? config.ejectRetryMs : 0);
     });
-    this.#hash = this.#buildHash(previous === undefined ? undefined : previous.#hash);
+    this.#setHash(this.#buildHash(previous === undefined ? undefined : previous.#hash));
+  }
+
+  #setHash(hash: PoolHash): void {
+    this.#hash = hash;
+    this.#ring = hash.family === "ketama" && this.#ejected.size === 0 ? hash.ring : undefined;
   }
 
   /** The hash in force (over the live servers). */
@@ -156,9 +174,12 @@ export class Pool {
     keyStart: number,
     keyEnd: number,
   ): void {
-    const i = this.#memberOf[this.#hash.lookup(buf, keyStart, keyEnd)];
+    const ring = this.#ring;
+    const i = ring !== undefined
+      ? ring.lookup(buf, keyStart, keyEnd)
+      : this.#memberOf[this.#hash.lookup(buf, keyStart, keyEnd)];
     this.members[i].append(buf, start, end, ascii);
-    if (this.#mark[i] === 0) {
+    if (this.#marks && this.#mark[i] === 0) {
       this.#mark[i] = 1;
       this.#touched.push(i);
     }
@@ -166,6 +187,10 @@ export class Pool {
 
   /** Wakes the writers of the servers appended to since the last kick. */
   kick(): void {
+    if (!this.#marks) {
+      for (const member of this.members) member.kick();
+      return;
+    }
     const touched = this.#touched;
     for (let t = 0; t < touched.length; t++) {
       const i = touched[t];
@@ -232,7 +257,7 @@ export class Pool {
     const member = this.members[i] as Upstream;
     const before = this.#hash;
     this.#ejected.add(i);
-    this.#hash = this.#buildHash(before);
+    this.#setHash(this.#buildHash(before));
     member.retryEvery(this.config.ejectRetryMs);
     const held = member.takeHeld();
     const rerouted = this.#reroute(held);
@@ -255,7 +280,7 @@ export class Pool {
     const member = this.members[i] as Upstream;
     const before = this.#hash;
     this.#ejected.delete(i);
-    this.#hash = this.#buildHash(before);
+    this.#setHash(this.#buildHash(before));
     member.retryEvery(0);
     this.counters.rejoins++;
     log.info("pool {pool}: {address} is back and rejoins; {moved}% of keys move back to it", {
