@@ -250,6 +250,7 @@ export class Proxy {
       reconnectMaxMs: config.reconnectMaxMs,
       gate: this.#gate,
       events: this.connectionEvents,
+      pooled: config.pools !== undefined,
     };
   }
 

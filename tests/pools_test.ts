@@ -86,6 +86,13 @@ pools = drop
       }
     }
 
+    await t.step("the start-up line names each pool", () => {
+      assert.match(
+        proxy.stderr,
+        /started with 3 pools: default \(2 servers\), timers \(3 servers\), archive \(1 server\); 3 routes/,
+      );
+    });
+
     await t.step("the route command names the pools a route gives", () => {
       assert.equal(routes.get("timers.db.q1")!.length, 2);
       assert.deepEqual(routes.get("timers.db.q1")!.map((d) => d.split(" ")[0]), [
@@ -325,7 +332,7 @@ pools = main
     // Metrics for the victim sent after it died and before it is ejected are
     // held, then routed again on the reduced ring when it is ejected.
     await victim.stop();
-    await proxy.waitForLog(new RegExp(`lost connection to ${victim.address}`));
+    await proxy.waitForLog(new RegExp(`lost connection to main/${victim.address} \\(ascii\\)`));
     const round0 = keys.map((k) => `${k}:0|c`);
     await sendTcp(proxy.tcpPort, bytes(round0.map((l) => l + "\n").join("")));
     await proxy.waitForLog(

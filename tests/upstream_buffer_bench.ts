@@ -84,6 +84,7 @@ function newRouter(): Router {
       reconnectMaxMs: 1000,
       gate: new ConnectGate(),
       events: new ConnectionEvents(),
+      pooled: false,
     },
   });
   return new Router({ pools: [pool], table: new RoutingTable({ routes: [], pools: ["default"] }) });

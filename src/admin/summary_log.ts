@@ -157,7 +157,7 @@ export class SummaryLog {
     let moreDropped = 0;
     for (const upstream of this.#options.upstreams()) {
       for (const c of upstream.connections) {
-        const name = `${c.address} ${c.protocol}`;
+        const name = `${c.name} ${c.protocol}`;
         const last = this.#lastUpstream.get(name) ?? 0;
         const dropped = c.counters.droppedBufferFull - last;
         this.#lastUpstream.set(name, c.counters.droppedBufferFull);
@@ -173,8 +173,9 @@ export class SummaryLog {
         named++;
         const state = up ? "up" : `down for ${Math.round((Date.now() - c.downSince) / 1000)} s`;
         log.warn(
-          "{address} ({protocol}): {state}; holding {held} ({bytes} bytes); dropped {dropped} (buffer full) in the last {seconds} s",
+          "{server} ({protocol}): {state}; holding {held} ({bytes} bytes); dropped {dropped} (buffer full) in the last {seconds} s",
           {
+            server: c.name,
             address: c.address,
             protocol: c.protocol,
             state,

@@ -96,11 +96,25 @@ export async function runProxy(options: RunOptions): Promise<number> {
     self: startSelfReport(proxy, config),
     reclaimer: new MemoryReclaimer({ clients: () => proxy.tcpClients.open }),
   };
-  log.info("statsite-proxy {version} started with {servers} servers from {file}", {
-    version: VERSION,
-    servers: config.servers.length,
-    file: config.serversFile,
-  });
+  if (config.pools === undefined) {
+    log.info("statsite-proxy {version} started with {servers} servers from {file}", {
+      version: VERSION,
+      servers: config.servers.length,
+      file: config.serversFile,
+    });
+  } else {
+    const pools = config.pools.map((p) =>
+      `${p.name} (${p.servers.length} ${p.hash === "statsrelay" ? "shard" : "server"}${
+        p.servers.length === 1 ? "" : "s"
+      }${p.protocol === "udp" ? ", udp" : ""}${p.onFailure === "eject" ? ", eject" : ""})`
+    );
+    log.info("statsite-proxy {version} started with {count} pools: {pools}; {routes}", {
+      version: VERSION,
+      count: config.pools.length,
+      pools: pools.join(", "),
+      routes: `${config.routes?.length ?? 0} route${config.routes?.length === 1 ? "" : "s"}`,
+    });
+  }
 
   // Reloads run one after another. One that could not read the files for
   // want of file descriptors is tried again, after 1 s, then 2 s, ... 30 s.

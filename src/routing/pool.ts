@@ -39,6 +39,11 @@ export interface PoolShared {
   gate: ConnectGate;
   /** Logs connection events, rate-limited. */
   events: ConnectionEvents;
+  /**
+   * Whether the configuration has pools: then logs name each server
+   * `POOL/ADDRESS`, else by its address as before pools.
+   */
+  pooled: boolean;
 }
 
 /** Options of {@linkcode Pool}. */
@@ -207,9 +212,11 @@ export class Pool {
 
   #member(server: PoolConfig["servers"][number], shared: PoolShared): Destination {
     const { address, host, port } = server;
+    const name = shared.pooled ? `${this.name}/${address}` : address;
     if (this.config.protocol === "udp") {
       return new UdpUpstream({
         address,
+        name,
         host,
         port,
         mtu: this.config.mtu,
@@ -220,6 +227,7 @@ export class Pool {
     }
     return new Upstream({
       address,
+      name,
       host,
       port,
       maxBufferBytes: shared.maxBufferBytes,

@@ -55,6 +55,8 @@ export class UdpSockets {
 export interface UdpUpstreamOptions {
   /** The address as written in the servers file. */
   address: string;
+  /** How logs name it: `POOL/ADDRESS` with pools. Default: the address. */
+  name?: string;
   /** Host name or IP literal (IPv6 without brackets). */
   host: string;
   /** UDP port. */
@@ -72,6 +74,7 @@ export interface UdpUpstreamOptions {
 /** One protocol's datagrams to one server. */
 class DatagramStream implements ConnectionView {
   readonly address: string;
+  readonly name: string;
   readonly protocol: Protocol;
   readonly counters: ConnectionCounters = new ConnectionCounters();
   readonly #upstream: UdpUpstream;
@@ -90,6 +93,7 @@ class DatagramStream implements ConnectionView {
     this.#upstream = upstream;
     this.#options = options;
     this.address = options.address;
+    this.name = options.name ?? options.address;
     this.protocol = protocol;
     this.#newline = protocol === "ascii";
     this.#buf = new Uint8Array(options.mtu);
@@ -173,8 +177,13 @@ class DatagramStream implements ConnectionView {
           this.#warned = true;
           this.#options.events.report(
             "lost",
-            "cannot send to {address} ({protocol}, udp): {error}; dropping what fails",
-            { address: this.address, protocol: this.protocol, error: errorText(err) },
+            "cannot send to {server} ({protocol}, udp): {error}; dropping what fails",
+            {
+              server: this.name,
+              address: this.address,
+              protocol: this.protocol,
+              error: errorText(err),
+            },
           );
         }
       },

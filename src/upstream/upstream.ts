@@ -22,6 +22,8 @@ import { type DrainReason, UpstreamConnection } from "./upstream_connection.ts";
 export interface UpstreamOptions {
   /** The address as written in the servers file (for logs and routes). */
   address: string;
+  /** How logs name it: `POOL/ADDRESS` with pools. Default: the address. */
+  name?: string;
   /** Host name or IP literal to connect to (IPv6 without brackets). */
   host: string;
   /** TCP port. */

@@ -84,6 +84,11 @@ export class ConnectionCounters {
 export interface UpstreamConnectionOptions {
   /** The address as written in the servers file (for logs and routes). */
   address: string;
+  /**
+   * How logs and summaries name it: `POOL/ADDRESS` in a configuration with
+   * pools (an address may serve two pools). Default: the address.
+   */
+  name?: string;
   /** Host name or IP literal to connect to (IPv6 without brackets). */
   host: string;
   /** TCP port. */
@@ -110,6 +115,8 @@ export interface UpstreamConnectionOptions {
 export interface ConnectionView {
   /** Address as written in the servers file. */
   readonly address: string;
+  /** How logs name it: the address, or `POOL/ADDRESS` with pools. */
+  readonly name: string;
   /** The protocol it carries. */
   readonly protocol: Protocol;
   /** Its counters. */
@@ -128,6 +135,8 @@ export interface ConnectionView {
 export class UpstreamConnection implements ConnectionView {
   /** Address as written in the servers file. */
   readonly address: string;
+  /** How logs name it: the address, or `POOL/ADDRESS` with pools. */
+  readonly name: string;
   /** The protocol it carries. */
   readonly protocol: Protocol;
   /** Counters, read by the admin endpoint and the summaries. */
@@ -158,6 +167,7 @@ export class UpstreamConnection implements ConnectionView {
   /** Makes a connection; call {@linkcode start} to connect. */
   constructor(options: UpstreamConnectionOptions) {
     this.address = options.address;
+    this.name = options.name ?? options.address;
     this.protocol = options.protocol;
     this.#options = options;
     this.#newline = options.protocol === "ascii";
@@ -348,8 +358,13 @@ export class UpstreamConnection implements ConnectionView {
         this.#warned = true;
         this.#options.events.report(
           "cannot_connect",
-          "cannot connect to {address} ({protocol}): {error}; holding its metrics and retrying",
-          { address: this.address, protocol: this.protocol, error: errorText(err) },
+          "cannot connect to {server} ({protocol}): {error}; holding its metrics and retrying",
+          {
+            server: this.name,
+            address: this.address,
+            protocol: this.protocol,
+            error: errorText(err),
+          },
         );
       }
       return;
@@ -363,8 +378,9 @@ export class UpstreamConnection implements ConnectionView {
       this.counters.reconnects++;
       this.#options.events.report(
         "reconnected",
-        "reconnected to {address} ({protocol}) after {seconds} s down; sending {bytes} held bytes",
+        "reconnected to {server} ({protocol}) after {seconds} s down; sending {bytes} held bytes",
         {
+          server: this.name,
           address: this.address,
           protocol: this.protocol,
           seconds: (downFor / 1000).toFixed(1),
@@ -372,7 +388,8 @@ export class UpstreamConnection implements ConnectionView {
         },
       );
     } else {
-      this.#options.events.report("connected", "connected to {address} ({protocol})", {
+      this.#options.events.report("connected", "connected to {server} ({protocol})", {
+        server: this.name,
         address: this.address,
         protocol: this.protocol,
       });
@@ -412,8 +429,13 @@ export class UpstreamConnection implements ConnectionView {
       this.#warned = true;
       this.#options.events.report(
         "lost",
-        "lost connection to {address} ({protocol}): {error}; holding its metrics and reconnecting",
-        { address: this.address, protocol: this.protocol, error: errorText(reason) },
+        "lost connection to {server} ({protocol}): {error}; holding its metrics and reconnecting",
+        {
+          server: this.name,
+          address: this.address,
+          protocol: this.protocol,
+          error: errorText(reason),
+        },
       );
     }
     this.#wakeNow();
