@@ -36,7 +36,9 @@ async function main(args: string[]): Promise<number> {
     case "route":
       await runRoute({
         plan: routingPlan(config),
-        pooled: config.pools !== undefined,
+        // Only the pool "default" and no routes: today's KEY<TAB>ADDRESS.
+        pooled: config.pools !== undefined &&
+          (config.pools.length > 1 || (config.routes?.length ?? 0) > 0),
         keys: cli.rest,
         input: Deno.stdin.readable,
         output: Deno.stdout.writable,

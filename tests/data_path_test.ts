@@ -443,6 +443,13 @@ Deno.test("a full buffer for a down upstream drops new metrics and counts them",
     assert.deepEqual(down.lines(), lines.slice(0, 2048));
     assert.equal(await metric(`upstream_forwarded_total{${label}}`), 2048);
     assert.equal(await metric(`upstream_held{${label}}`), 0);
+    // The shutdown does not claim every metric was delivered.
+    assert.equal(await proxy.stop(), 0);
+    assert.match(
+      proxy.stderr,
+      /shutdown: what was held was delivered, but 1952 metrics were dropped before \(buffer_full 1952\)/,
+    );
+    assert.doesNotMatch(proxy.stderr, /every metric was delivered/);
   } finally {
     await proxy.stop();
     await down.stop();

@@ -533,3 +533,36 @@ Deno.test("check prints each pool and the routes in order", async () => {
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("route prints KEY, POOL and ADDRESS per destination, and keeps KEY and ADDRESS with only the pool default", async (t) => {
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-pools-" });
+  try {
+    await Deno.writeTextFile(`${dir}/relay.conf`, "10.0.0.1:8125\n10.0.0.2:8125\n10.0.0.1:8125\n");
+    const relay = await routeOf(`${dir}/relay.conf`, ["foo", "bar"], ["--hash", "statsrelay"]);
+
+    await t.step("a lone [pool:default] prints KEY<TAB>ADDRESS, as before pools", async () => {
+      await Deno.writeTextFile(
+        `${dir}/only.ini`,
+        "[statsite-proxy]\nport = 8150\n\n[pool:default]\nservers = relay.conf\nhash = statsrelay\n",
+      );
+      const r = await runMain(["route", "-f", `${dir}/only.ini`, "foo", "bar"]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(r.stdout, `foo\t${relay.get("foo")}\nbar\t${relay.get("bar")}\n`);
+    });
+
+    await t.step("with a route, every destination gets a line, and a drop says drop", async () => {
+      await Deno.writeTextFile(
+        `${dir}/routed.ini`,
+        "[statsite-proxy]\nport = 8150\n\n[pool:default]\nservers = relay.conf\nhash = statsrelay\n\n" +
+          "[pool:copy]\nservers = relay.conf\nhash = statsrelay\n\n" +
+          "[route:both]\nmatch = ^f\npools = default, copy\n\n[route:none]\nmatch = ^b\npools = drop\n",
+      );
+      const r = await runMain(["route", "-f", `${dir}/routed.ini`, "foo", "bar"]);
+      assert.equal(r.code, 0, r.stderr);
+      const foo = relay.get("foo");
+      assert.equal(r.stdout, `foo\tdefault\t${foo}\nfoo\tcopy\t${foo}\nbar\tdrop\n`);
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -172,7 +172,26 @@ export async function runProxy(options: RunOptions): Promise<number> {
       servers: Object.entries(report.byServer).map(([a, n]) => `${a} ${n}`).join(", "),
     });
   } else {
-    log.info("shutdown: every metric was delivered");
+    // Rerouted metrics were routed again to another server, not lost.
+    const lost = { buffer_full: 0, removed: 0, send_failed: 0 };
+    for (const a of report.accounts) {
+      lost.buffer_full += a.dropped.buffer_full;
+      lost.removed += a.dropped.removed;
+      lost.send_failed += a.dropped.send_failed;
+    }
+    const total = lost.buffer_full + lost.removed + lost.send_failed;
+    if (total === 0) {
+      log.info("shutdown: every metric was delivered");
+    } else {
+      log.warn(
+        "shutdown: what was held was delivered, but {total} metrics were dropped before ({reasons}): see the accounts above",
+        {
+          total,
+          reasons: Object.entries(lost).filter(([, n]) => n > 0).map(([r, n]) => `${r} ${n}`)
+            .join(", "),
+        },
+      );
+    }
   }
   await pidFile?.release();
   return 0;
