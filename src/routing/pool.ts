@@ -87,6 +87,7 @@ export class Pool {
   /** The lines of each member. */
   readonly #linesOf: number[][];
   #hash!: PoolHash;
+  #version = 0;
   /**
    * The ketama ring itself while nothing is ejected: its indexes are then
    * the members' (a ketama servers file has no repeated address), so a
@@ -154,7 +155,16 @@ export class Pool {
 
   #setHash(hash: PoolHash): void {
     this.#hash = hash;
+    this.#version++;
     this.#ring = hash.family === "ketama" && this.#ejected.size === 0 ? hash.ring : undefined;
+  }
+
+  /**
+   * Counts the changes of the hash (an eject or a rejoin): whoever caches
+   * {@linkcode memberFor}'s answers drops them when it changes.
+   */
+  get version(): number {
+    return this.#version;
   }
 
   /** The hash in force (over the live servers). */
@@ -179,10 +189,25 @@ export class Pool {
     keyStart: number,
     keyEnd: number,
   ): void {
+    this.appendTo(this.memberFor(buf, keyStart, keyEnd), buf, start, end, ascii);
+  }
+
+  /**
+   * The member the key `buf[keyStart, keyEnd)` goes to, on the hash in
+   * force. Positional parameters: the hot path.
+   */
+  memberFor(buf: Uint8Array, keyStart: number, keyEnd: number): number {
     const ring = this.#ring;
-    const i = ring !== undefined
+    return ring !== undefined
       ? ring.lookup(buf, keyStart, keyEnd)
       : this.#memberOf[this.#hash.lookup(buf, keyStart, keyEnd)];
+  }
+
+  /**
+   * Hands the frame `buf[start, end)` to member `i` (as
+   * {@linkcode memberFor} chose it). Positional parameters: the hot path.
+   */
+  appendTo(i: number, buf: Uint8Array, start: number, end: number, ascii: boolean): void {
     this.members[i].append(buf, start, end, ascii);
     if (this.#marks && this.#mark[i] === 0) {
       this.#mark[i] = 1;

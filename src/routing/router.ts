@@ -5,13 +5,16 @@
  * One call routes a whole batch (a read, or a batch of datagrams) and then
  * wakes the writers it appended to, once. With only the pool `default` and
  * no routes (every configuration before pools), a frame costs one hash
- * look-up and a copy, as it always did; with routes, one more cached
- * look-up picks the route.
+ * look-up and a copy, as it always did. With routes, a frame still costs
+ * one look-up: a cache by key bytes holds the key's whole plan (its route,
+ * and the server in each of the route's pools). The plans are dropped when
+ * a pool's hash changes (an eject or a rejoin) or the routes are swapped.
  *
  * @module
  */
 
 import type { BatchSink, FrameBatch } from "../ingest/frame_batch.ts";
+import { RouteCache } from "../ring/route_cache.ts";
 import type { Pool } from "./pool.ts";
 import type { RoutingTable } from "./routing_table.ts";
 
@@ -35,6 +38,18 @@ export class Router implements BatchSink {
   #counts = new Float64Array(1);
   /** Totals by route name (`""` for "no route matched") from tables replaced. */
   #totals = new Map<string, number>();
+  /** Each key's plan, by key bytes. */
+  #plans = new RouteCache();
+  /** Each plan's decision (a route's index, or "no route matched"). */
+  #planDecision: number[] = [];
+  /** Each plan's pools. */
+  #planPools: (readonly Pool[])[] = [];
+  /** Each plan's member in each of its pools. */
+  #planMembers: number[][] = [];
+  /** The plan of each distinct decision and members, `DECISION:M1,M2`. */
+  #planIds = new Map<string, number>();
+  /** The pools' hash versions the plans were made on. */
+  #versions: number[] = [];
 
   /** Makes a router. */
   constructor(options: RouterOptions) {
@@ -78,6 +93,35 @@ export class Router implements BatchSink {
     this.#only = options.table.routes.length === 0 && options.pools.length === 1
       ? options.pools[0]
       : undefined;
+    this.#resetPlans();
+  }
+
+  #resetPlans(): void {
+    this.#plans.clear();
+    this.#planDecision = [];
+    this.#planPools = [];
+    this.#planMembers = [];
+    this.#planIds.clear();
+    this.#versions = this.#pools.map((p) => p.version);
+  }
+
+  /** Makes (or finds) the plan of the key `buf[ks, ke)`, and caches it. */
+  #plan(buf: Uint8Array, ks: number, ke: number): number {
+    const decision = this.#table.decide(buf, ks, ke);
+    const pools = this.#targets[decision] ?? [];
+    const members = pools.map((p) => p.memberFor(buf, ks, ke));
+    const id = `${decision}:${members.join(",")}`;
+    let plan = this.#planIds.get(id);
+    if (plan === undefined) {
+      if (this.#planDecision.length > 0xffff) this.#resetPlans();
+      plan = this.#planDecision.length;
+      this.#planDecision.push(decision);
+      this.#planPools.push(pools);
+      this.#planMembers.push(members);
+      this.#planIds.set(id, plan);
+    }
+    this.#plans.set(buf, ks, ke, plan);
+    return plan;
   }
 
   /** Hands every frame of `batch` to its pools, then wakes their writers. */
@@ -94,20 +138,27 @@ export class Router implements BatchSink {
       only.kick();
       return;
     }
-    const table = this.#table;
-    const targets = this.#targets;
+    const all = this.#pools;
+    for (let p = 0; p < all.length; p++) {
+      if (all[p].version !== this.#versions[p]) {
+        this.#resetPlans();
+        break;
+      }
+    }
+    const plans = this.#plans;
     const counts = this.#counts;
     for (let i = 0; i < count; i++) {
       const ks = keyStart[i];
       const ke = keyEnd[i];
-      const decision = table.decide(buf, ks, ke);
-      counts[decision]++;
-      const pools = targets[decision];
-      if (pools === null) continue; // a drop route: counted above
+      let plan = plans.get(buf, ks, ke);
+      if (plan < 0) plan = this.#plan(buf, ks, ke);
+      counts[this.#planDecision[plan]]++;
+      const pools = this.#planPools[plan]; // empty for a drop route: counted above
+      const members = this.#planMembers[plan];
       for (let p = 0; p < pools.length; p++) {
-        pools[p].append(buf, start[i], end[i], ascii[i] === 1, ks, ke);
+        pools[p].appendTo(members[p], buf, start[i], end[i], ascii[i] === 1);
       }
     }
-    for (const pool of this.#pools) pool.kick();
+    for (const pool of all) pool.kick();
   }
 }
