@@ -7,9 +7,10 @@
  * other, by its first byte). A single metric longer than `mtu` is sent alone,
  * and counted.
  *
- * UDP holds nothing for a dead server: what the kernel refuses to send is
- * dropped and counted (`send_failed`). The server's host name is resolved
- * when the pool starts and again on every reload.
+ * Datagrams leave in order, one send at a time (a gauge set twice must end
+ * at its last value). UDP holds nothing for a dead server: what the kernel
+ * refuses to send is dropped and counted (`send_failed`). The server's host
+ * name is resolved when the pool starts and again on every reload.
  *
  * @module
  */
@@ -83,10 +84,20 @@ class DatagramStream implements ConnectionView {
   #buf: Uint8Array;
   #length = 0;
   #frames = 0;
+  /** Lines or frames in datagrams queued or being sent. */
   #inFlight = 0;
   #inFlightBytes = 0;
   #timer: ReturnType<typeof setTimeout> | undefined;
-  #sends = new Set<Promise<void>>();
+  /**
+   * Datagrams waiting to be sent, in order, with their metric counts. One
+   * send is under way at a time: concurrent sends on a socket may leave in
+   * any order (they did, reversed), and a gauge set twice must arrive in
+   * order.
+   */
+  #queue: { datagram: Uint8Array; frames: number }[] = [];
+  #queueHead = 0;
+  /** The loop that sends the queue, while it runs. */
+  #pump: Promise<void> | undefined;
   #warned = false;
 
   constructor(upstream: UdpUpstream, options: UdpUpstreamOptions, protocol: Protocol) {
@@ -153,24 +164,40 @@ class DatagramStream implements ConnectionView {
     this.#send(datagram, frames);
   }
 
-  /** Sends what is pending, then waits for every send under way. */
+  /** Sends what is pending, then waits until every queued datagram is sent. */
   async drain(): Promise<void> {
     this.flush();
-    while (this.#sends.size > 0) await Promise.allSettled([...this.#sends]);
+    while (this.#pump !== undefined) await this.#pump;
   }
 
+  /** Queues a datagram; a full queue drops it, counted `buffer_full`. */
   #send(datagram: Uint8Array, frames: number): void {
-    const target = this.#upstream.target;
+    if (this.#inFlightBytes + datagram.length > MAX_QUEUED_BYTES) {
+      this.counters.droppedBufferFull += frames;
+      return;
+    }
     this.#inFlight += frames;
     this.#inFlightBytes += datagram.length;
+    this.#queue.push({ datagram, frames });
+    this.#pump ??= this.#sendQueue().finally(() => this.#pump = undefined);
+  }
+
+  async #sendQueue(): Promise<void> {
     const counters = this.counters;
-    const send = this.#options.sockets.for(target.hostname).send(datagram, target).then(
-      (n) => {
+    while (this.#queueHead < this.#queue.length) {
+      const { datagram, frames } = this.#queue[this.#queueHead];
+      this.#queue[this.#queueHead++] = undefined!;
+      if (this.#queueHead > 1024 && this.#queueHead * 2 > this.#queue.length) {
+        this.#queue = this.#queue.slice(this.#queueHead);
+        this.#queueHead = 0;
+      }
+      const target = this.#upstream.target;
+      try {
+        const n = await this.#options.sockets.for(target.hostname).send(datagram, target);
         counters.forwarded += frames;
         counters.bytes += n;
         this.#warned = false;
-      },
-      (err) => {
+      } catch (err) {
         counters.droppedSendFailed += frames;
         counters.failures++;
         if (!this.#warned) {
@@ -186,15 +213,22 @@ class DatagramStream implements ConnectionView {
             },
           );
         }
-      },
-    ).finally(() => {
-      this.#inFlight -= frames;
-      this.#inFlightBytes -= datagram.length;
-      this.#sends.delete(send);
-    });
-    this.#sends.add(send);
+      } finally {
+        this.#inFlight -= frames;
+        this.#inFlightBytes -= datagram.length;
+      }
+    }
+    this.#queue = [];
+    this.#queueHead = 0;
   }
 }
+
+/**
+ * Most bytes of datagrams queued for one server and protocol. Sends on
+ * loopback or a LAN keep up with any input; this bounds memory if they do
+ * not (a socket buffer that stays full).
+ */
+const MAX_QUEUED_BYTES = 16 * 1024 * 1024;
 
 /** A server of a UDP pool. */
 export class UdpUpstream implements Destination {
