@@ -10,7 +10,7 @@
  * @module
  */
 
-import { ProxyChild, type ProxyProcess } from "./bench_proxy.ts";
+import { ProxyChild, type ProxyProcess, tcpAccepts } from "./bench_proxy.ts";
 import { udpSockets } from "./bench_proc.ts";
 
 /** The default hit9 binary, relative to the repository root. */
@@ -54,8 +54,6 @@ export class Hit9Proxy extends ProxyChild implements ProxyProcess {
   readonly tcpPort: undefined = undefined;
   /** Its UDP port (bound on 0.0.0.0, once per thread). */
   readonly udpPort: number;
-  /** Milliseconds from spawn until every thread's socket was bound. */
-  startupMs = 0;
 
   private constructor(dir: string, udpPort: number, child: Deno.ChildProcess) {
     super(dir, child);
@@ -66,17 +64,17 @@ export class Hit9Proxy extends ProxyChild implements ProxyProcess {
    * Writes its configuration, starts it and waits until each of its threads
    * has bound its socket. Retries with another port if the port was taken.
    */
-  static async start(options: Hit9Options): Promise<Hit9Proxy> {
-    for (let attempt = 1;; attempt++) {
-      const proxy = await Hit9Proxy.#spawn(options);
-      try {
-        await proxy.#waitListening(options.startTimeoutMs ?? 10_000);
-        return proxy;
-      } catch (err) {
-        await proxy.stop();
-        if (attempt >= 3 || !/failed to bind/i.test(proxy.stderr)) throw err;
-      }
-    }
+  static start(options: Hit9Options): Promise<Hit9Proxy> {
+    return ProxyChild.startWithRetries(
+      () => Hit9Proxy.#spawn(options),
+      (proxy) =>
+        proxy.waitReady(
+          "hit9",
+          options.startTimeoutMs ?? 10_000,
+          () => udpSockets(proxy.udpPort) >= HIT9_THREADS,
+        ),
+      (stderr) => /failed to bind/i.test(stderr),
+    );
   }
 
   static async #spawn(options: Hit9Options): Promise<Hit9Proxy> {
@@ -106,25 +104,6 @@ export class Hit9Proxy extends ProxyChild implements ProxyProcess {
       stderr: "piped",
     }).spawn();
     return new Hit9Proxy(dir, port, child);
-  }
-
-  async #waitListening(timeoutMs: number): Promise<void> {
-    const started = performance.now();
-    const deadline = started + timeoutMs;
-    while (true) {
-      if (this.exited) {
-        await this.ended();
-        throw new Error(`hit9 exited at start: ${this.stderr.trim()}`);
-      }
-      if (udpSockets(this.udpPort) >= HIT9_THREADS) {
-        this.startupMs = performance.now() - started;
-        return;
-      }
-      if (performance.now() > deadline) {
-        throw new Error(`hit9 did not listen within ${timeoutMs} ms: ${this.stderr.trim()}`);
-      }
-      await new Promise((resolve) => setTimeout(resolve, 5));
-    }
   }
 }
 
@@ -166,8 +145,6 @@ export class StatsiteProxy extends ProxyChild implements ProxyProcess {
   readonly tcpPort: number;
   /** Its UDP port (the same number). */
   readonly udpPort: number;
-  /** Milliseconds from spawn until a TCP connect succeeded. */
-  startupMs = 0;
 
   private constructor(dir: string, port: number, child: Deno.ChildProcess) {
     super(dir, child);
@@ -176,17 +153,17 @@ export class StatsiteProxy extends ProxyChild implements ProxyProcess {
   }
 
   /** Writes its configuration, starts it and waits until its TCP port accepts a connection. */
-  static async start(options: StatsiteOptions): Promise<StatsiteProxy> {
-    for (let attempt = 1;; attempt++) {
-      const proxy = await StatsiteProxy.#spawn(options);
-      try {
-        await proxy.#waitListening(options.startTimeoutMs ?? 10_000);
-        return proxy;
-      } catch (err) {
-        await proxy.stop();
-        if (attempt >= 3) throw err;
-      }
-    }
+  static start(options: StatsiteOptions): Promise<StatsiteProxy> {
+    return ProxyChild.startWithRetries(
+      () => StatsiteProxy.#spawn(options),
+      (proxy) =>
+        proxy.waitReady(
+          "statsite_proxy",
+          options.startTimeoutMs ?? 10_000,
+          () => tcpAccepts(proxy.tcpPort),
+        ),
+      () => true,
+    );
   }
 
   static async #spawn(options: StatsiteOptions): Promise<StatsiteProxy> {
@@ -222,28 +199,5 @@ export class StatsiteProxy extends ProxyChild implements ProxyProcess {
       stderr: "piped",
     }).spawn();
     return new StatsiteProxy(dir, port, child);
-  }
-
-  async #waitListening(timeoutMs: number): Promise<void> {
-    const started = performance.now();
-    const deadline = started + timeoutMs;
-    while (true) {
-      if (this.exited) {
-        await this.ended();
-        throw new Error(`statsite_proxy exited at start: ${this.stderr.trim()}`);
-      }
-      try {
-        const conn = await Deno.connect({ hostname: "127.0.0.1", port: this.tcpPort });
-        conn.close();
-        this.startupMs = performance.now() - started;
-        return;
-      } catch {
-        // Not listening yet.
-      }
-      if (performance.now() > deadline) {
-        throw new Error(`statsite_proxy did not listen within ${timeoutMs} ms`);
-      }
-      await new Promise((resolve) => setTimeout(resolve, 5));
-    }
   }
 }

@@ -85,10 +85,57 @@ export class ProxyChild {
     return this.#exited;
   }
 
-  /** Resolves once it has exited and its standard error is read to the end. */
-  protected async ended(): Promise<void> {
-    await this.#status;
-    await this.#reading;
+  /** Milliseconds from spawn until it was ready (see {@linkcode waitReady}). */
+  startupMs = 0;
+
+  /**
+   * Spawns with `spawn` and waits with `wait`, up to three times: again when
+   * the wait fails and `retry` says the stderr shows a port taken in between.
+   */
+  static async startWithRetries<T extends ProxyChild>(
+    spawn: () => Promise<T>,
+    wait: (child: T) => Promise<void>,
+    retry: (stderr: string) => boolean,
+  ): Promise<T> {
+    for (let attempt = 1;; attempt++) {
+      const child = await spawn();
+      try {
+        await wait(child);
+        return child;
+      } catch (err) {
+        await child.stop();
+        if (attempt >= 3 || !retry(child.stderr)) throw err;
+      }
+    }
+  }
+
+  /**
+   * Polls `ready` every 5 ms until it holds, and records the start-up time;
+   * fails when the process exits first or `timeoutMs` pass. `what` names it
+   * in the error.
+   */
+  async waitReady(
+    what: string,
+    timeoutMs: number,
+    ready: () => boolean | Promise<boolean>,
+  ): Promise<void> {
+    const started = performance.now();
+    const deadline = started + timeoutMs;
+    while (true) {
+      if (this.#exited) {
+        await this.#status;
+        await this.#reading;
+        throw new Error(`${what} exited at start: ${this.stderr.trim()}`);
+      }
+      if (await ready()) {
+        this.startupMs = performance.now() - started;
+        return;
+      }
+      if (performance.now() > deadline) {
+        throw new Error(`${what} did not listen within ${timeoutMs} ms: ${this.stderr.trim()}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
   }
 
   /**
@@ -143,9 +190,6 @@ export class BenchProxy extends ProxyChild implements ProxyProcess {
   readonly tcpPort: number;
   /** UDP port. */
   readonly udpPort: number;
-  /** Milliseconds from spawn until a TCP connect succeeded. */
-  startupMs = 0;
-
   private constructor(dir: string, tcpPort: number, udpPort: number, child: Deno.ChildProcess) {
     super(dir, child);
     this.tcpPort = tcpPort;
@@ -157,17 +201,17 @@ export class BenchProxy extends ProxyChild implements ProxyProcess {
    * accepts a connection. Retries with other ports if a port was taken in
    * between.
    */
-  static async start(options: BenchProxyOptions): Promise<BenchProxy> {
-    for (let attempt = 1;; attempt++) {
-      const proxy = await BenchProxy.#spawn(options);
-      try {
-        await proxy.#waitListening(options.startTimeoutMs ?? 30_000);
-        return proxy;
-      } catch (err) {
-        await proxy.stop();
-        if (attempt >= 3 || !/address already in use/i.test(proxy.stderr)) throw err;
-      }
-    }
+  static start(options: BenchProxyOptions): Promise<BenchProxy> {
+    return ProxyChild.startWithRetries(
+      () => BenchProxy.#spawn(options),
+      (proxy) =>
+        proxy.waitReady(
+          "the proxy",
+          options.startTimeoutMs ?? 30_000,
+          () => tcpAccepts(proxy.tcpPort),
+        ),
+      (stderr) => /address already in use/i.test(stderr),
+    );
   }
 
   static async #spawn(options: BenchProxyOptions): Promise<BenchProxy> {
@@ -197,27 +241,14 @@ export class BenchProxy extends ProxyChild implements ProxyProcess {
     }).spawn();
     return new BenchProxy(dir, tcpPort, udpPort, child);
   }
+}
 
-  async #waitListening(timeoutMs: number): Promise<void> {
-    const started = performance.now();
-    const deadline = started + timeoutMs;
-    while (true) {
-      if (this.exited) {
-        await this.ended();
-        throw new Error(`the proxy exited at start: ${this.stderr.trim()}`);
-      }
-      try {
-        const conn = await Deno.connect({ hostname: "127.0.0.1", port: this.tcpPort });
-        conn.close();
-        this.startupMs = performance.now() - started;
-        return;
-      } catch {
-        // Not listening yet.
-      }
-      if (performance.now() > deadline) {
-        throw new Error(`the proxy did not listen within ${timeoutMs} ms: ${this.stderr.trim()}`);
-      }
-      await new Promise((resolve) => setTimeout(resolve, 5));
-    }
+/** Whether a TCP connect to 127.0.0.1:`port` succeeds. */
+export async function tcpAccepts(port: number): Promise<boolean> {
+  try {
+    (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+    return true;
+  } catch {
+    return false;
   }
 }

@@ -11,6 +11,7 @@
  * @module
  */
 
+import { acceptConnections } from "../accept_loop.ts";
 import { errorText, listenError } from "../errors.ts";
 import { internalErrors, isConnectionEnd } from "../internal_errors.ts";
 
@@ -129,22 +130,11 @@ export class HttpServer {
 
   async #accept(): Promise<void> {
     const counters = this.#options.counters;
-    let pause = 10;
-    while (true) {
-      let conn: Deno.TcpConn;
-      try {
-        conn = await this.#listener.accept();
-        pause = 10;
-      } catch (err) {
-        if (err instanceof Deno.errors.BadResource || err instanceof Deno.errors.Interrupted) {
-          return;
-        }
-        counters.acceptErrors++;
-        counters.lastAcceptError = errorText(err);
-        await new Promise((resolve) => setTimeout(resolve, pause));
-        pause = Math.min(pause * 2, 1000);
-        continue;
-      }
+    const accepted = acceptConnections(this.#listener, (err) => {
+      counters.acceptErrors++;
+      counters.lastAcceptError = errorText(err);
+    });
+    for await (const conn of accepted) {
       if (this.#conns.size >= this.#options.maxConnections) {
         counters.rejected++;
         close(conn);

@@ -26,6 +26,11 @@ class Exposition {
     return this;
   }
 
+  /** A family of one sample without labels. */
+  single(name: string, type: "counter" | "gauge", help: string, value: number): this {
+    return this.family(name, type, help).sample(name, {}, value);
+  }
+
   sample(name: string, labels: Labels, value: number): this {
     const pairs = Object.entries(labels).map(([k, v]) => `${k}="${escapeLabel(v)}"`);
     const text = pairs.length === 0 ? "" : `{${pairs.join(",")}}`;
@@ -60,8 +65,12 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
 
   out.family("build_info", "gauge", "Version of the running proxy (always 1).")
     .sample("build_info", { version: VERSION }, 1);
-  out.family("uptime_seconds", "gauge", "Seconds since the proxy started.")
-    .sample("uptime_seconds", {}, Math.round((Date.now() - proxy.startedAt) / 1000));
+  out.single(
+    "uptime_seconds",
+    "gauge",
+    "Seconds since the proxy started.",
+    Math.round((Date.now() - proxy.startedAt) / 1000),
+  );
 
   perTransport("received_lines_total", "Valid ascii lines received.", (c) => c.lines);
   perTransport("received_frames_total", "Valid statsite binary frames received.", (c) => c.frames);
@@ -78,40 +87,49 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
     );
   }
   const clients = proxy.tcpClients;
-  out.family("tcp_connections_open", "gauge", "TCP client connections open now.")
-    .sample("tcp_connections_open", {}, clients.open);
-  out.family("tcp_connections_total", "counter", "TCP client connections accepted and served.")
-    .sample("tcp_connections_total", {}, clients.total);
-  out.family(
+  out.single("tcp_connections_open", "gauge", "TCP client connections open now.", clients.open);
+  out.single(
+    "tcp_connections_total",
+    "counter",
+    "TCP client connections accepted and served.",
+    clients.total,
+  );
+  out.single(
     "tcp_connections_rejected_total",
     "counter",
     "TCP clients closed at once because max_connections were open.",
-  ).sample("tcp_connections_rejected_total", {}, clients.rejected);
-  out.family(
+    clients.rejected,
+  );
+  out.single(
     "tcp_connections_idle_closed_total",
     "counter",
     "TCP clients closed after client_idle_timeout_ms of silence.",
-  ).sample("tcp_connections_idle_closed_total", {}, clients.idleClosed);
-  out.family(
+    clients.idleClosed,
+  );
+  out.single(
     "tcp_accept_errors_total",
     "counter",
     "Failed accepts of TCP clients (out of file descriptors, most often), each retried.",
-  ).sample("tcp_accept_errors_total", {}, clients.acceptErrors);
-  out.family(
+    clients.acceptErrors,
+  );
+  out.single(
     "tcp_pending_bytes",
     "gauge",
     "Bytes held for TCP clients' unfinished lines (bounded by max_pending_bytes).",
-  ).sample("tcp_pending_bytes", {}, proxy.pending.used);
-  out.family(
+    proxy.pending.used,
+  );
+  out.single(
     "tcp_read_buffers_lent",
     "gauge",
     "Large read buffers lent to streaming TCP clients.",
-  ).sample("tcp_read_buffers_lent", {}, proxy.readPool.lent);
-  out.family(
+    proxy.readPool.lent,
+  );
+  out.single(
     "internal_errors_total",
     "counter",
     "Unexpected errors caught and survived (see the log).",
-  ).sample("internal_errors_total", {}, internalErrors.count);
+    internalErrors.count,
+  );
 
   // With pool sections, every upstream and ring metric names its pool; without
   // them, the labels are those of before pools, so dashboards keep working.
@@ -199,10 +217,8 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
 
   if (!pooled) {
     const hash = proxy.pools[0].hash;
-    out.family("ring_servers", "gauge", "Servers on the hash ring.")
-      .sample("ring_servers", {}, hash.servers.length);
-    out.family("ring_points", "gauge", "Points on the hash ring.")
-      .sample("ring_points", {}, hash.pointCount);
+    out.single("ring_servers", "gauge", "Servers on the hash ring.", hash.servers.length);
+    out.single("ring_points", "gauge", "Points on the hash ring.", hash.pointCount);
   } else {
     const perPool = (
       name: string,
@@ -265,28 +281,42 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
       out.sample("route_metrics_total", { route, drop: drops.has(route) ? "true" : "false" }, n);
     }
   }
-  out.family("reloads_total", "counter", "Configuration reloads applied (SIGHUP).")
-    .sample("reloads_total", {}, proxy.reloadCounters.reloads);
-  out.family("reload_failures_total", "counter", "Reloads refused because of an invalid file.")
-    .sample("reload_failures_total", {}, proxy.reloadCounters.failures);
-  out.family("admin_requests_total", "counter", "Admin requests answered.")
-    .sample("admin_requests_total", {}, admin.requests);
-  out.family("admin_bad_requests_total", "counter", "Malformed admin requests, answered 4xx.")
-    .sample("admin_bad_requests_total", {}, admin.badRequests);
-  out.family(
+  out.single(
+    "reloads_total",
+    "counter",
+    "Configuration reloads applied (SIGHUP).",
+    proxy.reloadCounters.reloads,
+  );
+  out.single(
+    "reload_failures_total",
+    "counter",
+    "Reloads refused because of an invalid file.",
+    proxy.reloadCounters.failures,
+  );
+  out.single("admin_requests_total", "counter", "Admin requests answered.", admin.requests);
+  out.single(
+    "admin_bad_requests_total",
+    "counter",
+    "Malformed admin requests, answered 4xx.",
+    admin.badRequests,
+  );
+  out.single(
     "admin_connections_rejected_total",
     "counter",
     "Admin connections closed at once: too many were open.",
-  ).sample("admin_connections_rejected_total", {}, admin.rejected);
-  out.family(
+    admin.rejected,
+  );
+  out.single(
     "admin_connections_timed_out_total",
     "counter",
     "Admin connections closed because they took too long.",
-  ).sample("admin_connections_timed_out_total", {}, admin.timedOut);
-  out.family(
+    admin.timedOut,
+  );
+  out.single(
     "admin_accept_errors_total",
     "counter",
     "Failed accepts on the admin endpoint (e.g. out of file descriptors), each retried.",
-  ).sample("admin_accept_errors_total", {}, admin.acceptErrors);
+    admin.acceptErrors,
+  );
   return out.toString();
 }

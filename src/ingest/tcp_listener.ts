@@ -18,7 +18,8 @@
  */
 
 import { internalErrors, isConnectionEnd } from "../internal_errors.ts";
-import { listenError } from "../errors.ts";
+import { acceptConnections } from "../accept_loop.ts";
+import { errorText, listenError } from "../errors.ts";
 import type { TcpClientCounters } from "./counters.ts";
 import type { BatchSink } from "./frame_batch.ts";
 import type { ReadBufferPool } from "./read_buffer_pool.ts";
@@ -102,23 +103,12 @@ export class TcpListener {
 
   async #accept(): Promise<void> {
     const clients = this.#options.clients;
-    let pause = 10;
-    while (true) {
-      let conn: Deno.TcpConn;
-      try {
-        conn = await this.#listener.accept();
-        pause = 10;
-      } catch (err) {
-        if (err instanceof Deno.errors.BadResource || err instanceof Deno.errors.Interrupted) {
-          return;
-        }
-        // Out of file descriptors and the like: count it, pause, keep serving.
-        clients.acceptErrors++;
-        clients.lastAcceptError = err instanceof Error ? err.message : String(err);
-        await new Promise((resolve) => setTimeout(resolve, pause));
-        pause = Math.min(pause * 2, 1000);
-        continue;
-      }
+    // Out of file descriptors and the like: count it, pause, keep serving.
+    const accepted = acceptConnections(this.#listener, (err) => {
+      clients.acceptErrors++;
+      clients.lastAcceptError = errorText(err);
+    });
+    for await (const conn of accepted) {
       if (clients.open >= this.#options.limits.maxConnections) {
         clients.rejected++;
         close(conn);
