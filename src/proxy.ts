@@ -357,6 +357,15 @@ export class Proxy {
     for (const pool of pools) pool.start();
     const deadline = Date.now() + next.drainTimeoutMs;
     for (const [pool, member] of leaving) this.#leave(pool, member, deadline);
+    // A UDP pool removed, or no longer UDP, closes its sockets once its
+    // servers have sent what they had.
+    for (const before of oldPools.values()) {
+      const sockets = before.sockets;
+      if (sockets === undefined || pools.some((p) => p.sockets === sockets)) continue;
+      Promise.allSettled(before.members.map((m) => this.#leaving.get(m))).then(() =>
+        sockets.close()
+      );
+    }
     const main = changes.find((c) => c.pool === "default");
     const report: ReloadReport = {
       added: main?.added ?? [],

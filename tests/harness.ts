@@ -686,6 +686,13 @@ export function rssMiB(pid: number): number {
   return kib / 1024;
 }
 
+/** The open file descriptors of process `pid`, as `ls /proc/PID/fd` lists them. */
+export function openFiles(pid: number): number {
+  const out = new Deno.Command("ls", { args: [`/proc/${pid}/fd`] }).outputSync();
+  assert.ok(out.code === 0, `ls found no process ${pid}`);
+  return new TextDecoder().decode(out.stdout).split("\n").filter((l) => l !== "").length;
+}
+
 /**
  * Asks `main.ts route -f CONFIG` where each key goes, for a configuration
  * with pools: key → its destinations as `POOL ADDRESS`, or `["drop"]`.

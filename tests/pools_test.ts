@@ -12,6 +12,7 @@ import { binary } from "./frames.ts";
 import {
   bytes,
   metricsAccounts,
+  openFiles,
   ProxyProcess,
   RecordingServer,
   routeOf,
@@ -567,5 +568,41 @@ Deno.test("route prints KEY, POOL and ADDRESS per destination, and keeps KEY and
     });
   } finally {
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a UDP pool that a reload removes closes its socket", async () => {
+  const statsd = UdpRecordingServer.start();
+  const proxy = await ProxyProcess.start({
+    servers: [RecordingServer.reserve().address],
+    files: { "udp.conf": file([statsd]) },
+  });
+  try {
+    const ini = await Deno.readTextFile(`${proxy.dir}/proxy.ini`);
+    const withPool = ini +
+      "\n[pool:statsd]\nservers = udp.conf\nprotocol = udp\n\n[route:u]\nmatch = ^u\\.\npools = statsd\n";
+    let reloads = 0;
+    const reload = async (text: string) => {
+      await Deno.writeTextFile(`${proxy.dir}/proxy.ini`, text);
+      proxy.signal("SIGHUP");
+      reloads++;
+      await waitUntil(
+        () => (proxy.stderr.match(/SIGHUP: reloaded/g) ?? []).length >= reloads,
+        () => `reload ${reloads}`,
+      );
+    };
+    let before = 0;
+    for (let round = 0; round < 6; round++) {
+      await reload(withPool);
+      await sendTcp(proxy.tcpPort, bytes(`u.k${round}:1|c\n`));
+      await waitUntil(() => statsd.lines().length > round, () => `u.k${round} at the UDP server`);
+      await reload(ini);
+      await sleep(50); // the removed pool drains, then closes its socket
+      if (round === 0) before = openFiles(proxy.pid);
+    }
+    assert.equal(openFiles(proxy.pid), before, "no socket left behind by the pools removed");
+  } finally {
+    await proxy.stop();
+    await statsd.stop();
   }
 });
