@@ -325,12 +325,13 @@ export class Proxy {
         continue;
       }
       const weights = new Map(before.config.servers.map((s) => [s.address, s.weight]));
-      const oldAddresses = new Set(before.members.map((m) => m.address));
+      const was = new Set(before.members);
       const removed = before.members.filter((m) => !kept.has(m));
       leaving.push(...removed.map((m): [string, Destination] => [pool.name, m]));
       changes.push({
         pool: pool.name,
-        added: pool.members.filter((m) => !oldAddresses.has(m.address)).map((m) => m.address),
+        // A server kept is the same object; one new (or of another protocol) is not.
+        added: pool.members.filter((m) => !was.has(m)).map((m) => m.address),
         removed: removed.map((m) => m.address),
         reweighted: pool.config.servers.filter((s) =>
           weights.has(s.address) && weights.get(s.address) !== s.weight
