@@ -11,7 +11,7 @@
 import { checkSummary } from "./src/commands/check_command.ts";
 import { parseCli, USAGE } from "./src/commands/cli.ts";
 import { loadConfig } from "./src/config/config.ts";
-import { ConfigError, ListenError, UsageError } from "./src/errors.ts";
+import { ConfigError, ListenError, TakeoverError, UsageError } from "./src/errors.ts";
 import { PidFileError } from "./src/commands/pid_file.ts";
 import { runRoute } from "./src/commands/route_command.ts";
 import { runProxy } from "./src/commands/run_command.ts";
@@ -29,6 +29,11 @@ async function main(args: string[]): Promise<number> {
     return 0;
   }
   const config = await loadConfig({ file: cli.configFile, overrides: cli.overrides });
+  if (cli.takeover && config.pidFile === undefined) {
+    throw new UsageError(
+      "--takeover needs a pid file (pid_file or --pid-file): it finds the running proxy through it",
+    );
+  }
   switch (cli.command) {
     case "check":
       await Deno.stdout.write(new TextEncoder().encode(checkSummary(config)));
@@ -45,7 +50,7 @@ async function main(args: string[]): Promise<number> {
       });
       return 0;
     case "run":
-      return await runProxy({ config, overrides: cli.overrides });
+      return await runProxy({ config, overrides: cli.overrides, takeover: cli.takeover });
   }
 }
 
@@ -57,7 +62,7 @@ if (import.meta.main) {
     if (err instanceof UsageError) {
       console.error(`statsite-proxy: ${err.message}\n\n${USAGE}`);
       code = 2;
-    } else if (err instanceof ConfigError) {
+    } else if (err instanceof ConfigError || err instanceof TakeoverError) {
       console.error(`statsite-proxy: ${err.message}`);
       code = 2;
     } else if (err instanceof ListenError || err instanceof PidFileError) {

@@ -34,6 +34,13 @@ async function serve(conn: Deno.Conn): Promise<void> {
   } catch {
     // Connection reset: keep what arrived.
   }
+  // Close at the end of the stream, as statsite does (a proxy handing over
+  // waits for it).
+  try {
+    conn.close();
+  } catch {
+    // Already closed.
+  }
 }
 
 async function stop(): Promise<void> {

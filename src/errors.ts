@@ -175,3 +175,21 @@ export function listenError(target: ListenTarget, error: unknown): ListenError {
   else reason = oneLine(error instanceof Error ? error.message : String(error));
   return new ListenError(target, reason, { cause: error });
 }
+
+/**
+ * A takeover (`run --takeover`, or a start while the running proxy drains)
+ * could not complete: the running proxy goes on serving, unchanged. The
+ * proxy prints its one-line message and exits with code 2.
+ */
+export class TakeoverError extends Error {
+  /**
+   * Constructs a new instance.
+   *
+   * @param message Why, in one line.
+   * @param options The standard error options, such as `cause`.
+   */
+  constructor(message: string, options?: ErrorOptions) {
+    super(oneLine(message), options);
+    this.name = "TakeoverError";
+  }
+}

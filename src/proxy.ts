@@ -14,15 +14,19 @@
 import { poolsOf, type ProxyConfig } from "./config/config.ts";
 import { errorText } from "./errors.ts";
 import { ByteBudget } from "./byte_budget.ts";
-import { IngestCounters, TcpClientCounters } from "./ingest/counters.ts";
+import { DROP, IngestCounters, TcpClientCounters } from "./ingest/counters.ts";
 import { ReadBufferPool } from "./ingest/read_buffer_pool.ts";
 import { StreamDecoderContext } from "./ingest/stream_decoder.ts";
 import { logger } from "./log.ts";
 import { Pool, type PoolShared } from "./routing/pool.ts";
 import { Router } from "./routing/router.ts";
 import { RoutingTable } from "./routing/routing_table.ts";
-import { type TcpClientLimits, TcpListener } from "./ingest/tcp_listener.ts";
-import { UdpListener } from "./ingest/udp_listener.ts";
+import { type HandOffOptions, type TcpClientLimits, TcpListener } from "./ingest/tcp_listener.ts";
+import { type UdpBinding, UdpListener } from "./ingest/udp_listener.ts";
+import type { BatchSink } from "./ingest/frame_batch.ts";
+import type { TcpBinding } from "./listen_tcp.ts";
+import { Upstream } from "./upstream/upstream.ts";
+import type { HeldChunk } from "./upstream/upstream_buffer.ts";
 import { ConnectGate } from "./upstream/connect_gate.ts";
 import { ConnectionEvents } from "./upstream/connection_events.ts";
 import type { Destination } from "./upstream/destination.ts";
@@ -46,6 +50,8 @@ export interface ConnectionAccount {
   received: number;
   /** Lines or frames wholly written to the server. */
   forwarded: number;
+  /** Lines or frames handed over, unsent, to the proxy that took over. */
+  handedOver: number;
   /** Lines or frames dropped, by reason. */
   dropped: {
     buffer_full: number;
@@ -67,6 +73,7 @@ export function accountOf(connection: ConnectionView, pool?: string): Connection
     protocol: connection.protocol,
     received: c.received,
     forwarded: c.forwarded,
+    handedOver: c.handedOver,
     dropped: {
       buffer_full: c.droppedBufferFull,
       shutdown: c.droppedShutdown,
@@ -89,6 +96,8 @@ export interface ShutdownReport {
    * force and servers removed by reloads alike.
    */
   accounts: ConnectionAccount[];
+  /** UDP lines and frames still queued when the drain ran out of time: counted, not routed. */
+  unread: number;
 }
 
 /** What a reload changed in one pool. */
@@ -125,6 +134,34 @@ export interface ReloadReport {
   listeners: string[];
   /** Changes refused (a listener that could not bind), as log text. */
   refused: string[];
+}
+
+/** How {@linkcode Proxy.create} binds its listeners. */
+export interface ListenerBindings {
+  /** The TCP listener's binding. Default `alone`. */
+  tcp?: TcpBinding;
+  /** The UDP listener's binding. Default `alone`. */
+  udp?: UdpBinding;
+}
+
+/** What a TCP server of a pool held, handed over (one protocol). */
+export interface HeldForServer {
+  /** The pool. */
+  pool: string;
+  /** The server's address, as written in the servers file. */
+  server: string;
+  /** The connection's protocol. */
+  protocol: Protocol;
+  /** The lines or frames, whole, in order. */
+  chunks: HeldChunk[];
+  /** How many. */
+  frames: number;
+}
+
+/** Options of {@linkcode Proxy.shutdown}. */
+export interface ShutdownOptions {
+  /** Ends the drain at once when it aborts (a second SIGTERM). */
+  signal?: AbortSignal;
 }
 
 /** Reload counters. */
@@ -175,6 +212,8 @@ export class Proxy {
   #tcpBound: { host: string; port: number };
   /** The bind address and port the UDP listener was made for (port 0: none). */
   #udpBound: { host: string; port: number };
+  /** Stopping input, once begun. */
+  #stopping: Promise<void> | undefined;
 
   private constructor(config: ProxyConfig) {
     this.#config = config;
@@ -195,19 +234,75 @@ export class Proxy {
 
   /**
    * Starts a proxy: binds the listeners (a `ListenError` when a port is
-   * taken) and starts connecting to the upstreams.
+   * taken), starts serving them and connecting to the upstreams.
    */
   static start(config: ProxyConfig): Proxy {
+    const proxy = Proxy.create(config);
+    proxy.startListeners();
+    proxy.startUpstreams();
+    return proxy;
+  }
+
+  /**
+   * Makes a proxy and binds its listeners, without serving them or
+   * connecting yet: {@linkcode startListeners} and {@linkcode startUpstreams}
+   * do, so every port is bound before any is served, and a proxy taking over
+   * can put what it is handed before what it receives. UDP is bound before
+   * TCP (whoever sees the TCP port ready may send to the UDP one), and a
+   * listener bound alone before one bound beside another proxy's, so that
+   * the likely failure comes first. Throws a `ListenError` when a port
+   * cannot be bound, with nothing left bound.
+   */
+  static create(config: ProxyConfig, bindings: ListenerBindings = {}): Proxy {
     const proxy = new Proxy(config);
+    const steps = [
+      {
+        alone: (bindings.udp ?? "alone") === "alone",
+        bind: () => proxy.#bindUdp(config, bindings.udp),
+      },
+      {
+        alone: (bindings.tcp ?? "alone") === "alone",
+        bind: () => proxy.#bindTcp(config, bindings.tcp),
+      },
+    ].sort((a, b) => Number(b.alone) - Number(a.alone));
     try {
-      if (config.tcpPort !== 0) proxy.#tcp = proxy.#listenTcp(config);
-      if (config.udpPort !== 0) proxy.#udp = proxy.#listenUdp(config);
+      for (const step of steps) step.bind();
     } catch (err) {
-      proxy.#tcp?.close();
+      proxy.abort();
       throw err;
     }
-    for (const pool of proxy.pools) pool.start();
     return proxy;
+  }
+
+  /** Starts serving the listeners {@linkcode create} bound, and logs them. */
+  startListeners(): void {
+    if (this.#tcp !== undefined) {
+      this.#tcp.start();
+      log.info("listening on tcp {address}", { address: formatAddr(this.#tcp.addr) });
+    }
+    if (this.#udp !== undefined) {
+      this.#udp.start();
+      log.info("listening on udp {address} with the {receiver}", {
+        address: formatAddr(this.#udp.addr),
+        receiver: this.#udp.describe(),
+      });
+    }
+  }
+
+  /** Starts connecting to the upstreams and writing to them. */
+  startUpstreams(): void {
+    for (const pool of this.pools) pool.start();
+  }
+
+  /**
+   * Closes listeners that were bound but never served (a takeover that
+   * could not complete); a socket handed over stays open in the process
+   * that handed it.
+   */
+  abort(): void {
+    this.#tcp?.close();
+    this.#udp?.release();
+    this.#tcp = this.#udp = undefined;
   }
 
   /** The configuration in force. */
@@ -233,6 +328,17 @@ export class Proxy {
     return this.pools.flatMap((p) => p.members);
   }
 
+  /**
+   * Where the listeners are bound, as configured (host and port): a proxy
+   * taking over binds beside those its configuration keeps.
+   */
+  get bound(): { tcp?: { host: string; port: number }; udp?: { host: string; port: number } } {
+    return {
+      ...(this.#tcp === undefined ? {} : { tcp: this.#tcpBound }),
+      ...(this.#udp === undefined ? {} : { udp: this.#udpBound }),
+    };
+  }
+
   /** The TCP listener, unless TCP is disabled. */
   get tcp(): TcpListener | undefined {
     return this.#tcp;
@@ -254,13 +360,21 @@ export class Proxy {
     };
   }
 
-  #listenTcp(config: ProxyConfig): TcpListener {
+  #bindTcp(config: ProxyConfig, binding?: TcpBinding): void {
+    if (config.tcpPort !== 0) this.#tcp = this.#makeTcp(config, binding);
+  }
+
+  #bindUdp(config: ProxyConfig, binding?: UdpBinding): void {
+    if (config.udpPort !== 0) this.#udp = this.#makeUdp(config, binding);
+  }
+
+  #makeTcp(config: ProxyConfig, binding?: TcpBinding): TcpListener {
     const context = new StreamDecoderContext({
       counters: this.tcpCounters,
       maxLineBytes: config.maxLineBytes,
       pending: this.pending,
     });
-    const listener = TcpListener.listen({
+    return TcpListener.bind({
       hostname: config.bindAddress,
       port: config.tcpPort,
       sink: this.router,
@@ -268,13 +382,12 @@ export class Proxy {
       clients: this.tcpClients,
       pool: this.readPool,
       limits: this.#limits,
+      binding,
     });
-    log.info("listening on tcp {address}", { address: formatAddr(listener.addr) });
-    return listener;
   }
 
-  #listenUdp(config: ProxyConfig): UdpListener {
-    const listener = UdpListener.listen({
+  #makeUdp(config: ProxyConfig, binding?: UdpBinding): UdpListener {
+    return UdpListener.bind({
       hostname: config.bindAddress,
       port: config.udpPort,
       sink: this.router,
@@ -282,7 +395,22 @@ export class Proxy {
       maxLineBytes: config.maxLineBytes,
       receiver: config.udpReceiver,
       receiveBufferBytes: config.udpReceiveBufferBytes,
+      binding,
     });
+  }
+
+  /** A listener made by a reload: bound alone and served at once. */
+  #listenTcp(config: ProxyConfig): TcpListener {
+    const listener = this.#makeTcp(config);
+    listener.start();
+    log.info("listening on tcp {address}", { address: formatAddr(listener.addr) });
+    return listener;
+  }
+
+  /** A listener made by a reload: bound alone and served at once. */
+  #listenUdp(config: ProxyConfig): UdpListener {
+    const listener = this.#makeUdp(config);
+    listener.start();
     log.info("listening on udp {address} with the {receiver}", {
       address: formatAddr(listener.addr),
       receiver: listener.describe(),
@@ -459,18 +587,95 @@ export class Proxy {
   }
 
   /**
-   * Stops accepting, closes client connections (what was read is already
-   * routed), then drains the upstreams until `drainTimeoutMs` passes.
+   * Stops all input: the UDP listener (arrivals stopped, the queue read and
+   * routed; or, handed over, released), the TCP listeners (their clients
+   * closed; or, at a hand-over, relayed to the new proxy). Resolves once no
+   * more can arrive, except from clients relayed. Calling it again waits for
+   * the first call.
    */
-  async shutdown(): Promise<ShutdownReport> {
-    await Promise.all([
-      this.#tcp?.close(),
-      this.#udp?.close(),
-      ...[...this.#retired].map((l) => l.close()),
-    ]);
+  stopIngest(options: StopIngestOptions = {}): Promise<void> {
+    this.#stopping ??= this.#stopIngest(options);
+    return this.#stopping;
+  }
+
+  async #stopIngest(options: StopIngestOptions): Promise<void> {
+    const { handOver, deadline } = options;
+    const tcp = [...this.#retired];
+    if (this.#tcp !== undefined) tcp.push(this.#tcp);
+    const udp = this.#udp;
+    if (handOver !== undefined) {
+      for (const listener of tcp) listener.redirect(handOver.relay);
+      await Promise.all([
+        handOver.udp === "released" ? udp?.release() : udp?.close({ deadline }),
+        ...tcp.map((l) => l.stopAccepting()),
+      ]);
+    } else {
+      await Promise.all([udp?.close({ deadline }), ...tcp.map((l) => l.close())]);
+    }
+  }
+
+  /**
+   * At a hand-over, after {@linkcode stopIngest}: serves the TCP clients
+   * still connected (their input relayed) until each closes, or is silent
+   * for `idleMs`, or `deadline` passes, or `signal` aborts.
+   */
+  async lingerClients(options: HandOffOptions): Promise<void> {
+    const tcp = [...this.#retired];
+    if (this.#tcp !== undefined) tcp.push(this.#tcp);
+    await Promise.all(tcp.map((l) => l.handOff(options)));
+  }
+
+  /**
+   * Hands over what the TCP servers that `keep` names (pool, address) hold:
+   * each stops writing and gives up its held lines and frames, in order.
+   * The others keep theirs, for {@linkcode shutdown} to drain.
+   */
+  async handOver(keep: (pool: string, server: string) => boolean): Promise<HeldForServer[]> {
+    const taken = await Promise.all(
+      this.pools.flatMap((pool) =>
+        pool.members.filter((m): m is Upstream =>
+          m instanceof Upstream && keep(pool.name, m.address)
+        ).map(async (member) =>
+          (await member.handOver()).map((h): HeldForServer => ({
+            pool: pool.name,
+            server: member.address,
+            ...h,
+          }))
+        )
+      ),
+    );
+    return taken.flat();
+  }
+
+  /**
+   * Takes what the proxy this one took over from held for a server, to be
+   * written before anything newer: only before {@linkcode startUpstreams}.
+   * Returns false (and takes nothing) when no TCP server of that pool and
+   * address is here.
+   */
+  adopt(held: HeldForServer): boolean {
+    const pool = this.pools.find((p) => p.name === held.pool);
+    const member = pool?.members.find((m) => m.address === held.server);
+    if (!(member instanceof Upstream)) return false;
+    member.adopt(held.protocol, held.chunks, held.frames);
+    return true;
+  }
+
+  /**
+   * Stops accepting and closes client connections (what was read is
+   * routed), stops UDP arrivals and routes what was queued, then drains the
+   * upstreams until `drainTimeoutMs` passes or `signal` aborts.
+   */
+  async shutdown(options: ShutdownOptions = {}): Promise<ShutdownReport> {
+    const { signal } = options;
     const deadline = Date.now() + this.#config.drainTimeoutMs;
+    const udp = this.#udp;
+    const onAbort = () => udp?.abandon();
+    signal?.addEventListener("abort", onAbort);
+    await this.stopIngest({ deadline });
+    signal?.removeEventListener("abort", onAbort);
     const upstreams = this.upstreams;
-    const lost = await Promise.all(upstreams.map((u) => u.drain(deadline, "shutdown")));
+    const lost = await Promise.all(upstreams.map((u) => u.drain(deadline, "shutdown", signal)));
     await Promise.all([...this.#leaving.values()]);
     for (const pool of this.pools) pool.sockets?.close();
     const byServer: Record<string, number> = {};
@@ -487,8 +692,21 @@ export class Proxy {
         )
       ),
     ];
-    return { undelivered, byServer, accounts };
+    return { undelivered, byServer, accounts, unread: this.udpCounters.dropped[DROP.unread] };
   }
+}
+
+/** Options of {@linkcode Proxy.stopIngest}. */
+export interface StopIngestOptions {
+  /** When reading the UDP queue must end (ms since epoch); the rest counts `unread`. */
+  deadline?: number;
+  /**
+   * A hand-over: the UDP socket was handed to the new proxy (`released`:
+   * this process just stops reading it) or stays bound beside the new one
+   * (`closed`: arrivals stop, the queue is read), and the TCP clients that
+   * stay connected are relayed to `relay` instead of closed.
+   */
+  handOver?: { udp: "released" | "closed"; relay: BatchSink };
 }
 
 /** `host:port`, with brackets around an IPv6 host. */

@@ -177,6 +177,8 @@ export interface AdminServerOptions {
   maxConnections: number;
   /** Most time a connection may take, in ms. */
   timeoutMs: number;
+  /** A listener already bound to `hostname:port`; without it the port is bound alone. */
+  listener?: Deno.TcpListener;
 }
 
 /** The running admin endpoint. */
@@ -192,10 +194,11 @@ export class AdminServer {
 
   /** Starts serving; throws a `ListenError` when it cannot bind. */
   static start(options: AdminServerOptions): AdminServer {
-    const { hostname, port, proxy, counters, maxConnections, timeoutMs } = options;
+    const { hostname, port, proxy, counters, maxConnections, timeoutMs, listener } = options;
     const server = HttpServer.listen({
       hostname,
       port,
+      listener,
       counters,
       maxConnections,
       timeoutMs,

@@ -12,7 +12,8 @@
  */
 
 import { acceptConnections } from "../accept_loop.ts";
-import { errorText, listenError } from "../errors.ts";
+import { errorText } from "../errors.ts";
+import { listenTcp } from "../listen_tcp.ts";
 import { internalErrors, isConnectionEnd } from "../internal_errors.ts";
 
 /** A request, as far as the admin endpoint reads one. */
@@ -67,6 +68,11 @@ export interface HttpServerOptions {
   timeoutMs?: number;
   /** Most bytes of a request's head (request line and headers). Default 8192. */
   maxHeadBytes?: number;
+  /**
+   * A listener already bound to `hostname:port` (a proxy taking over binds
+   * every port before it serves any). Without it, the port is bound alone.
+   */
+  listener?: Deno.TcpListener;
 }
 
 const REASONS: Record<number, string> = {
@@ -102,17 +108,14 @@ export class HttpServer {
   /** Binds and starts serving; throws a `ListenError` when it cannot bind. */
   static listen(options: HttpServerOptions): HttpServer {
     const { hostname, port } = options;
-    let listener: Deno.TcpListener;
-    try {
-      listener = Deno.listen({ hostname, port });
-    } catch (err) {
-      throw listenError({ transport: "http", hostname, port }, err);
-    }
+    const listener = options.listener ??
+      listenTcp({ transport: "http", hostname, port }, "alone");
     return new HttpServer(listener, {
       maxConnections: 32,
       timeoutMs: 10_000,
       maxHeadBytes: 8192,
       ...options,
+      listener,
     });
   }
 

@@ -80,7 +80,11 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
     "Datagrams (udp) or socket reads (tcp) received.",
     (c) => c.reads,
   );
-  out.family("invalid_total", "counter", "Inbound lines and frames dropped as invalid, by reason.");
+  out.family(
+    "invalid_total",
+    "counter",
+    "Inbound lines and frames dropped, by reason: invalid input, or (unread) still queued when a drain ran out of time.",
+  );
   for (const [transport, c] of ingest) {
     DROP_REASONS.forEach((reason, i) =>
       out.sample("invalid_total", { transport, reason }, c.dropped[i])
@@ -167,6 +171,12 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
     "counter",
     "Lines (ascii) or frames (binary) wholly written to the server.",
     (c) => c.counters.forwarded,
+  );
+  perConnection(
+    "upstream_taken_over_total",
+    "counter",
+    "Lines or frames the proxy this one took over from held for the server, handed over to be sent first (part of received).",
+    (c) => c.counters.takenOver,
   );
   out.family(
     "upstream_dropped_total",

@@ -32,6 +32,8 @@ export interface CliArgs {
   help: boolean;
   /** `--version` was given. */
   version: boolean;
+  /** `--takeover` was given: take over from the proxy running with the same pid file. */
+  takeover: boolean;
 }
 
 /** The usage text printed by `--help` and after a usage error. */
@@ -52,6 +54,8 @@ Flags (they override the configuration file):
       --log-level LEVEL DEBUG, INFO, WARN, ERROR or CRITICAL
       --pid-file FILE   pid file, so that cron can start it only when not running
       --hash FAMILY     hash of the pool "default": ketama (the default) or statsrelay
+      --takeover        take over, without losing metrics, from the proxy running with the
+                        same pid file (an upgrade, a new configuration); see README
   -h, --help            show this help
       --version         show the version
 
@@ -74,6 +78,7 @@ export function parseCli(args: readonly string[]): CliArgs {
         "log-level": { type: "string" },
         "pid-file": { type: "string" },
         hash: { type: "string" },
+        takeover: { type: "boolean" },
         help: { type: "boolean", short: "h" },
         version: { type: "boolean" },
       },
@@ -91,6 +96,9 @@ export function parseCli(args: readonly string[]): CliArgs {
     }
     command = first as Command;
     rest = positionals.slice(1);
+  }
+  if (values.takeover && command !== "run") {
+    throw new UsageError(`--takeover is for run, not ${command}`);
   }
   if (command !== "route" && rest.length > 0) {
     throw new UsageError(`unexpected argument: ${JSON.stringify(rest[0])}`);
@@ -110,6 +118,7 @@ export function parseCli(args: readonly string[]): CliArgs {
     rest,
     help: values.help ?? false,
     version: values.version ?? false,
+    takeover: values.takeover ?? false,
   };
 }
 

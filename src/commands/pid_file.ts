@@ -10,6 +10,11 @@
  * A lock, unlike reading `/proc/PID`, cannot be fooled by a reused process id
  * and needs no extra permission.
  *
+ * The lock is taken first and the pid written once the proxy is ready
+ * ({@linkcode PidFile.write}), so a pid in the file names a proxy that
+ * listens. At a takeover the old proxy lets go of the lock without removing
+ * the file ({@linkcode PidFile.handOff}) and the new one takes it.
+ *
  * @module
  */
 
@@ -40,8 +45,9 @@ export class PidFile {
   }
 
   /**
-   * Takes the pid file at `path`: returns the held file, or `undefined` when
-   * a running statsite-proxy holds it (the caller should exit 0).
+   * Takes the pid file at `path` (locked and emptied; see {@linkcode write}):
+   * returns the held file, or `undefined` when a running statsite-proxy holds
+   * it.
    */
   static async take(path: string): Promise<PidFile | undefined> {
     for (let attempt = 0; attempt < 5; attempt++) {
@@ -58,7 +64,6 @@ export class PidFile {
         // only a lock on the file that is at `path` now counts.
         if (locked && await sameFile(file, path)) {
           await file.truncate(0);
-          await file.write(new TextEncoder().encode(`${Deno.pid}\n`));
           return new PidFile(path, file);
         }
       } catch (err) {
@@ -71,9 +76,36 @@ export class PidFile {
     throw new PidFileError(path, "could not be taken (it keeps being replaced)");
   }
 
+  /**
+   * Takes the pid file at `path` once its holder lets go of it, trying every
+   * 10 ms for up to `ms`: the proxy taking over, after the old one handed
+   * the file over. Returns `undefined` if it is still held then.
+   */
+  static async takeWithin(path: string, ms: number): Promise<PidFile | undefined> {
+    const deadline = Date.now() + ms;
+    while (true) {
+      const taken = await PidFile.take(path);
+      if (taken !== undefined || Date.now() >= deadline) return taken;
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+  }
+
+  /** Writes this process's id into the file. */
+  async write(): Promise<void> {
+    await this.#file.truncate(0);
+    await this.#file.seek(0, Deno.SeekMode.Start);
+    const text = new TextEncoder().encode(`${Deno.pid}\n`);
+    for (let at = 0; at < text.length;) at += await this.#file.write(text.subarray(at));
+  }
+
   /** Removes the file, then drops the lock. */
   async release(): Promise<void> {
     await Deno.remove(this.path).catch(() => {});
+    this.#file.close();
+  }
+
+  /** Drops the lock and leaves the file, for the proxy taking over. */
+  handOff(): void {
     this.#file.close();
   }
 }

@@ -1,7 +1,13 @@
 /**
- * `statsite-proxy run` (the default command): takes the pid file, runs the
- * proxy with its admin endpoint, summaries and self-reports, reloads on
- * SIGHUP, and on SIGTERM or SIGINT drains and exits 0.
+ * `statsite-proxy run` (the default command): takes the pid file, binds
+ * every listener before serving any, runs the proxy with its admin
+ * endpoint, summaries and self-reports, reloads on SIGHUP, and on SIGTERM,
+ * SIGINT or SIGQUIT drains and exits 0.
+ *
+ * With a pid file, it also listens on a control socket beside it, through
+ * which a new proxy takes over (`run --takeover`, or a start while this one
+ * drains): this one passes on its UDP socket, what it holds for each server
+ * and the pid file, relays its remaining TCP clients, and exits.
  *
  * @module
  */
@@ -9,17 +15,37 @@
 import { AdminServer } from "../admin/admin_server.ts";
 import { HttpCounters } from "../admin/http_server.ts";
 import { type ConfigOverrides, loadConfig, type ProxyConfig } from "../config/config.ts";
-import { errorText, isOutOfFiles } from "../errors.ts";
+import { errorText, isOutOfFiles, TakeoverError } from "../errors.ts";
+import { sendFd } from "../ingest/fd_passing.ts";
 import { internalErrors } from "../internal_errors.ts";
+import { listenTcp, type TcpBinding } from "../listen_tcp.ts";
 import { logger, setupLogging } from "../log.ts";
 import { MemoryReclaimer } from "../memory_reclaim.ts";
 import { PidFile } from "./pid_file.ts";
-import { Proxy, type ReloadReport } from "../proxy.ts";
+import { Proxy, type ReloadReport, type ShutdownReport } from "../proxy.ts";
 import { SelfReport } from "../admin/self_report.ts";
+import { Signals, type StopReason } from "./signals.ts";
 import { SummaryLog } from "../admin/summary_log.ts";
+import type { ControlChannel } from "../takeover/control_channel.ts";
+import {
+  type ControlHost,
+  ControlServer,
+  type ControlStatus,
+  type ReadyMessage,
+} from "../takeover/control_server.ts";
+import {
+  controlSocketPath,
+  type HandOverResult,
+  Predecessor,
+  type TakeoverBindings,
+} from "../takeover/predecessor.ts";
+import { RelaySink } from "../takeover/relay.ts";
 import { VERSION } from "../version.ts";
 
 const log = logger("main");
+
+/** How long a client connected to the old proxy may be silent before it is closed, after a takeover. */
+const HAND_OFF_IDLE_MS = 1000;
 
 /** Options of {@linkcode runProxy}. */
 export interface RunOptions {
@@ -27,17 +53,31 @@ export interface RunOptions {
   config: ProxyConfig;
   /** The command-line overrides, applied again on every reload. */
   overrides: ConfigOverrides;
+  /**
+   * Take over from the proxy running with the same pid file (an error when
+   * it does not answer); without it, a start takes over only from a proxy
+   * that is draining, and leaves a running one alone.
+   */
+  takeover?: boolean;
 }
 
 /** The optional parts that a reload may restart. */
 interface Extras {
   admin?: AdminServer;
+  /** The admin endpoint's configured address, while it runs. */
+  adminBound?: { host: string; port: number };
   /** The admin endpoint's counters, kept when a reload moves it. */
   adminCounters: HttpCounters;
   summary: SummaryLog;
   self?: SelfReport;
   reclaimer: MemoryReclaimer;
 }
+
+/** Who holds the pid file, as a start finds out. */
+type Holder =
+  | { kind: "none"; pidFile: PidFile }
+  | { kind: "running" }
+  | { kind: "predecessor"; predecessor: Predecessor };
 
 /**
  * Runs the proxy; resolves with the exit code once it has shut down (0), or
@@ -55,149 +95,400 @@ export async function runProxy(options: RunOptions): Promise<number> {
     event.preventDefault();
     internalErrors.report("an uncaught exception", event.error);
   });
-  // Signals first: a SIGHUP or SIGTERM that arrives while the proxy starts
-  // must not meet the default action, which ends the process at once. A
-  // SIGHUP during start-up is applied once started; a SIGTERM stops it then.
-  let hupsDuringStart = 0;
-  let onHup = (): void => {
-    hupsDuringStart++;
-  };
-  Deno.addSignalListener("SIGHUP", () => onHup());
-  const stopping = new Promise<Deno.Signal>((resolve) => {
-    for (const sig of ["SIGTERM", "SIGINT"] as const) {
-      Deno.addSignalListener(sig, () => resolve(sig));
+  // Signals first: a signal that arrives while the proxy starts must not
+  // meet its default action, which ends the process at once.
+  const signals = new Signals();
+  setupLogging({ level: config.logLevel, format: config.logFormat });
+
+  let pidFile: PidFile | undefined;
+  let predecessor: Predecessor | undefined;
+  if (config.pidFile !== undefined) {
+    const holder = await findHolder(config.pidFile, options.takeover ?? false);
+    if (holder.kind === "running") return 0;
+    if (holder.kind === "none") pidFile = holder.pidFile;
+    else predecessor = holder.predecessor;
+    if (options.takeover && predecessor === undefined) {
+      log.info("--takeover: no proxy holds {file}; starting", { file: config.pidFile });
     }
-  });
-  const pidFile = config.pidFile === undefined ? undefined : await PidFile.take(config.pidFile);
-  if (config.pidFile !== undefined && pidFile === undefined) return 0; // already running
-  let proxy: Proxy;
-  let admin: AdminServer | undefined;
-  const adminCounters = new HttpCounters();
+  }
+  if (config.daemonize) {
+    log.warn("daemonize is not supported and is ignored: run it under systemd, cron or nohup");
+  }
+
+  // Every listener is bound before any is served.
+  let proxy: Proxy | undefined;
+  let adminListener: Deno.TcpListener | undefined;
+  let bindings: TakeoverBindings | undefined;
   try {
-    setupLogging({ level: config.logLevel, format: config.logFormat });
-    if (config.daemonize) {
-      log.warn("daemonize is not supported and is ignored: run it under systemd, cron or nohup");
+    if (predecessor !== undefined) {
+      log.info("taking over from statsite-proxy {version} (pid {pid}), which is {state}", {
+        version: predecessor.status.version,
+        pid: predecessor.pid,
+        state: predecessor.status.state,
+      });
+      bindings = await predecessor.bindings(config);
     }
-    proxy = Proxy.start(config);
-    try {
-      if (config.adminPort !== 0) admin = startAdmin(proxy, config, adminCounters);
-    } catch (err) {
-      await proxy.shutdown();
-      throw err;
+    const adminBinding: TcpBinding = bindings?.admin ?? "alone";
+    // A proxy taking over binds what is likely to fail first (alone), and
+    // the ports it shares last; a plain start binds the admin port last.
+    if (bindings !== undefined && adminBinding === "alone") {
+      adminListener = bindAdmin(config, "alone");
     }
+    proxy = Proxy.create(config, bindings);
+    adminListener ??= bindAdmin(config, adminBinding);
   } catch (err) {
+    adminListener?.close();
+    proxy?.abort();
+    if (predecessor !== undefined) {
+      predecessor.abort();
+      throw new TakeoverError(
+        `cannot take over from pid ${predecessor.pid}, which goes on serving: ${errorText(err)}`,
+        { cause: err },
+      );
+    }
     await pidFile?.release();
     throw err;
   }
-  const extras: Extras = {
-    admin,
-    adminCounters,
-    summary: startSummary(proxy, config, adminCounters),
-    self: startSelfReport(proxy, config),
-    reclaimer: new MemoryReclaimer({ clients: () => proxy.tcpClients.open }),
-  };
+
+  proxy.startListeners();
+  let handOver: HandOverResult | undefined;
+  let relaying: Promise<number> | undefined;
+  if (predecessor !== undefined) {
+    handOver = await predecessor.receiveHandOver(proxy, {
+      servers: proxy.pools.filter((p) => p.config.protocol === "tcp").flatMap((p) =>
+        p.members.map((m): [string, string] => [p.name, m.address])
+      ),
+      udp: bindings?.udpHow ?? "none",
+      pid: Deno.pid,
+    });
+  }
+  proxy.startUpstreams();
+  if (predecessor !== undefined) {
+    if (!handOver!.complete) {
+      log.error(
+        "takeover: pid {pid} did not finish handing over (it went away or went silent); what it still held is lost to this proxy",
+        { pid: predecessor.pid },
+      );
+    }
+    if (handOver!.orphaned > 0) {
+      log.error(
+        "takeover: {count} held metrics were for servers this configuration does not have",
+        {
+          count: handOver!.orphaned,
+        },
+      );
+    }
+    pidFile = await PidFile.takeWithin(config.pidFile!, 10_000);
+    if (pidFile === undefined) {
+      log.error("takeover: pid file {file} is still held; a later start cannot find this proxy", {
+        file: config.pidFile,
+      });
+    }
+    relaying = predecessor.relay(proxy);
+  }
+
+  const running = new Running(proxy, signals, pidFile);
+  running.startExtras(adminListener);
+  await running.listenControl();
+  await pidFile?.write();
+  logStarted(config);
+  if (predecessor !== undefined) {
+    log.info(
+      "took over from pid {pid}: UDP {udp}, {held} held metrics taken over to be sent first",
+      {
+        pid: predecessor.pid,
+        udp: bindings?.udpHow === "fd"
+          ? "socket handed over"
+          : bindings?.udpHow === "beside"
+          ? "bound beside the old socket"
+          : "bound anew",
+        held: handOver!.adopted,
+      },
+    );
+  }
+  signals.onHup(() => running.reload(overrides));
+
+  const reason = await signals.stopped;
+  await running.stop(reason);
+  if (relaying !== undefined && predecessor!.relayed > 0) {
+    log.info("takeover: {count} lines and frames relayed from the old proxy's clients", {
+      count: predecessor!.relayed,
+    });
+  }
+  return 0;
+}
+
+/**
+ * Finds who holds the pid file: nobody (it is now held here), a proxy to
+ * leave alone, or one to take over from (a takeover was asked, or it is
+ * draining). Throws a {@linkcode TakeoverError} when a takeover was asked
+ * and cannot begin.
+ */
+async function findHolder(path: string, takeover: boolean): Promise<Holder> {
+  for (let attempt = 0;; attempt++) {
+    const pidFile = await PidFile.take(path);
+    if (pidFile !== undefined) return { kind: "none", pidFile };
+    const contact = await Predecessor.contact(
+      controlSocketPath(path),
+      takeover ? "takeover" : "if-draining",
+    );
+    if (contact.kind === "answered") {
+      return { kind: "predecessor", predecessor: contact.predecessor };
+    }
+    if (contact.kind === "status") {
+      if (!takeover) return { kind: "running" };
+      throw new TakeoverError(
+        `cannot take over from pid ${contact.status.pid}: another takeover is under way`,
+      );
+    }
+    // Silent: the holder may have just exited. Look once more, then give up.
+    if (attempt < 1) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      continue;
+    }
+    if (!takeover) return { kind: "running" };
+    throw new TakeoverError(`cannot take over: the proxy holding ${path} ${contact.reason}`);
+  }
+}
+
+function bindAdmin(config: ProxyConfig, binding: TcpBinding): Deno.TcpListener | undefined {
+  if (config.adminPort === 0) return undefined;
+  return listenTcp(
+    { transport: "http", hostname: config.adminBind, port: config.adminPort },
+    binding,
+  );
+}
+
+function logStarted(config: ProxyConfig): void {
   if (config.pools === undefined) {
     log.info("statsite-proxy {version} started with {servers} servers from {file}", {
       version: VERSION,
       servers: config.servers.length,
       file: config.serversFile,
     });
-  } else {
-    const pools = config.pools.map((p) =>
-      `${p.name} (${p.servers.length} ${p.hash === "statsrelay" ? "shard" : "server"}${
-        p.servers.length === 1 ? "" : "s"
-      }${p.protocol === "udp" ? ", udp" : ""}${p.onFailure === "eject" ? ", eject" : ""})`
-    );
-    log.info("statsite-proxy {version} started with {count} pools: {pools}; {routes}", {
-      version: VERSION,
-      count: config.pools.length,
-      pools: pools.join(", "),
-      routes: `${config.routes?.length ?? 0} route${config.routes?.length === 1 ? "" : "s"}`,
-    });
+    return;
+  }
+  const pools = config.pools.map((p) =>
+    `${p.name} (${p.servers.length} ${p.hash === "statsrelay" ? "shard" : "server"}${
+      p.servers.length === 1 ? "" : "s"
+    }${p.protocol === "udp" ? ", udp" : ""}${p.onFailure === "eject" ? ", eject" : ""})`
+  );
+  log.info("statsite-proxy {version} started with {count} pools: {pools}; {routes}", {
+    version: VERSION,
+    count: config.pools.length,
+    pools: pools.join(", "),
+    routes: `${config.routes?.length ?? 0} route${config.routes?.length === 1 ? "" : "s"}`,
+  });
+}
+
+/**
+ * The running proxy with its extras, its state, its reloads, and its side
+ * of a takeover (it is the control socket's host).
+ */
+class Running implements ControlHost {
+  readonly #proxy: Proxy;
+  readonly #signals: Signals;
+  readonly #pidFile: PidFile | undefined;
+  #extras!: Extras;
+  #control: ControlServer | undefined;
+  #state: ControlStatus["state"] = "running";
+  /** Reloads run one after another. */
+  #reloading = Promise.resolve();
+  #retry: ReturnType<typeof setTimeout> | undefined;
+  #retryMs = 1000;
+  /** The hand-over to a new proxy, once one began; and whom to. */
+  #handingOver: Promise<void> | undefined;
+  #successor = 0;
+  #handedOff = false;
+
+  constructor(proxy: Proxy, signals: Signals, pidFile: PidFile | undefined) {
+    this.#proxy = proxy;
+    this.#signals = signals;
+    this.#pidFile = pidFile;
   }
 
-  // Reloads run one after another. One that could not read the files for
-  // want of file descriptors is tried again, after 1 s, then 2 s, ... 30 s.
-  let reloading = Promise.resolve();
-  let retry: ReturnType<typeof setTimeout> | undefined;
-  let retryMs = 1000;
-  onHup = () => {
-    reloading = reloading.then(async () => {
-      clearTimeout(retry);
-      retry = undefined;
-      if (await reload(proxy, extras, overrides) === "done") {
-        retryMs = 1000;
+  /** Starts the admin endpoint (on `adminListener`), the summaries and self-reports. */
+  startExtras(adminListener: Deno.TcpListener | undefined): void {
+    const proxy = this.#proxy;
+    const config = proxy.config;
+    const adminCounters = new HttpCounters();
+    const admin = adminListener === undefined
+      ? undefined
+      : startAdmin(proxy, config, adminCounters, adminListener);
+    this.#extras = {
+      admin,
+      adminBound: admin === undefined
+        ? undefined
+        : { host: config.adminBind, port: config.adminPort },
+      adminCounters,
+      summary: startSummary(proxy, config, adminCounters),
+      self: startSelfReport(proxy, config),
+      reclaimer: new MemoryReclaimer({ clients: () => proxy.tcpClients.open }),
+    };
+  }
+
+  /** Listens on the control socket beside the pid file, if there is one. */
+  async listenControl(): Promise<void> {
+    if (this.#pidFile === undefined) return;
+    this.#control = await ControlServer.listen(controlSocketPath(this.#pidFile.path), this);
+  }
+
+  /** SIGHUP: a reload, after those before it; one out of file descriptors is retried. */
+  reload(overrides: ConfigOverrides): void {
+    this.#reloading = this.#reloading.then(async () => {
+      clearTimeout(this.#retry);
+      this.#retry = undefined;
+      if (this.#state !== "running") {
+        log.warn("SIGHUP ignored: the proxy is {state}", { state: this.#state });
+        return;
+      }
+      if (await reload(this.#proxy, this.#extras, overrides) === "done") {
+        this.#retryMs = 1000;
         return;
       }
       log.warn("SIGHUP: out of file descriptors; trying the reload again in {seconds} s", {
-        seconds: retryMs / 1000,
+        seconds: this.#retryMs / 1000,
       });
-      retry = setTimeout(() => onHup(), retryMs);
-      retryMs = Math.min(retryMs * 2, 30_000);
+      this.#retry = setTimeout(() => this.reload(overrides), this.#retryMs);
+      this.#retryMs = Math.min(this.#retryMs * 2, 30_000);
     });
-  };
-  if (hupsDuringStart > 0) onHup(); // one reload re-reads the files however many came
-  const signal = await stopping;
-  await reloading;
-  clearTimeout(retry);
-  log.info("{signal}: stopping; draining upstreams for up to {ms} ms", {
-    signal,
-    ms: proxy.config.drainTimeoutMs,
-  });
-  extras.self?.stop();
-  extras.reclaimer.stop();
-  await extras.admin?.close();
-  const report = await proxy.shutdown();
-  extras.summary.stop();
-  extras.summary.report();
-  for (const a of report.accounts) {
-    if (a.received === 0) continue;
-    const { buffer_full, shutdown, removed, rerouted, send_failed } = a.dropped;
-    const dropped = buffer_full + shutdown + removed + rerouted + send_failed;
-    if (a.pool === undefined) {
-      log.info(
-        "shutdown: {server} ({protocol}): received {received} = forwarded {forwarded} + dropped {dropped} (buffer_full {buffer_full}, shutdown {shutdown}, removed {removed}) + held {held}",
-        { ...a, dropped, buffer_full, shutdown, removed },
-      );
+  }
+
+  /** Stops: drains (or finishes a hand-over), reports, and lets go of the pid file. */
+  async stop(reason: StopReason): Promise<void> {
+    const proxy = this.#proxy;
+    await this.#reloading;
+    clearTimeout(this.#retry);
+    if (reason !== "takeover") {
+      this.#state = "draining";
+      log.info("{signal}: stopping; draining upstreams for up to {ms} ms", {
+        signal: reason,
+        ms: proxy.config.drainTimeoutMs,
+      });
+    }
+    const extras = this.#extras;
+    extras.self?.stop();
+    extras.reclaimer.stop();
+    const closingAdmin = extras.admin?.close();
+    extras.admin = undefined;
+    const report = await proxy.shutdown({ signal: this.#signals.cut });
+    await closingAdmin;
+    // A takeover that began while draining ends before this process does.
+    await this.#handingOver;
+    extras.summary.stop();
+    extras.summary.report();
+    logAccounts(report);
+    if (this.#handedOff) {
+      await this.#control?.close();
+      log.info("handed over to pid {pid}; exiting", { pid: this.#successor });
     } else {
-      log.info(
-        "shutdown: {pool}/{server} ({protocol}): received {received} = forwarded {forwarded} + dropped {dropped} (buffer_full {buffer_full}, shutdown {shutdown}, removed {removed}, rerouted {rerouted}, send_failed {send_failed}) + held {held}",
-        { ...a, dropped, buffer_full, shutdown, removed, rerouted, send_failed },
-      );
+      await this.#control?.remove();
+      await this.#pidFile?.release();
     }
   }
-  if (report.undelivered > 0) {
-    log.error("shutdown: {count} metrics could not be delivered: {servers}", {
-      count: report.undelivered,
-      servers: Object.entries(report.byServer).map(([a, n]) => `${a} ${n}`).join(", "),
-    });
-  } else {
-    // Rerouted metrics were routed again to another server, not lost.
-    const lost = { buffer_full: 0, removed: 0, send_failed: 0 };
-    for (const a of report.accounts) {
-      lost.buffer_full += a.dropped.buffer_full;
-      lost.removed += a.dropped.removed;
-      lost.send_failed += a.dropped.send_failed;
-    }
-    const total = lost.buffer_full + lost.removed + lost.send_failed;
-    if (total === 0) {
-      log.info("shutdown: every metric was delivered");
-    } else {
-      log.warn(
-        "shutdown: what was held was delivered, but {total} metrics were dropped before ({reasons}): see the accounts above",
-        {
-          total,
-          reasons: Object.entries(lost).filter(([, n]) => n > 0).map(([r, n]) => `${r} ${n}`)
-            .join(", "),
-        },
+
+  // ControlHost
+
+  async status(): Promise<ControlStatus> {
+    const proxy = this.#proxy;
+    // While draining, the listeners close first: answer once they have.
+    if (this.#state !== "running") await proxy.stopIngest();
+    const running = this.#state === "running";
+    const { tcp, udp } = proxy.bound;
+    const admin = this.#extras.adminBound;
+    return {
+      pid: Deno.pid,
+      version: VERSION,
+      state: this.#state,
+      listeners: {
+        tcp: running && tcp !== undefined ? { hostname: tcp.host, port: tcp.port } : null,
+        udp: running && udp !== undefined && proxy.udp !== undefined
+          ? { hostname: udp.host, port: udp.port, receiver: proxy.udp.receiver }
+          : null,
+        admin: running && admin !== undefined && this.#extras.admin !== undefined
+          ? { hostname: admin.host, port: admin.port }
+          : null,
+      },
+    };
+  }
+
+  sendUdp(name: string): void {
+    const fd = this.#proxy.udp?.fd;
+    if (fd === undefined) throw new Error("no native UDP socket to hand over");
+    sendFd(name, fd);
+  }
+
+  shareUdp(): void {
+    this.#proxy.udp?.share();
+  }
+
+  handOver(channel: ControlChannel, ready: ReadyMessage): Promise<void> {
+    this.#handingOver ??= this.#handOver(channel, ready);
+    return this.#handingOver;
+  }
+
+  async #handOver(channel: ControlChannel, ready: ReadyMessage): Promise<void> {
+    const proxy = this.#proxy;
+    this.#state = "handing-over";
+    this.#successor = ready.pid;
+    const relay = new RelaySink(channel);
+    let frames = 0;
+    try {
+      await proxy.stopIngest({
+        handOver: { udp: ready.udp === "fd" ? "released" : "closed", relay },
+      });
+      await this.#extras.admin?.close();
+      this.#extras.admin = undefined;
+      const keep = new Set(ready.servers.map(([pool, server]) => `${pool}\t${server}`));
+      const held = await proxy.handOver((pool, server) => keep.has(`${pool}\t${server}`));
+      let sent = 0;
+      for (const h of held) frames += h.frames;
+      try {
+        for (const h of held) {
+          await channel.sendHeld(h);
+          sent += h.frames;
+        }
+      } catch (err) {
+        log.error("takeover: {count} held metrics could not be handed over to pid {pid}: {error}", {
+          count: frames - sent,
+          pid: ready.pid,
+          error: errorText(err),
+        });
+      }
+      await this.#control?.close();
+      this.#pidFile?.handOff();
+      this.#handedOff = true;
+      await channel.sendJson({ type: "done", frames: sent }).catch(() => {});
+      log.info(
+        "handed over to pid {pid}: {frames} held metrics; relaying the TCP clients still connected for up to {ms} ms",
+        { pid: ready.pid, frames: sent, ms: proxy.config.handoffTimeoutMs },
       );
+      await proxy.lingerClients({
+        idleMs: HAND_OFF_IDLE_MS,
+        deadline: Date.now() + proxy.config.handoffTimeoutMs,
+        signal: this.#signals.cut,
+      });
+      await relay.close();
+      const { relayed, dropped, failed } = relay.counters;
+      if (relayed > 0 || dropped > 0) {
+        log.info(
+          "takeover: relayed {relayed} lines and frames from remaining clients to pid {pid} ({lost} lost: {dropped} dropped, {failed} failed)",
+          { relayed, pid: ready.pid, lost: dropped + failed, dropped, failed },
+        );
+      }
+    } finally {
+      channel.close();
+      this.#signals.finish("takeover");
     }
   }
-  await pidFile?.release();
-  return 0;
 }
 
-function startAdmin(proxy: Proxy, config: ProxyConfig, counters: HttpCounters): AdminServer {
+function startAdmin(
+  proxy: Proxy,
+  config: ProxyConfig,
+  counters: HttpCounters,
+  listener?: Deno.TcpListener,
+): AdminServer {
   return AdminServer.start({
     hostname: config.adminBind,
     port: config.adminPort,
@@ -205,6 +496,7 @@ function startAdmin(proxy: Proxy, config: ProxyConfig, counters: HttpCounters): 
     counters,
     maxConnections: config.adminMaxConnections,
     timeoutMs: config.adminTimeoutMs,
+    listener,
   });
 }
 
@@ -222,6 +514,60 @@ function startSummary(proxy: Proxy, config: ProxyConfig, admin: HttpCounters): S
 function startSelfReport(proxy: Proxy, config: ProxyConfig): SelfReport | undefined {
   if (config.statsPrefix === "") return undefined;
   return new SelfReport({ proxy, prefix: config.statsPrefix, intervalS: config.statsIntervalS });
+}
+
+/** The shutdown's account lines, and what could not be delivered. */
+function logAccounts(report: ShutdownReport): void {
+  for (const a of report.accounts) {
+    if (a.received === 0) continue;
+    const { buffer_full, shutdown, removed, rerouted, send_failed } = a.dropped;
+    const dropped = buffer_full + shutdown + removed + rerouted + send_failed;
+    const handed = a.handedOver > 0 ? ` + handed over ${a.handedOver}` : "";
+    if (a.pool === undefined) {
+      log.info(
+        `shutdown: {server} ({protocol}): received {received} = forwarded {forwarded}${handed} + dropped {dropped} (buffer_full {buffer_full}, shutdown {shutdown}, removed {removed}) + held {held}`,
+        { ...a, dropped, buffer_full, shutdown, removed },
+      );
+    } else {
+      log.info(
+        `shutdown: {pool}/{server} ({protocol}): received {received} = forwarded {forwarded}${handed} + dropped {dropped} (buffer_full {buffer_full}, shutdown {shutdown}, removed {removed}, rerouted {rerouted}, send_failed {send_failed}) + held {held}`,
+        { ...a, dropped, buffer_full, shutdown, removed, rerouted, send_failed },
+      );
+    }
+  }
+  if (report.undelivered > 0) {
+    log.error("shutdown: {count} metrics could not be delivered: {servers}", {
+      count: report.undelivered,
+      servers: Object.entries(report.byServer).map(([a, n]) => `${a} ${n}`).join(", "),
+    });
+    return;
+  }
+  // Rerouted metrics were routed again to another server, not lost; those
+  // handed over went to the proxy that took over.
+  const lost = { buffer_full: 0, removed: 0, send_failed: 0 };
+  let handedOver = 0;
+  for (const a of report.accounts) {
+    lost.buffer_full += a.dropped.buffer_full;
+    lost.removed += a.dropped.removed;
+    lost.send_failed += a.dropped.send_failed;
+    handedOver += a.handedOver;
+  }
+  const total = lost.buffer_full + lost.removed + lost.send_failed;
+  const unread = report.unread;
+  if (total === 0 && unread === 0) {
+    log.info(
+      handedOver > 0
+        ? "shutdown: every metric was delivered or handed over"
+        : "shutdown: every metric was delivered",
+    );
+    return;
+  }
+  const reasons = Object.entries(lost).filter(([, n]) => n > 0).map(([r, n]) => `${r} ${n}`);
+  if (unread > 0) reasons.push(`unread ${unread} (still queued in the UDP socket)`);
+  log.warn(
+    "shutdown: what was held was delivered, but {total} metrics were dropped before ({reasons}): see the accounts above",
+    { total: total + unread, reasons: reasons.join(", ") },
+  );
 }
 
 /**
@@ -260,6 +606,9 @@ async function reload(
         : startAdmin(proxy, next, extras.adminCounters);
       await extras.admin?.close();
       extras.admin = fresh;
+      extras.adminBound = fresh === undefined
+        ? undefined
+        : { host: next.adminBind, port: next.adminPort };
     } catch (err) {
       refused.push(`admin endpoint stays as it was: ${errorText(err)}`);
     }

@@ -80,6 +80,13 @@ export interface ProxyConfig {
   /** How long shutdown waits to flush buffered data, in ms (key `drain_timeout_ms`). Default 5000. */
   drainTimeoutMs: number;
   /**
+   * After a takeover, how long the old proxy keeps reading (and relaying to
+   * the new one) the TCP clients still connected to it, in ms (key
+   * `handoff_timeout_ms`); a client silent for a second is closed sooner.
+   * Default 10000.
+   */
+  handoffTimeoutMs: number;
+  /**
    * Interval of the rate-limited log summaries of dropped input and down
    * servers, in ms (key `summary_interval_ms`, at least 100). Default 10000.
    */
@@ -231,6 +238,7 @@ export const DEFAULTS: ConfigDefaults = Object.freeze({
   maxLineBytes: 65536,
   maxBufferBytes: 67108864,
   drainTimeoutMs: 5000,
+  handoffTimeoutMs: 10000,
   summaryIntervalMs: 10000,
   reconnectMinMs: 100,
   reconnectMaxMs: 5000,
@@ -402,6 +410,7 @@ const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
     { field: "maxBufferBytes", parse: (t) => integer(t, 65536, Number.MAX_SAFE_INTEGER) },
   ],
   ["drain_timeout_ms", { field: "drainTimeoutMs", parse: (t) => integer(t, 0, MAX_DELAY_MS) }],
+  ["handoff_timeout_ms", { field: "handoffTimeoutMs", parse: (t) => integer(t, 0, MAX_DELAY_MS) }],
   [
     "summary_interval_ms",
     { field: "summaryIntervalMs", parse: (t) => integer(t, 100, MAX_DELAY_MS) },

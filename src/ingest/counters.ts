@@ -31,6 +31,12 @@ export const DROP_REASONS = [
    * the bound on what all clients' unfinished lines may hold together.
    */
   "pending_full",
+  /**
+   * A UDP line or frame still queued in the kernel when a shutdown's drain
+   * timeout ran out (or a second SIGTERM cut the drain short): read and
+   * counted, not routed.
+   */
+  "unread",
 ] as const;
 
 /** One of {@linkcode DROP_REASONS}. */
@@ -47,6 +53,7 @@ export const DROP = {
   corrupt: 6,
   bad_event: 7,
   pending_full: 8,
+  unread: 9,
 } as const satisfies Record<DropReason, number>;
 
 /** Counters of one inbound transport (TCP or UDP). */

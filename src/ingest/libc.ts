@@ -29,11 +29,22 @@
  * compiled for x86_64 glibc, aarch64 glibc (cross compiler) and x86_64 musl;
  * only x86_64 glibc has been run.
  *
+ * - `cmsghdr`, 16 bytes: `cmsg_len` size_t at 0, `cmsg_level` i32 at 8,
+ *   `cmsg_type` i32 at 12, data from 16; each control message is padded to
+ *   8 bytes (`CMSG_SPACE`).
+ * - `sockaddr_un`: `sun_family` u16 at 0, `sun_path` (108 bytes) at 2; an
+ *   abstract name starts with a NUL byte and its length is the address length
+ *   minus 2.
+ * - `ucred` (the data of `SCM_CREDENTIALS`): `pid`, `uid`, `gid`, i32 each.
+ *
  * Constants (same on x86_64 and aarch64; not on mips, sparc, parisc or alpha):
- * `AF_INET` 2, `AF_INET6` 10, `SOCK_DGRAM` 2, `SOCK_NONBLOCK` 0o4000,
- * `SOCK_CLOEXEC` 0o2000000, `SOL_SOCKET` 1, `SO_RCVBUF` 8, `SO_REUSEPORT` 15,
- * `SO_RCVBUFFORCE` 33, `MSG_TRUNC` 0x20, `MSG_DONTWAIT` 0x40, `POLLIN` 1, and
- * the errno values in {@linkcode ERRNO}.
+ * `AF_UNIX` 1, `AF_INET` 2, `AF_INET6` 10, `SOCK_DGRAM` 2, `SOCK_NONBLOCK`
+ * 0o4000, `SOCK_CLOEXEC` 0o2000000, `SOL_SOCKET` 1, `SO_REUSEADDR` 2,
+ * `SO_TYPE` 3, `SO_RCVBUF` 8, `SO_REUSEPORT` 15, `SO_PASSCRED` 16,
+ * `SO_RCVBUFFORCE` 33, `SO_PROTOCOL` 38, `SO_DOMAIN` 39, `SCM_RIGHTS` 1,
+ * `SCM_CREDENTIALS` 2, `MSG_TRUNC` 0x20, `MSG_DONTWAIT` 0x40,
+ * `MSG_CMSG_CLOEXEC` 0x40000000, `POLLIN` 1, and the errno values in
+ * {@linkcode ERRNO}.
  *
  * `errno` is read with `__errno_location()` right after a synchronous call,
  * on the same (JavaScript) thread that made it. A `nonblocking` symbol
@@ -86,10 +97,20 @@ export const LINUX = {
   SOCK_DGRAM: 2,
   SOCK_NONBLOCK: 0o4000,
   SOCK_CLOEXEC: 0o2000000,
+  AF_UNIX: 1,
   SOL_SOCKET: 1,
+  SO_REUSEADDR: 2,
+  SO_TYPE: 3,
   SO_RCVBUF: 8,
   SO_REUSEPORT: 15,
+  SO_PASSCRED: 16,
   SO_RCVBUFFORCE: 33,
+  SO_PROTOCOL: 38,
+  SO_DOMAIN: 39,
+  SCM_RIGHTS: 1,
+  SCM_CREDENTIALS: 2,
+  IPPROTO_UDP: 17,
+  MSG_CMSG_CLOEXEC: 0x40000000,
   MSG_TRUNC: 0x20,
   MSG_DONTWAIT: 0x40,
   POLLIN: 0x1,
@@ -130,6 +151,13 @@ export const LAYOUT = {
   TIMESPEC_SIZE: 16,
   SOCKADDR_IN_SIZE: 16,
   SOCKADDR_IN6_SIZE: 28,
+  /** `msghdr` alone (for `sendmsg`/`recvmsg`). */
+  MSGHDR_SIZE: 56,
+  /** `cmsghdr`: `cmsg_len` size_t at 0, `cmsg_level` i32 at 8, `cmsg_type` i32 at 12, data at 16. */
+  CMSGHDR_SIZE: 16,
+  /** `sockaddr_un`: `sun_family` u16 at 0, `sun_path` (108 bytes) at 2. */
+  SOCKADDR_UN_PATH: 2,
+  SOCKADDR_UN_PATH_MAX: 108,
   /** `sizeof(struct sockaddr_storage)`: room for any address. */
   SOCKADDR_STORAGE_SIZE: 128,
 } as const;
@@ -140,6 +168,9 @@ const SYMBOLS = {
   setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
   getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
   getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  sendmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
+  recvmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
   recvmmsg: { parameters: ["i32", "pointer", "u32", "i32", "pointer"], result: "i32" },
   /** Runs on a helper thread and returns a Promise: it may block for long. */
   ppoll: {

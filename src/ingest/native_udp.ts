@@ -89,6 +89,12 @@ export interface NativeUdpOptions {
   /** Sets `SO_REUSEPORT`, so several sockets can share the port. Defaults to false. */
   reusePort?: boolean;
   /**
+   * Sets `SO_REUSEADDR`, so a socket of another process that also sets it
+   * (a proxy taking over, which may bind with `Deno.listenDatagram`'s
+   * `reuseAddress`) can bind the same port. Defaults to false.
+   */
+  reuseAddress?: boolean;
+  /**
    * Bytes per datagram slot, 1 to 65536 (the default, which fits any UDP
    * payload). A smaller slot saves memory, but a longer datagram is then cut
    * by the kernel: it is counted in {@linkcode NativeUdpSocket.truncated} and
@@ -111,6 +117,41 @@ export interface NativeUdpOptions {
    * does not. 0 turns it off. Defaults to 0.5.
    */
   coalesceMs?: number;
+}
+
+/** Options of {@linkcode NativeUdpSocket.adopt}: those of a socket already bound. */
+export type NativeUdpAdoptOptions = Pick<
+  NativeUdpOptions,
+  "batchSize" | "slotBytes" | "batchesPerPoll" | "coalesceMs"
+>;
+
+/** The options of a socket, checked and with their defaults. */
+interface ValidOptions {
+  batchSize: number;
+  slotBytes: number;
+  batchesPerPoll: number;
+  coalesceMs: number;
+}
+
+function validOptions(options: NativeUdpAdoptOptions): ValidOptions {
+  const coalesceMs = options.coalesceMs ?? DEFAULT_COALESCE_MS;
+  if (!(coalesceMs >= 0 && coalesceMs <= MAX_COALESCE_MS)) {
+    throw new RangeError(
+      `coalesceMs must be from 0 to ${MAX_COALESCE_MS}, got ${options.coalesceMs}`,
+    );
+  }
+  return {
+    batchSize: integerOption(
+      "batchSize",
+      options.batchSize,
+      DEFAULT_BATCH_SIZE,
+      1,
+      MAX_BATCH_SIZE,
+    ),
+    slotBytes: integerOption("slotBytes", options.slotBytes, MAX_SLOT_BYTES, 1, MAX_SLOT_BYTES),
+    batchesPerPoll: integerOption("batchesPerPoll", options.batchesPerPoll, 1, 1, 16),
+    coalesceMs,
+  };
 }
 
 /** State of a {@linkcode NativeUdpSocket}. */
@@ -192,6 +233,8 @@ export class NativeUdpSocket {
   readonly #wakeValue: Uint8Array;
 
   #state = OPEN;
+  /** Set by {@linkcode stopArrivals}: receives read what is queued, then close. */
+  #draining = false;
   #receiving = false;
   #polling = false;
   /** Batches still to take without a poll (see `batchesPerPoll`). */
@@ -263,27 +306,7 @@ export class NativeUdpSocket {
    * @throws {RangeError} An option out of range.
    */
   static open(options: NativeUdpOptions): NativeUdpSocket {
-    const batchSize = integerOption(
-      "batchSize",
-      options.batchSize,
-      DEFAULT_BATCH_SIZE,
-      1,
-      MAX_BATCH_SIZE,
-    );
-    const slotBytes = integerOption(
-      "slotBytes",
-      options.slotBytes,
-      MAX_SLOT_BYTES,
-      1,
-      MAX_SLOT_BYTES,
-    );
-    const batchesPerPoll = integerOption("batchesPerPoll", options.batchesPerPoll, 1, 1, 16);
-    const coalesceMs = options.coalesceMs ?? DEFAULT_COALESCE_MS;
-    if (!(coalesceMs >= 0 && coalesceMs <= MAX_COALESCE_MS)) {
-      throw new RangeError(
-        `coalesceMs must be from 0 to ${MAX_COALESCE_MS}, got ${options.coalesceMs}`,
-      );
-    }
+    const valid = validOptions(options);
     const port = integerOption("port", options.port, 0, 0, 65535);
     const rcvbuf = integerOption(
       "receiveBufferBytes",
@@ -294,15 +317,50 @@ export class NativeUdpSocket {
     );
     const libc = openLibc();
     try {
-      return NativeUdpSocket.#open(libc, options, {
-        port,
-        rcvbuf,
-        batchSize,
-        slotBytes,
-        batchesPerPoll,
-        coalesceMs,
-      });
+      return NativeUdpSocket.#open(libc, options, port, rcvbuf, valid);
     } catch (err) {
+      libc.close();
+      throw err;
+    }
+  }
+
+  /**
+   * Takes over `fd`, a bound UDP socket this process received (from a proxy
+   * that hands its socket over): the same kernel socket, its queue and its
+   * receive buffer, read from now on by this process. The socket is checked
+   * to be a UDP socket of IPv4 or IPv6; on any failure `fd` is closed.
+   *
+   * @throws {NativeUdpUnavailable} Native UDP cannot work here.
+   * @throws {Error} `fd` is not a bound UDP socket, or a call failed.
+   */
+  static adopt(fd: number, options: NativeUdpAdoptOptions = {}): NativeUdpSocket {
+    const valid = validOptions(options);
+    // Without libc this process cannot have received an fd.
+    const libc = openLibc();
+    try {
+      const { symbols } = libc;
+      const int = new Int32Array(1);
+      const intBytes = new Uint8Array(int.buffer);
+      const length = new Uint32Array(1);
+      const lengthBytes = new Uint8Array(length.buffer);
+      const option = (name: number): number => {
+        length[0] = 4;
+        if (symbols.getsockopt(fd, LINUX.SOL_SOCKET, name, intBytes, lengthBytes) !== 0) {
+          throw errnoError(libc, "getsockopt", libc.errno());
+        }
+        return int[0];
+      };
+      const domain = option(LINUX.SO_DOMAIN);
+      if (
+        (domain !== LINUX.AF_INET && domain !== LINUX.AF_INET6) ||
+        option(LINUX.SO_TYPE) !== LINUX.SOCK_DGRAM ||
+        option(LINUX.SO_PROTOCOL) !== LINUX.IPPROTO_UDP
+      ) {
+        throw new Error("the socket handed over is not a UDP socket");
+      }
+      return NativeUdpSocket.#wrap(libc, fd, false, valid);
+    } catch (err) {
+      libc.symbols.close(fd);
       libc.close();
       throw err;
     }
@@ -311,24 +369,13 @@ export class NativeUdpSocket {
   static #open(
     libc: Libc,
     options: NativeUdpOptions,
-    valid: {
-      port: number;
-      rcvbuf: number;
-      batchSize: number;
-      slotBytes: number;
-      batchesPerPoll: number;
-      coalesceMs: number;
-    },
+    port: number,
+    rcvbuf: number,
+    valid: ValidOptions,
   ): NativeUdpSocket {
-    const { port, rcvbuf, batchSize, slotBytes, batchesPerPoll, coalesceMs } = valid;
     const ip = parseIpLiteral(libc, options.hostname);
     if (ip === undefined) throw new NativeUdpUnavailable("bind address is a host name");
     const sockaddr = encodeSockaddr(ip, port);
-    // Allocate before any fd exists, so a failed allocation leaks nothing.
-    // An ArrayBuffer's memory is off the V8 heap and never moves.
-    const buffer = new Uint8Array(new ArrayBuffer(batchSize * slotBytes));
-    const control = new ArrayBuffer(controlLayout(batchSize).size);
-
     const { symbols } = libc;
     const fail = (call: string): never => {
       throw errnoError(libc, call, libc.errno());
@@ -339,14 +386,18 @@ export class NativeUdpSocket {
       0,
     );
     if (fd < 0) fail("socket");
-    let eventFd = -1;
     try {
       const int = new Int32Array(1);
       const intBytes = new Uint8Array(int.buffer);
-      if (options.reusePort) {
+      for (
+        const [wanted, name, call] of [
+          [options.reusePort, LINUX.SO_REUSEPORT, "setsockopt(SO_REUSEPORT)"],
+          [options.reuseAddress, LINUX.SO_REUSEADDR, "setsockopt(SO_REUSEADDR)"],
+        ] as const
+      ) {
         int[0] = 1;
-        if (symbols.setsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_REUSEPORT, intBytes, 4) !== 0) {
-          fail("setsockopt(SO_REUSEPORT)");
+        if (wanted && symbols.setsockopt(fd, LINUX.SOL_SOCKET, name, intBytes, 4) !== 0) {
+          fail(call);
         }
       }
       let forced = false;
@@ -360,41 +411,53 @@ export class NativeUdpSocket {
         }
       }
       if (symbols.bind(fd, sockaddr, sockaddr.length) !== 0) fail("bind");
-
-      const length = new Uint32Array(1);
-      const lengthBytes = new Uint8Array(length.buffer);
-      const bound = new Uint8Array(LAYOUT.SOCKADDR_STORAGE_SIZE);
-      length[0] = bound.length;
-      if (symbols.getsockname(fd, bound, lengthBytes) !== 0) fail("getsockname");
-      const addr = decodeSockaddr(libc, bound);
-      length[0] = 4;
-      if (symbols.getsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_RCVBUF, intBytes, lengthBytes) !== 0) {
-        fail("getsockopt(SO_RCVBUF)");
-      }
-      const granted = int[0];
-
-      eventFd = symbols.eventfd(0, LINUX.EFD_NONBLOCK | LINUX.EFD_CLOEXEC);
-      if (eventFd < 0) fail("eventfd");
-      fillControl(control, buffer, batchSize, slotBytes, fd, eventFd);
-      return new NativeUdpSocket({
-        libc,
-        fd,
-        eventFd,
-        addr,
-        receiveBufferBytes: granted,
-        receiveBufferForced: forced,
-        batchSize,
-        slotBytes,
-        batchesPerPoll,
-        coalesceMs,
-        buffer,
-        control,
-      });
+      return NativeUdpSocket.#wrap(libc, fd, forced, valid);
     } catch (err) {
       symbols.close(fd);
-      if (eventFd >= 0) symbols.close(eventFd);
       throw err;
     }
+  }
+
+  /** Makes the socket object for a bound `fd`: its address, buffer, eventfd and control block. */
+  static #wrap(libc: Libc, fd: number, forced: boolean, valid: ValidOptions): NativeUdpSocket {
+    const { batchSize, slotBytes, batchesPerPoll, coalesceMs } = valid;
+    const { symbols } = libc;
+    const fail = (call: string): never => {
+      throw errnoError(libc, call, libc.errno());
+    };
+    // An ArrayBuffer's memory is off the V8 heap and never moves.
+    const buffer = new Uint8Array(new ArrayBuffer(batchSize * slotBytes));
+    const control = new ArrayBuffer(controlLayout(batchSize).size);
+    const int = new Int32Array(1);
+    const intBytes = new Uint8Array(int.buffer);
+    const length = new Uint32Array(1);
+    const lengthBytes = new Uint8Array(length.buffer);
+    const bound = new Uint8Array(LAYOUT.SOCKADDR_STORAGE_SIZE);
+    length[0] = bound.length;
+    if (symbols.getsockname(fd, bound, lengthBytes) !== 0) fail("getsockname");
+    const addr = decodeSockaddr(libc, bound);
+    length[0] = 4;
+    if (symbols.getsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_RCVBUF, intBytes, lengthBytes) !== 0) {
+      fail("getsockopt(SO_RCVBUF)");
+    }
+    const granted = int[0];
+    const eventFd = symbols.eventfd(0, LINUX.EFD_NONBLOCK | LINUX.EFD_CLOEXEC);
+    if (eventFd < 0) fail("eventfd");
+    fillControl(control, buffer, batchSize, slotBytes, fd, eventFd);
+    return new NativeUdpSocket({
+      libc,
+      fd,
+      eventFd,
+      addr,
+      receiveBufferBytes: granted,
+      receiveBufferForced: forced,
+      batchSize,
+      slotBytes,
+      batchesPerPoll,
+      coalesceMs,
+      buffer,
+      control,
+    });
   }
 
   /**
@@ -419,6 +482,7 @@ export class NativeUdpSocket {
     if (this.#receiving) throw new Error("NativeUdpSocket: a receive() is already pending");
     this.#receiving = true;
     try {
+      if (this.#draining) return this.#drainStep();
       if (this.#credit > 0) {
         // The last batch was full: more is likely queued; take it without a poll.
         this.#credit--;
@@ -448,6 +512,7 @@ export class NativeUdpSocket {
           if (this.#state === CLOSING) this.#free();
           return 0;
         }
+        if (this.#draining) return this.#drainStep();
         if (ready < 0) {
           // ppoll ran on a helper thread, whose errno cannot be read: EINTR or
           // ENOMEM are the only failures of a well-formed call. Back off.
@@ -543,6 +608,73 @@ export class NativeUdpSocket {
     this.#credit = 0;
     this.#sleepMs = 0;
     return 0;
+  }
+
+  /** In drain mode: the next batch of what is queued, or 0 (and closed) once it is empty. */
+  #drainStep(): number {
+    const n = this.#read();
+    if (n > 0) return n;
+    this.#free();
+    return 0;
+  }
+
+  /**
+   * The socket's file descriptor, to hand it to another process (which
+   * takes it with {@linkcode adopt}). Valid until {@linkcode close}.
+   */
+  get fd(): number {
+    return this.#fd;
+  }
+
+  /**
+   * Sets `SO_REUSEADDR` and `SO_REUSEPORT` on the bound socket, so that a
+   * proxy taking over can bind a socket of its own beside it (by either
+   * flag: `Deno.listenDatagram` only sets `SO_REUSEADDR`).
+   *
+   * @throws {Error} A call failed.
+   */
+  share(): void {
+    if (this.#state !== OPEN) return;
+    const int = new Int32Array([1]);
+    const bytes = new Uint8Array(int.buffer);
+    for (
+      const [name, call] of [[LINUX.SO_REUSEADDR, "SO_REUSEADDR"], [
+        LINUX.SO_REUSEPORT,
+        "SO_REUSEPORT",
+      ]] as const
+    ) {
+      if (this.#libc.symbols.setsockopt(this.#fd, LINUX.SOL_SOCKET, name, bytes, 4) !== 0) {
+        throw errnoError(this.#libc, `setsockopt(${call})`, this.#libc.errno());
+      }
+    }
+  }
+
+  /**
+   * Stops new datagrams from arriving, keeping those already queued:
+   * `connect()`s the socket to its own address (a wildcard address to
+   * loopback), so the kernel queues only what that address sends, which is
+   * nothing; another socket bound to the port (a proxy that took over) gets
+   * the traffic instead. From now on {@linkcode receive} reads what is
+   * queued, without waiting, and resolves to 0 once the queue is empty,
+   * closing the socket. Returns false when the connect failed (then the
+   * receives still end at the first empty read, but datagrams may go on
+   * arriving until then).
+   */
+  stopArrivals(): boolean {
+    if (this.#state !== OPEN || this.#draining) return true;
+    let ok = false;
+    const self = { ...this.addr };
+    if (self.hostname === "0.0.0.0") self.hostname = "127.0.0.1";
+    else if (self.hostname === "::") self.hostname = "::1";
+    const ip = parseIpLiteral(this.#libc, self.hostname);
+    if (ip !== undefined) {
+      const sockaddr = encodeSockaddr(ip, self.port);
+      ok = this.#libc.symbols.connect(this.#fd, sockaddr, sockaddr.length) === 0;
+    }
+    this.#draining = true;
+    // Wake a pending poll: the queue is read at once, without waiting.
+    if (this.#polling) this.#libc.symbols.write(this.#eventFd, this.#wakeValue, 8n);
+    return ok;
   }
 
   /**

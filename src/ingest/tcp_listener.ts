@@ -19,7 +19,8 @@
 
 import { internalErrors, isConnectionEnd } from "../internal_errors.ts";
 import { acceptConnections } from "../accept_loop.ts";
-import { errorText, listenError } from "../errors.ts";
+import { errorText } from "../errors.ts";
+import { listenTcp, type TcpBinding } from "../listen_tcp.ts";
 import type { TcpClientCounters } from "./counters.ts";
 import type { BatchSink } from "./frame_batch.ts";
 import type { ReadBufferPool } from "./read_buffer_pool.ts";
@@ -44,6 +45,18 @@ export interface TcpListenerOptions {
   pool: ReadBufferPool;
   /** The limits on clients, read as they apply (a reload may change them). */
   limits: TcpClientLimits;
+  /** How to bind: alone (the default) or beside a proxy being taken over. */
+  binding?: TcpBinding;
+}
+
+/** Options of {@linkcode TcpListener.handOff}. */
+export interface HandOffOptions {
+  /** Close a client once it has been silent this long, in ms. */
+  idleMs: number;
+  /** Close every client still connected at this time (ms since epoch). */
+  deadline: number;
+  /** Close every client at once when it aborts. */
+  signal?: AbortSignal;
 }
 
 /** Limits on TCP clients, shared by the proxy's TCP listeners. */
@@ -70,30 +83,46 @@ export class TcpListener {
   readonly addr: Deno.NetAddr;
   #listener: Deno.TcpListener;
   #options: TcpListenerOptions;
+  /** Where decoded metrics go (the router; after a hand-off, the new proxy). */
+  #sink: BatchSink;
   #clients = new Set<Client>();
   #handlers = new Set<Promise<void>>();
-  #accepting: Promise<void>;
+  #accepting: Promise<void> | undefined;
   /** Advances every {@linkcode SWEEP_MS}; a client's tick says when it last read. */
   #tick = 0;
-  #sweeper: ReturnType<typeof setInterval>;
+  #sweeper: ReturnType<typeof setInterval> | undefined;
+  /** Set by {@linkcode handOff}: clients silent this many ticks are closed. */
+  #handOffTicks = 0;
 
   private constructor(listener: Deno.TcpListener, options: TcpListenerOptions) {
     this.#listener = listener;
     this.#options = options;
+    this.#sink = options.sink;
     this.addr = listener.addr;
+  }
+
+  /**
+   * Binds (the kernel completes connections from then on) without accepting
+   * yet: see {@linkcode start}. Throws a `ListenError` when it cannot bind.
+   */
+  static bind(options: TcpListenerOptions): TcpListener {
+    const target = { transport: "tcp" as const, hostname: options.hostname, port: options.port };
+    return new TcpListener(listenTcp(target, options.binding ?? "alone"), options);
+  }
+
+  /** Starts accepting and serving clients (once). */
+  start(): void {
+    if (this.#accepting !== undefined) return;
     this.#sweeper = setInterval(() => this.#sweep(), SWEEP_MS);
     this.#accepting = this.#accept();
   }
 
-  /** Binds and starts accepting; throws a `ListenError` when it cannot bind. */
-  static listen(options: TcpListenerOptions): TcpListener {
-    let listener: Deno.TcpListener;
-    try {
-      listener = Deno.listen({ hostname: options.hostname, port: options.port });
-    } catch (err) {
-      throw listenError({ transport: "tcp", hostname: options.hostname, port: options.port }, err);
-    }
-    return new TcpListener(listener, options);
+  /**
+   * Sends what clients send from now on to `sink` instead: after a hand-off,
+   * the clients that stay connected here are relayed to the new proxy.
+   */
+  redirect(sink: BatchSink): void {
+    this.#sink = sink;
   }
 
   /** Clients connected to this listener now. */
@@ -121,7 +150,7 @@ export class TcpListener {
   }
 
   async #serve(conn: Deno.TcpConn): Promise<void> {
-    const { sink, context, clients, pool } = this.#options;
+    const { context, clients, pool } = this.#options;
     const client: Client = { conn, tick: this.#tick };
     this.#clients.add(client);
     clients.open++;
@@ -135,7 +164,7 @@ export class TcpListener {
         const n = await conn.read(buf);
         if (n === null) break;
         client.tick = this.#tick;
-        decoder.decode(buf, n, sink);
+        decoder.decode(buf, n, this.#sink);
         if (decoder.corrupt) break;
         // A full read means more is waiting: read on in a large buffer while
         // the client streams, and give it back once a read comes up short.
@@ -159,15 +188,16 @@ export class TcpListener {
     }
   }
 
-  /** Closes the clients silent for longer than the idle timeout. */
+  /** Closes the clients silent for longer than the idle timeout (or the hand-off's). */
   #sweep(): void {
     const tick = ++this.#tick;
     const timeout = this.#options.limits.idleTimeoutMs;
-    if (timeout <= 0) return;
-    const idleTicks = timeout / SWEEP_MS;
+    if (timeout <= 0 && this.#handOffTicks === 0) return;
+    let idleTicks = timeout <= 0 ? Infinity : timeout / SWEEP_MS;
+    if (this.#handOffTicks > 0) idleTicks = Math.min(idleTicks, this.#handOffTicks);
     for (const client of this.#clients) {
       if (tick - client.tick > idleTicks) {
-        this.#options.clients.idleClosed++;
+        if (this.#handOffTicks === 0) this.#options.clients.idleClosed++;
         this.#clients.delete(client);
         close(client.conn);
       }
@@ -188,6 +218,25 @@ export class TcpListener {
   async idle(): Promise<void> {
     while (this.#handlers.size > 0) await Promise.allSettled([...this.#handlers]);
     clearInterval(this.#sweeper);
+  }
+
+  /**
+   * After a takeover: stops accepting, then serves the clients still
+   * connected until each closes, or is silent for `idleMs`, or `deadline`
+   * passes; resolves once none is left.
+   */
+  async handOff(options: HandOffOptions): Promise<void> {
+    await this.stopAccepting();
+    this.#handOffTicks = Math.max(1, Math.ceil(options.idleMs / SWEEP_MS));
+    const closeAll = () => {
+      for (const client of this.#clients) close(client.conn);
+    };
+    const timer = setTimeout(closeAll, Math.max(0, options.deadline - Date.now()));
+    options.signal?.addEventListener("abort", closeAll);
+    if (options.signal?.aborted) closeAll();
+    await this.idle();
+    clearTimeout(timer);
+    options.signal?.removeEventListener("abort", closeAll);
   }
 
   /** Stops accepting, closes every client connection and waits for them. */

@@ -29,6 +29,9 @@ export interface Destination {
   kick(): void;
   /** Starts sending. */
   start(): void;
-  /** Stops after sending what it holds, or at `deadline`; returns what was lost. */
-  drain(deadline: number, reason: DrainReason): Promise<number>;
+  /**
+   * Stops after sending what it holds, or at `deadline` or when `signal`
+   * aborts; returns what was lost.
+   */
+  drain(deadline: number, reason: DrainReason, signal?: AbortSignal): Promise<number>;
 }

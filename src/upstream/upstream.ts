@@ -16,7 +16,8 @@ import { ByteBudget } from "../byte_budget.ts";
 import type { ConnectGate } from "./connect_gate.ts";
 import type { ConnectionEvents } from "./connection_events.ts";
 import type { Destination } from "./destination.ts";
-import { type DrainReason, UpstreamConnection } from "./upstream_connection.ts";
+import type { HeldChunk } from "./upstream_buffer.ts";
+import { type DrainReason, type Protocol, UpstreamConnection } from "./upstream_connection.ts";
 
 /** Options of {@linkcode Upstream}. */
 export interface UpstreamOptions {
@@ -134,6 +135,29 @@ export class Upstream implements Destination {
     return this.connections.flatMap((c) => c.takeHeld());
   }
 
+  /**
+   * Hands what each connection holds over to a proxy taking over (see
+   * {@linkcode UpstreamConnection.handOver}): per protocol, the chunks and
+   * their frame count.
+   */
+  async handOver(): Promise<{ protocol: Protocol; chunks: HeldChunk[]; frames: number }[]> {
+    return await Promise.all(this.connections.map(async (c) => {
+      const before = c.counters.handedOver;
+      const chunks = await c.handOver();
+      return { protocol: c.protocol, chunks, frames: c.counters.handedOver - before };
+    }));
+  }
+
+  /**
+   * Takes what the proxy this one took over from held for this server on
+   * its `protocol` connection, to be written first. Only before
+   * {@linkcode start}.
+   */
+  adopt(protocol: Protocol, held: readonly HeldChunk[], frames: number): void {
+    const connection = protocol === "ascii" ? this.ascii : (this.#binary ?? this.#openBinary());
+    connection.adopt(held, frames);
+  }
+
   /** Starts connecting (the binary connection starts when first needed). */
   start(): void {
     this.#started = true;
@@ -143,11 +167,11 @@ export class Upstream implements Destination {
 
   /**
    * Stops every connection after writing what is held, or when `deadline`
-   * (ms since epoch) passes. Returns the lines and frames that could not be
+   * (ms since epoch) passes or `signal` aborts. Returns the lines and frames that could not be
    * delivered, counted as dropped for `reason`.
    */
-  async drain(deadline: number, reason: DrainReason): Promise<number> {
-    const lost = await Promise.all(this.connections.map((c) => c.drain(deadline, reason)));
+  async drain(deadline: number, reason: DrainReason, signal?: AbortSignal): Promise<number> {
+    const lost = await Promise.all(this.connections.map((c) => c.drain(deadline, reason, signal)));
     return lost.reduce((a, b) => a + b, 0);
   }
 

@@ -44,6 +44,17 @@ export class Chunk {
     this.ends = new Int32Array(1024);
   }
 
+  /** A full chunk of the frames in `held` (its bytes are taken, not copied). */
+  static of(held: HeldChunk): Chunk {
+    const chunk = new Chunk(0);
+    chunk.bytes = held.bytes;
+    chunk.view = new DataView(held.bytes.buffer, held.bytes.byteOffset, held.bytes.byteLength);
+    chunk.ends = held.ends.length > 0 ? held.ends : new Int32Array(1);
+    chunk.length = held.bytes.length;
+    chunk.frames = held.ends.length;
+    return chunk;
+  }
+
   /** Empties the chunk for reuse. */
   reset(): void {
     this.length = 0;
@@ -84,6 +95,17 @@ export class Chunk {
     }
     return lo;
   }
+}
+
+/**
+ * Whole frames taken out of a buffer, in order, with where each ends: what a
+ * proxy hands over to the proxy that takes over from it.
+ */
+export interface HeldChunk {
+  /** The frames' bytes. */
+  bytes: Uint8Array;
+  /** The end of each frame in {@linkcode bytes}, ascending; the last is its length. */
+  ends: Int32Array;
 }
 
 /** Options of {@linkcode UpstreamBuffer}. */
@@ -203,9 +225,43 @@ export class UpstreamBuffer {
    * write had begun is taken from its start), and empties the buffer.
    */
   takePending(): { bytes: Uint8Array[]; frames: number } {
+    const { chunks, frames } = this.takeChunks();
+    return { bytes: chunks.map((c) => c.bytes), frames };
+  }
+
+  /**
+   * Like {@linkcode takePending}, with where each frame ends: copies of the
+   * chunks, and the number of frames.
+   */
+  takeChunks(): { chunks: HeldChunk[]; frames: number } {
     this.#chunks[0]?.rewindToFrameStart();
-    const bytes = this.#chunks.map((chunk) => chunk.bytes.slice(chunk.sent, chunk.length));
-    return { bytes, frames: this.clear() };
+    const chunks = this.#chunks.map((chunk) => {
+      const ends = chunk.ends.slice(chunk.written, chunk.frames);
+      for (let i = 0; i < ends.length; i++) ends[i] -= chunk.sent;
+      return { bytes: chunk.bytes.slice(chunk.sent, chunk.length), ends };
+    });
+    return { chunks, frames: this.clear() };
+  }
+
+  /**
+   * Puts `held` (older frames, handed over by the proxy this one took over
+   * from) before everything held, to be written first. They are taken even
+   * past the budget, which then refuses new frames until they are written.
+   * Only before the first write: it throws once writing has begun.
+   */
+  prepend(held: readonly HeldChunk[]): void {
+    if ((this.#chunks[0]?.sent ?? 0) > 0) throw new Error("prepend after writing began");
+    const chunks = held.filter((h) => h.bytes.length > 0).map((h) => Chunk.of(h));
+    let bytes = 0;
+    let frames = 0;
+    for (const chunk of chunks) {
+      bytes += chunk.length;
+      frames += chunk.frames;
+    }
+    this.#chunks.unshift(...chunks);
+    this.#bytes += bytes;
+    this.#budget.used += bytes;
+    this.#held += frames;
   }
 
   /** Drops everything held; returns the frames dropped. */

@@ -29,7 +29,7 @@ import { errorText } from "../errors.ts";
 import type { ByteBudget } from "../byte_budget.ts";
 import type { ConnectGate } from "./connect_gate.ts";
 import type { ConnectionEvents } from "./connection_events.ts";
-import { UpstreamBuffer } from "./upstream_buffer.ts";
+import { type HeldChunk, UpstreamBuffer } from "./upstream_buffer.ts";
 
 /**
  * A write smaller than this waits up to {@linkcode LINGER_MS} for more
@@ -39,6 +39,8 @@ import { UpstreamBuffer } from "./upstream_buffer.ts";
 const FLUSH_BYTES = 64 * 1024;
 /** Longest wait for a write to fill up to {@linkcode FLUSH_BYTES}. */
 const LINGER_MS = 5;
+/** Longest wait, at a hand-over, for the server to close after reading all. */
+const GENTLE_CLOSE_MS = 200;
 
 /** The wire protocol a connection carries. */
 export type Protocol = "ascii" | "binary";
@@ -48,8 +50,9 @@ export type DrainReason = "shutdown" | "removed";
 
 /**
  * Counters of one upstream connection. At any moment `received = forwarded
- * + droppedBufferFull + droppedShutdown + droppedRemoved + droppedRerouted +
- * droppedSendFailed + held`, where `held` is the connection's.
+ * + handedOver + droppedBufferFull + droppedShutdown + droppedRemoved +
+ * droppedRerouted + droppedSendFailed + held`, where `held` is the
+ * connection's.
  */
 export class ConnectionCounters {
   /** Lines or frames routed to this connection (including those refused). */
@@ -74,6 +77,17 @@ export class ConnectionCounters {
   droppedSendFailed = 0;
   /** UDP: lines or frames longer than the pool's `mtu`, sent alone (not dropped). */
   oversize = 0;
+  /**
+   * Lines and frames held here and handed over, with their order, to a
+   * proxy that took over from this one (they left this process unsent, not
+   * lost).
+   */
+  handedOver = 0;
+  /**
+   * Lines and frames the proxy this one took over from handed over for this
+   * connection (counted in {@linkcode received} too).
+   */
+  takenOver = 0;
   /** Successful connections after the first. */
   reconnects = 0;
   /** Failed connection attempts and broken connections. */
@@ -160,6 +174,10 @@ export class UpstreamConnection implements ConnectionView {
   /** A warning about this server being down was logged since it was last up. */
   #warned = false;
   #running: Promise<void> | undefined;
+  /** The read loop that notices the server closing the connection in use. */
+  #watching: Promise<void> = Promise.resolve();
+  /** The hand-over under way, once {@linkcode handOver} was called. */
+  #handingOver: Promise<HeldChunk[]> | undefined;
   #delay: number;
   /** A fixed retry interval that replaces the backoff (an ejected server's), or 0. */
   #retryEvery = 0;
@@ -254,6 +272,62 @@ export class UpstreamConnection implements ConnectionView {
     return bytes;
   }
 
+  /**
+   * Hands everything held over to the proxy taking over: stops writing
+   * (after the write under way), closes the connection gently (the server
+   * reads all that was written before it sees the end), and takes out the
+   * frames not wholly written, in order (a frame that write cut, from its
+   * start), counted as handed over. The connection stays stopped.
+   */
+  handOver(): Promise<HeldChunk[]> {
+    this.#handingOver ??= this.#handOver();
+    return this.#handingOver;
+  }
+
+  async #handOver(): Promise<HeldChunk[]> {
+    this.#stopped = true;
+    this.#wakeNow();
+    this.#interrupt?.();
+    await this.#running;
+    const conn = this.#conn;
+    this.#conn = undefined;
+    if (conn !== undefined) {
+      try {
+        await conn.closeWrite();
+        // statsite closes its end once it has read everything: wait for it,
+        // a little, so what was written here is read before what the new
+        // proxy writes on its own connection.
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([
+          this.#watching,
+          new Promise<void>((resolve) => timer = setTimeout(resolve, GENTLE_CLOSE_MS)),
+        ]);
+        clearTimeout(timer);
+      } catch {
+        // Already broken: nothing more to wait for.
+      }
+      try {
+        conn.close();
+      } catch {
+        // Already closed.
+      }
+    }
+    const { chunks, frames } = this.#buffer.takeChunks();
+    this.counters.handedOver += frames;
+    return chunks;
+  }
+
+  /**
+   * Takes the frames the proxy this one took over from held for this server
+   * (`frames` of them), to be written before anything newer. Only before
+   * {@linkcode start}.
+   */
+  adopt(held: readonly HeldChunk[], frames: number): void {
+    this.#buffer.prepend(held);
+    this.counters.received += frames;
+    this.counters.takenOver += frames;
+  }
+
   /** Starts connecting and writing. */
   start(): void {
     this.#running ??= this.#run();
@@ -261,10 +335,10 @@ export class UpstreamConnection implements ConnectionView {
 
   /**
    * Stops after writing what is held, or when `deadline` (ms since epoch)
-   * passes. Returns the lines and frames that could not be delivered; they
-   * are also counted as dropped for `reason`.
+   * passes or `signal` aborts. Returns the lines and frames that could not be
+   * delivered; they are also counted as dropped for `reason`.
    */
-  async drain(deadline: number, reason: DrainReason): Promise<number> {
+  async drain(deadline: number, reason: DrainReason, signal?: AbortSignal): Promise<number> {
     this.#closing = true;
     this.start();
     this.#wakeNow();
@@ -273,11 +347,20 @@ export class UpstreamConnection implements ConnectionView {
     this.#interrupt?.();
     const timeout = Math.max(0, deadline - Date.now());
     let timer: ReturnType<typeof setTimeout> | undefined;
+    let cut: (() => void) | undefined;
+    const onAbort = () => cut?.();
+    signal?.addEventListener("abort", onAbort);
     await Promise.race([
       this.#running,
-      new Promise<void>((resolve) => timer = setTimeout(resolve, timeout)),
+      new Promise<void>((resolve) => {
+        cut = resolve;
+        timer = setTimeout(resolve, signal?.aborted ? 0 : timeout);
+      }),
     ]);
     clearTimeout(timer);
+    signal?.removeEventListener("abort", onAbort);
+    // A hand-over took what was held: only what came after it is left.
+    if (this.#handingOver !== undefined) await this.#handingOver;
     this.#stopped = true;
     this.#closeConn();
     this.#wakeNow();
@@ -325,7 +408,8 @@ export class UpstreamConnection implements ConnectionView {
         chunk.rewindToFrameStart();
       }
     }
-    this.#closeConn();
+    // A hand-over closes the connection itself, gently.
+    if (this.#handingOver === undefined) this.#closeConn();
   }
 
   /** One connection attempt, after the backoff delay when it is a retry. */
@@ -400,7 +484,7 @@ export class UpstreamConnection implements ConnectionView {
     this.#connectedAt = Date.now();
     this.#downSince = 0;
     this.#warned = false;
-    this.#watch(conn);
+    this.#watching = this.#watch(conn);
   }
 
   /** Reads until the server closes the connection, then marks it lost. */
