@@ -130,6 +130,22 @@ export class RecordingServer {
     return text === "" ? [] : text.replace(/\n$/, "").split("\n");
   }
 
+  /**
+   * The ascii lines each connection received, in order, without a partial
+   * line a connection ended with (statsite drops those too): what statsite
+   * would have taken, across connections.
+   */
+  wholeLines(): string[] {
+    const out: string[] = [];
+    for (const data of this.byConnection()) {
+      const text = new TextDecoder().decode(data);
+      const end = text.lastIndexOf("\n");
+      if (end < 0) continue;
+      out.push(...text.slice(0, end).split("\n"));
+    }
+    return out;
+  }
+
   /** (Re)starts listening on the same port. */
   listen(): void {
     this.#listen();
@@ -318,6 +334,8 @@ export class ProxyProcess {
   #stdout = "";
   #reading: Promise<void>;
   #status: Promise<Deno.CommandStatus>;
+  /** Whether this process's exit removes the folder (a successor takes it over). */
+  #ownsDir = true;
 
   private constructor(dir: string, child: Deno.ChildProcess) {
     this.dir = dir;
@@ -361,6 +379,54 @@ export class ProxyProcess {
         throw new Error(`proxy did not start:\n${proxy.#stderr}`);
       }
     }
+  }
+
+  /**
+   * Like {@linkcode start}, but resolves as soon as the process is spawned,
+   * without waiting for it to listen (ports and folder are set).
+   */
+  static async launch(options: ProxyStartOptions): Promise<ProxyProcess> {
+    return await ProxyProcess.#spawn(options);
+  }
+
+  /**
+   * Starts `main.ts run -f CONFIG --takeover` (or, with `takeover: false`, a
+   * plain start) in `from`'s folder and on its ports; the new process owns
+   * the folder from then on. Resolves once it logged that it took over, or
+   * with `wait: false` at once.
+   */
+  static async takeOver(
+    from: ProxyProcess,
+    options: { config?: string; args?: string[]; takeover?: boolean; wait?: boolean } = {},
+  ): Promise<ProxyProcess> {
+    const args = proxyArgsWith(
+      PERMISSIONS,
+      "-f",
+      options.config ?? `${from.dir}/proxy.ini`,
+      ...(options.takeover === false ? [] : ["--takeover"]),
+      ...(options.args ?? []),
+    );
+    const child = new Deno.Command(Deno.execPath(), {
+      args,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const next = new ProxyProcess(from.dir, child);
+    next.tcpPort = from.tcpPort;
+    next.udpPort = from.udpPort;
+    next.adminPort = from.adminPort;
+    from.#ownsDir = false;
+    if (options.wait === false) return next;
+    let exited = false;
+    next.#status.then(() => exited = true);
+    await waitUntil(
+      () => exited || /took over from pid/.test(next.#stderr),
+      () => `the takeover; stderr:\n${next.#stderr}`,
+      20_000,
+    );
+    if (exited) throw new Error(`the takeover failed:\n${next.#stderr}`);
+    return next;
   }
 
   static async #spawn(options: ProxyStartOptions): Promise<ProxyProcess> {
@@ -487,8 +553,16 @@ export class ProxyProcess {
   async exited(): Promise<number> {
     const status = await this.#status;
     await this.#reading;
-    await Deno.remove(this.dir, { recursive: true }).catch(() => {});
+    if (this.#ownsDir) await Deno.remove(this.dir, { recursive: true }).catch(() => {});
     return status.code;
+  }
+
+  /** Whether the process has exited; its code once it has. */
+  get exitCode(): Promise<number | undefined> {
+    return Promise.race([
+      this.#status.then((s) => s.code),
+      new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 0)),
+    ]);
   }
 }
 
@@ -585,6 +659,8 @@ export function parseMetrics(text: string): Map<string, number> {
 export interface Account {
   received: number;
   forwarded: number;
+  /** Handed over to a proxy that took over (shutdown accounts). */
+  handedOver?: number;
   bufferFull: number;
   shutdown: number;
   removed: number;
@@ -640,11 +716,12 @@ export function metricsAccounts(m: Map<string, number>): Map<string, Account> {
 export function shutdownAccounts(stderr: string): Map<string, Account> {
   const out = new Map<string, Account>();
   const pattern =
-    /shutdown: (\S+) \((\w+)\): received (\d+) = forwarded (\d+) \+ dropped (\d+) \(buffer_full (\d+), shutdown (\d+), removed (\d+)(?:, rerouted (\d+), send_failed (\d+))?\) \+ held (\d+)/g;
+    /shutdown: (\S+) \((\w+)\): received (\d+) = forwarded (\d+)(?: \+ handed over (\d+))? \+ dropped (\d+) \(buffer_full (\d+), shutdown (\d+), removed (\d+)(?:, rerouted (\d+), send_failed (\d+))?\) \+ held (\d+)/g;
   for (const m of stderr.matchAll(pattern)) {
     const [
       received,
       forwarded,
+      handedOver,
       dropped,
       bufferFull,
       shutdown,
@@ -659,7 +736,8 @@ export function shutdownAccounts(stderr: string): Map<string, Account> {
       `dropped of ${m[1]} ${m[2]}`,
     );
     const account: Account = { received, forwarded, bufferFull, shutdown, removed, held };
-    if (m[9] !== undefined) Object.assign(account, { rerouted, sendFailed });
+    if (m[5] !== undefined) account.handedOver = handedOver;
+    if (m[10] !== undefined) Object.assign(account, { rerouted, sendFailed });
     assertAddsUp(account, `${m[1]} ${m[2]} at shutdown`);
     out.set(`${m[1]} ${m[2]}`, account);
   }
@@ -670,8 +748,10 @@ function assertAddsUp(a: Account, what: string): void {
   const dropped = a.bufferFull + a.shutdown + a.removed + (a.rerouted ?? 0) + (a.sendFailed ?? 0);
   assert.equal(
     a.received,
-    a.forwarded + dropped + a.held,
-    `${what}: received ${a.received} = forwarded ${a.forwarded} + buffer_full ${a.bufferFull} + shutdown ${a.shutdown} + removed ${a.removed} + held ${a.held}`,
+    a.forwarded + (a.handedOver ?? 0) + dropped + a.held,
+    `${what}: received ${a.received} = forwarded ${a.forwarded} + handed over ${
+      a.handedOver ?? 0
+    } + buffer_full ${a.bufferFull} + shutdown ${a.shutdown} + removed ${a.removed} + held ${a.held}`,
   );
 }
 

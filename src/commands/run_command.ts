@@ -120,14 +120,7 @@ export async function runProxy(options: RunOptions): Promise<number> {
   let adminListener: Deno.TcpListener | undefined;
   let bindings: TakeoverBindings | undefined;
   try {
-    if (predecessor !== undefined) {
-      log.info("taking over from statsite-proxy {version} (pid {pid}), which is {state}", {
-        version: predecessor.status.version,
-        pid: predecessor.pid,
-        state: predecessor.status.state,
-      });
-      bindings = await predecessor.bindings(config);
-    }
+    if (predecessor !== undefined) bindings = await predecessor.bindings(config);
     const adminBinding: TcpBinding = bindings?.admin ?? "alone";
     // A proxy taking over binds what is likely to fail first (alone), and
     // the ports it shares last; a plain start binds the admin port last.
@@ -194,9 +187,11 @@ export async function runProxy(options: RunOptions): Promise<number> {
   logStarted(config);
   if (predecessor !== undefined) {
     log.info(
-      "took over from pid {pid}: UDP {udp}, {held} held metrics taken over to be sent first",
+      "took over from pid {pid} (statsite-proxy {version}, which was {state}): UDP {udp}, {held} held metrics taken over to be sent first",
       {
         pid: predecessor.pid,
+        version: predecessor.status.version,
+        state: predecessor.status.state,
         udp: bindings?.udpHow === "fd"
           ? "socket handed over"
           : bindings?.udpHow === "beside"

@@ -245,11 +245,11 @@ export class UdpListener {
 
   /**
    * Stops receiving at once and closes this process's descriptor, leaving
-   * the queue to whoever else holds the socket (a proxy it was handed to).
-   * The batch being read is routed.
+   * the queue to whoever else holds the socket (a proxy it was handed to,
+   * or, for a listener never started, the one that handed it). The batch
+   * being read is routed.
    */
   async release(): Promise<void> {
-    this.start();
     this.#native?.close();
     if (this.#deno !== undefined) closeDeno(this.#deno);
     await this.#receiving;

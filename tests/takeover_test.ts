@@ -1,0 +1,504 @@
+/**
+ * Restarts and upgrades that lose nothing, through real proxy processes:
+ * ordered start-up, `run --takeover` under load, held metrics handed over,
+ * the UDP queue read at shutdown and at a reload, takeovers that cannot
+ * complete, a start during a drain, and the signals.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import {
+  bytes,
+  ProxyProcess,
+  RecordingServer,
+  runMain,
+  sendTcp,
+  sendUdp,
+  shutdownAccounts,
+  sleep,
+  waitUntil,
+} from "./harness.ts";
+
+/** Sends datagrams of one line each, `PREFIX.SEQ:1|c`, at about `rate` per second. */
+class PacedUdp {
+  sent = 0;
+  #stopped = false;
+  #done: Promise<void>;
+
+  constructor(port: number, prefix: string, rate: number) {
+    const conn = Deno.listenDatagram({ hostname: "127.0.0.1", port: 0, transport: "udp" });
+    const target = { transport: "udp" as const, hostname: "127.0.0.1", port };
+    this.#done = (async () => {
+      const start = Date.now();
+      try {
+        while (!this.#stopped) {
+          const due = Math.floor((Date.now() - start) * rate / 1000);
+          while (this.sent < due) {
+            await conn.send(bytes(`${prefix}.${this.sent}:1|c`), target);
+            this.sent++;
+          }
+          await sleep(2);
+        }
+      } finally {
+        conn.close();
+      }
+    })();
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    await this.#done;
+  }
+}
+
+/**
+ * A TCP client that writes one line at a time, `PREFIX.SEQ:1|c`, and on a
+ * write error reconnects and writes the same line again, as a careful statsd
+ * client does.
+ */
+class ReconnectingTcp {
+  sent = 0;
+  reconnects = 0;
+  #stopped = false;
+  #done: Promise<void>;
+
+  constructor(port: number, prefix: string, everyMs: number) {
+    this.#done = (async () => {
+      let conn: Deno.TcpConn | undefined;
+      try {
+        while (!this.#stopped) {
+          const line = bytes(`${prefix}.${this.sent}:1|c\n`);
+          try {
+            conn ??= await Deno.connect({ hostname: "127.0.0.1", port });
+            conn.setNoDelay(true);
+            let at = 0;
+            while (at < line.length) at += await conn.write(line.subarray(at));
+            this.sent++;
+            await sleep(everyMs);
+          } catch {
+            try {
+              conn?.close();
+            } catch {
+              // Already closed.
+            }
+            conn = undefined;
+            this.reconnects++;
+            await sleep(5);
+          }
+        }
+      } finally {
+        try {
+          conn?.close();
+        } catch {
+          // Already closed.
+        }
+      }
+    })();
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    await this.#done;
+  }
+}
+
+/** Which of `prefix.0` .. `prefix.(count - 1)` arrived, how often, across `servers`. */
+function tally(servers: RecordingServer[], prefix: string, count: number) {
+  const seen = new Int32Array(count);
+  const pattern = new RegExp(`^${prefix.replace(".", "\\.")}\\.(\\d+):1\\|c$`);
+  for (const server of servers) {
+    for (const line of server.wholeLines()) {
+      const m = pattern.exec(line);
+      if (m !== null && Number(m[1]) < count) seen[Number(m[1])]++;
+    }
+  }
+  let missing = 0;
+  let duplicated = 0;
+  for (const n of seen) {
+    if (n === 0) missing++;
+    if (n > 1) duplicated += n - 1;
+  }
+  return { missing, duplicated };
+}
+
+/** Rewrites `key = value` in the proxy's INI file. */
+async function setKey(proxy: ProxyProcess, key: string, value: string | number): Promise<void> {
+  const file = `${proxy.dir}/proxy.ini`;
+  const text = await Deno.readTextFile(file);
+  const line = `${key} = ${value}`;
+  const pattern = new RegExp(`^${key} = .*$`, "m");
+  await Deno.writeTextFile(
+    file,
+    pattern.test(text) ? text.replace(pattern, line) : text + line + "\n",
+  );
+}
+
+Deno.test("every listener is bound before the proxy serves: a datagram sent the instant TCP accepts is delivered, 30 starts of 30", async () => {
+  const server = RecordingServer.start();
+  try {
+    for (let start = 0; start < 30; start++) {
+      const proxy = await ProxyProcess.launch({ servers: [server.address] });
+      try {
+        let connected = false;
+        await waitUntil(
+          async () => {
+            if (await proxy.exitCode !== undefined) {
+              throw new Error(`proxy exited:\n${proxy.stderr}`);
+            }
+            try {
+              (await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort })).close();
+              connected = true;
+            } catch {
+              // Not listening yet.
+            }
+            return connected;
+          },
+          () => "the TCP port",
+          20_000,
+        );
+        await sendUdp(proxy.udpPort, bytes(`start.${start}:1|c`));
+        await server.waitForLines(start + 1, 5_000);
+      } finally {
+        await proxy.stop();
+      }
+    }
+    assert.deepEqual(server.lines(), Array.from({ length: 30 }, (_, i) => `start.${i}:1|c`));
+  } finally {
+    await server.stop();
+  }
+});
+
+Deno.test("five takeovers under paced UDP lose no datagram, and a reconnecting TCP client at most one line each", async () => {
+  const servers = [RecordingServer.start(), RecordingServer.start()];
+  let proxy = await ProxyProcess.start({
+    servers: servers.map((s) => s.address),
+    settings: { pid_file: "proxy.pid", handoff_timeout_ms: 400 },
+  });
+  const udp = new PacedUdp(proxy.udpPort, "tk.udp", 2000);
+  const tcp = new ReconnectingTcp(proxy.tcpPort, "tk.tcp", 2);
+  try {
+    await sleep(300);
+    for (let i = 0; i < 5; i++) {
+      const old = proxy;
+      proxy = await ProxyProcess.takeOver(old);
+      assert.equal(await old.exited(), 0, old.stderr);
+      assert.match(old.stderr, new RegExp(`handed over to pid ${proxy.pid}; exiting`));
+      assert.match(proxy.stderr, /took over from pid \d+ \(.*\): UDP socket handed over/);
+      const pid = (await Deno.readTextFile(`${proxy.dir}/proxy.pid`)).trim();
+      assert.equal(pid, String(proxy.pid));
+      await sleep(300);
+    }
+    await udp.stop();
+    await tcp.stop();
+    await waitUntil(
+      () => tally(servers, "tk.udp", udp.sent).missing === 0,
+      () => `every datagram: ${JSON.stringify(tally(servers, "tk.udp", udp.sent))} of ${udp.sent}`,
+    );
+    const datagrams = tally(servers, "tk.udp", udp.sent);
+    assert.deepEqual(datagrams, { missing: 0, duplicated: 0 }, `of ${udp.sent} datagrams`);
+    await sleep(200);
+    const lines = tally(servers, "tk.tcp", tcp.sent);
+    assert.equal(lines.duplicated, 0);
+    assert.ok(
+      lines.missing <= 5,
+      `TCP lost ${lines.missing} of ${tcp.sent} lines over 5 takeovers (${tcp.reconnects} reconnects)`,
+    );
+    assert.ok(udp.sent > 3000 && tcp.sent > 500, `sent ${udp.sent} datagrams, ${tcp.sent} lines`);
+  } finally {
+    await udp.stop();
+    await tcp.stop();
+    assert.equal(await proxy.stop(), 0);
+    await Promise.all(servers.map((s) => s.stop()));
+  }
+});
+
+Deno.test("metrics held for a down server survive a takeover and arrive, first, once it returns", async () => {
+  const down = RecordingServer.reserve();
+  let proxy = await ProxyProcess.start({
+    servers: [down.address],
+    settings: { pid_file: "proxy.pid", handoff_timeout_ms: 200 },
+    admin: true,
+  });
+  try {
+    const before = Array.from({ length: 1000 }, (_, i) => `held.before.${i}:${i}|g`);
+    await sendTcp(proxy.tcpPort, bytes(before.map((l) => l + "\n").join("")));
+    const label = `server="${down.address}",protocol="ascii"`;
+    await waitUntil(
+      async () => (await proxy.metrics()).get(`statsite_proxy_upstream_held{${label}}`) === 1000,
+      () => "1000 held",
+    );
+    const old = proxy;
+    proxy = await ProxyProcess.takeOver(old);
+    assert.equal(await old.exited(), 0);
+    assert.equal(shutdownAccounts(old.stderr).get(`${down.address} ascii`)?.handedOver, 1000);
+    assert.match(proxy.stderr, /1000 held metrics taken over to be sent first/);
+    const after = Array.from({ length: 500 }, (_, i) => `held.after.${i}:${i}|g`);
+    await sendUdp(proxy.udpPort, ...after.map((l) => bytes(l)));
+    await waitUntil(
+      async () => (await proxy.metrics()).get(`statsite_proxy_upstream_held{${label}}`) === 1500,
+      () => "1500 held",
+    );
+    const m = await proxy.metrics();
+    assert.equal(m.get(`statsite_proxy_upstream_taken_over_total{${label}}`), 1000);
+    assert.equal(m.get(`statsite_proxy_upstream_received_total{${label}}`), 1500);
+    down.listen();
+    await down.waitForLines(1500);
+    // The gauges end at their last values only if what was held came first.
+    assert.deepEqual(down.lines(), [...before, ...after]);
+  } finally {
+    assert.equal(await proxy.stop(), 0);
+    await down.stop();
+  }
+});
+
+Deno.test("nothing queued in the UDP socket is thrown away", async (t) => {
+  const server = RecordingServer.start();
+  try {
+    const queued = (prefix: string) =>
+      Array.from({ length: 10_000 }, (_, i) => bytes(`${prefix}.${i}:1|c`));
+    await t.step("a shutdown with 10,000 datagrams queued routes them all", async () => {
+      const proxy = await ProxyProcess.start({ servers: [server.address] });
+      const before = server.wholeLines().length;
+      proxy.signal("SIGSTOP");
+      try {
+        await sendUdp(proxy.udpPort, ...queued("queue.stop"));
+      } finally {
+        proxy.signal("SIGCONT");
+      }
+      assert.equal(await proxy.stop(), 0);
+      await server.waitForLines(before + 10_000);
+      assert.equal(tally([server], "queue.stop", 10_000).missing, 0);
+      assert.match(proxy.stderr, /shutdown: every metric was delivered/);
+    });
+    await t.step(
+      "a reload that moves the UDP port routes the 10,000 queued on the old one",
+      async () => {
+        const proxy = await ProxyProcess.start({ servers: [server.address] });
+        const before = server.wholeLines().length;
+        const probe = Deno.listenDatagram({ hostname: "127.0.0.1", port: 0, transport: "udp" });
+        const newPort = (probe.addr as Deno.NetAddr).port;
+        probe.close();
+        proxy.signal("SIGSTOP");
+        try {
+          await sendUdp(proxy.udpPort, ...queued("queue.reload"));
+          await setKey(proxy, "udp_port", newPort);
+        } finally {
+          proxy.signal("SIGCONT");
+        }
+        proxy.signal("SIGHUP");
+        await proxy.waitForLog(/udp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+/);
+        await sendUdp(newPort, bytes("queue.reload.new:1|c"));
+        await server.waitForLines(before + 10_001);
+        assert.equal(tally([server], "queue.reload", 10_000).missing, 0);
+        assert.ok(server.wholeLines().includes("queue.reload.new:1|c"));
+        assert.equal(await proxy.stop(), 0);
+      },
+    );
+  } finally {
+    await server.stop();
+  }
+});
+
+Deno.test("a takeover that cannot complete leaves the old proxy serving, untouched", async (t) => {
+  const server = RecordingServer.start();
+  const proxy = await ProxyProcess.start({
+    servers: [server.address],
+    settings: { pid_file: "proxy.pid" },
+    admin: true,
+  });
+  const serving = async (key: string) => {
+    const lines = server.lines().length;
+    await sendUdp(proxy.udpPort, bytes(`${key}.udp:1|c`));
+    await sendTcp(proxy.tcpPort, bytes(`${key}.tcp:1|c\n`));
+    await server.waitForLines(lines + 2);
+    assert.equal((await Deno.readTextFile(`${proxy.dir}/proxy.pid`)).trim(), String(proxy.pid));
+    assert.equal((await proxy.admin("/health")).status, 200);
+  };
+  try {
+    await t.step("a broken configuration: exit 2, one line", async () => {
+      const broken = `${proxy.dir}/broken.ini`;
+      const text = await Deno.readTextFile(`${proxy.dir}/proxy.ini`);
+      await Deno.writeTextFile(broken, text + "no_such_key = 1\n");
+      const run = await runMain(["-f", broken, "--takeover"]);
+      assert.equal(run.code, 2, run.stderr);
+      assert.equal(run.stderr.trim().split("\n").length, 1, run.stderr);
+      assert.match(run.stderr, /broken\.ini:\d+: unknown key/);
+      await serving("broken");
+    });
+    await t.step(
+      "a port that cannot be bound: exit 2, one line, after the UDP socket came and went",
+      async () => {
+        const taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+        try {
+          const other = `${proxy.dir}/other.ini`;
+          const text = await Deno.readTextFile(`${proxy.dir}/proxy.ini`);
+          await Deno.writeTextFile(
+            other,
+            text.replace(/^admin_port = .*$/m, `admin_port = ${taken.addr.port}`),
+          );
+          const run = await runMain(["-f", other, "--takeover"]);
+          assert.equal(run.code, 2, run.stderr);
+          assert.equal(run.stderr.trim().split("\n").length, 1, run.stderr);
+          assert.match(
+            run.stderr,
+            new RegExp(
+              `cannot take over from pid ${proxy.pid}, which goes on serving: cannot listen on http 127\\.0\\.0\\.1:${taken.addr.port}: address already in use`,
+            ),
+          );
+        } finally {
+          taken.close();
+        }
+        await serving("bind");
+        assert.match(proxy.stderr, /the takeover by pid \d+ was called off; serving on/);
+      },
+    );
+    await t.step("--takeover without a pid file is a usage error", async () => {
+      const run = await runMain([
+        "--servers",
+        `${proxy.dir}/servers.conf`,
+        "--port",
+        "0",
+        "--takeover",
+      ]);
+      assert.equal(run.code, 2);
+      assert.match(run.stderr, /--takeover needs a pid file/);
+    });
+    await t.step(
+      "a holder that does not answer: exit 2, one line; a plain start exits 0",
+      async () => {
+        const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-silent-" });
+        const pidPath = `${dir}/held.pid`;
+        const held = await Deno.open(pidPath, { create: true, write: true });
+        try {
+          await held.lock(true);
+          const args = ["-f", `${proxy.dir}/proxy.ini`, "--pid-file", pidPath];
+          const run = await runMain([...args, "--takeover"]);
+          assert.equal(run.code, 2, run.stderr);
+          assert.match(
+            run.stderr,
+            /^statsite-proxy: cannot take over: the proxy holding .*held\.pid no answer on .*held\.pid\.sock/,
+          );
+          const plain = await runMain(args);
+          assert.deepEqual({ code: plain.code, stderr: plain.stderr }, { code: 0, stderr: "" });
+        } finally {
+          held.close();
+          await Deno.remove(dir, { recursive: true });
+        }
+      },
+    );
+    await serving("after");
+  } finally {
+    assert.equal(await proxy.stop(), 0);
+    await server.stop();
+  }
+});
+
+Deno.test("a start while the running proxy drains takes over at once: one proxy runs, nothing held is lost", async () => {
+  const down = RecordingServer.reserve();
+  const old = await ProxyProcess.start({
+    servers: [down.address],
+    settings: { pid_file: "proxy.pid", drain_timeout_ms: 20_000 },
+  });
+  let proxy: ProxyProcess | undefined;
+  try {
+    const lines = Array.from({ length: 200 }, (_, i) => `drain.${i}:1|c`);
+    await sendTcp(old.tcpPort, bytes(lines.map((l) => l + "\n").join("")));
+    await sleep(200);
+    old.signal("SIGTERM");
+    await old.waitForLog(/SIGTERM: stopping/);
+    // What cron does: a plain start, right after the SIGTERM.
+    proxy = await ProxyProcess.takeOver(old, { takeover: false });
+    const started = Date.now();
+    assert.equal(await old.exited(), 0);
+    assert.ok(Date.now() - started < 5_000, "the old proxy left long before its drain timeout");
+    assert.equal(shutdownAccounts(old.stderr).get(`${down.address} ascii`)?.handedOver, 200);
+    assert.match(proxy.stderr, /which was draining/);
+    assert.equal((await Deno.readTextFile(`${proxy.dir}/proxy.pid`)).trim(), String(proxy.pid));
+    assert.ok(proxy.alive);
+    await sendUdp(proxy.udpPort, bytes("drain.new:1|c"));
+    down.listen();
+    await down.waitForLines(201);
+    assert.deepEqual(down.lines(), [...lines, "drain.new:1|c"]);
+  } finally {
+    await (proxy ?? old).stop();
+    await down.stop();
+  }
+});
+
+Deno.test("signals: SIGQUIT drains like SIGTERM, a second stop signal ends the drain, the others are ignored", async (t) => {
+  const server = RecordingServer.start();
+  try {
+    await t.step(
+      "every other signal that would end the process is ignored, logged once",
+      async () => {
+        const proxy = await ProxyProcess.start({ servers: [server.address] });
+        try {
+          const signals = [
+            "SIGUSR1",
+            "SIGUSR2",
+            "SIGALRM",
+            "SIGVTALRM",
+            "SIGPROF",
+            "SIGIO",
+            "SIGXCPU",
+            "SIGXFSZ",
+            "SIGPWR",
+            "SIGSTKFLT",
+          ] as const;
+          for (const signal of [...signals, ...signals]) proxy.signal(signal);
+          for (const signal of signals) {
+            await proxy.waitForLog(new RegExp(`${signal} received and ignored`));
+          }
+          await sendTcp(proxy.tcpPort, bytes("signals.alive:1|c\n"));
+          await waitUntil(() => server.lines().includes("signals.alive:1|c"), () => "a line");
+          assert.ok(proxy.alive);
+          for (const signal of signals) {
+            assert.equal(proxy.stderr.split(`${signal} received and ignored`).length, 2, signal);
+          }
+        } finally {
+          assert.equal(await proxy.stop(), 0);
+        }
+      },
+    );
+    await t.step("SIGQUIT drains and exits 0 with the report", async () => {
+      const late = RecordingServer.reserve();
+      const proxy = await ProxyProcess.start({ servers: [late.address] });
+      try {
+        await sendTcp(proxy.tcpPort, bytes("quit.held:1|c\n"));
+        await sleep(100);
+        const exit = proxy.stop("SIGQUIT");
+        await proxy.waitForLog(/SIGQUIT: stopping; draining/);
+        late.listen();
+        assert.equal(await exit, 0);
+        assert.deepEqual(late.lines(), ["quit.held:1|c"]);
+        assert.match(proxy.stderr, /shutdown: every metric was delivered/);
+      } finally {
+        await late.stop();
+      }
+    });
+    await t.step(
+      "a second SIGTERM ends the drain at once and the report counts what was dropped",
+      async () => {
+        const down = RecordingServer.reserve();
+        const proxy = await ProxyProcess.start({
+          servers: [down.address],
+          settings: { drain_timeout_ms: 60_000 },
+        });
+        await sendTcp(proxy.tcpPort, bytes("cut.held.a:1|c\ncut.held.b:1|c\n"));
+        await sleep(100);
+        proxy.signal("SIGTERM");
+        await proxy.waitForLog(/SIGTERM: stopping/);
+        const cutAt = Date.now();
+        proxy.signal("SIGINT");
+        assert.equal(await proxy.exited(), 0);
+        assert.ok(Date.now() - cutAt < 3_000, "the drain ended at once");
+        assert.match(proxy.stderr, /SIGINT again: ending the drain now/);
+        assert.equal(shutdownAccounts(proxy.stderr).get(`${down.address} ascii`)?.shutdown, 2);
+        assert.match(proxy.stderr, /2 metrics could not be delivered/);
+      },
+    );
+  } finally {
+    await server.stop();
+  }
+});
