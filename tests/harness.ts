@@ -557,6 +557,11 @@ export class ProxyProcess {
     return status.code;
   }
 
+  /** Leaves the temporary folder in place at exit: another process uses it (the caller removes it). */
+  disown(): void {
+    this.#ownsDir = false;
+  }
+
   /** Whether the process has exited; its code once it has. */
   get exitCode(): Promise<number | undefined> {
     return Promise.race([

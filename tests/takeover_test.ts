@@ -19,6 +19,7 @@ import {
   sleep,
   waitUntil,
 } from "./harness.ts";
+import { proxyArgs } from "../scripts/proxy_args.ts";
 
 /** Sends datagrams of one line each, `PREFIX.SEQ:1|c`, at about `rate` per second. */
 class PacedUdp {
@@ -499,6 +500,109 @@ Deno.test("signals: SIGQUIT drains like SIGTERM, a second stop signal ends the d
       },
     );
   } finally {
+    await server.stop();
+  }
+});
+
+/** The README's systemd `ExecReload=` script, as systemd hands it to `/bin/sh -c`, run here. */
+async function execReload(proxy: ProxyProcess, config: string): Promise<number> {
+  const readme = await Deno.readTextFile(new URL("../README.md", import.meta.url));
+  const line = readme.split("\n").find((l) => l.startsWith("ExecReload=/bin/sh -c '"));
+  assert.ok(line !== undefined, "README has the systemd unit's ExecReload= line");
+  // systemd turns $$ into $; the paths become this test's.
+  const script = line.slice("ExecReload=/bin/sh -c '".length, -1)
+    .replaceAll("$$", "$")
+    .replaceAll(
+      "/usr/local/bin/statsite-proxy",
+      [Deno.execPath(), ...proxyArgs()].map((a) => `'${a}'`).join(" "),
+    )
+    .replaceAll("/etc/statsite-proxy/statsite-proxy.ini", config)
+    .replaceAll("/run/statsite-proxy/statsite-proxy.pid", `${proxy.dir}/proxy.pid`);
+  const { code } = await new Deno.Command("/bin/sh", {
+    args: ["-c", script],
+    stdin: "null",
+    stdout: "null",
+    stderr: "null",
+  }).output();
+  return code;
+}
+
+function alive(pid: number): boolean {
+  try {
+    Deno.kill(pid, "SIGCONT");
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+Deno.test("the README's systemd ExecReload takes over, and the old proxy exits only once the pid file names the new one", async (t) => {
+  const server = RecordingServer.start();
+  const old = await ProxyProcess.start({
+    servers: [server.address],
+    settings: { pid_file: "proxy.pid", handoff_timeout_ms: 200 },
+  });
+  old.disown();
+  const pidFile = `${old.dir}/proxy.pid`;
+  let successor = 0;
+  try {
+    await t.step(
+      "a refused takeover: the reload fails with exit 2, the old proxy serves on",
+      async () => {
+        const broken = `${old.dir}/broken.ini`;
+        await Deno.writeTextFile(broken, "[statsite-proxy]\nport = nope\n");
+        assert.equal(await execReload(old, broken), 2);
+        assert.equal((await Deno.readTextFile(pidFile)).trim(), String(old.pid));
+        await sendTcp(old.tcpPort, bytes("reload.refused:1|c\n"));
+        await waitUntil(() => server.lines().includes("reload.refused:1|c"), () => "a line");
+      },
+    );
+    await t.step("the reload returns 0 once the new proxy's pid is in the pid file", async () => {
+      assert.equal(await execReload(old, `${old.dir}/proxy.ini`), 0);
+      successor = Number((await Deno.readTextFile(pidFile)).trim());
+      assert.notEqual(successor, old.pid);
+      assert.ok(alive(successor));
+      assert.equal(await old.exited(), 0);
+      // What systemd reads when the old main process exits: the new one, alive.
+      assert.equal((await Deno.readTextFile(pidFile)).trim(), String(successor));
+      assert.ok(alive(successor));
+      await sendUdp(old.udpPort, bytes("reload.done:1|c"));
+      await waitUntil(() => server.lines().includes("reload.done:1|c"), () => "a line");
+    });
+  } finally {
+    if (successor !== 0 && alive(successor)) {
+      Deno.kill(successor, "SIGTERM");
+      await waitUntil(() => !alive(successor), () => "the new proxy to exit");
+    }
+    await old.stop();
+    await Deno.remove(old.dir, { recursive: true });
+    await server.stop();
+  }
+});
+
+Deno.test("with the Deno receiver a takeover binds beside the old UDP socket and serves on", async () => {
+  const server = RecordingServer.start();
+  let proxy = await ProxyProcess.start({
+    servers: [server.address],
+    settings: { pid_file: "proxy.pid", handoff_timeout_ms: 200, udp_receiver: "deno" },
+  });
+  const udp = new PacedUdp(proxy.udpPort, "deno.udp", 1000);
+  try {
+    await sleep(300);
+    const old = proxy;
+    proxy = await ProxyProcess.takeOver(old);
+    assert.equal(await old.exited(), 0);
+    assert.match(proxy.stderr, /UDP bound beside the old socket/);
+    await sleep(300);
+    await udp.stop();
+    await waitUntil(
+      () => tally([server], "deno.udp", udp.sent).missing <= udp.sent / 100,
+      () => `datagrams: ${JSON.stringify(tally([server], "deno.udp", udp.sent))} of ${udp.sent}`,
+    );
+    assert.equal(tally([server], "deno.udp", udp.sent).duplicated, 0);
+  } finally {
+    await udp.stop();
+    assert.equal(await proxy.stop(), 0);
     await server.stop();
   }
 });

@@ -46,6 +46,8 @@ const log = logger("main");
 
 /** How long a client connected to the old proxy may be silent before it is closed, after a takeover. */
 const HAND_OFF_IDLE_MS = 1000;
+/** How long the old proxy waits for the new one to have written its pid, after a takeover. */
+const STARTED_TIMEOUT_MS = 15_000;
 
 /** Options of {@linkcode runProxy}. */
 export interface RunOptions {
@@ -184,6 +186,7 @@ export async function runProxy(options: RunOptions): Promise<number> {
   running.startExtras(adminListener);
   await running.listenControl();
   await pidFile?.write();
+  predecessor?.started();
   logStarted(config);
   if (predecessor !== undefined) {
     log.info(
@@ -454,6 +457,10 @@ class Running implements ControlHost {
       this.#pidFile?.handOff();
       this.#handedOff = true;
       await channel.sendJson({ type: "done", frames: sent }).catch(() => {});
+      // This process may exit only once the new one has written its pid:
+      // systemd takes the pid file's process as the service's new main
+      // process when this one exits.
+      const started = waitForStarted(channel, STARTED_TIMEOUT_MS);
       log.info(
         "handed over to pid {pid}: {frames} held metrics; relaying the TCP clients still connected for up to {ms} ms",
         { pid: ready.pid, frames: sent, ms: proxy.config.handoffTimeoutMs },
@@ -463,6 +470,12 @@ class Running implements ControlHost {
         deadline: Date.now() + proxy.config.handoffTimeoutMs,
         signal: this.#signals.cut,
       });
+      if (!(await started)) {
+        log.warn("takeover: pid {pid} did not say it started within {ms} ms", {
+          pid: ready.pid,
+          ms: STARTED_TIMEOUT_MS,
+        });
+      }
       await relay.close();
       const { relayed, dropped, failed } = relay.counters;
       if (relayed > 0 || dropped > 0) {
@@ -475,6 +488,26 @@ class Running implements ControlHost {
       channel.close();
       this.#signals.finish("takeover");
     }
+  }
+}
+
+/** Whether the new proxy says, within `ms`, that it started (its pid is in the pid file). */
+async function waitForStarted(channel: ControlChannel, ms: number): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    while (true) {
+      const message = await Promise.race([
+        channel.receive(),
+        new Promise<null>((resolve) => timer = setTimeout(() => resolve(null), ms)),
+      ]);
+      clearTimeout(timer);
+      if (message === null) return false;
+      if (message.kind === "json" && message.value.type === "started") return true;
+    }
+  } catch {
+    return false;
+  } finally {
+    clearTimeout(timer);
   }
 }
 

@@ -231,6 +231,15 @@ export class Predecessor {
   }
 
   /**
+   * Tells the old proxy this one has started: its pid is in the pid file, so
+   * the old one may exit (systemd then takes the pid file's process as the
+   * service's main process).
+   */
+  started(): void {
+    this.#channel.sendJson({ type: "started", pid: Deno.pid }).catch(() => {});
+  }
+
+  /**
    * Routes what the old proxy relays from its remaining TCP clients, until
    * it closes the connection; resolves to the number of lines and frames.
    */
