@@ -596,10 +596,13 @@ export async function sendUdp(port: number, ...datagrams: Uint8Array[]): Promise
   }
 }
 
-/** Runs `main.ts ARGS` to completion with optional standard input. */
+/**
+ * Runs `main.ts ARGS` to completion with optional standard input; a process
+ * still running after `timeoutMs` (default 60 s) is killed.
+ */
 export async function runMain(
   args: string[],
-  options: { stdin?: Uint8Array; cwd?: string; withoutFfi?: boolean } = {},
+  options: { stdin?: Uint8Array; cwd?: string; withoutFfi?: boolean; timeoutMs?: number } = {},
 ): Promise<{ code: number; stdout: string; stderr: string; stdoutBytes: Uint8Array }> {
   const permissions = options.withoutFfi
     ? PERMISSIONS.filter((p) => p !== "--allow-ffi")
@@ -617,7 +620,15 @@ export async function runMain(
     await writer.write(options.stdin!);
     await writer.close();
   })();
-  const [out] = await Promise.all([child.output(), feeding]);
+  // A command expected to end, that runs on instead, is killed: the test fails, not hangs.
+  const timer = setTimeout(() => {
+    try {
+      child.kill("SIGKILL");
+    } catch {
+      // Already exited.
+    }
+  }, options.timeoutMs ?? 60_000);
+  const [out] = await Promise.all([child.output(), feeding]).finally(() => clearTimeout(timer));
   return {
     code: out.code,
     stdout: new TextDecoder().decode(out.stdout),

@@ -428,3 +428,63 @@ Deno.test("log_format json writes one JSON object per line", async () => {
   }
   assert.ok(lines.some((l) => JSON.parse(l).message.startsWith("listening on tcp 127.0.0.1:")));
 });
+
+Deno.test("a pid file is only ever a pid file: the proxy never truncates or deletes another file", async (t) => {
+  const server = RecordingServer.start();
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-pid-" });
+  try {
+    await Deno.writeTextFile(`${dir}/servers.conf`, `${server.address}\t100\n`);
+    const config = [
+      "[statsite-proxy]",
+      `port = ${freePort("tcp")}`,
+      "udp_port = 0",
+      "bind_address = 127.0.0.1",
+      "servers = servers.conf",
+      "",
+    ].join("\n");
+    await Deno.writeTextFile(`${dir}/proxy.ini`, config);
+    for (
+      const [name, target] of [
+        ["the configuration file", "proxy.ini"],
+        ["the servers file", "servers.conf"],
+        ["a file holding text", "notes.txt"],
+        ["a file holding a pid and more", "two.pid"],
+      ] as const
+    ) {
+      await t.step(
+        `naming ${name} is refused with one line, and the file is unchanged`,
+        async () => {
+          await Deno.writeTextFile(`${dir}/notes.txt`, "hello\n");
+          await Deno.writeTextFile(`${dir}/two.pid`, "123\n456\n");
+          const before = await Deno.readFile(`${dir}/${target}`);
+          const run = await runMain([
+            "-f",
+            `${dir}/proxy.ini`,
+            "--pid-file",
+            `${dir}/${target}`,
+          ], { timeoutMs: 10_000 });
+          assert.equal(run.code, 1, run.stderr);
+          assert.equal(run.stderr.trim().split("\n").length, 1, run.stderr);
+          assert.match(run.stderr, /is not a pid file .*; it is left as it is/);
+          assert.deepEqual(await Deno.readFile(`${dir}/${target}`), before);
+        },
+      );
+    }
+    await t.step(
+      "a file put at the pid file's path while it runs is not deleted at exit",
+      async () => {
+        const proxy = await ProxyProcess.start({
+          servers: [server.address],
+          args: ["--pid-file", `${dir}/run.pid`],
+        });
+        await Deno.remove(`${dir}/run.pid`);
+        await Deno.writeTextFile(`${dir}/run.pid`, "precious\n");
+        assert.equal(await proxy.stop(), 0);
+        assert.equal(await Deno.readTextFile(`${dir}/run.pid`), "precious\n");
+      },
+    );
+  } finally {
+    await server.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -10,6 +10,12 @@
  * A lock, unlike reading `/proc/PID`, cannot be fooled by a reused process id
  * and needs no extra permission.
  *
+ * The pid file is only ever a pid file: an existing file is taken only if it
+ * is empty or holds a pid (what a proxy writes), so a `pid_file` that names
+ * the configuration, the servers file or a log by mistake is refused and
+ * left untouched; and at exit the file is removed only if it is still the
+ * one the proxy holds.
+ *
  * The lock is taken first and the pid written once the proxy is ready
  * ({@linkcode PidFile.write}), so a pid in the file names a proxy that
  * listens. At a takeover the old proxy lets go of the lock without removing
@@ -63,10 +69,16 @@ export class PidFile {
         // The holder may have removed the file between our open and lock:
         // only a lock on the file that is at `path` now counts.
         if (locked && await sameFile(file, path)) {
+          const problem = await notAPidFile(file);
+          if (problem !== undefined) {
+            file.close();
+            throw new PidFileError(path, `${problem}; it is left as it is`);
+          }
           await file.truncate(0);
           return new PidFile(path, file);
         }
       } catch (err) {
+        if (err instanceof PidFileError) throw err;
         file.close();
         throw new PidFileError(path, describeReadError(err), { cause: err });
       }
@@ -98,9 +110,12 @@ export class PidFile {
     for (let at = 0; at < text.length;) at += await this.#file.write(text.subarray(at));
   }
 
-  /** Removes the file, then drops the lock. */
+  /**
+   * Removes the file (only if it is still the one this process holds:
+   * another file put at its path is left alone), then drops the lock.
+   */
   async release(): Promise<void> {
-    await Deno.remove(this.path).catch(() => {});
+    if (await sameFile(this.#file, this.path)) await Deno.remove(this.path).catch(() => {});
     this.#file.close();
   }
 
@@ -108,6 +123,37 @@ export class PidFile {
   handOff(): void {
     this.#file.close();
   }
+}
+
+/** Longest file taken for a pid file: a pid, a newline, and room to spare. */
+const MAX_PID_FILE_BYTES = 32;
+
+/**
+ * Why the open file is not one the proxy may overwrite, or `undefined`: it
+ * must be a regular file that is empty or holds a pid and a newline, what a
+ * proxy writes. Anything else (a configuration, a servers file, a log) was
+ * not made by the proxy and must not be truncated.
+ */
+async function notAPidFile(file: Deno.FsFile): Promise<string | undefined> {
+  const info = await file.stat();
+  if (!info.isFile) return "is not a regular file";
+  if (info.size === 0) return undefined;
+  if (info.size > MAX_PID_FILE_BYTES) {
+    return `exists and is not a pid file (${info.size} bytes, not a process id)`;
+  }
+  const bytes = new Uint8Array(info.size);
+  let read = 0;
+  while (read < bytes.length) {
+    const n = await file.read(bytes.subarray(read));
+    if (n === null) break;
+    read += n;
+  }
+  const text = new TextDecoder().decode(bytes.subarray(0, read));
+  if (!/^[0-9]{1,10}\n?$/.test(text)) {
+    return "exists and is not a pid file (it does not hold just a process id)";
+  }
+  await file.seek(0, Deno.SeekMode.Start);
+  return undefined;
 }
 
 async function sameFile(file: Deno.FsFile, path: string): Promise<boolean> {

@@ -134,11 +134,13 @@ export class ControlServer {
     await this.#serving;
   }
 
-  /** Closes, waits for the sessions, and removes the socket file. */
+  /** Closes, waits for the sessions, and removes the socket file (if it still is a socket). */
   async remove(): Promise<void> {
     await this.close();
     await Promise.allSettled([...this.#sessions]);
-    await Deno.remove(this.path).catch(() => {});
+    // Only a socket: a file put there since is not this proxy's to delete.
+    const info = await Deno.lstat(this.path).catch(() => undefined);
+    if (info?.isSocket) await Deno.remove(this.path).catch(() => {});
   }
 
   async #accept(): Promise<void> {
