@@ -21,6 +21,12 @@ export const PERMISSIONS: readonly string[] = [
   "--allow-ffi",
 ];
 
+/**
+ * V8's linear-time regular expression engine, which route patterns need (as
+ * `deno task start` and the compiled binary have it).
+ */
+export const V8_FLAGS = "--v8-flags=--enable-experimental-regexp-engine";
+
 /** Arguments for `Deno.execPath()` that run `main.ts ARGS` as `deno task start` would. */
 export function proxyArgs(...args: string[]): string[] {
   return proxyArgsWith(PERMISSIONS, ...args);
@@ -28,5 +34,5 @@ export function proxyArgs(...args: string[]): string[] {
 
 /** Like {@linkcode proxyArgs}, with other permissions (e.g. without `--allow-ffi`). */
 export function proxyArgsWith(permissions: readonly string[], ...args: string[]): string[] {
-  return ["run", "--quiet", ...permissions, "--config", DENO_JSON, MAIN, ...args];
+  return ["run", "--quiet", V8_FLAGS, ...permissions, "--config", DENO_JSON, MAIN, ...args];
 }

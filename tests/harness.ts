@@ -539,14 +539,32 @@ export class ProxyProcess {
     );
   }
 
-  /** Sends a signal and waits for the exit; returns the exit code. */
-  async stop(signal: Deno.Signal = "SIGTERM"): Promise<number> {
+  /**
+   * Sends a signal and waits for the exit; returns the exit code. With
+   * `killAfterMs`, a process still running then is killed (SIGKILL): a test
+   * of a proxy that may hang fails instead of hanging.
+   */
+  async stop(
+    signal: Deno.Signal = "SIGTERM",
+    options: { killAfterMs?: number } = {},
+  ): Promise<number> {
     try {
       this.#child.kill(signal);
     } catch {
       // already exited
     }
-    return await this.exited();
+    const timer = options.killAfterMs === undefined ? undefined : setTimeout(() => {
+      try {
+        this.#child.kill("SIGKILL");
+      } catch {
+        // already exited
+      }
+    }, options.killAfterMs);
+    try {
+      return await this.exited();
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** Waits for the process to exit; returns its code and removes the temp folder. */

@@ -6,6 +6,7 @@
  */
 
 import assert from "node:assert/strict";
+import { DENO_JSON, MAIN as MAIN_TS } from "../scripts/proxy_args.ts";
 import { type ConfigSettings, loadConfig, parseConfig } from "../src/config/config.ts";
 import { ConfigError } from "../src/errors.ts";
 import { runMain } from "./harness.ts";
@@ -144,6 +145,12 @@ Deno.test("parseConfig() rejects each mistake in pools and routes with its file 
       MAIN + "[route:r]\nmatch = ^(a\npools = default\n",
       4,
       'match: "^(a" is not a regular expression: Invalid regular expression: /^(a/: Unterminated group',
+    ],
+    [
+      "a regex that cannot be matched in linear time (a backreference)",
+      MAIN + "[route:r]\nmatch = ^(a+)\\1$\npools = default\n",
+      4,
+      'match: "^(a+)\\\\1$" cannot be matched in linear time (backreferences, lookahead and inline modifiers such as (?i:...) are refused, so that no metric name can stall the proxy)',
     ],
     [
       "no default and no catch-all",
@@ -330,6 +337,41 @@ Deno.test("loadConfig() reads each pool's servers file, statsrelay shard maps in
         return true;
       });
     });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("without V8's linear-time engine a configuration with routes is refused with one line", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "statsite_proxy_pool_config_test_" });
+  try {
+    await Deno.writeTextFile(`${dir}/servers.conf`, "127.0.0.1:8125 1\n");
+    await Deno.writeTextFile(
+      `${dir}/proxy.ini`,
+      MAIN + "\n[route:r]\nmatch = ^a\npools = default\n",
+    );
+    const child = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--quiet",
+        "--allow-read",
+        "--config",
+        DENO_JSON,
+        MAIN_TS,
+        "check",
+        "-f",
+        `${dir}/proxy.ini`,
+      ],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stderr = new TextDecoder().decode(child.stderr);
+    assert.equal(child.code, 2, stderr);
+    assert.equal(stderr.trimEnd().split("\n").length, 1, stderr);
+    assert.match(
+      stderr,
+      /proxy\.ini:5: match: routes need V8's linear-time regular expression engine/,
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -606,3 +606,64 @@ Deno.test("a UDP pool that a reload removes closes its socket", async () => {
     await statsd.stop();
   }
 });
+
+Deno.test("a metric name crafted against a backtracking route pattern delays no one and loses nothing", async () => {
+  const server = RecordingServer.start();
+  const proxy = await ProxyProcess.start({
+    servers: [server.address],
+    admin: true,
+    sections: "[route:evil]\nmatch = ^(a+)+$\npools = default\n",
+  });
+  const udp = Deno.listenDatagram({ hostname: "127.0.0.1", port: 0, transport: "udp" });
+  const target = { transport: "udp" as const, hostname: "127.0.0.1", port: proxy.udpPort };
+  /** How long a probe line from another client takes to reach the server, in ms. */
+  const probe = async (name: string): Promise<number> => {
+    const started = performance.now();
+    await udp.send(bytes(`${name}:1|c`), target);
+    while (!server.lines().includes(`${name}:1|c`)) {
+      if (performance.now() - started > 10_000) throw new Error(`${name} never arrived`);
+      await sleep(1);
+    }
+    return performance.now() - started;
+  };
+  try {
+    const baseline = Math.max(await probe("probe.warm"), await probe("probe.base"));
+    // 31 a's and a "!": 2^31 backtracking steps for ^(a+)+$, seconds of CPU;
+    // then the same at 60,000 bytes, and the same name again and again.
+    const crafted = ["a".repeat(31) + "!", "a".repeat(60_000) + "!"];
+    const client = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
+    const delays: number[] = [];
+    try {
+      for (let round = 0; round < 5; round++) {
+        const text = crafted.map((k) => `${k}:1|c\n`).join("");
+        let at = 0;
+        const data = bytes(text);
+        while (at < data.length) at += await client.write(data.subarray(at));
+        delays.push(await probe(`probe.${round}`));
+      }
+    } finally {
+      client.close();
+    }
+    const started = performance.now();
+    const route = await proxy.admin(`/route?key=${crafted[0]}`);
+    const routeMs = performance.now() - started;
+    assert.equal(route.status, 200);
+    await waitUntil(
+      () => server.lines().filter((l) => l.startsWith("aaaa")).length === 10,
+      () => "the crafted lines, routed to default",
+    );
+    assert.ok(
+      Math.max(...delays) < 50 + baseline,
+      `probes from another client took ${delays.map((d) => d.toFixed(1)).join(", ")} ms (baseline ${
+        baseline.toFixed(1)
+      } ms)`,
+    );
+    assert.ok(routeMs < 1000, `/route answered in ${routeMs.toFixed(1)} ms`);
+    const m = await proxy.metrics();
+    assert.equal(m.get('statsite_proxy_route_metrics_total{route="",drop="false"}') ?? 0, 10 + 7);
+  } finally {
+    udp.close();
+    await proxy.stop("SIGTERM", { killAfterMs: 5_000 });
+    await server.stop();
+  }
+});

@@ -14,6 +14,7 @@
  *
  * [route:timers]
  * match = ^timers\.         ; a JavaScript regular expression, tested on the routing key
+ *                           ; (V8's linear-time engine: no backreferences or lookahead)
  * pools = timers, archive   ; every listed pool gets the metric; "drop" discards it
  * ```
  *
@@ -26,6 +27,21 @@
  */
 
 import { ConfigError } from "../errors.ts";
+
+/**
+ * Whether this process runs with V8's linear-time regular expression engine
+ * (`--v8-flags=--enable-experimental-regexp-engine`): route patterns are
+ * compiled with its `l` flag, so matching a key takes time linear in its
+ * length whatever the pattern (no catastrophic backtracking).
+ */
+export const LINEAR_ENGINE: boolean = (() => {
+  try {
+    new RegExp("", "l");
+    return true;
+  } catch {
+    return false;
+  }
+})();
 
 /** The hash families a pool can use. */
 export type HashFamily = "ketama" | "statsrelay";
@@ -278,12 +294,28 @@ function parseRoute(
   const pattern = match.value.trim();
   let regex: RegExp;
   try {
-    regex = new RegExp(pattern);
+    new RegExp(pattern);
   } catch (err) {
     const why = err instanceof Error ? err.message : String(err);
     throw error(
       match.line,
       `match: ${JSON.stringify(pattern)} is not a regular expression: ${why}`,
+    );
+  }
+  if (!LINEAR_ENGINE) {
+    throw error(
+      match.line,
+      "match: routes need V8's linear-time regular expression engine, so that no metric name can stall the proxy: run it with --v8-flags=--enable-experimental-regexp-engine (deno task start and the release binary do)",
+    );
+  }
+  try {
+    regex = new RegExp(pattern, "l");
+  } catch {
+    throw error(
+      match.line,
+      `match: ${
+        JSON.stringify(pattern)
+      } cannot be matched in linear time (backreferences, lookahead and inline modifiers such as (?i:...) are refused, so that no metric name can stall the proxy)`,
     );
   }
   const names = list.value.split(",").map((n) => n.trim());

@@ -16,7 +16,7 @@
 import type { BatchSink, FrameBatch } from "../ingest/frame_batch.ts";
 import { RouteCache } from "../ring/route_cache.ts";
 import type { Pool } from "./pool.ts";
-import type { RoutingTable } from "./routing_table.ts";
+import { LONGEST_CACHED_KEY, type RoutingTable } from "./routing_table.ts";
 
 /** Options of {@linkcode Router}. */
 export interface RouterOptions {
@@ -39,7 +39,7 @@ export class Router implements BatchSink {
   /** Totals by route name (`""` for "no route matched") from tables replaced. */
   #totals = new Map<string, number>();
   /** Each key's plan, by key bytes. */
-  #plans = new RouteCache();
+  #plans = new RouteCache({ maxKeyLength: LONGEST_CACHED_KEY });
   /** Each plan's decision (a route's index, or "no route matched"). */
   #planDecision: number[] = [];
   /** Each plan's pools. */

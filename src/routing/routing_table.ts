@@ -5,13 +5,23 @@
  *
  * A route's regular expression runs once per distinct key: the decision is
  * cached by the key's bytes (a {@linkcode RouteCache}), so the hot path pays
- * a cache look-up per metric, not a regular expression.
+ * a cache look-up per metric, not a regular expression. The expressions run
+ * on V8's linear-time engine (see `pool_settings.ts`): a crafted key costs
+ * time linear in its length, never an exponential backtrack.
  *
  * @module
  */
 
 import type { RouteSettings } from "../config/pool_settings.ts";
 import { RouteCache } from "../ring/route_cache.ts";
+
+/**
+ * The longest key whose decision is cached: any key a line of up to 64 KiB
+ * holds, so a long key sent again and again pays for its expressions once.
+ * (A longer key, only possible with a larger `max_line_bytes`, is matched
+ * each time, in time linear in its length.)
+ */
+export const LONGEST_CACHED_KEY = 0xffff;
 
 /** Options of {@linkcode RoutingTable}. */
 export interface RoutingTableOptions {
@@ -52,7 +62,7 @@ export class RoutingTable {
     ];
     const taken = options.replaces === undefined ? undefined : options.replaces.#cache;
     if (taken !== undefined) taken.clear();
-    this.#cache = taken ?? new RouteCache();
+    this.#cache = taken ?? new RouteCache({ maxKeyLength: LONGEST_CACHED_KEY });
   }
 
   /**
