@@ -76,7 +76,7 @@ class ReconnectingTcp {
             let at = 0;
             while (at < line.length) at += await conn.write(line.subarray(at));
             this.sent++;
-            await sleep(everyMs);
+            if (everyMs > 0) await sleep(everyMs);
           } catch {
             try {
               conn?.close();
@@ -170,14 +170,18 @@ Deno.test("every listener is bound before the proxy serves: a datagram sent the 
   }
 });
 
-Deno.test("five takeovers under paced UDP lose no datagram, and a reconnecting TCP client at most one line each", async () => {
+Deno.test("five takeovers under paced UDP lose no datagram; a reconnecting TCP client loses at most its write after the close", async () => {
   const servers = [RecordingServer.start(), RecordingServer.start()];
   let proxy = await ProxyProcess.start({
     servers: servers.map((s) => s.address),
     settings: { pid_file: "proxy.pid", handoff_timeout_ms: 400 },
   });
-  const udp = new PacedUdp(proxy.udpPort, "tk.udp", 2000);
-  const tcp = new ReconnectingTcp(proxy.tcpPort, "tk.tcp", 2);
+  const udp = new PacedUdp(proxy.udpPort, "tk.udp", 5000);
+  // A statsd client: one line per write, a write a millisecond.
+  const paced = new ReconnectingTcp(proxy.tcpPort, "tk.tcp", 1);
+  // One writing as fast as it can: a close that left anything unread, or
+  // that lagged behind the last read, would cost it hundreds of lines.
+  const flat = new ReconnectingTcp(proxy.tcpPort, "tk.flat", 0);
   try {
     await sleep(300);
     for (let i = 0; i < 5; i++) {
@@ -190,25 +194,31 @@ Deno.test("five takeovers under paced UDP lose no datagram, and a reconnecting T
       assert.equal(pid, String(proxy.pid));
       await sleep(300);
     }
-    await udp.stop();
-    await tcp.stop();
+    await Promise.all([udp.stop(), paced.stop(), flat.stop()]);
     await waitUntil(
       () => tally(servers, "tk.udp", udp.sent).missing === 0,
       () => `every datagram: ${JSON.stringify(tally(servers, "tk.udp", udp.sent))} of ${udp.sent}`,
     );
-    const datagrams = tally(servers, "tk.udp", udp.sent);
-    assert.deepEqual(datagrams, { missing: 0, duplicated: 0 }, `of ${udp.sent} datagrams`);
+    assert.deepEqual(tally(servers, "tk.udp", udp.sent), { missing: 0, duplicated: 0 });
     await sleep(200);
-    const lines = tally(servers, "tk.tcp", tcp.sent);
+    const lines = tally(servers, "tk.tcp", paced.sent);
     assert.equal(lines.duplicated, 0);
     assert.ok(
       lines.missing <= 5,
-      `TCP lost ${lines.missing} of ${tcp.sent} lines over 5 takeovers (${tcp.reconnects} reconnects)`,
+      `the paced client lost ${lines.missing} of ${paced.sent} lines over 5 takeovers (${paced.reconnects} reconnects)`,
     );
-    assert.ok(udp.sent > 3000 && tcp.sent > 500, `sent ${udp.sent} datagrams, ${tcp.sent} lines`);
+    const fast = tally(servers, "tk.flat", flat.sent);
+    assert.equal(fast.duplicated, 0);
+    assert.ok(
+      fast.missing < 500,
+      `the flat-out client lost ${fast.missing} of ${flat.sent} lines over 5 takeovers`,
+    );
+    assert.ok(
+      udp.sent > 10_000 && paced.sent > 1000,
+      `sent ${udp.sent} datagrams, ${paced.sent} lines`,
+    );
   } finally {
-    await udp.stop();
-    await tcp.stop();
+    await Promise.all([udp.stop(), paced.stop(), flat.stop()]);
     assert.equal(await proxy.stop(), 0);
     await Promise.all(servers.map((s) => s.stop()));
   }

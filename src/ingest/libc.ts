@@ -111,6 +111,8 @@ export const LINUX = {
   SCM_CREDENTIALS: 2,
   IPPROTO_UDP: 17,
   MSG_CMSG_CLOEXEC: 0x40000000,
+  SHUT_RDWR: 2,
+  RLIMIT_NOFILE: 7,
   MSG_TRUNC: 0x20,
   MSG_DONTWAIT: 0x40,
   POLLIN: 0x1,
@@ -129,6 +131,7 @@ export const ERRNO = {
   EFAULT: 14,
   EINVAL: 22,
   ENOTSOCK: 88,
+  ENOTCONN: 107,
   EADDRINUSE: 98,
   EADDRNOTAVAIL: 99,
 } as const;
@@ -169,6 +172,10 @@ const SYMBOLS = {
   getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
   getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
   connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  getpeername: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
+  shutdown: { parameters: ["i32", "i32"], result: "i32" },
+  getrlimit: { parameters: ["i32", "buffer"], result: "i32" },
   sendmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
   recvmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
   recvmmsg: { parameters: ["i32", "pointer", "u32", "i32", "pointer"], result: "i32" },
@@ -362,12 +369,16 @@ export function encodeSockaddr(ip: IpLiteral, port: number): Uint8Array {
 
 /**
  * Reads a `sockaddr_in` or `sockaddr_in6` (as `getsockname` wrote it) into a
- * UDP `Deno.NetAddr`, the host formatted by `inet_ntop` (`::`, `::1`,
+ * `Deno.NetAddr` (UDP unless `transport` says otherwise), the host formatted by `inet_ntop` (`::`, `::1`,
  * `127.0.0.1`).
  *
  * @throws {Error} Another address family.
  */
-export function decodeSockaddr(libc: Libc, sockaddr: Uint8Array): Deno.NetAddr {
+export function decodeSockaddr(
+  libc: Libc,
+  sockaddr: Uint8Array,
+  transport: "udp" | "tcp" = "udp",
+): Deno.NetAddr {
   const view = new DataView(sockaddr.buffer, sockaddr.byteOffset, sockaddr.byteLength);
   const family = view.getUint16(0, true);
   const port = view.getUint16(2, false);
@@ -379,5 +390,5 @@ export function decodeSockaddr(libc: Libc, sockaddr: Uint8Array): Deno.NetAddr {
   const done = libc.symbols.inet_ntop(family, address, text, text.length);
   if (done === null) throw new Error(`inet_ntop: ${libc.describe(libc.errno())}`);
   const hostname = new TextDecoder().decode(text.subarray(0, text.indexOf(0)));
-  return { transport: "udp", hostname, port };
+  return { transport, hostname, port };
 }

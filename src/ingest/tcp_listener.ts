@@ -21,6 +21,7 @@ import { internalErrors, isConnectionEnd } from "../internal_errors.ts";
 import { acceptConnections } from "../accept_loop.ts";
 import { errorText } from "../errors.ts";
 import { listenTcp, type TcpBinding } from "../listen_tcp.ts";
+import { ConnFds, NOTHING_QUEUED } from "./conn_fds.ts";
 import type { TcpClientCounters } from "./counters.ts";
 import type { BatchSink } from "./frame_batch.ts";
 import type { ReadBufferPool } from "./read_buffer_pool.ts";
@@ -75,7 +76,21 @@ interface Client {
   conn: Deno.TcpConn;
   /** The listener's tick at the client's last read. */
   tick: number;
+  /** When it last read (`performance.now()`). */
+  readAt: number;
+  /** Close it after the next read that ends on a line or frame boundary (a hand-off's deadline). */
+  closeAfterRead: boolean;
+  /** Its decoder. */
+  decoder: StreamDecoder;
 }
+
+/**
+ * At a hand-off's deadline, a client silent this long (ms) is closed at once;
+ * one that is sending is closed right after a read that ends between lines.
+ */
+const QUIET_MS = 20;
+/** ... and closed anyway this long (ms) after the deadline. */
+const LAST_CHANCE_MS = 250;
 
 /** Accepts TCP clients and decodes their metrics. */
 export class TcpListener {
@@ -151,11 +166,17 @@ export class TcpListener {
 
   async #serve(conn: Deno.TcpConn): Promise<void> {
     const { context, clients, pool } = this.#options;
-    const client: Client = { conn, tick: this.#tick };
+    const decoder = new StreamDecoder(context);
+    const client: Client = {
+      conn,
+      tick: this.#tick,
+      readAt: performance.now(),
+      closeAfterRead: false,
+      decoder,
+    };
     this.#clients.add(client);
     clients.open++;
     clients.total++;
-    const decoder = new StreamDecoder(context);
     const small = new Uint8Array(IDLE_READ_BYTES);
     let large: Uint8Array | undefined;
     try {
@@ -164,8 +185,12 @@ export class TcpListener {
         const n = await conn.read(buf);
         if (n === null) break;
         client.tick = this.#tick;
+        client.readAt = performance.now();
         decoder.decode(buf, n, this.#sink);
         if (decoder.corrupt) break;
+        // Closed between two reads, with nothing unread and no line cut in
+        // two, a client loses only what it writes after the close.
+        if (client.closeAfterRead && decoder.pending === 0 && n < buf.length) break;
         // A full read means more is waiting: read on in a large buffer while
         // the client streams, and give it back once a read comes up short.
         if (n === buf.length) {
@@ -223,7 +248,10 @@ export class TcpListener {
   /**
    * After a takeover: stops accepting, then serves the clients still
    * connected until each closes, or is silent for `idleMs`, or `deadline`
-   * passes; resolves once none is left.
+   * passes; resolves once none is left. At the deadline a silent client is
+   * closed at once, and one that is sending right after a read that ends
+   * between lines (within {@linkcode LAST_CHANCE_MS}), so that nothing it
+   * sent is left unread: it loses only what it writes after the close.
    */
   async handOff(options: HandOffOptions): Promise<void> {
     await this.stopAccepting();
@@ -231,12 +259,60 @@ export class TcpListener {
     const closeAll = () => {
       for (const client of this.#clients) close(client.conn);
     };
-    const timer = setTimeout(closeAll, Math.max(0, options.deadline - Date.now()));
+    let lastChance: ReturnType<typeof setTimeout> | undefined;
+    let retry: ReturnType<typeof setInterval> | undefined;
+    let fds: ConnFds | undefined;
+    const deadline = setTimeout(() => {
+      // Where the descriptors can be read directly, each client is read to
+      // the end and closed in the same turn: nothing it sent is left unread.
+      fds = ConnFds.open();
+      const found = fds?.find([...this.#clients].map((c) => c.conn)) ?? new Map();
+      const scratch = new Uint8Array(64 * 1024);
+      const closeDrained = () => {
+        const quietSince = performance.now() - QUIET_MS;
+        for (const client of this.#clients) {
+          const fd = found.get(client.conn);
+          if (fd === undefined) {
+            if (client.readAt < quietSince) close(client.conn);
+            else client.closeAfterRead = true;
+          } else if (this.#readToEnd(client, fd, fds!, scratch)) {
+            fds!.shutdownNow(fd);
+            this.#clients.delete(client);
+            close(client.conn);
+          }
+        }
+      };
+      closeDrained();
+      if (found.size > 0) retry = setInterval(closeDrained, 5);
+      lastChance = setTimeout(() => {
+        closeAll();
+        clearInterval(retry);
+      }, LAST_CHANCE_MS);
+    }, Math.max(0, options.deadline - Date.now()));
     options.signal?.addEventListener("abort", closeAll);
     if (options.signal?.aborted) closeAll();
     await this.idle();
-    clearTimeout(timer);
+    clearTimeout(deadline);
+    clearTimeout(lastChance);
+    clearInterval(retry);
+    fds?.close();
     options.signal?.removeEventListener("abort", closeAll);
+  }
+
+  /**
+   * Reads what the kernel holds for `client` (descriptor `fd`) to its end,
+   * decoding it; true when it may be closed now (nothing unread, no line cut
+   * in two, or the stream ended).
+   */
+  #readToEnd(client: Client, fd: number, fds: ConnFds, scratch: Uint8Array): boolean {
+    while (true) {
+      const n = fds.readNow(fd, scratch);
+      if (n === NOTHING_QUEUED) return client.decoder.pending === 0;
+      if (n === 0) return true;
+      client.readAt = performance.now();
+      client.decoder.decode(scratch, n, this.#sink);
+      if (client.decoder.corrupt) return true;
+    }
   }
 
   /** Stops accepting, closes every client connection and waits for them. */
