@@ -19,6 +19,13 @@
  * start (TCP and UDP on that port) whose servers are sinks on those ports, so
  * another proxy can be measured with the same load.
  *
+ * Two scenarios run apart from the others, each when named in `--scenarios`:
+ * `soak` (`bench_soak.ts`), and `takeover` (`bench_takeover.ts`), which
+ * replaces a running proxy with `run --takeover` again and again under
+ * traffic and reports each takeover's pause in delivery, its time and what
+ * was lost. Each writes its own JSON beside the bench's (`-soak.json`,
+ * `-takeover.json`).
+ *
  * @module
  */
 
@@ -38,6 +45,7 @@ import {
 import { clockTicksPerSecond, cpuTicks, memoryUse, udpDrops } from "./bench_proc.ts";
 import { BenchProxy, type ProxyProcess } from "./bench_proxy.ts";
 import { runSoak } from "./bench_soak.ts";
+import { DEFAULT_TAKEOVER_RATE, runTakeover } from "./bench_takeover.ts";
 import {
   compare,
   formatComparisons,
@@ -61,15 +69,20 @@ const USAGE = `Usage: deno task bench [flags]
 
   --scenarios a,b       scenarios to run (default all: ${SCENARIOS.map((s) => s.name).join(", ")});
                         also "soak": a long mixed run with a dying server and client churn,
-                        reporting memory and open files over time and exact delivery
+                        reporting memory and open files over time and exact delivery;
+                        and "takeover": the proxy replaced with run --takeover again and again
+                        under paced UDP and TCP traffic, reporting each takeover's pause in
+                        delivery, wall and CPU time, and the lines lost or duplicated
   --soak-seconds N      how long the soak runs (default 60)
+  --takeovers N         how many takeovers the takeover scenario runs (default 5)
   --count N             metrics per scenario (default per scenario: 70M tcp, 10M udp-batched,
                         2M udp-single, 10M udp-20, 1.5M udp-1)
   --rate N              pace the generator to N metrics/s, 0 for as fast as it can (default:
-                        1M lines/s for udp-20, 150k datagrams/s for udp-1, unpaced for the others)
+                        1M lines/s for udp-20, 150k datagrams/s for udp-1, unpaced for the others;
+                        for takeover: UDP lines/s, default ${DEFAULT_TAKEOVER_RATE}, plus a tenth of that over TCP)
   --tick-ms N           when paced: send what is due every N ms, fractions allowed with the C
                         generator (default 1)
-  --quick               a tiny run of every scenario (a smoke test)
+  --quick               a tiny run of every scenario (a smoke test; for takeover, a 1 s baseline)
   --json FILE           where to write the results (default bench-results/bench-TIMESTAMP.json)
   --generator KIND      load generator: c, deno or auto (default auto: c if it compiles, else deno)
   --peers               also run each UDP scenario against hit9/statsd-proxy, after ours
@@ -116,6 +129,8 @@ export interface BenchOptions {
   pid?: number;
   /** With the soak scenario: how long it runs, in seconds. */
   soakSeconds?: number;
+  /** With the takeover scenario: how many takeovers it runs. */
+  takeovers?: number;
 }
 
 class UsageError extends Error {}
@@ -160,6 +175,7 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
         "sink-ports": { type: "string" },
         pid: { type: "string" },
         "soak-seconds": { type: "string" },
+        takeovers: { type: "string" },
         help: { type: "boolean", short: "h", default: false },
       },
     }));
@@ -169,10 +185,12 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
   if (values.help) return undefined;
   let scenarios = [...SCENARIOS];
   let soak = false;
+  let takeover = false;
   if (values.scenarios !== undefined) {
     const names = values.scenarios.split(",").map((name) => name.trim());
     soak = names.includes("soak");
-    scenarios = names.filter((name) => name !== "soak").map((name) => {
+    takeover = names.includes("takeover");
+    scenarios = names.filter((name) => name !== "soak" && name !== "takeover").map((name) => {
       const scenario = SCENARIOS.find((s) => s.name === name);
       if (scenario === undefined) throw new UsageError(`unknown scenario "${name}"`);
       return scenario;
@@ -196,7 +214,20 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
   } else if (values["soak-seconds"] !== undefined) {
     throw new UsageError("--soak-seconds needs --scenarios soak");
   }
+  if (takeover) {
+    options.takeovers = values.takeovers === undefined
+      ? 5
+      : integer("takeovers", values.takeovers, 1);
+  } else if (values.takeovers !== undefined) {
+    throw new UsageError("--takeovers needs --scenarios takeover");
+  }
   if (values.rate !== undefined) options.rate = integer("rate", values.rate, 0);
+  if (takeover && options.rate === 0) {
+    throw new UsageError("the takeover scenario is paced: --rate must be > 0");
+  }
+  if (takeover && values.target !== undefined) {
+    throw new UsageError("the takeover scenario starts its own proxies: not with --target");
+  }
   if (values.count !== undefined) options.count = integer("count", values.count, 1);
   if (values["tick-ms"] !== undefined) options.tickMs = decimal("tick-ms", values["tick-ms"]);
   if (values["hit9-bin"] !== undefined && !values.peers) {
@@ -761,6 +792,15 @@ if (import.meta.main) {
           json: options.json.replace(/(\.json)?$/, "-soak.json"),
         });
         code = Math.max(code, soak);
+      }
+      if (options.takeovers !== undefined) {
+        const takeover = await runTakeover({
+          takeovers: options.takeovers,
+          rate: options.rate,
+          quick: options.quick,
+          json: options.json.replace(/(\.json)?$/, "-takeover.json"),
+        });
+        code = Math.max(code, takeover);
       }
     }
   } catch (err) {

@@ -220,3 +220,55 @@ Deno.test("bench soak runs with a dying server and client churn, and its account
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("bench takeover replaces the proxy under traffic, and each takeover happens", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-takeover-test-" });
+  try {
+    const json = `${dir}/results.json`;
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--quiet",
+        "--allow-all",
+        "--config",
+        DENO_JSON,
+        BENCH,
+        "--scenarios",
+        "takeover",
+        "--takeovers",
+        "2",
+        "--rate",
+        "2000",
+        "--quick",
+        "--json",
+        json,
+      ],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stdout = new TextDecoder().decode(out.stdout);
+    const stderr = new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 0, `bench failed:\n${stdout}\n${stderr}`);
+    assert.match(stdout, /^takeover: 2 takeovers in [\d.]+ s of traffic/m);
+    assert.match(stdout, /^#\s+old pid\s+new pid\s+UDP\s+held\s+wall ms/m);
+    assert.match(stdout, /^baseline\s+[\d.]+ s without a takeover: longest gap [\d.]+ ms/m);
+    const { result, error } = JSON.parse(await Deno.readTextFile(`${dir}/results-takeover.json`));
+    assert.equal(error, null);
+    assert.equal(result.runs.length, 2);
+    for (const [i, run] of result.runs.entries()) {
+      assert.notEqual(run.newPid, run.oldPid, `takeover ${i + 1}: a new process`);
+      assert.equal(run.oldExitCode, 0, `takeover ${i + 1}: the old process exited 0`);
+      if (i > 0) assert.equal(run.oldPid, result.runs[i - 1].newPid, "each replaces the last");
+    }
+    assert.equal(result.finalExitCode, 0);
+    // At this rate the UDP socket, handed over, loses nothing; a TCP client cut off by the
+    // old process may lose what it wrote last (TCP has no acknowledgement): not asserted.
+    assert.ok(result.udp.sent > 0 && result.tcp.sent > 0, "traffic was sent");
+    assert.equal(result.udp.lost, 0, "UDP lines lost");
+    assert.equal(result.udp.duplicated, 0, "UDP lines duplicated");
+    assert.equal(result.badLines, 0, "lines that are not the sender's");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
