@@ -10,6 +10,7 @@
 import assert from "node:assert/strict";
 import {
   bytes,
+  freePort,
   ProxyProcess,
   RecordingServer,
   runMain,
@@ -612,6 +613,39 @@ Deno.test("with the Deno receiver a takeover binds beside the old UDP socket and
     assert.equal(tally([server], "deno.udp", udp.sent).duplicated, 0);
   } finally {
     await udp.stop();
+    assert.equal(await proxy.stop(), 0);
+    await server.stop();
+  }
+});
+
+Deno.test("a takeover with a changed TCP port binds it anew and still takes the UDP socket", async () => {
+  const server = RecordingServer.start();
+  let proxy = await ProxyProcess.start({
+    servers: [server.address],
+    settings: { pid_file: "proxy.pid", handoff_timeout_ms: 200 },
+  });
+  try {
+    const oldPort = proxy.tcpPort;
+    const newPort = freePort("tcp");
+    const moved = `${proxy.dir}/moved.ini`;
+    await Deno.writeTextFile(
+      moved,
+      (await Deno.readTextFile(`${proxy.dir}/proxy.ini`)).replace(
+        /^port = \d+$/m,
+        `port = ${newPort}`,
+      ),
+    );
+    const old = proxy;
+    proxy = await ProxyProcess.takeOver(old, { config: moved });
+    assert.equal(await old.exited(), 0);
+    assert.match(proxy.stderr, /listening on tcp 127\.0\.0\.1:(\d+)/);
+    assert.equal(Number(/listening on tcp 127\.0\.0\.1:(\d+)/.exec(proxy.stderr)![1]), newPort);
+    assert.match(proxy.stderr, /UDP socket handed over/);
+    await sendTcp(newPort, bytes("moved.tcp:1|c\n"));
+    await sendUdp(proxy.udpPort, bytes("moved.udp:1|c"));
+    await server.waitForLines(2);
+    await assert.rejects(Deno.connect({ hostname: "127.0.0.1", port: oldPort }));
+  } finally {
     assert.equal(await proxy.stop(), 0);
     await server.stop();
   }
