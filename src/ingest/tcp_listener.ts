@@ -91,6 +91,12 @@ interface Client {
 const QUIET_MS = 20;
 /** ... and closed anyway this long (ms) after the deadline. */
 const LAST_CHANCE_MS = 250;
+/** How often, from a hand-off's deadline, clients are read to the end directly (ms). */
+const DRAIN_EVERY_MS = 1;
+/** A pass that read at most this much found a client's backlog gone: it may be shut down. */
+const TRICKLE_BYTES = 16 * 1024;
+/** What {@linkcode TcpListener.#readToEnd} returns when the stream ended. */
+const ENDED = -1;
 
 /** Accepts TCP clients and decodes their metrics. */
 export class TcpListener {
@@ -248,10 +254,18 @@ export class TcpListener {
   /**
    * After a takeover: stops accepting, then serves the clients still
    * connected until each closes, or is silent for `idleMs`, or `deadline`
-   * passes; resolves once none is left. At the deadline a silent client is
-   * closed at once, and one that is sending right after a read that ends
-   * between lines (within {@linkcode LAST_CHANCE_MS}), so that nothing it
-   * sent is left unread: it loses only what it writes after the close.
+   * passes; resolves once none is left.
+   *
+   * At the deadline, where the descriptors can be read directly
+   * ({@linkcode ConnFds}), each client is read to the end every
+   * {@linkcode DRAIN_EVERY_MS}, and shut down in the same turn as a pass that
+   * found it between two lines and found at most {@linkcode TRICKLE_BYTES}
+   * (not on the first pass: a client that outran this process has a backlog
+   * in its own kernel, which comes over only once the first pass opened the
+   * window). So nothing it sent is left unread, and it loses only the writes
+   * that race the reset. Elsewhere a silent client is closed at once and one
+   * that is sending right after a read that ends between lines. Whatever is
+   * left after {@linkcode LAST_CHANCE_MS} is closed anyway.
    */
   async handOff(options: HandOffOptions): Promise<void> {
     await this.stopAccepting();
@@ -263,11 +277,10 @@ export class TcpListener {
     let retry: ReturnType<typeof setInterval> | undefined;
     let fds: ConnFds | undefined;
     const deadline = setTimeout(() => {
-      // Where the descriptors can be read directly, each client is read to
-      // the end and closed in the same turn: nothing it sent is left unread.
       fds = ConnFds.open();
       const found = fds?.find([...this.#clients].map((c) => c.conn)) ?? new Map();
       const scratch = new Uint8Array(64 * 1024);
+      const primed = new Set<Client>();
       const closeDrained = () => {
         const quietSince = performance.now() - QUIET_MS;
         for (const client of this.#clients) {
@@ -275,7 +288,14 @@ export class TcpListener {
           if (fd === undefined) {
             if (client.readAt < quietSince) close(client.conn);
             else client.closeAfterRead = true;
-          } else if (this.#readToEnd(client, fd, fds!, scratch)) {
+            continue;
+          }
+          const read = this.#readToEnd(client, fd, fds!, scratch);
+          if (!primed.has(client)) {
+            primed.add(client);
+            if (read !== ENDED) continue;
+          }
+          if (read === ENDED || (read <= TRICKLE_BYTES && client.decoder.pending === 0)) {
             fds!.shutdownNow(fd);
             this.#clients.delete(client);
             close(client.conn);
@@ -283,7 +303,7 @@ export class TcpListener {
         }
       };
       closeDrained();
-      if (found.size > 0) retry = setInterval(closeDrained, 5);
+      if (found.size > 0) retry = setInterval(closeDrained, DRAIN_EVERY_MS);
       lastChance = setTimeout(() => {
         closeAll();
         clearInterval(retry);
@@ -301,17 +321,19 @@ export class TcpListener {
 
   /**
    * Reads what the kernel holds for `client` (descriptor `fd`) to its end,
-   * decoding it; true when it may be closed now (nothing unread, no line cut
-   * in two, or the stream ended).
+   * decoding it: the bytes read, or {@linkcode ENDED} when the stream ended
+   * (or a corrupt frame ends the connection).
    */
-  #readToEnd(client: Client, fd: number, fds: ConnFds, scratch: Uint8Array): boolean {
+  #readToEnd(client: Client, fd: number, fds: ConnFds, scratch: Uint8Array): number {
+    let read = 0;
     while (true) {
       const n = fds.readNow(fd, scratch);
-      if (n === NOTHING_QUEUED) return client.decoder.pending === 0;
-      if (n === 0) return true;
+      if (n === NOTHING_QUEUED) return read;
+      if (n === 0) return ENDED;
+      read += n;
       client.readAt = performance.now();
       client.decoder.decode(scratch, n, this.#sink);
-      if (client.decoder.corrupt) return true;
+      if (client.decoder.corrupt) return ENDED;
     }
   }
 
