@@ -12,6 +12,25 @@
  * @module
  */
 
+/**
+ * A name from a file, quoted, for an error message, but only if it is a
+ * plain name (letters, digits and `_ . : - [ ] /`, at most 64 characters);
+ * otherwise `undefined`. Error messages never echo a file's values: a
+ * configuration or servers file named by mistake (`/proc/self/environ`)
+ * must not put its contents in a log line.
+ *
+ * @example Usage
+ * ```ts
+ * import { plainName } from "./errors.ts";
+ *
+ * console.log(plainName("udp_port")); // "\"udp_port\""
+ * console.log(plainName("TOKEN=s3cret")); // undefined
+ * ```
+ */
+export function plainName(text: string): string | undefined {
+  return /^[A-Za-z0-9_.:\-\[\]\/]{1,64}$/.test(text) ? JSON.stringify(text) : undefined;
+}
+
 /** Options of the {@linkcode ConfigError} constructor. */
 export interface ConfigErrorOptions extends ErrorOptions {
   /** The file that is wrong, as the user named it. */

@@ -202,7 +202,7 @@ export class Proxy {
   /** TCP listeners replaced by a reload whose client connections still run. */
   #retired = new Set<TcpListener>();
   /** Servers removed by a reload, and their drains. */
-  #leaving = new Map<Destination, Promise<number>>();
+  #leaving = new Map<Destination, { pool: string; done: Promise<number> }>();
   /**
    * The accounts of servers removed by reloads, summed per pool, server and
    * protocol (a server removed and added again many times is one entry).
@@ -491,7 +491,7 @@ export class Proxy {
     for (const before of oldPools.values()) {
       const sockets = before.sockets;
       if (sockets === undefined || pools.some((p) => p.sockets === sockets)) continue;
-      Promise.allSettled(before.members.map((m) => this.#leaving.get(m))).then(() =>
+      Promise.allSettled(before.members.map((m) => this.#leaving.get(m)?.done)).then(() =>
         sockets.close()
       );
     }
@@ -517,7 +517,7 @@ export class Proxy {
   /** Drains a server a reload removed, then keeps its accounts. */
   #leave(pool: string, member: Destination, deadline: number): void {
     const leaving = member.drain(deadline, "removed");
-    this.#leaving.set(member, leaving);
+    this.#leaving.set(member, { pool, done: leaving });
     leaving.then((lost) => {
       this.#leaving.delete(member);
       for (const c of member.connections) {
@@ -570,20 +570,23 @@ export class Proxy {
 
   /** Adds a removed server's account to what was removed before at its address. */
   #addGone(account: ConnectionAccount): void {
-    const name = `${account.pool ?? ""} ${account.server} ${account.protocol}`;
-    const sum = this.#gone.get(name);
-    if (sum === undefined) {
-      this.#gone.set(name, account);
-      return;
+    addAccount(this.#gone, account);
+  }
+
+  /**
+   * The accounts of the servers reloads removed, per pool, server and
+   * protocol: those drained, and those still draining (counting on). With
+   * the servers in force, they add up to everything ever routed.
+   */
+  removedAccounts(): ConnectionAccount[] {
+    const sums = new Map<string, ConnectionAccount>();
+    for (const account of this.#gone.values()) addAccount(sums, structuredClone(account));
+    for (const [member, { pool }] of this.#leaving) {
+      for (const c of member.connections) {
+        addAccount(sums, accountOf(c, this.pooled ? pool : undefined));
+      }
     }
-    sum.received += account.received;
-    sum.forwarded += account.forwarded;
-    sum.dropped.buffer_full += account.dropped.buffer_full;
-    sum.dropped.shutdown += account.dropped.shutdown;
-    sum.dropped.removed += account.dropped.removed;
-    sum.dropped.rerouted += account.dropped.rerouted;
-    sum.dropped.send_failed += account.dropped.send_failed;
-    sum.held += account.held;
+    return [...sums.values()];
   }
 
   /**
@@ -676,7 +679,7 @@ export class Proxy {
     signal?.removeEventListener("abort", onAbort);
     const upstreams = this.upstreams;
     const lost = await Promise.all(upstreams.map((u) => u.drain(deadline, "shutdown", signal)));
-    await Promise.all([...this.#leaving.values()]);
+    await Promise.all([...this.#leaving.values()].map((l) => l.done));
     for (const pool of this.pools) pool.sockets?.close();
     const byServer: Record<string, number> = {};
     let undelivered = 0;
@@ -707,6 +710,25 @@ export interface StopIngestOptions {
    * stay connected are relayed to `relay` instead of closed.
    */
   handOver?: { udp: "released" | "closed"; relay: BatchSink };
+}
+
+/** Adds `account` to the sum of its pool, server and protocol in `sums`. */
+function addAccount(sums: Map<string, ConnectionAccount>, account: ConnectionAccount): void {
+  const name = `${account.pool ?? ""} ${account.server} ${account.protocol}`;
+  const sum = sums.get(name);
+  if (sum === undefined) {
+    sums.set(name, account);
+    return;
+  }
+  sum.received += account.received;
+  sum.forwarded += account.forwarded;
+  sum.handedOver += account.handedOver;
+  sum.dropped.buffer_full += account.dropped.buffer_full;
+  sum.dropped.shutdown += account.dropped.shutdown;
+  sum.dropped.removed += account.dropped.removed;
+  sum.dropped.rerouted += account.dropped.rerouted;
+  sum.dropped.send_failed += account.dropped.send_failed;
+  sum.held += account.held;
 }
 
 /** `host:port`, with brackets around an IPv6 host. */

@@ -145,7 +145,7 @@ Deno.test("bad usage prints the usage and exits 2", async (t) => {
     const [args, message] of [
       [["--bogus"], "unknown flag: --bogus"],
       [["frobnicate"], 'unknown command: "frobnicate"'],
-      [["--port", "x"], '--port: not a port number: "x"'],
+      [["--port", "x"], "--port: not a port number"],
       [["check", "extra"], 'unexpected argument: "extra"'],
     ] as const
   ) {

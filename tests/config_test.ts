@@ -11,6 +11,7 @@ import {
   parseLogLevel,
 } from "../src/config/config.ts";
 import { ConfigError, UsageError } from "../src/errors.ts";
+import { runMain } from "./harness.ts";
 
 const FILE = "conf/proxy.ini";
 
@@ -345,19 +346,19 @@ Deno.test("parseConfig() rejects a bad structure, naming the file and line", asy
         "a malformed section header",
         "[statsite-proxy\n",
         1,
-        'malformed section header "[statsite-proxy": expected [NAME] alone on its line',
+        "malformed section header: expected [NAME] alone on its line",
       ],
       [
         "a comment after a section header",
         "[statsite-proxy] ; main\n",
         1,
-        'malformed section header "[statsite-proxy] ; main": expected [NAME] alone on its line',
+        "malformed section header: expected [NAME] alone on its line",
       ],
       [
         "an indented section header",
         "  [statsite-proxy]\n",
         1,
-        'malformed section header "[statsite-proxy]": expected [NAME] alone on its line',
+        "malformed section header: expected [NAME] alone on its line",
       ],
       [
         "an unknown key",
@@ -375,7 +376,7 @@ Deno.test("parseConfig() rejects a bad structure, naming the file and line", asy
         "a line without =",
         "[statsite-proxy]\ndaemonize\n",
         2,
-        'expected KEY = VALUE, got "daemonize"',
+        "expected KEY = VALUE",
       ],
       ["a missing key name", "[statsite-proxy]\n = 1\n", 2, 'missing key name before "="'],
       [
@@ -408,46 +409,46 @@ Deno.test("parseConfig() rejects a bad structure, naming the file and line", asy
 Deno.test("parseConfig() rejects bad values, naming the file, line and key", async (t) => {
   for (
     const [key, value, problem] of [
-      ["port", "81x", 'not a port number: "81x"'],
-      ["port", "", 'not a port number: ""'],
-      ["port", "-1", 'not a port number: "-1"'],
-      ["port", "8150.0", 'not a port number: "8150.0"'],
-      ["port", "0x10", 'not a port number: "0x10"'],
-      ["port", "65536", 'port out of range 0..65535: "65536"'],
-      ["Port", "99999999999999999999", 'port out of range 0..65535: "99999999999999999999"'],
-      ["tcp_port", "true", 'not a port number: "true"'],
-      ["udp_port", "x", 'not a port number: "x"'],
-      ["udp_port", "70000", 'port out of range 0..65535: "70000"'],
-      ["bind_address", "a b", 'not an IP address or host name: "a b"'],
-      ["bind_address", "[::1]", 'not an IP address or host name: "[::1]"'],
-      ["bind_address", "256.1.1.1", 'not an IP address or host name: "256.1.1.1"'],
-      ["bind_address", "", 'not an IP address or host name: ""'],
-      ["bind_address", "*", 'not an IP address or host name: "*"'],
+      ["port", "81x", "not a port number"],
+      ["port", "", "not a port number"],
+      ["port", "-1", "not a port number"],
+      ["port", "8150.0", "not a port number"],
+      ["port", "0x10", "not a port number"],
+      ["port", "65536", "port out of range 0..65535, got 65536"],
+      ["Port", "99999999999999999999", "port out of range 0..65535, got 99999999999999999999"],
+      ["tcp_port", "true", "not a port number"],
+      ["udp_port", "x", "not a port number"],
+      ["udp_port", "70000", "port out of range 0..65535, got 70000"],
+      ["bind_address", "a b", "not an IP address or host name"],
+      ["bind_address", "[::1]", "not an IP address or host name"],
+      ["bind_address", "256.1.1.1", "not an IP address or host name"],
+      ["bind_address", "", "not an IP address or host name"],
+      ["bind_address", "*", "not an IP address or host name"],
       ["servers", "", "empty path"],
       ["pid_file", "", "empty path"],
       [
         "log_level",
         "verbose",
-        'unknown log level "verbose" (expected DEBUG, INFO, WARN, WARNING, ERROR or CRITICAL)',
+        "unknown log level (expected DEBUG, INFO, WARN, WARNING, ERROR or CRITICAL)",
       ],
-      ["daemonize", "maybe", 'not a boolean (true, false, yes, no, 1 or 0): "maybe"'],
-      ["daemonize", "null", 'not a boolean (true, false, yes, no, 1 or 0): "null"'],
-      ["max_line_bytes", "64k", 'not a plain decimal integer: "64k"'],
+      ["daemonize", "maybe", "not a boolean (true, false, yes, no, 1 or 0)"],
+      ["daemonize", "null", "not a boolean (true, false, yes, no, 1 or 0)"],
+      ["max_line_bytes", "64k", "not a plain decimal integer"],
       ["max_line_bytes", "63", "must be at least 64, got 63"],
       ["max_line_bytes", "16777217", "must be at most 16777216, got 16777217"],
       ["max_buffer_bytes", "65535", "must be at least 65536, got 65535"],
-      ["max_buffer_bytes", "1e9", 'not a plain decimal integer: "1e9"'],
-      ["drain_timeout_ms", "-5", 'not a plain decimal integer: "-5"'],
+      ["max_buffer_bytes", "1e9", "not a plain decimal integer"],
+      ["drain_timeout_ms", "-5", "not a plain decimal integer"],
       ["drain_timeout_ms", "2147483648", "must be at most 2147483647, got 2147483648"],
       ["reconnect_min_ms", "0", "must be at least 1, got 0"],
-      ["reconnect_max_ms", "1.5", 'not a plain decimal integer: "1.5"'],
+      ["reconnect_max_ms", "1.5", "not a plain decimal integer"],
       ["summary_interval_ms", "99", "must be at least 100, got 99"],
-      ["admin_port", "http", 'not a port number: "http"'],
-      ["admin_bind", "a b", 'not an IP address or host name: "a b"'],
-      ["stats_prefix", "my proxy", 'a metric prefix cannot hold blanks, ":" or "|": "my proxy"'],
-      ["stats_prefix", "a:b", 'a metric prefix cannot hold blanks, ":" or "|": "a:b"'],
+      ["admin_port", "http", "not a port number"],
+      ["admin_bind", "a b", "not an IP address or host name"],
+      ["stats_prefix", "my proxy", 'a metric prefix cannot hold blanks, ":" or "|"'],
+      ["stats_prefix", "a:b", 'a metric prefix cannot hold blanks, ":" or "|"'],
       ["stats_interval", "0", "must be at least 1, got 0"],
-      ["log_format", "xml", 'unknown log format "xml" (expected text or json)'],
+      ["log_format", "xml", "unknown log format (expected text or json)"],
     ]
   ) {
     await t.step(`${key} = ${value}`, () => {
@@ -542,19 +543,19 @@ Deno.test("parseConfig() lets flags override the file", async (t) => {
 Deno.test("parseConfig() rejects bad flag values with a UsageError naming the flag", async (t) => {
   for (
     const [overrides, message] of [
-      [{ port: "x" }, '--port: not a port number: "x"'],
-      [{ port: "" }, '--port: not a port number: ""'],
-      [{ port: Number.NaN }, '--port: not a port number: "NaN"'],
-      [{ port: 1.5 }, '--port: not a port number: "1.5"'],
-      [{ port: -1 }, '--port: not a port number: "-1"'],
-      [{ port: 70000 }, '--port: port out of range 0..65535: "70000"'],
-      [{ udpPort: "8150x" }, '--udp-port: not a port number: "8150x"'],
-      [{ bind: "not an address" }, '--bind: not an IP address or host name: "not an address"'],
+      [{ port: "x" }, "--port: not a port number"],
+      [{ port: "" }, "--port: not a port number"],
+      [{ port: Number.NaN }, "--port: not a port number"],
+      [{ port: 1.5 }, "--port: not a port number"],
+      [{ port: -1 }, "--port: not a port number"],
+      [{ port: 70000 }, "--port: port out of range 0..65535, got 70000"],
+      [{ udpPort: "8150x" }, "--udp-port: not a port number"],
+      [{ bind: "not an address" }, "--bind: not an IP address or host name"],
       [{ servers: "" }, "--servers: empty path"],
       [{ pidFile: "" }, "--pid-file: empty path"],
       [
         { logLevel: "loud" },
-        '--log-level: unknown log level "loud" (expected DEBUG, INFO, WARN, WARNING, ERROR or CRITICAL)',
+        "--log-level: unknown log level (expected DEBUG, INFO, WARN, WARNING, ERROR or CRITICAL)",
       ],
       [{ port: 0, udpPort: 0 }, "--port: nothing to listen on: the TCP and UDP ports are both 0"],
       [{ udpPort: 0 }, "--udp-port: nothing to listen on: the TCP and UDP ports are both 0"],
@@ -565,7 +566,7 @@ Deno.test("parseConfig() rejects bad flag values with a UsageError naming the fl
     });
   }
   await t.step("without a config file", () => {
-    assertUsage({ port: "x" }, '--port: not a port number: "x"');
+    assertUsage({ port: "x" }, "--port: not a port number");
   });
 });
 
@@ -677,7 +678,7 @@ Deno.test("loadConfig() reports unreadable files as ConfigErrors naming them", a
       await write(file, "[statsite-proxy]\nport = 81x\n");
       await assert.rejects(loadConfig({ file }), {
         name: "ConfigError",
-        message: `${file}:2: port: not a port number: "81x"`,
+        message: `${file}:2: port: not a port number`,
       });
     });
     await t.step("a bad flag, before reading the servers file", async () => {
@@ -685,7 +686,7 @@ Deno.test("loadConfig() reports unreadable files as ConfigErrors naming them", a
       await write(file, "[statsite-proxy]\nservers = nowhere.conf\n");
       await assert.rejects(loadConfig({ file, overrides: { port: "x" } }), {
         name: "UsageError",
-        message: '--port: not a port number: "x"',
+        message: "--port: not a port number",
       });
     });
   });
@@ -707,4 +708,31 @@ Deno.test("the shipped example configuration loads", async () => {
   const { servers: _servers, configFile: _configFile, serversFile: _serversFile, ...rest } = config;
   const { serversFile: _defaultServersFile, ...defaults } = DEFAULTS;
   assert.deepEqual(rest, { ...defaults, bindAddress: "127.0.0.1", adminPort: 8151 });
+});
+
+Deno.test("an error names the file and line but never echoes the file's values", async (t) => {
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-secrets-" });
+  // What /proc/self/environ holds: NUL-separated NAME=VALUE records.
+  const environ = "HOME=/root\0API_TOKEN=hunter2-s3cret\0PATH=/usr/bin\0";
+  try {
+    await Deno.writeTextFile(`${dir}/environ`, environ);
+    await Deno.writeTextFile(`${dir}/lines`, "10.0.0.1:8125 100\npassword=hunter2-s3cret 1\n");
+    for (
+      const [name, args] of [
+        ["named as the servers file", ["check", "--servers", `${dir}/environ`, "--port", "1"]],
+        ["a secret on a servers line", ["check", "--servers", `${dir}/lines`, "--port", "1"]],
+        ["named as the configuration file", ["check", "-f", `${dir}/environ`]],
+      ] as const
+    ) {
+      await t.step(name, async () => {
+        const run = await runMain([...args]);
+        assert.equal(run.code, 2, run.stderr);
+        assert.equal(run.stderr.trim().split("\n").length, 1, run.stderr);
+        assert.match(run.stderr, /(environ|lines):\d+: /);
+        assert.doesNotMatch(run.stderr, /hunter2|s3cret|\/root|\/usr\/bin/);
+      });
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

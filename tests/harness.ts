@@ -707,7 +707,8 @@ export interface Account {
 
 /**
  * The account of every upstream connection in parsed `/metrics`, keyed by
- * `SERVER PROTOCOL`, after checking that each adds up exactly:
+ * `SERVER PROTOCOL` (`SERVER PROTOCOL removed` for the totals of servers
+ * reloads removed), after checking that each adds up exactly:
  * received = forwarded + dropped (every reason) + held.
  */
 export function metricsAccounts(m: Map<string, number>): Map<string, Account> {
@@ -715,10 +716,10 @@ export function metricsAccounts(m: Map<string, number>): Map<string, Account> {
   const p = "statsite_proxy_upstream_";
   for (const [name, received] of m) {
     const match =
-      /^statsite_proxy_upstream_received_total\{((?:pool="([^"]*)",)?server="([^"]*)",protocol="(\w+)")\}$/
+      /^statsite_proxy_upstream_received_total\{((?:pool="([^"]*)",)?server="([^"]*)",protocol="(\w+)"(,removed="true")?)\}$/
         .exec(name);
     if (match === null) continue;
-    const [, labels, pool, server, protocol] = match;
+    const [, labels, pool, server, protocol, removed] = match;
     const get = (metric: string, extra = "") => {
       const value = m.get(`${p}${metric}{${labels}${extra}}`);
       assert.ok(value !== undefined, `${p}${metric}{${labels}${extra}} in /metrics`);
@@ -736,7 +737,8 @@ export function metricsAccounts(m: Map<string, number>): Map<string, Account> {
       account.rerouted = get("dropped_total", ',reason="rerouted"');
       account.sendFailed = get("dropped_total", ',reason="send_failed"');
     }
-    const id = pool === undefined ? `${server} ${protocol}` : `${pool}/${server} ${protocol}`;
+    const id = (pool === undefined ? `${server} ${protocol}` : `${pool}/${server} ${protocol}`) +
+      (removed === undefined ? "" : " removed");
     assertAddsUp(account, `${id} in /metrics`);
     out.set(id, account);
   }

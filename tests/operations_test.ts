@@ -285,7 +285,7 @@ Deno.test("SIGHUP with a broken servers file changes nothing", async () => {
     await Deno.writeTextFile(`${proxy.dir}/servers.conf`, `${servers[0].address} 0\n`);
     proxy.signal("SIGHUP");
     await proxy.waitForLog(
-      /SIGHUP: reload refused, the running configuration stays: .*servers\.conf:1: bad weight "0"/,
+      /SIGHUP: reload refused, the running configuration stays: .*servers\.conf:1: bad weight: must be at least 1/,
     );
     await sendTcp(proxy.tcpPort, bytes(keys.map((k) => `${k}:1|c\n`).join("")));
     for (const s of servers) {
@@ -486,5 +486,56 @@ Deno.test("a pid file is only ever a pid file: the proxy never truncates or dele
   } finally {
     await server.stop();
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("/metrics keeps the totals of servers reloads removed: the accounts add up across reloads", async () => {
+  const servers = [RecordingServer.start(), RecordingServer.start(), RecordingServer.start()];
+  const proxy = await ProxyProcess.start({ servers: servers.map((s) => s.address), admin: true });
+  try {
+    const p = "statsite_proxy_";
+    let sent = 0;
+    const send = async (n: number) => {
+      await sendTcp(
+        proxy.tcpPort,
+        bytes(Array.from({ length: n }, (_, i) => `cycle.k${sent + i}:1|c\n`).join("")),
+      );
+      sent += n;
+      await waitUntil(
+        async () =>
+          (await proxy.metrics()).get(`${p}received_lines_total{transport="tcp"}`) === sent,
+        () => `${sent} lines in`,
+      );
+    };
+    await send(300);
+    // Remove the last server and add it back, five times over.
+    for (let cycle = 0; cycle < 5; cycle++) {
+      await proxy.writeServers(servers.slice(0, 2).map((s) => s.address));
+      proxy.signal("SIGHUP");
+      await proxy.waitForLog(new RegExp(`(SIGHUP: reloaded.*){${2 * cycle + 1}}`, "s"));
+      await send(100);
+      await proxy.writeServers(servers.map((s) => s.address));
+      proxy.signal("SIGHUP");
+      await proxy.waitForLog(new RegExp(`(SIGHUP: reloaded.*){${2 * cycle + 2}}`, "s"));
+      await send(100);
+    }
+    await waitUntil(
+      async () => {
+        const m = await proxy.metrics();
+        return [...metricsAccounts(m).values()].every((a) => a.held === 0);
+      },
+      () => "nothing held",
+    );
+    const m = await proxy.metrics();
+    const accounts = metricsAccounts(m); // each adds up, or it throws
+    const removed = [...accounts.keys()].filter((k) => k.endsWith(" removed"));
+    assert.deepEqual(removed, [`${servers[2].address} ascii removed`]);
+    let received = 0;
+    for (const a of accounts.values()) received += a.received;
+    assert.equal(received, sent, "every line is in exactly one account, live or removed");
+    assert.equal(received, m.get(`${p}received_lines_total{transport="tcp"}`));
+  } finally {
+    await proxy.stop();
+    await Promise.all(servers.map((s) => s.stop()));
   }
 });

@@ -144,13 +144,13 @@ Deno.test("parseConfig() rejects each mistake in pools and routes with its file 
       "a regex that does not compile",
       MAIN + "[route:r]\nmatch = ^(a\npools = default\n",
       4,
-      'match: "^(a" is not a regular expression: Invalid regular expression: /^(a/: Unterminated group',
+      "match: not a regular expression: Unterminated group",
     ],
     [
       "a regex that cannot be matched in linear time (a backreference)",
       MAIN + "[route:r]\nmatch = ^(a+)\\1$\npools = default\n",
       4,
-      'match: "^(a+)\\\\1$" cannot be matched in linear time (backreferences, lookahead and inline modifiers such as (?i:...) are refused, so that no metric name can stall the proxy)',
+      "match: cannot be matched in linear time (backreferences, lookahead and inline modifiers such as (?i:...) are refused, so that no metric name can stall the proxy)",
     ],
     [
       "no default and no catch-all",
@@ -193,25 +193,25 @@ Deno.test("parseConfig() rejects each mistake in pools and routes with its file 
       "an unknown hash",
       pool("hash = crc32\n"),
       5,
-      'hash: "crc32" is not one of ketama, statsrelay',
+      "hash: not one of ketama, statsrelay",
     ],
     [
       "an unknown protocol",
       pool("protocol = sctp\n"),
       5,
-      'protocol: "sctp" is not one of tcp, udp',
+      "protocol: not one of tcp, udp",
     ],
     [
       "an unknown policy",
       pool("on_failure = retry\n"),
       5,
-      'on_failure: "retry" is not one of hold, eject',
+      "on_failure: not one of hold, eject",
     ],
     [
       "an mtu out of range",
       pool("protocol = udp\nmtu = 70000\n"),
       6,
-      'mtu: must be a whole number from 64 to 65507, got "70000"',
+      "mtu: must be a whole number from 64 to 65507",
     ],
     [
       "a pool without servers",
@@ -253,7 +253,7 @@ Deno.test("parseConfig() rejects each mistake in pools and routes with its file 
       "an empty pool name in a list",
       pool("[route:r]\nmatch = x\npools = a,,default\n"),
       7,
-      'pools: an empty name in "a,,default"',
+      "pools: an empty name in the list",
     ],
     [
       "a pool defined twice",
@@ -265,7 +265,7 @@ Deno.test("parseConfig() rejects each mistake in pools and routes with its file 
       "a bad pool name",
       MAIN + "[pool:a b]\nservers = a.conf\n",
       3,
-      'bad pool name "a b": use letters, digits, "_", "." and "-"',
+      'bad pool name: use letters, digits, "_", "." and "-"',
     ],
     [
       "a misspelt section kind",
@@ -392,7 +392,7 @@ Deno.test("the proxy refuses a bad pool config with one line and exit code 2", a
       assert.equal(lines.length, 1, r.stderr);
       assert.match(
         lines[0],
-        /proxy\.ini:5: match: "\[a-" is not a regular expression: Invalid regular expression: /,
+        /proxy\.ini:5: match: not a regular expression: /,
       );
     }
   } finally {

@@ -141,13 +141,13 @@ Deno.test("parseServers() rejects a line without a weight", () => {
 
 Deno.test("parseServers() rejects extra fields after the weight", async (t) => {
   await t.step("a word", () => {
-    assertFails("a:1 1 x\n", 1, 'servers.conf:1: unexpected extra field "x" after the weight');
+    assertFails("a:1 1 x\n", 1, "servers.conf:1: unexpected third field after the weight");
   });
   await t.step("a trailing comment", () => {
     assertFails(
       "a:1 1\nb:1 1 # main\n",
       2,
-      'servers.conf:2: unexpected extra field "#" after the weight',
+      "servers.conf:2: unexpected third field after the weight",
     );
   });
 });
@@ -188,7 +188,7 @@ Deno.test("parseServers() rejects bad addresses", async (t) => {
       assertFails(
         `# servers\n${address} 100\n`,
         2,
-        `servers.conf:2: bad address ${JSON.stringify(address)}: ${problem}`,
+        `servers.conf:2: bad address: ${problem}`,
       );
     });
   }
@@ -213,7 +213,7 @@ Deno.test("parseServers() rejects bad weights", async (t) => {
       assertFails(
         `a:1 1\nb:1 ${weight}`,
         2,
-        `servers.conf:2: bad weight ${JSON.stringify(weight)}: ${problem}`,
+        `servers.conf:2: bad weight: ${problem}`,
       );
     });
   }

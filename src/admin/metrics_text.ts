@@ -9,7 +9,7 @@
 import { DROP_REASONS, type IngestCounters } from "../ingest/counters.ts";
 import { internalErrors } from "../internal_errors.ts";
 import type { HttpCounters } from "./http_server.ts";
-import type { Proxy } from "../proxy.ts";
+import type { ConnectionAccount, Proxy } from "../proxy.ts";
 import type { Pool } from "../routing/pool.ts";
 import type { ConnectionView } from "../upstream/upstream_connection.ts";
 import { VERSION } from "../version.ts";
@@ -145,6 +145,20 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
     pooled
       ? { pool, server: c.address, protocol: c.protocol }
       : { server: c.address, protocol: c.protocol };
+  // Servers reloads removed keep their totals, as series of their own with
+  // removed="true", so the sums over all series stay whole across reloads.
+  const removed = proxy.removedAccounts().map((a) => ({
+    a,
+    labels: {
+      ...(pooled ? { pool: a.pool ?? "default" } : {}),
+      server: a.server,
+      protocol: a.protocol,
+      removed: "true",
+    } as Labels,
+  }));
+  const perRemoved = (name: string, value: (a: ConnectionAccount) => number) => {
+    for (const { a, labels } of removed) out.sample(name, labels, value(a));
+  };
   const perConnection = (
     name: string,
     type: "counter" | "gauge",
@@ -166,12 +180,14 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
     "Lines (ascii) or frames (binary) routed to the server.",
     (c) => c.counters.received,
   );
+  perRemoved("upstream_received_total", (a) => a.received);
   perConnection(
     "upstream_forwarded_total",
     "counter",
     "Lines (ascii) or frames (binary) wholly written to the server.",
     (c) => c.counters.forwarded,
   );
+  perRemoved("upstream_forwarded_total", (a) => a.forwarded);
   perConnection(
     "upstream_taken_over_total",
     "counter",
@@ -194,12 +210,21 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
       out.sample("upstream_dropped_total", labels("send_failed"), k.droppedSendFailed);
     }
   }
+  for (const { a, labels } of removed) {
+    const reasons = pooled
+      ? (["buffer_full", "shutdown", "removed", "rerouted", "send_failed"] as const)
+      : (["buffer_full", "shutdown", "removed"] as const);
+    for (const reason of reasons) {
+      out.sample("upstream_dropped_total", { ...labels, reason }, a.dropped[reason]);
+    }
+  }
   perConnection(
     "upstream_held",
     "gauge",
     "Lines or frames held for the server: received, not yet forwarded or dropped.",
     (c) => c.held,
   );
+  perRemoved("upstream_held", (a) => a.held);
   perConnection(
     "upstream_buffered_bytes",
     "gauge",

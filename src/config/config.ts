@@ -25,7 +25,7 @@
 import { dirname, isAbsolute, join } from "node:path";
 // @ts-types="@types/ini"
 import ini from "ini";
-import { ConfigError, UsageError } from "../errors.ts";
+import { ConfigError, plainName, UsageError } from "../errors.ts";
 import { readBoundedText } from "./bounded_file.ts";
 import {
   type HashFamily,
@@ -307,7 +307,7 @@ class InvalidValue extends Error {
 /** Parses a plain decimal integer in `min..max`. */
 function integer(text: string, min: number, max: number): number {
   if (!/^[0-9]+$/.test(text)) {
-    throw new InvalidValue(`not a plain decimal integer: ${JSON.stringify(text)}`);
+    throw new InvalidValue("not a plain decimal integer");
   }
   const value = Number(text);
   if (value < min) throw new InvalidValue(`must be at least ${min}, got ${text}`);
@@ -318,11 +318,11 @@ function integer(text: string, min: number, max: number): number {
 /** Parses a port number, 0..65535. */
 function port(text: string): number {
   if (!/^[0-9]+$/.test(text)) {
-    throw new InvalidValue(`not a port number: ${JSON.stringify(text)}`);
+    throw new InvalidValue("not a port number");
   }
   const value = Number(text);
   if (value > 65535) {
-    throw new InvalidValue(`port out of range 0..65535: ${JSON.stringify(text)}`);
+    throw new InvalidValue(`port out of range 0..65535, got ${text}`);
   }
   return value;
 }
@@ -330,7 +330,7 @@ function port(text: string): number {
 /** Checks an address to listen on. */
 function bindAddress(text: string): string {
   if (!isValidHost(text)) {
-    throw new InvalidValue(`not an IP address or host name: ${JSON.stringify(text)}`);
+    throw new InvalidValue("not an IP address or host name");
   }
   return text;
 }
@@ -340,9 +340,7 @@ function logLevel(text: string): LogLevelName {
   const level = parseLogLevel(text);
   if (level === undefined) {
     throw new InvalidValue(
-      `unknown log level ${
-        JSON.stringify(text)
-      } (expected DEBUG, INFO, WARN, WARNING, ERROR or CRITICAL)`,
+      "unknown log level (expected DEBUG, INFO, WARN, WARNING, ERROR or CRITICAL)",
     );
   }
   return level;
@@ -353,17 +351,13 @@ function boolean(text: string): boolean {
   const lower = text.toLowerCase();
   if (lower === "true" || lower === "yes" || lower === "1") return true;
   if (lower === "false" || lower === "no" || lower === "0") return false;
-  throw new InvalidValue(
-    `not a boolean (true, false, yes, no, 1 or 0): ${JSON.stringify(text)}`,
-  );
+  throw new InvalidValue("not a boolean (true, false, yes, no, 1 or 0)");
 }
 
 /** Parses a metric name prefix: no blanks, `:` or `|`, which would break the lines. */
 function metricPrefix(text: string): string {
   if (/[\s:|]/.test(text)) {
-    throw new InvalidValue(
-      `a metric prefix cannot hold blanks, ":" or "|": ${JSON.stringify(text)}`,
-    );
+    throw new InvalidValue('a metric prefix cannot hold blanks, ":" or "|"');
   }
   return text;
 }
@@ -372,16 +366,20 @@ function metricPrefix(text: string): string {
 function logFormat(text: string): "text" | "json" {
   const lower = text.toLowerCase();
   if (lower === "text" || lower === "json") return lower;
-  throw new InvalidValue(`unknown log format ${JSON.stringify(text)} (expected text or json)`);
+  throw new InvalidValue("unknown log format (expected text or json)");
 }
 
 /** Parses a UDP receiver choice. */
 function udpReceiver(text: string): "auto" | "native" | "deno" {
   const lower = text.toLowerCase();
   if (lower === "auto" || lower === "native" || lower === "deno") return lower;
-  throw new InvalidValue(
-    `unknown UDP receiver ${JSON.stringify(text)} (expected auto, native or deno)`,
-  );
+  throw new InvalidValue("unknown UDP receiver (expected auto, native or deno)");
+}
+
+/** ` "NAME"` for a message when `text` is a plain name, else nothing: values are never echoed. */
+function named(text: string): string {
+  const quoted = plainName(text);
+  return quoted === undefined ? "" : ` ${quoted}`;
 }
 
 /** Checks a path and resolves it against `base` (`undefined`: keep it as is). */
@@ -505,12 +503,7 @@ function scan(file: string, text: string): Scanned {
     if (raw.trimStart().startsWith("[")) {
       const match = /^\[([^\]]*)\]\s*$/.exec(raw);
       if (match === null) {
-        throw error(
-          line,
-          `malformed section header ${
-            JSON.stringify(raw.trim())
-          }: expected [NAME] alone on its line`,
-        );
+        throw error(line, "malformed section header: expected [NAME] alone on its line");
       }
       const name = match[1].trim();
       const lower = name.toLowerCase();
@@ -521,7 +514,7 @@ function scan(file: string, text: string): Scanned {
         if (!SECTION_NAME.test(subName)) {
           throw error(
             line,
-            `bad ${kind} name ${JSON.stringify(subName)}: use letters, digits, "_", "." and "-"`,
+            `bad ${kind} name${named(subName)}: use letters, digits, "_", "." and "-"`,
           );
         }
         const id = `${kind}:${subName}`;
@@ -561,13 +554,13 @@ function scan(file: string, text: string): Scanned {
     }
 
     const equals = raw.indexOf("=");
-    if (equals === -1) throw error(line, `expected KEY = VALUE, got ${JSON.stringify(raw.trim())}`);
+    if (equals === -1) throw error(line, "expected KEY = VALUE");
     const name = raw.slice(0, equals).trim();
     if (name === "") throw error(line, 'missing key name before "="');
     if (section === undefined) {
       throw error(
         line,
-        `key ${JSON.stringify(name)} outside any section; put it under [${SECTION}]`,
+        `key${named(name)} outside any section; put it under [${SECTION}]`,
       );
     }
     if (block !== undefined) {
@@ -576,7 +569,7 @@ function scan(file: string, text: string): Scanned {
       if (!known.has(lowerName)) {
         throw error(
           line,
-          `unknown key ${JSON.stringify(name)} in [${section}] (expected ${[...known].join(", ")})`,
+          `unknown key${named(name)} in [${section}] (expected ${[...known].join(", ")})`,
         );
       }
       const first = block.keys.get(lowerName);
@@ -588,7 +581,7 @@ function scan(file: string, text: string): Scanned {
     }
     const spec = KEYS.get(name.toLowerCase());
     if (spec === undefined) {
-      throw error(line, `unknown key ${JSON.stringify(name)} in [${section}]`);
+      throw error(line, `unknown key${named(name)} in [${section}]`);
     }
     const first = keys.get(spec.field);
     if (first !== undefined) {

@@ -26,7 +26,7 @@
  * @module
  */
 
-import { ConfigError } from "../errors.ts";
+import { ConfigError, plainName } from "../errors.ts";
 
 /**
  * Whether this process runs with V8's linear-time regular expression engine
@@ -234,7 +234,7 @@ function parsePool(block: SectionBlock, path: (t: string) => string, error: Erro
     if (!allowed.includes(value)) {
       throw error(
         entry.line,
-        `${entry.name}: ${JSON.stringify(entry.value)} is not one of ${allowed.join(", ")}`,
+        `${entry.name}: not one of ${allowed.join(", ")}`,
       );
     }
     return value;
@@ -246,7 +246,7 @@ function parsePool(block: SectionBlock, path: (t: string) => string, error: Erro
     if (!/^[0-9]+$/.test(text) || Number(text) < min || Number(text) > max) {
       throw error(
         entry.line,
-        `${entry.name}: must be a whole number from ${min} to ${max}, got ${JSON.stringify(text)}`,
+        `${entry.name}: must be a whole number from ${min} to ${max}`,
       );
     }
     return Number(text);
@@ -296,10 +296,12 @@ function parseRoute(
   try {
     new RegExp(pattern);
   } catch (err) {
-    const why = err instanceof Error ? err.message : String(err);
+    // V8's reason quotes the pattern (/PATTERN/: reason): keep only the reason.
+    const message = err instanceof Error ? err.message : String(err);
+    const why = message.slice(message.lastIndexOf(": ") + 2);
     throw error(
       match.line,
-      `match: ${JSON.stringify(pattern)} is not a regular expression: ${why}`,
+      `match: not a regular expression: ${why}`,
     );
   }
   if (!LINEAR_ENGINE) {
@@ -313,14 +315,12 @@ function parseRoute(
   } catch {
     throw error(
       match.line,
-      `match: ${
-        JSON.stringify(pattern)
-      } cannot be matched in linear time (backreferences, lookahead and inline modifiers such as (?i:...) are refused, so that no metric name can stall the proxy)`,
+      "match: cannot be matched in linear time (backreferences, lookahead and inline modifiers such as (?i:...) are refused, so that no metric name can stall the proxy)",
     );
   }
   const names = list.value.split(",").map((n) => n.trim());
   if (names.some((n) => n === "")) {
-    throw error(list.line, `pools: an empty name in ${JSON.stringify(list.value)}`);
+    throw error(list.line, "pools: an empty name in the list");
   }
   const drop = names.includes("drop");
   if (drop && names.length > 1) {
@@ -328,11 +328,18 @@ function parseRoute(
   }
   if (!drop) {
     for (const name of names) {
-      if (!pools.has(name)) throw error(list.line, `pools: no pool named ${JSON.stringify(name)}`);
+      if (!pools.has(name)) {
+        throw error(
+          list.line,
+          `pools: no pool named${plainName(name) ? ` ${plainName(name)}` : " so"}`,
+        );
+      }
     }
     const seen = new Set<string>();
     for (const name of names) {
-      if (seen.has(name)) throw error(list.line, `pools: ${JSON.stringify(name)} listed twice`);
+      if (seen.has(name)) {
+        throw error(list.line, `pools: ${plainName(name) ?? "a pool"} listed twice`);
+      }
       seen.add(name);
     }
   }

@@ -203,18 +203,17 @@ export function parseServers(options: ParseServersOptions): ServerSpec[] {
     if (fields[0] === "" || fields[0].startsWith("#")) continue;
     const [address, weightText, extra] = fields;
 
+    // Fields are named in messages only once they are valid addresses: a
+    // file named by mistake must not have its contents echoed.
+    const parsed = parseAddress(address);
+    if ("problem" in parsed) throw error(line, `bad address: ${parsed.problem}`);
     if (weightText === undefined && !options.shards) {
       throw error(line, `missing weight after address ${quote(address)}`);
     }
-    if (extra !== undefined) {
-      throw error(line, `unexpected extra field ${quote(extra)} after the weight`);
-    }
-
-    const parsed = parseAddress(address);
-    if ("problem" in parsed) throw error(line, `bad address ${quote(address)}: ${parsed.problem}`);
+    if (extra !== undefined) throw error(line, "unexpected third field after the weight");
 
     const weight = weightText === undefined ? 1 : parseWeight(weightText);
-    if (typeof weight === "string") throw error(line, `bad weight ${quote(weightText)}: ${weight}`);
+    if (typeof weight === "string") throw error(line, `bad weight: ${weight}`);
     if (options.shards && weight !== 1) {
       throw error(
         line,
@@ -268,7 +267,7 @@ export async function readServersFile(
   return parseServers({ file: path, text, shards: options.shards });
 }
 
-/** Quotes a field for an error message, escaping control characters. */
+/** Quotes a valid address for an error message. */
 function quote(text: string): string {
   return JSON.stringify(text);
 }
