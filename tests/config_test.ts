@@ -11,7 +11,7 @@ import {
   parseLogLevel,
 } from "../src/config/config.ts";
 import { ConfigError, UsageError } from "../src/errors.ts";
-import { runMain } from "./harness.ts";
+import { freePort, runMain } from "./harness.ts";
 
 const FILE = "conf/proxy.ini";
 
@@ -732,6 +732,67 @@ Deno.test("an error names the file and line but never echoes the file's values",
         assert.doesNotMatch(run.stderr, /hunter2|s3cret|\/root|\/usr\/bin/);
       });
     }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("check refuses what run could not run, with the same one line and exit 2", async (t) => {
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-preflight-" });
+  const port = freePort("tcp");
+  const write = (name: string, text: string) => Deno.writeTextFile(`${dir}/${name}`, text);
+  const both = async (config: string, pattern: RegExp) => {
+    for (const command of [["check"], []]) {
+      const run = await runMain([...command, "-f", `${dir}/${config}`], { timeoutMs: 10_000 });
+      assert.equal(run.code, 2, `${command.join(" ") || "run"}: ${run.stderr}`);
+      assert.equal(run.stderr.trim().split("\n").length, 1, run.stderr);
+      assert.match(run.stderr, pattern);
+    }
+  };
+  try {
+    await write("servers.conf", "127.0.0.1:9 100\n");
+    await t.step("port equal to admin_port on the same address", async () => {
+      await write(
+        "a.ini",
+        `[statsite-proxy]\nbind_address = 127.0.0.1\nport = ${port}\nudp_port = 0\nadmin_port = ${port}\n`,
+      );
+      await both("a.ini", /a\.ini:5: admin_port \d+ is also the TCP port, on the same address/);
+    });
+    await t.step("a bind address that does not resolve", async () => {
+      await write(
+        "b.ini",
+        `[statsite-proxy]\nbind_address = no-such-host.invalid\nport = ${port}\n`,
+      );
+      await both("b.ini", /b\.ini:2: bind_address: the name does not resolve/);
+    });
+    await t.step("a server that is the proxy's own TCP listener", async () => {
+      await write("self.conf", `127.0.0.1:9 100\nlocalhost:${port} 100\n`);
+      await write(
+        "c.ini",
+        `[statsite-proxy]\nbind_address = 0.0.0.0\nport = ${port}\nudp_port = 0\nservers = self.conf\n`,
+      );
+      await both("c.ini", /self\.conf:2: this server is the proxy's own TCP listener/);
+    });
+    await t.step("a UDP pool's server that is the proxy's own UDP listener", async () => {
+      await write("udp.conf", `127.0.0.1:${port} 1\n`);
+      await write(
+        "d.ini",
+        `[statsite-proxy]\nbind_address = 127.0.0.1\nport = 0\nudp_port = ${port}\nservers = servers.conf\n[pool:u]\nservers = udp.conf\nprotocol = udp\n[route:all]\nmatch = .\npools = default, u\n`,
+      );
+      await both("d.ini", /udp\.conf:1: this server is the proxy's own UDP listener/);
+    });
+    await t.step(
+      "a server on the same port at an address the proxy does not bind is fine",
+      async () => {
+        await write("other.conf", `127.0.0.2:${port} 100\n`);
+        await write(
+          "e.ini",
+          `[statsite-proxy]\nbind_address = 127.0.0.1\nport = ${port}\nudp_port = 0\nservers = other.conf\n`,
+        );
+        const run = await runMain(["check", "-f", `${dir}/e.ini`]);
+        assert.equal(run.code, 0, run.stderr);
+      },
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -38,6 +38,7 @@ import {
   SECTION_NAME,
   type SectionBlock,
 } from "./pool_settings.ts";
+import { preflight } from "./preflight.ts";
 import { isValidHost, readServersFile, type ServerSpec } from "./servers_file.ts";
 
 /**
@@ -474,6 +475,9 @@ interface Entry {
 /** Where a setting came from, to blame the right key or flag. */
 type Origin = { name: string; line: number } | { flag: string };
 
+/** Where each setting of a parsed configuration came from (kept off the settings object). */
+const ORIGINS = new WeakMap<object, { file?: string; origins: ReadonlyMap<Field, Origin> }>();
+
 /** What {@linkcode scan} finds: the main section's keys, and the pool and route sections. */
 interface Scanned {
   entries: Entry[];
@@ -689,6 +693,7 @@ export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
   }
 
   checkTogether(settings, origins, file);
+  ORIGINS.set(settings, { file, origins });
   let hash: HashFamily | undefined;
   if (overrides.hash !== undefined) {
     const value = overrides.hash.trim().toLowerCase();
@@ -782,6 +787,24 @@ function checkTogether(
       "nothing to listen on: the TCP and UDP ports are both 0",
     );
   }
+  if (
+    settings.adminPort !== 0 && settings.adminPort === settings.tcpPort &&
+    addressesOverlap(settings.adminBind, settings.bindAddress)
+  ) {
+    blame(
+      ["tcpPort", "adminPort"],
+      `admin_port ${settings.adminPort} is also the TCP port, on the same address: one of them could not listen`,
+    );
+  }
+}
+
+/**
+ * Whether a listener on `a` and one on `b` (same port) would collide: the
+ * same address, or either is a wildcard.
+ */
+function addressesOverlap(a: string, b: string): boolean {
+  const wildcard = (x: string) => x === "0.0.0.0" || x === "::";
+  return a === b || wildcard(a) || wildcard(b);
 }
 
 /**
@@ -814,20 +837,49 @@ export async function loadConfig(options: LoadConfigOptions = {}): Promise<Proxy
     const text = await readBoundedText(file, { what: "config file" });
     settings = parseConfig({ file, text, overrides });
   }
+  let config: ProxyConfig;
   if (settings.pools === undefined) {
     const servers = await readServersFile(settings.serversFile, {
       shards: settings.defaultHash === "statsrelay",
     });
     const { pools: _, ...rest } = settings;
-    return { ...rest, servers };
+    config = { ...rest, servers };
+  } else {
+    const pools: PoolConfig[] = [];
+    for (const pool of settings.pools) {
+      const servers = await readServersFile(pool.serversFile, {
+        shards: pool.hash === "statsrelay",
+      });
+      pools.push({ ...pool, servers });
+    }
+    const servers = pools.find((p) => p.name === "default")?.servers ?? [];
+    config = { ...settings, pools, servers };
   }
-  const pools: PoolConfig[] = [];
-  for (const pool of settings.pools) {
-    const servers = await readServersFile(pool.serversFile, { shards: pool.hash === "statsrelay" });
-    pools.push({ ...pool, servers });
+  const problem = await preflight({ ...config, pools: poolsOf(config) });
+  if (problem !== undefined) {
+    if ("server" in problem) {
+      throw new ConfigError({
+        file: problem.file,
+        line: problem.server.line,
+        problem: problem.problem,
+      });
+    }
+    const { file: configFile, origins } = ORIGINS.get(settings) ?? { origins: new Map() };
+    const key = problem.setting === "bindAddress" ? "bind_address" : "admin_bind";
+    const origin = origins.get(problem.setting);
+    if (origin !== undefined && "flag" in origin) {
+      throw new UsageError(`${origin.flag}: ${problem.problem}`);
+    }
+    if (origin === undefined || configFile === undefined) {
+      throw new UsageError(`${key} (the default): ${problem.problem}`);
+    }
+    throw new ConfigError({
+      file: configFile,
+      line: origin.line,
+      problem: `${key}: ${problem.problem}`,
+    });
   }
-  const servers = pools.find((p) => p.name === "default")?.servers ?? [];
-  return { ...settings, pools, servers };
+  return config;
 }
 
 /**
