@@ -656,3 +656,59 @@ Deno.test("a server that stops reading never delays the others, and every metric
     await Promise.all(fine.map((s) => s.stop()));
   }
 });
+
+Deno.test("clients hogging max_pending_bytes with unfinished lines cannot make another client's lines be dropped", async () => {
+  const server = RecordingServer.start();
+  const proxy = await ProxyProcess.start({
+    servers: [server.address],
+    settings: { max_pending_bytes: 1048576 },
+    admin: true,
+  });
+  const hogs: Deno.TcpConn[] = [];
+  try {
+    // 20 clients each hold an unfinished 50,000-byte line, sent in two
+    // writes, so each carry grows to 64 KiB: 16 of them take the whole 1 MiB
+    // budget (the rest are refused).
+    const first = bytes("hog:" + "x".repeat(39_996));
+    const second = bytes("x".repeat(10_000));
+    const p = "statsite_proxy_";
+    for (let i = 0; i < 20; i++) {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
+      hogs.push(conn);
+      for (const part of [first, second]) {
+        let at = 0;
+        while (at < part.length) at += await conn.write(part.subarray(at));
+        await sleep(20);
+      }
+    }
+    await waitUntil(
+      async () => (await proxy.metrics()).get(`${p}tcp_pending_bytes`) === 1048576,
+      () => "the budget to fill",
+    );
+    // Another client: 200 lines, each split across two writes, so each waits
+    // in a carry for its second half.
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
+    conn.setNoDelay(true);
+    const lines = Array.from({ length: 200 }, (_, i) => `fair.k${i}:1|c`);
+    try {
+      for (const line of lines) {
+        await conn.write(bytes(line.slice(0, 6)));
+        await sleep(1);
+        await conn.write(bytes(line.slice(6) + "\n"));
+      }
+    } finally {
+      conn.close();
+    }
+    await server.waitForLines(200);
+    assert.deepEqual(server.lines(), lines);
+    // The hogs' lines were the ones dropped, each counted.
+    const m = await proxy.metrics();
+    const dropped = m.get(`${p}invalid_total{transport="tcp",reason="pending_full"}`)!;
+    assert.ok(dropped >= 1 && dropped <= 20, `pending_full ${dropped}`);
+    assert.ok(m.get(`${p}tcp_pending_bytes`)! <= 1048576);
+  } finally {
+    for (const conn of hogs) conn.close();
+    await proxy.stop();
+    await server.stop();
+  }
+});

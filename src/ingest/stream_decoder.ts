@@ -12,7 +12,10 @@
  * An incomplete line or frame at the end of a read is carried over in a
  * buffer allocated on demand, sized to what it holds, drawn from a budget
  * shared by every connection: the total held for unfinished lines is
- * bounded whatever the clients send.
+ * bounded whatever the clients send. When the budget is full, the largest
+ * holders are evicted first (their unfinished lines dropped, counted
+ * `pending_full`), but only those holding more than the client asking: a
+ * client within its share is never refused because others hold the rest.
  *
  * @module
  */
@@ -43,8 +46,9 @@ export interface StreamDecoderContextOptions {
   maxLineBytes?: number;
   /**
    * The bound on bytes held for unfinished lines and frames across every
-   * decoder of the context (or several contexts); a line that would exceed it
-   * is dropped and counted `pending_full`. Defaults to no bound.
+   * decoder of the context (or several contexts). When it is full, larger
+   * holders are evicted first; a line that still does not fit is dropped and
+   * counted `pending_full`. Defaults to no bound.
    */
   pending?: ByteBudget;
 }
@@ -77,6 +81,19 @@ export class StreamDecoderContext {
 }
 
 const EMPTY = new Uint8Array(0);
+
+/**
+ * The decoders holding a carry buffer drawn from each budget (several
+ * listeners may share one budget), so that a full budget can evict its
+ * largest holders.
+ */
+const HOLDERS = new WeakMap<ByteBudget, Set<StreamDecoder>>();
+
+function holdersOf(budget: ByteBudget): Set<StreamDecoder> {
+  let holders = HOLDERS.get(budget);
+  if (holders === undefined) HOLDERS.set(budget, holders = new Set());
+  return holders;
+}
 
 /**
  * Decodes one TCP stream, read by read.
@@ -304,21 +321,67 @@ export class StreamDecoder {
     else this.#corrupt = true;
   }
 
-  /** Appends `buf[start, end)` to the carry, growing it within the budget; false if no room. */
+  /**
+   * Appends `buf[start, end)` to the carry, growing it within the budget;
+   * false if there is no room, even after evicting every holder larger than
+   * this carry would be (see {@linkcode #makeRoom}).
+   */
   #append(buf: Uint8Array, start: number, end: number): boolean {
     const length = this.#carryLength + end - start;
     if (length > this.#carry.length) {
       const { pending, maxLineBytes } = this.#context;
       const cap = Math.max(maxLineBytes, BINARY_HEADER);
       const size = Math.min(cap, Math.max(length, SMALL_CARRY_BYTES, this.#carry.length * 2));
-      if (!pending.take(size - this.#carry.length)) return false;
+      const extra = size - this.#carry.length;
+      if (!pending.take(extra) && !(this.#makeRoom(size, extra) && pending.take(extra))) {
+        return false;
+      }
       const grown = new Uint8Array(size);
       grown.set(this.#carry.subarray(0, this.#carryLength));
       this.#carry = grown;
+      holdersOf(pending).add(this);
     }
     this.#carry.set(buf.subarray(start, end), this.#carryLength);
     this.#carryLength = length;
     return true;
+  }
+
+  /**
+   * Frees room in the shared budget for `extra` more bytes, this carry
+   * growing to `size`, by evicting the largest holders first, but only those
+   * whose carry is larger than `size`: a client never loses its line to one
+   * that holds more. Returns whether there is room now.
+   */
+  #makeRoom(size: number, extra: number): boolean {
+    const pending = this.#context.pending;
+    const holders = holdersOf(pending);
+    while (pending.used + extra > pending.max) {
+      let victim: StreamDecoder | undefined;
+      let largest = size;
+      for (const holder of holders) {
+        if (holder === this || holder.#carryLength === 0) continue;
+        if (holder.#carry.length > largest) {
+          victim = holder;
+          largest = holder.#carry.length;
+        }
+      }
+      if (victim === undefined) return false;
+      victim.#evict();
+    }
+    return true;
+  }
+
+  /**
+   * Drops the carried line or frame to make room for another client's
+   * (counted `pending_full`), and discards the rest of it as it arrives.
+   */
+  #evict(): void {
+    if (this.#carryAscii) {
+      this.#dropCarry(DROP.pending_full, true);
+      return;
+    }
+    this.#dropFrame(this.#carry, 0, this.#carryLength);
+    this.#emptyCarry();
   }
 
   /** Drops the carried line, counted for `reason`; skips the rest of it if it goes on. */
@@ -340,6 +403,7 @@ export class StreamDecoder {
     if (this.#carry.length > keep) {
       this.#context.pending.give(this.#carry.length);
       this.#carry = EMPTY;
+      holdersOf(this.#context.pending).delete(this);
     }
   }
 }
