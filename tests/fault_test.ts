@@ -434,7 +434,7 @@ async function rawHttp(port: number, request: string | Uint8Array): Promise<numb
   }
 }
 
-Deno.test("fault: malformed admin requests get 4xx and one log line per interval; admin connections are limited and timed out", async () => {
+Deno.test("fault: malformed admin requests get 4xx and one log line per interval; admin connections are limited, evicted oldest first when slow, and timed out", async () => {
   const server = RecordingServer.start();
   const proxy = await ProxyProcess.start({
     servers: [server.address],
@@ -476,7 +476,8 @@ Deno.test("fault: malformed admin requests get 4xx and one log line per interval
     );
     assert.equal(await metric(proxy, "admin_bad_requests_total"), 1001);
 
-    // Six idle connections: four are served (then cut off at the deadline), two closed at once.
+    // Six idle connections: the fifth and sixth evict the two oldest at once (each was still
+    // sending its head), and the other four are cut off at the deadline.
     const idle = await Promise.all(
       [0, 1, 2, 3, 4, 5].map(() => Deno.connect({ hostname: "127.0.0.1", port: proxy.adminPort })),
     );
@@ -494,7 +495,8 @@ Deno.test("fault: malformed admin requests get 4xx and one log line per interval
     assert.equal(early, 2, `closed at once: ${ends}`);
     assert.ok(ends.every((ms) => ms < 2000), `all closed by the deadline: ${ends}`);
     const m = await proxy.metrics();
-    assert.equal(m.get("statsite_proxy_admin_connections_rejected_total"), 2);
+    assert.equal(m.get("statsite_proxy_admin_connections_evicted_total"), 2);
+    assert.equal(m.get("statsite_proxy_admin_connections_rejected_total"), 0);
     assert.equal(m.get("statsite_proxy_admin_connections_timed_out_total"), 4);
     assert.ok(proxy.alive);
   } finally {

@@ -8,6 +8,17 @@
  * accept loop that survives running out of file descriptors. Every response
  * closes its connection.
  *
+ * Slow clients cannot starve the others (a slowloris attack: many
+ * connections, each sending a byte now and then). A request's head must
+ * arrive within a short deadline (2 s), and a connection still sending its
+ * head holds its slot only until a newer connection needs it: with every
+ * slot taken, a new connection evicts the oldest one that is still sending
+ * its head (or that has been reading its answer for longer than the head
+ * deadline). A connection whose whole head arrived keeps its slot until it
+ * is answered; only when every slot holds one is a new connection refused.
+ * So a client that sends its request at once is served, however many slow
+ * connections come and go.
+ *
  * @module
  */
 
@@ -42,10 +53,19 @@ export class HttpCounters {
   badRequests = 0;
   /** The latest malformed request, for the summary; cleared by it. */
   lastBadRequest: string | undefined = undefined;
-  /** Connections closed at once because the limit was reached. */
+  /** Connections closed at once: every slot held a request being answered. */
   rejected = 0;
-  /** Connections closed because their deadline passed. */
+  /**
+   * Connections closed because a deadline passed: the head's, or the whole
+   * exchange's.
+   */
   timedOut = 0;
+  /**
+   * Slow connections (still sending their head, or reading their answer
+   * past the head deadline) closed to make room for a new one, the oldest
+   * first.
+   */
+  evicted = 0;
   /** Failed accepts (out of file descriptors, most often), each retried. */
   acceptErrors = 0;
   /** The latest accept error, for the summary; cleared by it. */
@@ -66,6 +86,11 @@ export interface HttpServerOptions {
   maxConnections?: number;
   /** Most time a connection may take to send its request and read the answer, in ms. Default 10000. */
   timeoutMs?: number;
+  /**
+   * Most time a connection may take to send its request's head, in ms (at
+   * most `timeoutMs`). Default 2000.
+   */
+  headTimeoutMs?: number;
   /** Most bytes of a request's head (request line and headers). Default 8192. */
   maxHeadBytes?: number;
   /**
@@ -88,13 +113,24 @@ const REASONS: Record<number, string> = {
 const encoder = new TextEncoder();
 const latin1 = new TextDecoder("latin1");
 
+/** An open connection's slot. */
+interface Slot {
+  /** Whether its request's head is still being read: it may be evicted. */
+  reading: boolean;
+  /** When writing its answer began (ms since epoch), or 0. */
+  answering: number;
+  /** Whether it was closed (evicted, or a deadline passed): counted once. */
+  cut: boolean;
+}
+
 /** A running HTTP server. */
 export class HttpServer {
   /** The bound address. */
   readonly addr: Deno.NetAddr;
   #listener: Deno.TcpListener;
   #options: Required<HttpServerOptions>;
-  #conns = new Set<Deno.TcpConn>();
+  /** The open connections and their slots, oldest first. */
+  #conns = new Map<Deno.TcpConn, Slot>();
   #handlers = new Set<Promise<void>>();
   #accepting: Promise<void>;
 
@@ -113,6 +149,7 @@ export class HttpServer {
     return new HttpServer(listener, {
       maxConnections: 32,
       timeoutMs: 10_000,
+      headTimeoutMs: 2000,
       maxHeadBytes: 8192,
       ...options,
       listener,
@@ -127,7 +164,7 @@ export class HttpServer {
       // Already closed.
     }
     await this.#accepting;
-    for (const conn of this.#conns) close(conn);
+    for (const conn of this.#conns.keys()) close(conn);
     await Promise.allSettled([...this.#handlers]);
   }
 
@@ -138,13 +175,14 @@ export class HttpServer {
       counters.lastAcceptError = errorText(err);
     });
     for await (const conn of accepted) {
-      if (this.#conns.size >= this.#options.maxConnections) {
+      if (this.#conns.size >= this.#options.maxConnections && !this.#evictSlowest()) {
         counters.rejected++;
         close(conn);
         continue;
       }
-      this.#conns.add(conn);
-      const handler = this.#serve(conn).finally(() => {
+      const slot: Slot = { reading: true, answering: 0, cut: false };
+      this.#conns.set(conn, slot);
+      const handler = this.#serve(conn, slot).finally(() => {
         this.#conns.delete(conn);
         close(conn);
       });
@@ -153,19 +191,49 @@ export class HttpServer {
     }
   }
 
+  /**
+   * Makes room for a new connection: closes the oldest slow one (still
+   * sending its head, or reading its answer for longer than the head
+   * deadline). Returns false when there is none.
+   */
+  #evictSlowest(): boolean {
+    const now = Date.now();
+    const slowReader = now - this.#options.headTimeoutMs;
+    for (const [conn, slot] of this.#conns) {
+      if (slot.cut || (!slot.reading && (slot.answering === 0 || slot.answering > slowReader))) {
+        continue;
+      }
+      slot.cut = true;
+      this.#options.counters.evicted++;
+      this.#conns.delete(conn);
+      close(conn);
+      return true;
+    }
+    return false;
+  }
+
   /** Reads one request, answers it, and lets the caller close the connection. */
-  async #serve(conn: Deno.TcpConn): Promise<void> {
-    const { counters, timeoutMs } = this.#options;
-    // One deadline for the whole exchange: a client that stalls is cut off.
-    const deadline = setTimeout(() => {
+  async #serve(conn: Deno.TcpConn, slot: Slot): Promise<void> {
+    const { counters, timeoutMs, headTimeoutMs } = this.#options;
+    const started = Date.now();
+    // A client that stalls is cut off: first at the head's deadline, then at
+    // the whole exchange's.
+    const cut = () => {
+      if (slot.cut) return;
+      slot.cut = true;
       counters.timedOut++;
       close(conn);
-    }, timeoutMs);
+    };
+    let deadline = setTimeout(cut, Math.min(headTimeoutMs, timeoutMs));
     try {
       const head = await this.#readHead(conn);
       if (head === undefined) return; // closed before a whole head arrived
+      slot.reading = false;
+      clearTimeout(deadline);
+      deadline = setTimeout(cut, Math.max(0, started + timeoutMs - Date.now()));
       const response = this.#answer(head);
       counters.requests++;
+      slot.answering = Date.now();
       await writeAll(conn, responseBytes(response, "method" in head && head.method === "HEAD"));
     } catch (err) {
       if (!isConnectionEnd(err)) internalErrors.report("admin connection", err);

@@ -344,8 +344,14 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
   out.single(
     "admin_connections_timed_out_total",
     "counter",
-    "Admin connections closed because they took too long.",
+    "Admin connections closed because they took too long (the 2 s head deadline, or admin_timeout_ms).",
     admin.timedOut,
+  );
+  out.single(
+    "admin_connections_evicted_total",
+    "counter",
+    "Slow admin connections (still sending their request) closed to make room for a new one, the oldest first.",
+    admin.evicted,
   );
   out.single(
     "admin_accept_errors_total",

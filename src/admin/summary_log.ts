@@ -39,7 +39,14 @@ export class SummaryLog {
   #timer: ReturnType<typeof setInterval> | undefined;
   #lastIngest = new Map<string, Float64Array>();
   #lastUpstream = new Map<string, number>();
-  #last = { rejected: 0, acceptErrors: 0, adminBad: 0, adminAcceptErrors: 0 };
+  #last = {
+    rejected: 0,
+    acceptErrors: 0,
+    adminBad: 0,
+    adminAcceptErrors: 0,
+    adminEvicted: 0,
+    adminTimedOut: 0,
+  };
 
   /** Starts the periodic summaries. */
   constructor(options: SummaryLogOptions) {
@@ -53,6 +60,8 @@ export class SummaryLog {
       acceptErrors: tcpClients.acceptErrors,
       adminBad: admin.badRequests,
       adminAcceptErrors: admin.acceptErrors,
+      adminEvicted: admin.evicted,
+      adminTimedOut: admin.timedOut,
     };
     this.#timer = setInterval(() => this.report(), options.intervalMs);
     Deno.unrefTimer(this.#timer);
@@ -102,11 +111,15 @@ export class SummaryLog {
     const acceptErrors = tcpClients.acceptErrors - last.acceptErrors;
     const adminBad = admin.badRequests - last.adminBad;
     const adminAcceptErrors = admin.acceptErrors - last.adminAcceptErrors;
+    const adminEvicted = admin.evicted - last.adminEvicted;
+    const adminTimedOut = admin.timedOut - last.adminTimedOut;
     this.#last = {
       rejected: tcpClients.rejected,
       acceptErrors: tcpClients.acceptErrors,
       adminBad: admin.badRequests,
       adminAcceptErrors: admin.acceptErrors,
+      adminEvicted: admin.evicted,
+      adminTimedOut: admin.timedOut,
     };
     if (rejected > 0) {
       log.warn("tcp: closed {count} at once in the last {seconds} s: max_connections were open", {
@@ -130,6 +143,17 @@ export class SummaryLog {
       });
     }
     admin.lastBadRequest = undefined;
+    if (adminEvicted + adminTimedOut > 0) {
+      log.warn(
+        "admin: cut {count} in the last {seconds} s: {evicted} evicted for newer ones, {timedOut} past a deadline",
+        {
+          count: plural(adminEvicted + adminTimedOut, "slow connection"),
+          seconds,
+          evicted: adminEvicted,
+          timedOut: adminTimedOut,
+        },
+      );
+    }
     if (adminAcceptErrors > 0) {
       log.warn("admin: {count} in the last {seconds} s ({error}); retrying", {
         count: plural(adminAcceptErrors, "failed accept"),
