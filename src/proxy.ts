@@ -678,7 +678,12 @@ export class Proxy {
     await this.stopIngest({ deadline });
     signal?.removeEventListener("abort", onAbort);
     const upstreams = this.upstreams;
-    const lost = await Promise.all(upstreams.map((u) => u.drain(deadline, "shutdown", signal)));
+    // One listener for all: with thousands of servers, one each would be quadratic.
+    const cut = signal === undefined ? undefined : new Promise<void>((resolve) => {
+      if (signal.aborted) resolve();
+      else signal.addEventListener("abort", () => resolve(), { once: true });
+    });
+    const lost = await Promise.all(upstreams.map((u) => u.drain(deadline, "shutdown", cut)));
     await Promise.all([...this.#leaving.values()].map((l) => l.done));
     for (const pool of this.pools) pool.sockets?.close();
     const byServer: Record<string, number> = {};

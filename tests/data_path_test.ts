@@ -712,3 +712,59 @@ Deno.test("clients hogging max_pending_bytes with unfinished lines cannot make a
     await server.stop();
   }
 });
+
+Deno.test("memory follows what is held, not the number of servers; thousands of dead servers still stop in time", async (t) => {
+  for (const count of [2_000, 65_535]) {
+    await t.step(`${count} servers that refuse connections`, async () => {
+      // Loopback addresses where nothing listens on port 9: every connect is refused.
+      const servers = Array.from(
+        { length: count },
+        (_, i) =>
+          `127.${Math.floor(i / 62_500) + 1}.${Math.floor(i / 250) % 250 + 1}.${i % 250 + 1}:9`,
+      );
+      const proxy = await ProxyProcess.start({
+        servers,
+        settings: { drain_timeout_ms: 1000, summary_interval_ms: 60_000 },
+        admin: true,
+      });
+      try {
+        const before = proxy.rssMiB();
+        // 20,000 lines over 20,000 keys: a few held for each server.
+        await sendTcp(
+          proxy.tcpPort,
+          bytes(Array.from({ length: 20_000 }, (_, i) => `dead.k${i}:1|c\n`).join("")),
+        );
+        await waitUntil(
+          async () => {
+            const m = await proxy.metrics();
+            return m.get('statsite_proxy_received_lines_total{transport="tcp"}') === 20_000;
+          },
+          () => "20,000 lines in",
+          60_000,
+        );
+        const after = proxy.rssMiB();
+        if (count === 2_000) {
+          // 256 KiB a server on its first metric used to take 262 MiB here.
+          assert.ok(
+            after - before < 64,
+            `RSS grew ${(after - before).toFixed(1)} MiB for 20,000 lines`,
+          );
+        } else {
+          // It used to pass 6 GiB and go on growing; a few KiB a server now
+          // (the ring's 160 points each, the connection's state), still
+          // warming up its connection attempts (1,000 a second).
+          assert.ok(after < 1536, `RSS ${after.toFixed(0)} MiB with ${count} servers`);
+        }
+        assert.equal((await proxy.admin("/metrics")).status, 200);
+        assert.equal((await proxy.admin("/health")).status, 503);
+        const stopped = Date.now();
+        assert.equal(await proxy.stop("SIGTERM", { killAfterMs: 30_000 }), 0);
+        const took = Date.now() - stopped;
+        assert.ok(took < 1000 + 1000, `SIGTERM took ${took} ms with drain_timeout_ms 1000`);
+        assert.match(proxy.stderr, /20000 metrics could not be delivered/);
+      } finally {
+        await proxy.stop("SIGKILL");
+      }
+    });
+  }
+});

@@ -22,7 +22,7 @@ import { listenTcp, type TcpBinding } from "../listen_tcp.ts";
 import { logger, setupLogging } from "../log.ts";
 import { MemoryReclaimer } from "../memory_reclaim.ts";
 import { PidFile } from "./pid_file.ts";
-import { Proxy, type ReloadReport, type ShutdownReport } from "../proxy.ts";
+import { type ConnectionAccount, Proxy, type ReloadReport, type ShutdownReport } from "../proxy.ts";
 import { SelfReport } from "../admin/self_report.ts";
 import { Signals, type StopReason } from "./signals.ts";
 import { SummaryLog } from "../admin/summary_log.ts";
@@ -544,10 +544,51 @@ function startSelfReport(proxy: Proxy, config: ProxyConfig): SelfReport | undefi
   return new SelfReport({ proxy, prefix: config.statsPrefix, intervalS: config.statsIntervalS });
 }
 
+/**
+ * Most connections whose account the shutdown logs one by one; the others
+ * (those that dropped nothing first go unnamed) are summed in one line.
+ */
+const NAMED_ACCOUNTS = 200;
+
 /** The shutdown's account lines, and what could not be delivered. */
 function logAccounts(report: ShutdownReport): void {
-  for (const a of report.accounts) {
-    if (a.received === 0) continue;
+  const used = report.accounts.filter((a) => a.received > 0);
+  const lossy = (a: ConnectionAccount) =>
+    a.dropped.buffer_full + a.dropped.shutdown + a.dropped.removed + a.dropped.send_failed > 0;
+  // With thousands of servers, name those that lost metrics first.
+  const named = used.length <= NAMED_ACCOUNTS
+    ? used
+    : [...used.filter(lossy), ...used.filter((a) => !lossy(a))].slice(0, NAMED_ACCOUNTS);
+  const namedSet = new Set(named);
+  const rest = used.filter((a) => !namedSet.has(a));
+  if (rest.length > 0) {
+    const sum = {
+      received: 0,
+      forwarded: 0,
+      handedOver: 0,
+      held: 0,
+      buffer_full: 0,
+      shutdown: 0,
+      removed: 0,
+      rerouted: 0,
+      send_failed: 0,
+    };
+    for (const a of rest) {
+      sum.received += a.received;
+      sum.forwarded += a.forwarded;
+      sum.handedOver += a.handedOver;
+      sum.held += a.held;
+      for (const reason of Object.keys(a.dropped) as (keyof typeof a.dropped)[]) {
+        sum[reason] += a.dropped[reason];
+      }
+    }
+    const dropped = sum.buffer_full + sum.shutdown + sum.removed + sum.rerouted + sum.send_failed;
+    log.info(
+      "shutdown: and {count} more connections: received {received} = forwarded {forwarded} + handed over {handedOver} + dropped {dropped} (buffer_full {buffer_full}, shutdown {shutdown}, removed {removed}, rerouted {rerouted}, send_failed {send_failed}) + held {held}",
+      { ...sum, count: rest.length, dropped },
+    );
+  }
+  for (const a of named) {
     const { buffer_full, shutdown, removed, rerouted, send_failed } = a.dropped;
     const dropped = buffer_full + shutdown + removed + rerouted + send_failed;
     const handed = a.handedOver > 0 ? ` + handed over ${a.handedOver}` : "";
@@ -564,9 +605,12 @@ function logAccounts(report: ShutdownReport): void {
     }
   }
   if (report.undelivered > 0) {
+    const byServer = Object.entries(report.byServer).sort((a, b) => b[1] - a[1]);
+    const shown = byServer.slice(0, 20).map(([a, n]) => `${a} ${n}`);
+    if (byServer.length > 20) shown.push(`and ${byServer.length - 20} more servers`);
     log.error("shutdown: {count} metrics could not be delivered: {servers}", {
       count: report.undelivered,
-      servers: Object.entries(report.byServer).map(([a, n]) => `${a} ${n}`).join(", "),
+      servers: shown.join(", "),
     });
     return;
   }

@@ -30,8 +30,8 @@ export interface Destination {
   /** Starts sending. */
   start(): void;
   /**
-   * Stops after sending what it holds, or at `deadline` or when `signal`
-   * aborts; returns what was lost.
+   * Stops after sending what it holds, or at `deadline` or when `cut`
+   * resolves; returns what was lost.
    */
-  drain(deadline: number, reason: DrainReason, signal?: AbortSignal): Promise<number>;
+  drain(deadline: number, reason: DrainReason, cut?: Promise<void>): Promise<number>;
 }

@@ -167,11 +167,11 @@ export class Upstream implements Destination {
 
   /**
    * Stops every connection after writing what is held, or when `deadline`
-   * (ms since epoch) passes or `signal` aborts. Returns the lines and frames that could not be
+   * (ms since epoch) passes or `cut` resolves. Returns the lines and frames that could not be
    * delivered, counted as dropped for `reason`.
    */
-  async drain(deadline: number, reason: DrainReason, signal?: AbortSignal): Promise<number> {
-    const lost = await Promise.all(this.connections.map((c) => c.drain(deadline, reason, signal)));
+  async drain(deadline: number, reason: DrainReason, cut?: Promise<void>): Promise<number> {
+    const lost = await Promise.all(this.connections.map((c) => c.drain(deadline, reason, cut)));
     return lost.reduce((a, b) => a + b, 0);
   }
 

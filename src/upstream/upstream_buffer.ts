@@ -41,7 +41,20 @@ export class Chunk {
   constructor(size: number) {
     this.bytes = new Uint8Array(size);
     this.view = new DataView(this.bytes.buffer);
-    this.ends = new Int32Array(1024);
+    // About one frame per 64 bytes to start with; it doubles when needed.
+    this.ends = new Int32Array(Math.max(16, Math.min(1024, size >>> 6)));
+  }
+
+  /**
+   * Moves the bytes to a larger array of `size` bytes (the frames and what
+   * was sent stay as they are). A write under way keeps writing from the old
+   * array, whose bytes are the same.
+   */
+  grow(size: number): void {
+    const bytes = new Uint8Array(size);
+    bytes.set(this.bytes.subarray(0, this.length));
+    this.bytes = bytes;
+    this.view = new DataView(bytes.buffer);
   }
 
   /** A full chunk of the frames in `held` (its bytes are taken, not copied). */
@@ -108,6 +121,9 @@ export interface HeldChunk {
   ends: Int32Array;
 }
 
+/** The size of a buffer's first chunk: it doubles as frames come, up to the chunk size. */
+export const FIRST_CHUNK_BYTES = 4096;
+
 /** Options of {@linkcode UpstreamBuffer}. */
 export interface UpstreamBufferOptions {
   /**
@@ -125,8 +141,8 @@ export class UpstreamBuffer {
   #chunkBytes: number;
   /** Chunks waiting to be written; the last one is being filled. */
   #chunks: Chunk[] = [];
-  /** Empty chunks kept for reuse. */
-  #spare: Chunk[] = [];
+  /** One full-size chunk kept for reuse while the server is busy (see {@linkcode trim}). */
+  #spare: Chunk | undefined;
   #bytes = 0;
   #held = 0;
   #lastBuf: Uint8Array | undefined;
@@ -164,8 +180,17 @@ export class UpstreamBuffer {
     const chunks = this.#chunks;
     let chunk = chunks.length === 0 ? undefined : chunks[chunks.length - 1];
     if (chunk === undefined || chunk.length + size > chunk.bytes.length) {
-      chunk = this.#newChunk(size);
-      chunks.push(chunk);
+      if (chunk !== undefined && chunk.bytes.length < this.#chunkBytes) {
+        // A small chunk grows (doubling) before a second one starts, so a
+        // server that holds a few lines holds a few KiB, not a whole chunk.
+        chunk.grow(
+          Math.min(this.#chunkBytes, Math.max(chunk.bytes.length * 2, chunk.length + size)),
+        );
+      }
+      if (chunk === undefined || chunk.length + size > chunk.bytes.length) {
+        chunk = this.#newChunk(size);
+        chunks.push(chunk);
+      }
     }
     const bytes = chunk.bytes;
     let at = chunk.length;
@@ -284,21 +309,43 @@ export class UpstreamBuffer {
     return this.#lastView;
   }
 
+  /**
+   * A chunk for a frame of `size` bytes: the spare when there is one (a busy
+   * server), else a small one that grows; the first chunk after an empty
+   * buffer starts at {@linkcode FIRST_CHUNK_BYTES}, later ones full size.
+   */
   #newChunk(size: number): Chunk {
-    if (size <= this.#chunkBytes) {
-      const spare = this.#spare.pop();
-      if (spare !== undefined) return spare;
-      return new Chunk(this.#chunkBytes);
+    if (size > this.#chunkBytes) return new Chunk(size);
+    const spare = this.#spare;
+    if (spare !== undefined) {
+      this.#spare = undefined;
+      return spare;
     }
-    return new Chunk(size);
+    const first = this.#chunks.length === 0;
+    return new Chunk(
+      first ? Math.min(this.#chunkBytes, Math.max(FIRST_CHUNK_BYTES, size)) : this.#chunkBytes,
+    );
   }
 
   #recycle(chunk: Chunk): void {
     chunk.reset();
-    // Keep a few spares: enough to avoid churn at full speed, few enough
-    // that an idle proxy holds little memory.
-    if (chunk.bytes.length === this.#chunkBytes && this.#spare.length < 4) {
-      this.#spare.push(chunk);
+    // One full-size spare avoids churn at full speed; trim() lets it go
+    // once the server is idle, so an idle server holds no chunk at all.
+    if (chunk.bytes.length === this.#chunkBytes && this.#spare === undefined) {
+      this.#spare = chunk;
     }
+  }
+
+  /**
+   * Lets go of the spare chunk (call it when the server has been idle a
+   * while): what an idle server costs is then a few fields.
+   */
+  trim(): void {
+    this.#spare = undefined;
+  }
+
+  /** Whether a spare chunk is kept. */
+  get hasSpare(): boolean {
+    return this.#spare !== undefined;
   }
 }

@@ -39,6 +39,8 @@ import { type HeldChunk, UpstreamBuffer } from "./upstream_buffer.ts";
 const FLUSH_BYTES = 64 * 1024;
 /** Longest wait for a write to fill up to {@linkcode FLUSH_BYTES}. */
 const LINGER_MS = 5;
+/** How long a connection stays idle before its buffer lets go of its spare chunk. */
+const TRIM_AFTER_MS = 1000;
 /** Longest wait, at a hand-over, for the server to close after reading all. */
 const GENTLE_CLOSE_MS = 200;
 
@@ -176,6 +178,8 @@ export class UpstreamConnection implements ConnectionView {
   #running: Promise<void> | undefined;
   /** The read loop that notices the server closing the connection in use. */
   #watching: Promise<void> = Promise.resolve();
+  /** Aborts the connection attempt under way, if any (a drain that timed out). */
+  #connecting: AbortController | undefined;
   /** The hand-over under way, once {@linkcode handOver} was called. */
   #handingOver: Promise<HeldChunk[]> | undefined;
   #delay: number;
@@ -335,10 +339,12 @@ export class UpstreamConnection implements ConnectionView {
 
   /**
    * Stops after writing what is held, or when `deadline` (ms since epoch)
-   * passes or `signal` aborts. Returns the lines and frames that could not be
-   * delivered; they are also counted as dropped for `reason`.
+   * passes or `cut` resolves (one promise shared by every connection: an
+   * abort listener each would cost quadratic time with thousands). Returns
+   * the lines and frames that could not be delivered; they are also counted
+   * as dropped for `reason`.
    */
-  async drain(deadline: number, reason: DrainReason, signal?: AbortSignal): Promise<number> {
+  async drain(deadline: number, reason: DrainReason, cut?: Promise<void>): Promise<number> {
     this.#closing = true;
     this.start();
     this.#wakeNow();
@@ -347,21 +353,17 @@ export class UpstreamConnection implements ConnectionView {
     this.#interrupt?.();
     const timeout = Math.max(0, deadline - Date.now());
     let timer: ReturnType<typeof setTimeout> | undefined;
-    let cut: (() => void) | undefined;
-    const onAbort = () => cut?.();
-    signal?.addEventListener("abort", onAbort);
     await Promise.race([
       this.#running,
-      new Promise<void>((resolve) => {
-        cut = resolve;
-        timer = setTimeout(resolve, signal?.aborted ? 0 : timeout);
-      }),
+      new Promise<void>((resolve) => timer = setTimeout(resolve, timeout)),
+      ...(cut === undefined ? [] : [cut]),
     ]);
     clearTimeout(timer);
-    signal?.removeEventListener("abort", onAbort);
     // A hand-over took what was held: only what came after it is left.
     if (this.#handingOver !== undefined) await this.#handingOver;
     this.#stopped = true;
+    // A connection attempt under way must not outlive the deadline.
+    this.#connecting?.abort();
     this.#closeConn();
     this.#wakeNow();
     this.#interrupt?.();
@@ -384,7 +386,12 @@ export class UpstreamConnection implements ConnectionView {
       const chunk = this.#buffer.head();
       if (chunk === undefined) {
         if (this.#closing) break;
+        // Idle a while, the buffer lets go of its spare chunk.
+        const trim = this.#buffer.hasSpare
+          ? setTimeout(() => this.#buffer.trim(), TRIM_AFTER_MS)
+          : undefined;
         await new Promise<void>((resolve) => this.#wake = resolve);
+        clearTimeout(trim);
         continue;
       }
       if (!lingered && !this.#closing && this.#buffer.bytes - chunk.sent < FLUSH_BYTES) {
@@ -431,6 +438,7 @@ export class UpstreamConnection implements ConnectionView {
       return;
     }
     const abort = new AbortController();
+    this.#connecting = abort;
     const timer = setTimeout(() => abort.abort(), this.#options.connectTimeoutMs ?? 5000);
     let conn: Deno.TcpConn;
     try {
@@ -454,6 +462,7 @@ export class UpstreamConnection implements ConnectionView {
       return;
     } finally {
       clearTimeout(timer);
+      this.#connecting = undefined;
       turn.leave();
     }
     conn.setNoDelay(true);
