@@ -768,3 +768,44 @@ Deno.test("memory follows what is held, not the number of servers; thousands of 
     });
   }
 });
+
+Deno.test("a DogStatsD event whose title holds a | after a multi-byte character routes by its whole title from every client", async () => {
+  const { servers, proxy, tearDown } = await setUp();
+  try {
+    const enc = new TextEncoder();
+    const utf8 = (s: string) => enc.encode(s).length;
+    // A title whose misreading (the UTF-16 count taken as bytes) routes elsewhere.
+    const candidates = [
+      "\u00e9\u00e9|a",
+      "\u20ac|d",
+      "\u00fc\u00fc|b",
+      "\u65e5\u672c|e",
+      "\u00f1\u00f1|c",
+    ];
+    const prefixes = candidates.map((t) =>
+      new TextDecoder().decode(enc.encode(t).subarray(0, t.length))
+    );
+    const routes = await routeOf(`${proxy.dir}/servers.conf`, [...candidates, ...prefixes]);
+    const title = candidates.find((t, i) => routes.get(t) !== routes.get(prefixes[i]))!;
+    assert.ok(title !== undefined, "a title whose misreading goes elsewhere");
+    const text = "deployed \u2713";
+    // The exact bytes each client writes for event(title, text, tags=["env:prod"]).
+    const sent = [
+      // datadogpy: len(title.encode("utf8")), tags last.
+      `_e{${utf8(title)},${utf8(text)}}:${title}|${text}|#env:prod`,
+      // datadog-go: len() of Go strings (bytes), then |d: |p: |t: and tags.
+      `_e{${utf8(title)},${utf8(text)}}:${title}|${text}|d:1700000000|p:normal|t:info|#env:prod`,
+      // hot-shots: JavaScript .length (UTF-16 units).
+      `_e{${title.length},${text.length}}:${title}|${text}|d:1700000000|h:web-1|p:normal|t:info|#env:prod`,
+    ];
+    await sendUdp(proxy.udpPort, ...sent.map((l) => bytes(l)));
+    await waitUntil(
+      () => servers.reduce((n, s) => n + s.lines().length, 0) >= sent.length,
+      () => "the three events",
+    );
+    const holder = servers.find((s) => s.address === routes.get(title))!;
+    assert.deepEqual(holder.lines().sort(), [...sent].sort(), `all three at ${holder.address}`);
+  } finally {
+    await tearDown();
+  }
+});

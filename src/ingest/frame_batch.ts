@@ -149,25 +149,69 @@ const UNDERSCORE = 95;
 const PIPE = 124;
 
 /**
- * Where a DogStatsD event's title of `length` ends, the title starting at
- * `title`, or -1: the first end, counting `length` in bytes, in code points
- * or in UTF-16 units, that falls on a `|` before `end`.
+ * Where `length` units from `at` end, counting bytes (`unit` 0), code points
+ * (1) or UTF-16 units (2, a 4-byte sequence being two), or -1 when they do
+ * not end exactly before `end`.
  */
-function eventTitleEnd(buf: Uint8Array, title: number, end: number, length: number): number {
-  if (title + length < end && buf[title + length] === PIPE) return title + length;
-  // Code points, then UTF-16 units (a 4-byte sequence is two units).
-  for (let units = 1; units <= 2; units++) {
-    let i = title;
-    let counted = 0;
-    while (counted < length && i < end) {
-      const b = buf[i];
-      const size = b < 0x80 ? 1 : b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1;
-      counted += size === 4 ? units : 1;
-      i += size;
-    }
-    if (counted === length && i < end && buf[i] === PIPE) return i;
+function unitsEnd(buf: Uint8Array, at: number, end: number, length: number, unit: number): number {
+  if (unit === 0) return at + length <= end ? at + length : -1;
+  let i = at;
+  let counted = 0;
+  while (counted < length && i < end) {
+    const b = buf[i];
+    const size = b < 0x80 ? 1 : b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1;
+    counted += size === 4 && unit === 2 ? 2 : 1;
+    i += size;
   }
-  return -1;
+  return counted === length && i <= end ? i : -1;
+}
+
+/**
+ * Whether `buf[at, end)` is nothing, or only an event's metadata fields:
+ * `|d:`, `|h:`, `|k:`, `|p:`, `|s:`, `|t:`, `|c:`, `|e:` and `|#` tags.
+ */
+function eventMetadataOnly(buf: Uint8Array, at: number, end: number): boolean {
+  let i = at;
+  while (i < end) {
+    if (buf[i] !== PIPE || i + 1 >= end) return false;
+    const c = buf[i + 1];
+    const known = c === 35 || // #
+      ((c === 100 || c === 104 || c === 107 || c === 112 || c === 115 || c === 116 ||
+        c === 99 || c === 101) && i + 2 < end && buf[i + 2] === 58); // d h k p s t c e, then :
+    if (!known) return false;
+    const next = buf.subarray(i + 1, end).indexOf(PIPE);
+    i = next < 0 ? end : i + 1 + next;
+  }
+  return true;
+}
+
+/**
+ * Where a DogStatsD event's title ends (the title starting at `title`, the
+ * line at `end`), or -1. Clients count the title's and the text's lengths
+ * (`titleLength`, `textLength`) in bytes (datadog-go, datadogpy today), code
+ * points (older Python clients) or UTF-16 units (JavaScript clients such as
+ * hot-shots, Java): the first of those readings in which the title ends on
+ * a `|` and the text, after it, ends the line or meets only metadata fields
+ * wins, so a title holding a `|` after a multi-byte character is read whole
+ * whichever client sent it. When no reading fits the text too (a client that
+ * counted before escaping), the first whose title ends on a `|` does.
+ */
+function eventTitleEnd(
+  buf: Uint8Array,
+  title: number,
+  end: number,
+  titleLength: number,
+  textLength: number,
+): number {
+  let titleOnly = -1;
+  for (let unit = 0; unit <= 2; unit++) {
+    const titleEnd = unitsEnd(buf, title, end, titleLength, unit);
+    if (titleEnd < 0 || titleEnd >= end || buf[titleEnd] !== PIPE) continue;
+    const textEnd = unitsEnd(buf, titleEnd + 1, end, textLength, unit);
+    if (textEnd >= 0 && eventMetadataOnly(buf, textEnd, end)) return titleEnd;
+    if (titleOnly < 0) titleOnly = titleEnd;
+  }
+  return titleOnly;
 }
 
 /** Magic byte that starts a statsite binary frame. */
@@ -389,9 +433,10 @@ export class FrameScanner {
 
   /**
    * A DogStatsD event, `_e{T,X}:TITLE|TEXT|...`: routed by TITLE, which is T
-   * long. Clients count T in bytes (Go, C), code points (Python) or UTF-16
-   * units (Java, JavaScript): the title ends where one of those counts meets
-   * a `|`, so an event routes by its title whichever client sent it.
+   * long and followed by a TEXT X long. Clients count both in bytes (Go, C,
+   * Python), code points (older Python) or UTF-16 units (Java, JavaScript):
+   * see {@linkcode eventTitleEnd}, which picks the reading where both fit, so
+   * an event routes by its whole title whichever client sent it.
    */
   #event(buf: Uint8Array, start: number, end: number, batch: FrameBatch): void {
     let i = start + 3;
@@ -401,13 +446,16 @@ export class FrameScanner {
       titleLength = titleLength * 10 + buf[i] - 48;
     }
     if (digits === 0 || buf[i] !== 44) return this.drop(DROP.bad_event, buf, start, end);
-    for (i++, digits = 0; i < end && buf[i] >= 48 && buf[i] <= 57; i++) digits++;
+    let textLength = 0;
+    for (i++, digits = 0; i < end && buf[i] >= 48 && buf[i] <= 57 && digits < 9; i++, digits++) {
+      textLength = textLength * 10 + buf[i] - 48;
+    }
     if (digits === 0 || buf[i] !== 125 || buf[i + 1] !== 58 || i + 1 >= end) {
       return this.drop(DROP.bad_event, buf, start, end);
     }
     const title = i + 2;
     if (titleLength === 0) return this.drop(DROP.empty_name, buf, start, end);
-    const titleEnd = eventTitleEnd(buf, title, end, titleLength);
+    const titleEnd = eventTitleEnd(buf, title, end, titleLength, textLength);
     if (titleEnd < 0) return this.drop(DROP.bad_event, buf, start, end);
     batch.push(start, end, title, titleEnd, 1);
     this.#counters.lines++;
