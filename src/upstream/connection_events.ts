@@ -1,9 +1,11 @@
 /**
- * Upstream connection events (connected, lost, cannot connect, reconnected)
- * as log lines, rate-limited: a few are logged one by one in each summary
- * interval, the rest only counted, and the summary says how many. A proxy
- * with thousands of servers down thus logs a handful of lines, not one per
- * server.
+ * Upstream connection events (connected, lost, cannot connect, reconnected;
+ * for UDP pools, a send that failed and a name that does not resolve) as log
+ * lines, rate-limited: a few are logged one by one in each summary interval,
+ * the rest only counted, and the summary says how many. A proxy with
+ * thousands of servers down thus logs a handful of lines, not one per
+ * server; and an event that repeats for each datagram (a refused send) is
+ * logged at most once per interval for each server.
  *
  * @module
  */
@@ -13,7 +15,13 @@ import { logger } from "../log.ts";
 const log = logger("upstream");
 
 /** What happened to an upstream connection. */
-export type ConnectionEvent = "connected" | "reconnected" | "lost" | "cannot_connect";
+export type ConnectionEvent =
+  | "connected"
+  | "reconnected"
+  | "lost"
+  | "cannot_connect"
+  | "send_failed"
+  | "unresolved";
 
 /** Options of {@linkcode ConnectionEvents}. */
 export interface ConnectionEventsOptions {
@@ -26,6 +34,8 @@ export class ConnectionEvents {
   readonly #perInterval: number;
   #logged = 0;
   #suppressed = new Map<ConnectionEvent, number>();
+  /** The keys of {@linkcode reportOnce} logged in this interval. */
+  #once = new Set<string>();
 
   /** Makes an event log. */
   constructor(options: ConnectionEventsOptions = {}) {
@@ -33,7 +43,7 @@ export class ConnectionEvents {
   }
 
   /**
-   * Logs an event (at WARN for `lost` and `cannot_connect`, else INFO),
+   * Logs an event (at WARN for `connected` and `reconnected`, else INFO),
    * unless enough were logged since the last summary: then it only counts it.
    */
   report(event: ConnectionEvent, message: string, properties: Record<string, unknown>): void {
@@ -42,8 +52,27 @@ export class ConnectionEvents {
       return;
     }
     this.#logged++;
-    if (event === "lost" || event === "cannot_connect") log.warn(message, properties);
-    else log.info(message, properties);
+    if (event === "connected" || event === "reconnected") log.info(message, properties);
+    else log.warn(message, properties);
+  }
+
+  /**
+   * Like {@linkcode report}, but logs at most one event with `key` (e.g. a
+   * server's failed sends) per summary interval; the others are only
+   * counted, and the summary says how many.
+   */
+  reportOnce(
+    key: string,
+    event: ConnectionEvent,
+    message: string,
+    properties: Record<string, unknown>,
+  ): void {
+    if (this.#once.has(key)) {
+      this.#suppressed.set(event, (this.#suppressed.get(event) ?? 0) + 1);
+      return;
+    }
+    this.#once.add(key);
+    this.report(event, message, properties);
   }
 
   /** The events counted but not logged since the last call, by kind; starts a new interval. */
@@ -51,6 +80,7 @@ export class ConnectionEvents {
     const suppressed = this.#suppressed;
     this.#suppressed = new Map();
     this.#logged = 0;
+    this.#once.clear();
     return suppressed;
   }
 }
