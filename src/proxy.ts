@@ -678,12 +678,16 @@ export class Proxy {
     await this.stopIngest({ deadline });
     signal?.removeEventListener("abort", onAbort);
     const upstreams = this.upstreams;
-    // One listener for all: with thousands of servers, one each would be quadratic.
-    const cut = signal === undefined ? undefined : new Promise<void>((resolve) => {
-      if (signal.aborted) resolve();
-      else signal.addEventListener("abort", () => resolve(), { once: true });
+    // One timer and one listener for all: with tens of thousands of servers,
+    // one each costs seconds (the listeners, quadratic time).
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const cut = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, Math.max(0, deadline - Date.now()));
+      if (signal?.aborted) resolve();
+      else signal?.addEventListener("abort", () => resolve(), { once: true });
     });
     const lost = await Promise.all(upstreams.map((u) => u.drain(deadline, "shutdown", cut)));
+    clearTimeout(timer);
     await Promise.all([...this.#leaving.values()].map((l) => l.done));
     for (const pool of this.pools) pool.sockets?.close();
     const byServer: Record<string, number> = {};

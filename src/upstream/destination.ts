@@ -30,8 +30,9 @@ export interface Destination {
   /** Starts sending. */
   start(): void;
   /**
-   * Stops after sending what it holds, or at `deadline` or when `cut`
-   * resolves; returns what was lost.
+   * Stops after sending what it holds, or at `deadline` (given `cut`, when
+   * it resolves instead: a shutdown's one promise for its deadline); returns
+   * what was lost.
    */
   drain(deadline: number, reason: DrainReason, cut?: Promise<void>): Promise<number>;
 }

@@ -167,7 +167,7 @@ export class Upstream implements Destination {
 
   /**
    * Stops every connection after writing what is held, or when `deadline`
-   * (ms since epoch) passes or `cut` resolves. Returns the lines and frames that could not be
+   * (ms since epoch) passes (given `cut`, when it resolves instead). Returns the lines and frames that could not be
    * delivered, counted as dropped for `reason`.
    */
   async drain(deadline: number, reason: DrainReason, cut?: Promise<void>): Promise<number> {

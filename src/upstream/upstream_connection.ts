@@ -339,24 +339,29 @@ export class UpstreamConnection implements ConnectionView {
 
   /**
    * Stops after writing what is held, or when `deadline` (ms since epoch)
-   * passes or `cut` resolves (one promise shared by every connection: an
-   * abort listener each would cost quadratic time with thousands). Returns
-   * the lines and frames that could not be delivered; they are also counted
-   * as dropped for `reason`.
+   * passes; or, given `cut`, when it resolves instead (one promise for the
+   * deadline, shared by every connection of a shutdown: a timer or an abort
+   * listener each costs seconds with tens of thousands). Returns the lines
+   * and frames that could not be delivered; they are also counted as dropped
+   * for `reason`.
    */
   async drain(deadline: number, reason: DrainReason, cut?: Promise<void>): Promise<number> {
     this.#closing = true;
+    // Nothing held and no connection: nothing to deliver, nothing to wait for.
+    if (this.#buffer.empty && this.#conn === undefined) this.#stopped = true;
     this.start();
     this.#wakeNow();
     // A backoff sleep ends now: with nothing held the writer stops at once,
     // with something held it tries to connect at once.
     this.#interrupt?.();
-    const timeout = Math.max(0, deadline - Date.now());
+    // With `cut` (a shutdown's one promise for the deadline and a second
+    // signal), no timer of its own: thousands of those cost seconds.
     let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([
       this.#running,
-      new Promise<void>((resolve) => timer = setTimeout(resolve, timeout)),
-      ...(cut === undefined ? [] : [cut]),
+      cut ?? new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, Math.max(0, deadline - Date.now()));
+      }),
     ]);
     clearTimeout(timer);
     // A hand-over took what was held: only what came after it is left.
@@ -424,7 +429,7 @@ export class UpstreamConnection implements ConnectionView {
     if (this.#ever || this.counters.failures > 0) {
       await this.#sleep(this.#retryEvery || this.#delay);
       this.#delay = Math.min(this.#delay * 2, this.#options.reconnectMaxMs);
-      if (this.#stopped) return;
+      if (this.#stopped || (this.#closing && this.#buffer.empty)) return;
     }
     const { host, port, gate } = this.#options;
     // Wait for a turn at the proxy's gate, unless stopped meanwhile.
