@@ -22,7 +22,7 @@ import { Pool, type PoolShared } from "./routing/pool.ts";
 import { Router } from "./routing/router.ts";
 import { RoutingTable } from "./routing/routing_table.ts";
 import { type HandOffOptions, type TcpClientLimits, TcpListener } from "./ingest/tcp_listener.ts";
-import { type UdpBinding, UdpListener } from "./ingest/udp_listener.ts";
+import { type UdpBinding, UdpListener, UdpReceiverTotals } from "./ingest/udp_listener.ts";
 import type { BatchSink } from "./ingest/frame_batch.ts";
 import type { TcpBinding } from "./listen_tcp.ts";
 import { Upstream } from "./upstream/upstream.ts";
@@ -180,6 +180,8 @@ export class Proxy {
   readonly tcpCounters: IngestCounters = new IngestCounters();
   /** Counters of UDP input. */
   readonly udpCounters: IngestCounters = new IngestCounters();
+  /** What the UDP receivers counted (kernel drops, failed calls), across listeners. */
+  readonly udpReceivers: UdpReceiverTotals = new UdpReceiverTotals();
   /** Counters of TCP clients, across listeners. */
   readonly tcpClients: TcpClientCounters = new TcpClientCounters();
   /** The large read buffers streaming TCP clients borrow. */
@@ -396,6 +398,8 @@ export class Proxy {
       receiver: config.udpReceiver,
       receiveBufferBytes: config.udpReceiveBufferBytes,
       binding,
+      totals: this.udpReceivers,
+      summaryIntervalMs: config.summaryIntervalMs,
     });
   }
 

@@ -311,6 +311,8 @@ export interface ProxyStartOptions {
   sections?: string;
   /** More files to write in the proxy's folder, by name (e.g. a pool's servers file). */
   files?: Record<string, string>;
+  /** More environment variables for the proxy process (e.g. `LD_PRELOAD`). */
+  env?: Record<string, string>;
 }
 
 /** A servers file's text; a plain address gets weight 100. */
@@ -462,6 +464,7 @@ export class ProxyProcess {
     const child = (options.maxOpenFiles === undefined
       ? new Deno.Command(Deno.execPath(), {
         args,
+        env: options.env,
         stdin: "null",
         stdout: "piped",
         stderr: "piped",
@@ -473,6 +476,7 @@ export class ProxyProcess {
           Deno.execPath(),
           ...args,
         ],
+        env: options.env,
         stdin: "null",
         stdout: "piped",
         stderr: "piped",
@@ -620,7 +624,13 @@ export async function sendUdp(port: number, ...datagrams: Uint8Array[]): Promise
  */
 export async function runMain(
   args: string[],
-  options: { stdin?: Uint8Array; cwd?: string; withoutFfi?: boolean; timeoutMs?: number } = {},
+  options: {
+    stdin?: Uint8Array;
+    cwd?: string;
+    withoutFfi?: boolean;
+    timeoutMs?: number;
+    env?: Record<string, string>;
+  } = {},
 ): Promise<{ code: number; stdout: string; stderr: string; stdoutBytes: Uint8Array }> {
   const permissions = options.withoutFfi
     ? PERMISSIONS.filter((p) => p !== "--allow-ffi")
@@ -631,6 +641,7 @@ export async function runMain(
     stdout: "piped",
     stderr: "piped",
     cwd: options.cwd,
+    env: options.env,
   }).spawn();
   // Feed stdin while collecting stdout, or a large output would block both.
   const feeding = options.stdin === undefined ? Promise.resolve() : (async () => {

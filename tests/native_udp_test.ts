@@ -743,3 +743,68 @@ nativeTest("NativeUdpSocket allows one receive at a time", async () => {
   socket.close();
   assert.equal(await within(first), 0);
 });
+
+nativeTest(
+  "NativeUdpSocket's buffer cannot be detached, so the kernel never writes into memory it no longer holds",
+  async (t) => {
+    const socket = openNative({ batchSize: 4 });
+    const conn = sender();
+    try {
+      const memory = socket.buffer.buffer as ArrayBuffer;
+      await t.step("transfer, a structuredClone transfer and a postMessage transfer throw", () => {
+        assert.throws(() => memory.transfer(), TypeError);
+        assert.throws(() => memory.transferToFixedLength(), TypeError);
+        assert.throws(() => structuredClone(socket.buffer, { transfer: [memory] }), TypeError);
+        const channel = new MessageChannel();
+        try {
+          assert.throws(() => channel.port1.postMessage(socket.buffer, [memory]), TypeError);
+        } finally {
+          channel.port1.close();
+          channel.port2.close();
+        }
+        assert.equal(memory.detached, false);
+        assert.equal(socket.buffer.byteLength, 4 * MAX_SLOT_BYTES);
+      });
+
+      await t.step("receiving goes on into the same memory", async () => {
+        const sent = lines(0, 4);
+        await sendAll(conn, socket.addr, sent);
+        const { datagrams } = await receiveCount(socket, 4);
+        assert.deepEqual(
+          datagrams.map((d) => decoder.decode(d)),
+          sent.map((d) => decoder.decode(d)),
+        );
+        assert.equal(socket.buffer.buffer, memory);
+      });
+    } finally {
+      socket.close();
+      conn.close();
+    }
+  },
+);
+
+nativeTest("NativeUdpSocket reports the datagrams the kernel dropped for it", async () => {
+  // The smallest receive buffer the kernel allows (it rounds up to some
+  // 4.6 KiB), then more than it holds, with nobody reading.
+  const socket = openNative({ receiveBufferBytes: 1 });
+  const conn = sender();
+  try {
+    assert.equal(socket.kernelDrops, 0);
+    const sent = 200;
+    await sendAll(conn, socket.addr, Array.from({ length: sent }, () => new Uint8Array(100)));
+    const dropped = socket.kernelDrops!;
+    let received = 0;
+    while (received + dropped < sent) {
+      const n = await within(socket.receive(), 1000);
+      if (n === "timeout") break;
+      received += n;
+    }
+    assert.ok(dropped > 0, "nothing dropped");
+    assert.equal(received + dropped, sent, `received ${received} + dropped ${dropped}`);
+    socket.close();
+    assert.equal(socket.kernelDrops, dropped, "the count as last read, once closed");
+  } finally {
+    socket.close();
+    conn.close();
+  }
+});

@@ -63,6 +63,7 @@ Deno.test("a UDP pool server whose name does not resolve drops its datagrams, co
   try {
     // Some 6,700 datagrams: each used to wait for a failed lookup of the name.
     const sent = lines("nx", 400_000);
+    const began = Date.now();
     await sendTcp(proxy.tcpPort, bytes(sent.map((l) => l + "\n").join("")));
     await received(proxy, sent.length);
     const started = Date.now();
@@ -79,12 +80,16 @@ Deno.test("a UDP pool server whose name does not resolve drops its datagrams, co
     assert.equal(account.held, 0);
     assert.equal(account.sendFailed! + account.shutdown + account.bufferFull, sent.length);
     assert.ok(account.sendFailed! > 0, "dropped as send_failed");
-    assert.match(
+    // The lookup failed and was logged (unless it was still under way at the
+    // deadline, where a DNS server does not answer: then what waited was cut).
+    assert.ok(
+      /cannot resolve statsd\.invalid for statsd\/statsd\.invalid:8125 \(udp\): .*dropping its datagrams/
+        .test(proxy.stderr) || account.shutdown > 0,
       proxy.stderr,
-      /cannot resolve statsd\.invalid for statsd\/statsd\.invalid:8125 \(udp\): .*dropping its datagrams/,
     );
+    const seconds = (Date.now() - began) / 1000;
     const failures = proxy.stderr.match(/cannot send to statsd\/statsd\.invalid:8125/g) ?? [];
-    assert.ok(failures.length <= 3, `${failures.length} lines for the failed sends`);
+    assert.ok(failures.length <= seconds + 2, `${failures.length} lines in ${seconds} s`);
   } finally {
     if (!exited) await proxy.stop("SIGKILL");
   }

@@ -16,6 +16,7 @@ import {
   RecordingServer,
   routeOf,
   runMain,
+  sendUdp,
   sleep,
   waitUntil,
 } from "./harness.ts";
@@ -138,6 +139,78 @@ Deno.test("the native UDP receiver takes every datagram, whole", async (t) => {
   }
 });
 
+Deno.test("datagrams the kernel drops for a paused proxy are counted in /metrics and /health: every one sent is received or dropped", async (t) => {
+  const server = RecordingServer.start();
+  const proxy = await ProxyProcess.start({
+    servers: [server.address],
+    admin: true,
+    // Room for some 100 datagrams of these (each costs the kernel ~1 KiB).
+    settings: { udp_receive_buffer_bytes: 65536 },
+  });
+  const udp = (m: Map<string, number>) => ({
+    received: m.get('statsite_proxy_received_reads_total{transport="udp"}')!,
+    dropped: m.get("statsite_proxy_udp_kernel_drops_total")!,
+  });
+  const health = async () => JSON.parse((await proxy.admin("/health")).text).listeners.udp_receiver;
+  try {
+    let dropped = 0;
+    await t.step("paused by SIGSTOP, sent 3,000: received + dropped = 3,000", async () => {
+      const before = udp(await proxy.metrics());
+      assert.deepEqual(before, { received: 0, dropped: 0 });
+      assert.equal((await health()).kernel_drops, 0);
+      const sent = 3000;
+      const lines = Array.from({ length: sent }, (_, i) => `paused.${i}:1|c|#${"t".repeat(80)}`);
+      proxy.signal("SIGSTOP");
+      try {
+        await sendUdp(proxy.udpPort, ...lines.map(bytes));
+      } finally {
+        proxy.signal("SIGCONT");
+      }
+      let after = before;
+      await waitUntil(
+        async () => {
+          after = udp(await proxy.metrics());
+          return after.received + after.dropped >= sent;
+        },
+        () => `received ${after.received} + dropped ${after.dropped} of ${sent}`,
+      );
+      const { received } = after;
+      dropped = after.dropped;
+      assert.equal(received + dropped, sent, `received ${received} + dropped ${dropped}`);
+      // The queue holds far fewer than were sent: most were dropped.
+      assert.ok(received > 0 && received < sent / 2, `received ${received} of ${sent}`);
+      assert.equal((await health()).kernel_drops, dropped);
+      // Each datagram received is one line, delivered.
+      await server.waitForLines(received);
+      await sleep(50);
+      const got = server.lines();
+      assert.equal(got.length, received);
+      assert.equal(new Set(got).size, received);
+      assert.ok(got.every((l) => l.startsWith("paused.")));
+    });
+
+    await t.step("a reload that moves the port to a new socket keeps the count", async () => {
+      const oldPort = proxy.udpPort;
+      const newPort = freePort("udp");
+      const ini = await Deno.readTextFile(`${proxy.dir}/proxy.ini`);
+      await Deno.writeTextFile(
+        `${proxy.dir}/proxy.ini`,
+        ini.replace(`udp_port = ${oldPort}`, `udp_port = ${newPort}`),
+      );
+      proxy.signal("SIGHUP");
+      await proxy.waitForLog(
+        new RegExp(`udp 127\\.0\\.0\\.1:${oldPort} -> 127\\.0\\.0\\.1:${newPort}`),
+      );
+      assert.equal(udp(await proxy.metrics()).dropped, dropped);
+      assert.equal((await health()).kernel_drops, dropped);
+    });
+  } finally {
+    proxy.signal("SIGCONT");
+    await proxy.stop();
+    await server.stop();
+  }
+});
+
 Deno.test("the native UDP receiver listens on IPv6", async () => {
   const server = RecordingServer.start();
   const proxy = await ProxyProcess.start({ servers: [server.address], bind: "::1" });
@@ -225,6 +298,14 @@ Deno.test("without --allow-ffi the proxy falls back to Deno's receiver, or refus
       const health = JSON.parse((await proxy.admin("/health")).text);
       assert.equal(health.listeners.udp_receiver.kind, "deno");
       assert.equal(health.listeners.udp_receiver.fallback_reason, "no --allow-ffi permission");
+      assert.equal(health.listeners.udp_receiver.kernel_drops, null);
+      assert.equal(
+        health.listeners.udp_receiver.kernel_drops_unknown,
+        "the Deno receiver cannot read its socket's drop count",
+      );
+      const metrics = await proxy.metrics();
+      assert.equal(metrics.get("statsite_proxy_udp_kernel_drops_total"), undefined);
+      assert.equal(metrics.get("statsite_proxy_udp_receive_errors_total"), 0);
       await send("127.0.0.1", proxy.udpPort, bytes("fallback.a:1|c\nfallback.b:1|c"));
       await server.waitForLines(2);
       assert.deepEqual(server.lines().sort(), ["fallback.a:1|c", "fallback.b:1|c"]);

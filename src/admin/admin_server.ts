@@ -88,6 +88,9 @@ export function health(proxy: Proxy): { status: number; body: unknown } {
     servers: pool.members.map((m, i) => ({ address: m.address, ejected: pool.isEjected(i) })),
   }));
   const anyUp = upstreams.some((u) => u.connected);
+  const udp = proxy.udp;
+  const counts = proxy.udpReceivers.counts();
+  const kernelDrops = udp?.receiver === "native" ? counts.kernelDrops : undefined;
   return {
     status: anyUp ? 200 : 503,
     body: {
@@ -97,11 +100,24 @@ export function health(proxy: Proxy): { status: number; body: unknown } {
       listeners: {
         tcp: proxy.tcp ? formatAddr(proxy.tcp.addr) : null,
         udp: proxy.udp ? formatAddr(proxy.udp.addr) : null,
-        udp_receiver: proxy.udp
+        udp_receiver: udp
           ? {
-            kind: proxy.udp.receiver,
-            receive_buffer_bytes: proxy.udp.receiveBufferBytes ?? null,
-            fallback_reason: proxy.udp.fallbackReason ?? null,
+            kind: udp.receiver,
+            receive_buffer_bytes: udp.receiveBufferBytes ?? null,
+            fallback_reason: udp.fallbackReason ?? null,
+            kernel_drops: kernelDrops ?? null,
+            ...(kernelDrops === undefined
+              ? {
+                kernel_drops_unknown: udp.receiver === "deno"
+                  ? "the Deno receiver cannot read its socket's drop count"
+                  : "the kernel does not report it (SO_MEMINFO)",
+              }
+              : {}),
+            receive_errors: counts.errors,
+            last_errno: counts.lastErrno,
+            last_error: counts.lastError === "" ? null : counts.lastError,
+            truncated: counts.truncated,
+            fallbacks: proxy.udpReceivers.fallbacks,
           }
           : null,
       },

@@ -90,6 +90,41 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
       out.sample("invalid_total", { transport, reason }, c.dropped[i])
     );
   }
+  const udp = proxy.udpReceivers.counts();
+  // Only the native receiver can read its socket's drop count: with Deno's,
+  // the count would be incomplete, so the family has no sample.
+  out.family(
+    "udp_kernel_drops_total",
+    "counter",
+    "Datagrams the kernel dropped for the UDP socket, its receive buffer full most often (native receiver only: SO_MEMINFO).",
+  );
+  if (proxy.udp?.receiver === "native" && udp.kernelDrops !== undefined) {
+    out.sample("udp_kernel_drops_total", {}, udp.kernelDrops);
+  }
+  out.single(
+    "udp_receive_errors_total",
+    "counter",
+    "Failed UDP receive calls (recvmmsg, ppoll, or Deno's receive), each retried after a back-off.",
+    udp.errors,
+  );
+  out.single(
+    "udp_receive_last_errno",
+    "gauge",
+    "errno of the last failed UDP receive call whose errno is known, or 0.",
+    udp.lastErrno,
+  );
+  out.single(
+    "udp_truncated_total",
+    "counter",
+    "Datagrams longer than the native receiver's slot: cut, and dropped.",
+    udp.truncated,
+  );
+  out.single(
+    "udp_receiver_fallbacks_total",
+    "counter",
+    "Native UDP receivers whose calls kept failing, replaced by the Deno receiver (udp_receiver = auto).",
+    proxy.udpReceivers.fallbacks,
+  );
   const clients = proxy.tcpClients;
   out.single("tcp_connections_open", "gauge", "TCP client connections open now.", clients.open);
   out.single(

@@ -36,19 +36,27 @@
  *   abstract name starts with a NUL byte and its length is the address length
  *   minus 2.
  * - `ucred` (the data of `SCM_CREDENTIALS`): `pid`, `uid`, `gid`, i32 each.
+ * - the signal mask `ppoll` takes: the kernel's `sigset_t`, 8 bytes (64
+ *   signals, signal N at bit N - 1), whatever size libc's own `sigset_t` is
+ *   (glibc's and musl's `ppoll` pass the kernel 8 as its size).
+ * - `SO_MEMINFO`'s answer: an array of u32, `SK_MEMINFO_VARS` of them (9 on
+ *   current kernels), the socket's drop count at index 8 (`SK_MEMINFO_DROPS`,
+ *   the last one added); an older kernel writes fewer and says so in the
+ *   length.
  *
  * Constants (same on x86_64 and aarch64; not on mips, sparc, parisc or alpha):
  * `AF_UNIX` 1, `AF_INET` 2, `AF_INET6` 10, `SOCK_DGRAM` 2, `SOCK_NONBLOCK`
  * 0o4000, `SOCK_CLOEXEC` 0o2000000, `SOL_SOCKET` 1, `SO_REUSEADDR` 2,
  * `SO_TYPE` 3, `SO_RCVBUF` 8, `SO_REUSEPORT` 15, `SO_PASSCRED` 16,
- * `SO_RCVBUFFORCE` 33, `SO_PROTOCOL` 38, `SO_DOMAIN` 39, `SCM_RIGHTS` 1,
- * `SCM_CREDENTIALS` 2, `MSG_TRUNC` 0x20, `MSG_DONTWAIT` 0x40,
+ * `SO_RCVBUFFORCE` 33, `SO_PROTOCOL` 38, `SO_DOMAIN` 39, `SO_MEMINFO` 55,
+ * `SCM_RIGHTS` 1, `SCM_CREDENTIALS` 2, `MSG_PEEK` 2, `MSG_TRUNC` 0x20, `MSG_DONTWAIT` 0x40,
  * `MSG_CMSG_CLOEXEC` 0x40000000, `POLLIN` 1, and the errno values in
  * {@linkcode ERRNO}.
  *
  * `errno` is read with `__errno_location()` right after a synchronous call,
  * on the same (JavaScript) thread that made it. A `nonblocking` symbol
- * (`ppoll`) runs on a helper thread, whose `errno` cannot be read.
+ * (`ppoll`) runs on a helper thread, whose `errno` cannot be read: `ppollNow`
+ * is the same function called synchronously, to learn why a `ppoll` failed.
  *
  * Whatever keeps the bindings from working here (not Linux, another
  * architecture, no `--allow-ffi`, no libc found, a symbol missing) throws one
@@ -107,12 +115,18 @@ export const LINUX = {
   SO_RCVBUFFORCE: 33,
   SO_PROTOCOL: 38,
   SO_DOMAIN: 39,
+  SO_MEMINFO: 55,
+  /** Index of the bytes queued for reading in `SO_MEMINFO`'s array of u32. */
+  SK_MEMINFO_RMEM_ALLOC: 0,
+  /** Index of the socket's drop count in `SO_MEMINFO`'s array of u32. */
+  SK_MEMINFO_DROPS: 8,
   SCM_RIGHTS: 1,
   SCM_CREDENTIALS: 2,
   IPPROTO_UDP: 17,
   MSG_CMSG_CLOEXEC: 0x40000000,
   SHUT_RDWR: 2,
   RLIMIT_NOFILE: 7,
+  MSG_PEEK: 0x2,
   MSG_TRUNC: 0x20,
   MSG_DONTWAIT: 0x40,
   POLLIN: 0x1,
@@ -130,7 +144,9 @@ export const ERRNO = {
   EACCES: 13,
   EFAULT: 14,
   EINVAL: 22,
+  ENOSYS: 38,
   ENOTSOCK: 88,
+  ENOBUFS: 105,
   ENOTCONN: 107,
   EADDRINUSE: 98,
   EADDRNOTAVAIL: 99,
@@ -163,6 +179,8 @@ export const LAYOUT = {
   SOCKADDR_UN_PATH_MAX: 108,
   /** `sizeof(struct sockaddr_storage)`: room for any address. */
   SOCKADDR_STORAGE_SIZE: 128,
+  /** The kernel's `sigset_t`, as `ppoll` passes it: 64 signals. */
+  SIGSET_SIZE: 8,
 } as const;
 
 const SYMBOLS = {
@@ -184,6 +202,12 @@ const SYMBOLS = {
     parameters: ["pointer", "u64", "pointer", "pointer"],
     result: "i32",
     nonblocking: true,
+  },
+  /** `ppoll` on the calling (JavaScript) thread: with a zero timeout, to read its errno. */
+  ppollNow: {
+    name: "ppoll",
+    parameters: ["pointer", "u64", "pointer", "pointer"],
+    result: "i32",
   },
   eventfd: { parameters: ["u32", "i32"], result: "i32" },
   write: { parameters: ["i32", "buffer", "usize"], result: "isize" },

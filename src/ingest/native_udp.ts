@@ -15,12 +15,35 @@
  * moderate rates that is what makes a batch hold many datagrams.
  * `close()` writes the eventfd, so a pending `ppoll` returns at once; the fds
  * are closed only after that, never while the helper thread polls them.
+ * `ppoll` is given a full signal mask (but for glibc's two internal signals,
+ * 32 and 33, as `sigfillset` leaves them), so a signal sent to the helper
+ * thread waits for the poll to return instead of cutting it short (`EINTR`).
+ *
+ * When calls fail: `open()` tries `ppoll` and `recvmmsg` once on the new
+ * socket (a `recvmmsg(MSG_PEEK | MSG_DONTWAIT)`, for which an empty queue is
+ * success), so a kernel or a seccomp filter that refuses them (`ENOSYS`,
+ * `EPERM`) throws {@linkcode NativeUdpUnavailable} at once, for the caller to
+ * fall back. While it runs, every failed call is counted
+ * ({@linkcode NativeUdpSocket.errors}, {@linkcode NativeUdpSocket.lastErrno})
+ * and followed by a back-off that doubles from 1 ms to 100 ms (until a
+ * `recvmmsg` works), so a call that keeps failing is made at most about ten
+ * times a second; with {@linkcode NativeUdpOptions.giveUpAfter},
+ * `receive()` rejects with {@linkcode NativeUdpFailing} once calls have
+ * failed in a row for that long.
+ *
+ * The kernel counts the datagrams it dropped for the socket (its receive
+ * buffer full, most often): {@linkcode NativeUdpSocket.kernelDrops} reads
+ * that count with `getsockopt(SO_MEMINFO)`.
  *
  * Every buffer whose address the kernel is given inside another buffer (the
  * data slots in the iovecs, the iovecs in the mmsghdrs) is held by the socket
  * for its whole life: a buffer that only native memory points to would be
  * freed by the garbage collector and `recvmmsg` would then write into freed
- * memory (or fail with `EFAULT`).
+ * memory (or fail with `EFAULT`). The datagrams' memory is a WebAssembly
+ * memory whose maximum is its size, so it can be neither detached
+ * (`ArrayBuffer.prototype.transfer`, a `structuredClone` or `postMessage`
+ * transfer: each throws a `TypeError`) nor grown: the kernel's pointers into
+ * it stay valid whatever a caller does with {@linkcode NativeUdpSocket.buffer}.
  *
  * Linux only (x86_64, aarch64), and only with `--allow-ffi`: anything else
  * throws {@linkcode NativeUdpUnavailable}, for the caller to fall back to
@@ -63,7 +86,75 @@ export const MAX_COALESCE_MS = 100;
 const MAX_IDLE_WAKES = 16;
 
 /** Longest back-off after a failed `recvmmsg` or `ppoll`, in milliseconds. */
-const MAX_BACKOFF_MS = 100;
+export const MAX_BACKOFF_MS = 100;
+
+/** Bytes of a WebAssembly memory page. */
+const WASM_PAGE_BYTES = 65536;
+
+/**
+ * The signal mask `ppoll` waits with, as the kernel's 64-bit `sigset_t` (two
+ * u32, signal N at bit N - 1): every signal but 32 and 33, glibc's internal
+ * ones (thread cancellation and `setxid`), which `sigfillset` leaves out too.
+ */
+const WAIT_SIGMASK = [0x7fffffff, 0xfffffffe] as const;
+
+/**
+ * `receive()` rejects with this once a call has failed in a row for as long
+ * as {@linkcode NativeUdpOptions.giveUpAfter} says. The socket stays open: the
+ * caller closes it, or reads on (the count starts again).
+ *
+ * @example Usage
+ * ```ts ignore
+ * try {
+ *   await socket.receive();
+ * } catch (err) {
+ *   if (err instanceof NativeUdpFailing) console.log(err.call, err.errno);
+ * }
+ * ```
+ */
+export class NativeUdpFailing extends Error {
+  /** The call that keeps failing: `recvmmsg` or `ppoll`. */
+  readonly call: "recvmmsg" | "ppoll";
+  /** Its last errno, or 0 when it could not be read. */
+  readonly errno: number;
+  /** How many times it failed in a row. */
+  readonly failures: number;
+  /** Since when, in ms since epoch. */
+  readonly since: number;
+
+  /**
+   * Constructs a new instance.
+   *
+   * @param call The call that keeps failing.
+   * @param errno Its last errno (0: unknown).
+   * @param failures How many times in a row.
+   * @param since Since when (ms since epoch).
+   * @param why Its last error as text.
+   */
+  constructor(
+    call: "recvmmsg" | "ppoll",
+    errno: number,
+    failures: number,
+    since: number,
+    why: string,
+  ) {
+    const seconds = ((Date.now() - since) / 1000).toFixed(1);
+    super(`${call} failed ${failures} times in a row over ${seconds} s: ${why}`);
+    this.name = "NativeUdpFailing";
+    this.call = call;
+    this.errno = errno;
+    this.failures = failures;
+    this.since = since;
+  }
+}
+
+/** Failures of one call in a row: how many, and since when (ms since epoch). */
+interface Streak {
+  count: number;
+  since: number;
+  errno: number;
+  why: string;
+}
 
 /** Options of {@linkcode NativeUdpSocket.open}. */
 export interface NativeUdpOptions {
@@ -117,12 +208,20 @@ export interface NativeUdpOptions {
    * does not. 0 turns it off. Defaults to 0.5.
    */
   coalesceMs?: number;
+  /**
+   * When `recvmmsg` (or `ppoll`) has failed at least `failures` times in a
+   * row, over at least `ms` milliseconds, `receive()` rejects with
+   * {@linkcode NativeUdpFailing} instead of trying again: for a caller that
+   * can fall back to another receiver. Without it (the default) the socket
+   * tries again for ever, backing off.
+   */
+  giveUpAfter?: { failures: number; ms: number };
 }
 
 /** Options of {@linkcode NativeUdpSocket.adopt}: those of a socket already bound. */
 export type NativeUdpAdoptOptions = Pick<
   NativeUdpOptions,
-  "batchSize" | "slotBytes" | "batchesPerPoll" | "coalesceMs"
+  "batchSize" | "slotBytes" | "batchesPerPoll" | "coalesceMs" | "giveUpAfter"
 >;
 
 /** The options of a socket, checked and with their defaults. */
@@ -131,6 +230,7 @@ interface ValidOptions {
   slotBytes: number;
   batchesPerPoll: number;
   coalesceMs: number;
+  giveUpAfter: { failures: number; ms: number } | undefined;
 }
 
 function validOptions(options: NativeUdpAdoptOptions): ValidOptions {
@@ -151,6 +251,10 @@ function validOptions(options: NativeUdpAdoptOptions): ValidOptions {
     slotBytes: integerOption("slotBytes", options.slotBytes, MAX_SLOT_BYTES, 1, MAX_SLOT_BYTES),
     batchesPerPoll: integerOption("batchesPerPoll", options.batchesPerPoll, 1, 1, 16),
     coalesceMs,
+    giveUpAfter: options.giveUpAfter === undefined ? undefined : {
+      failures: integerOption("giveUpAfter.failures", options.giveUpAfter.failures, 1, 1, 2 ** 31),
+      ms: integerOption("giveUpAfter.ms", options.giveUpAfter.ms, 0, 0, 2 ** 31),
+    },
   };
 }
 
@@ -202,7 +306,12 @@ export class NativeUdpSocket {
    * after a fallback to `SO_RCVBUF`, or when 0 was asked.
    */
   readonly receiveBufferForced: boolean;
-  /** One contiguous buffer holding every slot of the batch. */
+  /**
+   * One contiguous buffer holding every slot of the batch: a view of a
+   * WebAssembly memory, which cannot be detached (transferring
+   * `buffer.buffer` throws a `TypeError`) or grown, so the kernel never
+   * writes into memory the socket no longer holds.
+   */
   readonly buffer: Uint8Array;
   /** Start of each datagram's slot in {@linkcode buffer}: `i * slotBytes`. */
   readonly starts: Int32Array;
@@ -218,7 +327,8 @@ export class NativeUdpSocket {
   readonly #eventFd: number;
   readonly #batchesPerPoll: number;
   readonly #coalesceMs: number;
-  /** The iovecs, mmsghdrs and pollfds, which the kernel reads: kept for the socket's life. */
+  readonly #giveUpAfter: { failures: number; ms: number } | undefined;
+  /** The iovecs, mmsghdrs, pollfds and signal mask, which the kernel reads: kept for the socket's life. */
   readonly #control: ArrayBuffer;
   /** The mmsghdrs as u32, to read `msg_flags` and `msg_len`. */
   readonly #headers: Uint32Array;
@@ -229,6 +339,10 @@ export class NativeUdpSocket {
   readonly #timeoutPointer: Deno.PointerValue;
   readonly #headersPointer: Deno.PointerValue;
   readonly #pollPointer: Deno.PointerValue;
+  readonly #sigmaskPointer: Deno.PointerValue;
+  /** `SO_MEMINFO`'s answer, and its length. */
+  readonly #meminfo = new Uint32Array(LINUX.SK_MEMINFO_DROPS + 1);
+  readonly #meminfoLength = new Uint32Array(1);
   /** The 8-byte value 1, written to the eventfd to wake a pending poll. */
   readonly #wakeValue: Uint8Array;
 
@@ -251,8 +365,16 @@ export class NativeUdpSocket {
   #interrupted = 0;
   #errors = 0;
   #lastErrno = 0;
+  #lastError = "";
+  /** The kernel's drop count, as last read (`undefined`: it cannot be read). */
+  #kernelDrops: number | undefined;
   /** Readiness wake-ups in a row after which nothing could be read. */
   #idleWakes = 0;
+  /** `recvmmsg` and `ppoll` failures in a row. */
+  #recvStreak: Streak = { count: 0, since: 0, errno: 0, why: "" };
+  #pollStreak: Streak = { count: 0, since: 0, errno: 0, why: "" };
+  /** Ends a back-off that waits on a timer (after a failed `ppoll`) early. */
+  #wake: (() => void) | undefined;
 
   private constructor(init: {
     libc: Libc;
@@ -265,6 +387,7 @@ export class NativeUdpSocket {
     slotBytes: number;
     batchesPerPoll: number;
     coalesceMs: number;
+    giveUpAfter: { failures: number; ms: number } | undefined;
     buffer: Uint8Array;
     control: ArrayBuffer;
   }) {
@@ -278,6 +401,7 @@ export class NativeUdpSocket {
     this.slotBytes = init.slotBytes;
     this.#batchesPerPoll = init.batchesPerPoll;
     this.#coalesceMs = init.coalesceMs;
+    this.#giveUpAfter = init.giveUpAfter;
     this.buffer = init.buffer;
     this.#control = init.control;
     const layout = controlLayout(init.batchSize);
@@ -289,6 +413,7 @@ export class NativeUdpSocket {
     this.#headersPointer = Deno.UnsafePointer.create(base + BigInt(layout.headers));
     this.#pollPointer = Deno.UnsafePointer.create(base + BigInt(layout.pollfds));
     this.#timeoutPointer = Deno.UnsafePointer.create(base + BigInt(layout.timespec));
+    this.#sigmaskPointer = Deno.UnsafePointer.create(base + BigInt(layout.sigmask));
     this.starts = new Int32Array(init.batchSize);
     for (let i = 0; i < init.batchSize; i++) this.starts[i] = i * init.slotBytes;
     this.lengths = new Int32Array(init.batchSize);
@@ -420,13 +545,29 @@ export class NativeUdpSocket {
 
   /** Makes the socket object for a bound `fd`: its address, buffer, eventfd and control block. */
   static #wrap(libc: Libc, fd: number, forced: boolean, valid: ValidOptions): NativeUdpSocket {
-    const { batchSize, slotBytes, batchesPerPoll, coalesceMs } = valid;
+    const { batchSize, slotBytes, batchesPerPoll, coalesceMs, giveUpAfter } = valid;
     const { symbols } = libc;
     const fail = (call: string): never => {
       throw errnoError(libc, call, libc.errno());
     };
-    // An ArrayBuffer's memory is off the V8 heap and never moves.
-    const buffer = new Uint8Array(new ArrayBuffer(batchSize * slotBytes));
+    // An ArrayBuffer's memory is off the V8 heap and never moves. A
+    // WebAssembly memory's cannot be detached either, nor (its maximum
+    // being its size) grown.
+    const bytes = batchSize * slotBytes;
+    let memory: WebAssembly.Memory;
+    try {
+      const pages = Math.ceil(bytes / WASM_PAGE_BYTES);
+      memory = new WebAssembly.Memory({ initial: pages, maximum: pages });
+    } catch (err) {
+      throw new NativeUdpUnavailable(
+        `cannot allocate ${bytes} bytes that cannot be detached: ${
+          err instanceof Error ? err.message : String(err)
+        }`,
+        { cause: err },
+      );
+    }
+    // The view holds the memory (its ArrayBuffer holds the backing store).
+    const buffer = new Uint8Array(memory.buffer, 0, bytes);
     const control = new ArrayBuffer(controlLayout(batchSize).size);
     const int = new Int32Array(1);
     const intBytes = new Uint8Array(int.buffer);
@@ -444,7 +585,7 @@ export class NativeUdpSocket {
     const eventFd = symbols.eventfd(0, LINUX.EFD_NONBLOCK | LINUX.EFD_CLOEXEC);
     if (eventFd < 0) fail("eventfd");
     fillControl(control, buffer, batchSize, slotBytes, fd, eventFd);
-    return new NativeUdpSocket({
+    const socket = new NativeUdpSocket({
       libc,
       fd,
       eventFd,
@@ -455,9 +596,45 @@ export class NativeUdpSocket {
       slotBytes,
       batchesPerPoll,
       coalesceMs,
+      giveUpAfter,
       buffer,
       control,
     });
+    const refused = socket.#probe();
+    if (refused !== undefined) {
+      // The caller closes fd (and gives libc back).
+      symbols.close(eventFd);
+      throw new NativeUdpUnavailable(refused);
+    }
+    socket.#readKernelDrops();
+    return socket;
+  }
+
+  /**
+   * Calls `ppoll` and `recvmmsg` once, without waiting and without taking a
+   * datagram (`MSG_PEEK`): why the kernel refuses one of them (`ENOSYS`, or
+   * `EPERM` from a seccomp filter), or `undefined` when both work. An empty
+   * queue (`EAGAIN`), a signal (`EINTR`) or a passing shortage (`ENOMEM`,
+   * `ENOBUFS`) counts as working.
+   */
+  #probe(): string | undefined {
+    const libc = this.#libc;
+    const passing = (errno: number) =>
+      errno === ERRNO.EAGAIN || errno === ERRNO.EINTR || errno === ERRNO.ENOMEM ||
+      errno === ERRNO.ENOBUFS;
+    this.#timeout.fill(0);
+    if (
+      libc.symbols.ppollNow(this.#pollPointer, 2n, this.#timeoutPointer, this.#sigmaskPointer) < 0
+    ) {
+      const errno = libc.errno();
+      if (!passing(errno)) return `ppoll: ${libc.describe(errno)}`;
+    }
+    const flags = LINUX.MSG_DONTWAIT | LINUX.MSG_PEEK;
+    if (libc.symbols.recvmmsg(this.#fd, this.#headersPointer, 1, flags, null) < 0) {
+      const errno = libc.errno();
+      if (!passing(errno)) return `recvmmsg: ${libc.describe(errno)}`;
+    }
+    return undefined;
   }
 
   /**
@@ -472,10 +649,14 @@ export class NativeUdpSocket {
    * allows; after a partial batch, it sleeps `coalesceMs` and then reads
    * whatever came meanwhile, so moderate traffic comes in fuller batches.
    *
-   * Passing failures (`EINTR`, `EAGAIN`, `ENOMEM`, ...) are counted and
-   * retried, after a back-off for those that are not spurious wake-ups; only
-   * a programming error (`EFAULT`, `EBADF`, `EINVAL`, `ENOTSOCK`) rejects.
-   * One receive at a time: a second call while one is pending rejects.
+   * Failures (`ENOMEM`, a `ppoll` that fails, ...) are counted
+   * ({@linkcode errors}) and retried after a back-off (1 ms, doubling up to
+   * 100 ms, reset by a `recvmmsg` that works); `EINTR` and `EAGAIN` are retried at
+   * once. Rejects with {@linkcode NativeUdpFailing} when
+   * {@linkcode NativeUdpOptions.giveUpAfter} says to give up, and with an
+   * `Error` at a programming error (`EFAULT`, `EBADF`, `EINVAL`,
+   * `ENOTSOCK`). One receive at a time: a second call while one is pending
+   * rejects.
    */
   async receive(): Promise<number> {
     if (this.#state !== OPEN) return 0;
@@ -488,6 +669,7 @@ export class NativeUdpSocket {
         this.#credit--;
         const n = this.#read();
         if (n > 0) return n;
+        this.#checkGiveUp();
       }
       const pollFds = this.#pollFds;
       const fd = this.#fd;
@@ -505,7 +687,13 @@ export class NativeUdpSocket {
         }
         pollFds[0] = sleepMs > 0 ? -1 : fd;
         this.#polling = true;
-        const ready = await this.#libc.symbols.ppoll(this.#pollPointer, 2n, timeout, null);
+        // With every signal blocked while it waits: see WAIT_SIGMASK.
+        const ready = await this.#libc.symbols.ppoll(
+          this.#pollPointer,
+          2n,
+          timeout,
+          this.#sigmaskPointer,
+        );
         this.#polling = false;
         this.#polls++;
         if (this.#state !== OPEN) {
@@ -514,19 +702,24 @@ export class NativeUdpSocket {
         }
         if (this.#draining) return this.#drainStep();
         if (ready < 0) {
-          // ppoll ran on a helper thread, whose errno cannot be read: EINTR or
-          // ENOMEM are the only failures of a well-formed call. Back off.
-          this.#errors++;
-          this.#backoffMs = nextBackoff(this.#backoffMs);
-          this.#sleepMs = this.#backoffMs;
+          // A failed ppoll returns at once, so it cannot pace the retries
+          // itself: back off on a timer (which close() ends early).
+          this.#pollFailed();
+          this.#checkGiveUp();
+          this.#sleepMs = 0;
+          await this.#pause(this.#backoffMs);
+          if (this.#state !== OPEN) return 0;
+          if (this.#draining) return this.#drainStep();
           continue;
         }
+        this.#pollStreak.count = 0;
         const n = this.#read();
         if (n > 0) {
           this.#idleWakes = 0;
           if (n === this.batchSize) this.#credit = this.#batchesPerPoll - 1;
           return n;
         }
+        this.#checkGiveUp();
         if (sleepMs === 0 && this.#sleepMs === 0 && ++this.#idleWakes >= MAX_IDLE_WAKES) {
           // Readable, yet nothing to read, again and again: never expected of
           // a UDP socket, but if it happens, pace the loop rather than spin.
@@ -569,6 +762,7 @@ export class NativeUdpSocket {
         this.#datagrams += n;
         this.#batches++;
         this.#backoffMs = 0;
+        this.#recvStreak.count = 0;
         if (n === this.batchSize) {
           this.#sleepMs = 0;
         } else {
@@ -587,6 +781,7 @@ export class NativeUdpSocket {
           this.#emptyReads++;
           this.#credit = 0;
           this.#backoffMs = 0;
+          this.#recvStreak.count = 0;
           this.#sleepMs = 0;
           return 0;
         case ERRNO.EFAULT:
@@ -595,10 +790,9 @@ export class NativeUdpSocket {
         case ERRNO.ENOTSOCK:
           throw errnoError(libc, "recvmmsg", errno);
         default:
-          // ENOMEM, ENOBUFS, a pending socket error (e.g. ECONNREFUSED): count,
-          // back off, go on.
-          this.#errors++;
-          this.#lastErrno = errno;
+          // ENOMEM, ENOBUFS, a pending socket error (e.g. ECONNREFUSED), a
+          // refusal (ENOSYS, EPERM): count, back off, go on.
+          this.#failed(this.#recvStreak, errno);
           this.#credit = 0;
           this.#backoffMs = nextBackoff(this.#backoffMs);
           this.#sleepMs = this.#backoffMs;
@@ -608,6 +802,70 @@ export class NativeUdpSocket {
     this.#credit = 0;
     this.#sleepMs = 0;
     return 0;
+  }
+
+  /** Counts a failed call in `streak`, with its errno (0: unknown). */
+  #failed(streak: Streak, errno: number): void {
+    this.#errors++;
+    if (errno !== 0) {
+      this.#lastErrno = errno;
+      this.#lastError = this.#libc.describe(errno);
+    }
+    if (streak.count++ === 0) streak.since = Date.now();
+    streak.errno = errno;
+    streak.why = errno === 0 ? "errno unknown" : this.#lastError;
+  }
+
+  /**
+   * Counts a failed `ppoll`. It ran on a helper thread, whose errno cannot be
+   * read: the same call, made again now on this thread without waiting, says
+   * why (unless it works this time: then why stays unknown).
+   */
+  #pollFailed(): void {
+    this.#timeout.fill(0);
+    const again = this.#libc.symbols.ppollNow(
+      this.#pollPointer,
+      2n,
+      this.#timeoutPointer,
+      this.#sigmaskPointer,
+    );
+    this.#failed(this.#pollStreak, again < 0 ? this.#libc.errno() : 0);
+    this.#backoffMs = nextBackoff(this.#backoffMs);
+  }
+
+  /** Rejects the receive when a call has failed for as long as `giveUpAfter` allows. */
+  #checkGiveUp(): void {
+    const limit = this.#giveUpAfter;
+    if (limit === undefined) return;
+    const now = Date.now();
+    for (
+      const [call, streak] of [["recvmmsg", this.#recvStreak], ["ppoll", this.#pollStreak]] as const
+    ) {
+      if (streak.count >= limit.failures && now - streak.since >= limit.ms) {
+        const failing = new NativeUdpFailing(
+          call,
+          streak.errno,
+          streak.count,
+          streak.since,
+          streak.why,
+        );
+        streak.count = 0;
+        throw failing;
+      }
+    }
+  }
+
+  /** Waits `ms` on a timer; {@linkcode close} and {@linkcode stopArrivals} end it early. */
+  #pause(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.#wake = undefined;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.#wake = done;
+    });
   }
 
   /** In drain mode: the next batch of what is queued, or 0 (and closed) once it is empty. */
@@ -674,6 +932,7 @@ export class NativeUdpSocket {
     this.#draining = true;
     // Wake a pending poll: the queue is read at once, without waiting.
     if (this.#polling) this.#libc.symbols.write(this.#eventFd, this.#wakeValue, 8n);
+    this.#wake?.();
     return ok;
   }
 
@@ -691,6 +950,7 @@ export class NativeUdpSocket {
     } else {
       this.#free();
     }
+    this.#wake?.();
   }
 
   /** True once {@linkcode close} was called. */
@@ -737,12 +997,64 @@ export class NativeUdpSocket {
     return this.#errors;
   }
 
-  /** errno of the last failed `recvmmsg` counted in {@linkcode errors}, or 0. */
+  /**
+   * errno of the last failed call counted in {@linkcode errors} whose errno
+   * could be read, or 0.
+   */
   get lastErrno(): number {
     return this.#lastErrno;
   }
 
+  /** {@linkcode lastErrno} as text (`"Cannot allocate memory (os error 12)"`), or `""`. */
+  get lastError(): string {
+    return this.#lastError;
+  }
+
+  /**
+   * Datagrams the kernel dropped for this socket since it was made (its
+   * receive buffer full, most often), as `getsockopt(SO_MEMINFO)` reports
+   * them (`SK_MEMINFO_DROPS`), read now; once closed, as last read.
+   * `undefined` when the kernel does not report it. A socket handed over by
+   * another process keeps the count of its whole life.
+   */
+  get kernelDrops(): number | undefined {
+    if (this.#state !== CLOSED) this.#readKernelDrops();
+    return this.#kernelDrops;
+  }
+
+  /**
+   * Bytes the kernel holds for the datagrams queued now, its bookkeeping
+   * included (`SK_MEMINFO_RMEM_ALLOC`); `undefined` once closed or when it
+   * cannot be read.
+   */
+  get queuedBytes(): number | undefined {
+    if (this.#state === CLOSED || !this.#readMeminfo(LINUX.SK_MEMINFO_RMEM_ALLOC + 1)) {
+      return undefined;
+    }
+    return this.#meminfo[LINUX.SK_MEMINFO_RMEM_ALLOC];
+  }
+
+  #readKernelDrops(): void {
+    if (this.#readMeminfo(LINUX.SK_MEMINFO_DROPS + 1)) {
+      this.#kernelDrops = this.#meminfo[LINUX.SK_MEMINFO_DROPS];
+    }
+  }
+
+  /** `getsockopt(SO_MEMINFO)`; whether it worked and wrote `count` values at least. */
+  #readMeminfo(count: number): boolean {
+    this.#meminfoLength[0] = this.#meminfo.byteLength;
+    const ok = this.#libc.symbols.getsockopt(
+      this.#fd,
+      LINUX.SOL_SOCKET,
+      LINUX.SO_MEMINFO,
+      new Uint8Array(this.#meminfo.buffer),
+      new Uint8Array(this.#meminfoLength.buffer),
+    ) === 0;
+    return ok && this.#meminfoLength[0] >= count * 4;
+  }
+
   #free(): void {
+    this.#readKernelDrops();
     this.#state = CLOSED;
     this.#credit = 0;
     this.#libc.symbols.close(this.#fd);
@@ -759,6 +1071,7 @@ function controlLayout(batchSize: number): {
   pollfds: number;
   wake: number;
   timespec: number;
+  sigmask: number;
   size: number;
 } {
   const iovecs = 0;
@@ -767,6 +1080,7 @@ function controlLayout(batchSize: number): {
   const pollfds = headers + headersBytes;
   const wake = pollfds + 2 * LAYOUT.POLLFD_SIZE;
   const timespec = wake + 8;
+  const sigmask = timespec + LAYOUT.TIMESPEC_SIZE;
   return {
     iovecs,
     headers,
@@ -774,14 +1088,15 @@ function controlLayout(batchSize: number): {
     pollfds,
     wake,
     timespec,
-    size: timespec + LAYOUT.TIMESPEC_SIZE,
+    sigmask,
+    size: sigmask + LAYOUT.SIGSET_SIZE,
   };
 }
 
 /**
  * Writes the iovecs (one per slot of `buffer`), the mmsghdrs (one iovec each,
- * no address, no control data), the two pollfds (`fd` and `eventFd`, POLLIN)
- * and the eventfd wake value into `control`.
+ * no address, no control data), the two pollfds (`fd` and `eventFd`, POLLIN),
+ * the eventfd wake value and the signal mask of the waits into `control`.
  */
 function fillControl(
   control: ArrayBuffer,
@@ -814,6 +1129,8 @@ function fillControl(
   view.setInt32(layout.pollfds + LAYOUT.POLLFD_SIZE, eventFd, true);
   view.setInt16(layout.pollfds + LAYOUT.POLLFD_SIZE + 4, LINUX.POLLIN, true);
   view.setBigUint64(layout.wake, 1n, true);
+  view.setUint32(layout.sigmask, WAIT_SIGMASK[0], true);
+  view.setUint32(layout.sigmask + 4, WAIT_SIGMASK[1], true);
 }
 
 /** The address of an ArrayBuffer's memory (off the V8 heap: it never moves). */

@@ -12,7 +12,17 @@
  *   default receive buffer.
  *
  * `auto` (the default) uses the native receiver where it works and falls
- * back to Deno's otherwise (no FFI permission, not Linux, a symbol missing).
+ * back to Deno's otherwise (no FFI permission, not Linux, a symbol missing, a
+ * kernel or seccomp filter that refuses `recvmmsg` or `ppoll`). While it
+ * runs, a native receiver whose calls keep failing (10 times in a row over 3
+ * s at least) is replaced by a Deno receiver on the same port (bound beside
+ * it before it is closed, so no datagram finds the port closed); counted and
+ * logged once.
+ *
+ * What the receivers count ({@linkcode UdpReceiverCounts}: the kernel's drops
+ * of the native socket, failed calls, datagrams cut) adds up in
+ * {@linkcode UdpReceiverTotals} across the listeners that reloads replace;
+ * failed calls and cut datagrams are logged in one summary line per interval.
  *
  * A listener is bound first ({@linkcode UdpListener.bind}) and receives once
  * started, so a proxy binds every listener before it serves any. It binds
@@ -26,10 +36,91 @@
 
 import { errorText, ListenError, listenError } from "../errors.ts";
 import { internalErrors } from "../internal_errors.ts";
+import { logger } from "../log.ts";
 import { DROP, IngestCounters } from "./counters.ts";
 import { DatagramDecoder, decodeDatagrams } from "./datagram_decoder.ts";
 import type { BatchSink } from "./frame_batch.ts";
-import { NativeUdpSocket, NativeUdpUnavailable } from "./native_udp.ts";
+import {
+  MAX_BACKOFF_MS,
+  NativeUdpFailing,
+  NativeUdpSocket,
+  NativeUdpUnavailable,
+} from "./native_udp.ts";
+
+const log = logger("udp");
+
+/**
+ * When `auto` gives up on a native receiver whose calls keep failing: this
+ * many failures in a row, over at least this long.
+ */
+export const GIVE_UP_AFTER = { failures: 10, ms: 3000 } as const;
+
+/** Default of {@linkcode UdpListenerOptions.summaryIntervalMs}. */
+const DEFAULT_SUMMARY_INTERVAL_MS = 10_000;
+
+/** What a UDP receiver counted. */
+export interface UdpReceiverCounts {
+  /**
+   * Datagrams the kernel dropped for the native receiver's socket (its
+   * receive buffer full, most often), from `SO_MEMINFO`; `undefined` when no
+   * native socket could report it (the Deno receiver's socket cannot be read).
+   */
+  kernelDrops: number | undefined;
+  /** Failed receive calls (`recvmmsg`, `ppoll`, Deno's receive), each followed by a back-off. */
+  errors: number;
+  /** errno of the last failed call whose errno is known, or 0. */
+  lastErrno: number;
+  /** {@linkcode lastErrno} as text, or `""`. */
+  lastError: string;
+  /** Datagrams longer than the native receiver's slot: cut, and dropped. */
+  truncated: number;
+}
+
+/**
+ * The counts of every UDP listener of a proxy, live and replaced: a listener
+ * adds itself when bound, and its final counts stay in the totals once it has
+ * stopped, so they only grow across reloads.
+ */
+export class UdpReceiverTotals {
+  /** Times `auto` replaced a failing native receiver by Deno's while running. */
+  fallbacks = 0;
+  readonly #live = new Set<UdpListener>();
+  readonly #retired: UdpReceiverCounts = {
+    kernelDrops: undefined,
+    errors: 0,
+    lastErrno: 0,
+    lastError: "",
+    truncated: 0,
+  };
+
+  /** Counts `listener` from now on. */
+  add(listener: UdpListener): void {
+    this.#live.add(listener);
+  }
+
+  /** Keeps `listener`'s final counts; it is no longer read. */
+  retire(listener: UdpListener): void {
+    if (!this.#live.delete(listener)) return;
+    addCounts(this.#retired, listener.counts());
+  }
+
+  /** The sums, now. `lastErrno` is the newest listener's, if it has one. */
+  counts(): UdpReceiverCounts {
+    const sum = { ...this.#retired };
+    for (const listener of this.#live) addCounts(sum, listener.counts());
+    return sum;
+  }
+}
+
+function addCounts(sum: UdpReceiverCounts, c: UdpReceiverCounts): void {
+  if (c.kernelDrops !== undefined) sum.kernelDrops = (sum.kernelDrops ?? 0) + c.kernelDrops;
+  sum.errors += c.errors;
+  sum.truncated += c.truncated;
+  if (c.lastErrno !== 0) {
+    sum.lastErrno = c.lastErrno;
+    sum.lastError = c.lastError;
+  }
+}
 
 /** Which UDP receiver to use: `auto` tries the native one first. */
 export type UdpReceiverChoice = "auto" | "native" | "deno";
@@ -65,6 +156,10 @@ export interface UdpListenerOptions {
   receiveBufferBytes: number;
   /** How to bind. Default `alone`. */
   binding?: UdpBinding;
+  /** Where the receivers' counts add up, across listeners. Default: totals of its own. */
+  totals?: UdpReceiverTotals;
+  /** How often failed calls and cut datagrams are summarized in the log, in ms. Default 10 s. */
+  summaryIntervalMs?: number;
 }
 
 /** Options of {@linkcode UdpListener.close}. */
@@ -84,20 +179,26 @@ const QUIET_MS = 20;
 export class UdpListener {
   /** The bound address (with the real port when 0 was asked). */
   readonly addr: Deno.NetAddr;
-  /** The receiver in use. */
-  readonly receiver: "native" | "deno";
-  /**
-   * The kernel receive buffer as the kernel reports it (Linux reports twice
-   * what it was asked: half is its bookkeeping), or `undefined` with the Deno
-   * receiver, which keeps the system default.
-   */
-  readonly receiveBufferBytes: number | undefined;
-  /** Why `auto` fell back to the Deno receiver, or `undefined`. */
-  readonly fallbackReason: string | undefined;
-  readonly #native: NativeUdpSocket | undefined;
-  readonly #deno: Deno.DatagramConn | undefined;
+  #receiver: "native" | "deno";
+  #receiveBufferBytes: number | undefined;
+  #fallbackReason: string | undefined;
+  /** The native socket in use, until a fallback replaces it. */
+  #native: NativeUdpSocket | undefined;
+  /** The native socket this listener had, for its counts (kept once closed). */
+  #nativeCounted: NativeUdpSocket | undefined;
+  #deno: Deno.DatagramConn | undefined;
   readonly #options: UdpListenerOptions;
+  readonly #totals: UdpReceiverTotals;
   #receiving: Promise<void> | undefined;
+  /** Failed receives of the Deno receiver (os errors), and the last one's errno. */
+  #denoErrors = 0;
+  #denoLastErrno = 0;
+  #denoLastError = "";
+  /** The summary timer, and the counts it last logged. */
+  #summary: ReturnType<typeof setInterval> | undefined;
+  #summarized = { errors: 0, truncated: 0 };
+  /** When a failed fallback was last logged (ms since epoch). */
+  #fallbackFailureLogged = -Infinity;
   /** Set at a close's deadline: what is read is counted, not routed. */
   #abandon = false;
   /** Set once a close began: the Deno loop stops at the first quiet moment. */
@@ -110,17 +211,51 @@ export class UdpListener {
     socket: { native: NativeUdpSocket } | { deno: Deno.DatagramConn; fallbackReason?: string },
   ) {
     this.#options = options;
+    this.#totals = options.totals ?? new UdpReceiverTotals();
     if ("native" in socket) {
-      this.#native = socket.native;
+      this.#native = this.#nativeCounted = socket.native;
       this.addr = socket.native.addr;
-      this.receiver = "native";
-      this.receiveBufferBytes = socket.native.receiveBufferBytes;
+      this.#receiver = "native";
+      this.#receiveBufferBytes = socket.native.receiveBufferBytes;
     } else {
       this.#deno = socket.deno;
       this.addr = socket.deno.addr as Deno.NetAddr;
-      this.receiver = "deno";
-      this.fallbackReason = socket.fallbackReason;
+      this.#receiver = "deno";
+      this.#fallbackReason = socket.fallbackReason;
     }
+    this.#totals.add(this);
+  }
+
+  /** The receiver in use (`native` until a fallback, if any). */
+  get receiver(): "native" | "deno" {
+    return this.#receiver;
+  }
+
+  /**
+   * The kernel receive buffer as the kernel reports it (Linux reports twice
+   * what it was asked: half is its bookkeeping), or `undefined` with the Deno
+   * receiver, which keeps the system default.
+   */
+  get receiveBufferBytes(): number | undefined {
+    return this.#receiveBufferBytes;
+  }
+
+  /** Why `auto` fell back to the Deno receiver (at bind, or later), or `undefined`. */
+  get fallbackReason(): string | undefined {
+    return this.#fallbackReason;
+  }
+
+  /** What this listener's receivers counted (the native socket's, once closed, as last read). */
+  counts(): UdpReceiverCounts {
+    const native = this.#nativeCounted;
+    const denoLast = this.#denoLastErrno !== 0;
+    return {
+      kernelDrops: native?.kernelDrops,
+      errors: (native?.errors ?? 0) + this.#denoErrors,
+      lastErrno: denoLast ? this.#denoLastErrno : native?.lastErrno ?? 0,
+      lastError: denoLast ? this.#denoLastError : native?.lastError ?? "",
+      truncated: native?.truncated ?? 0,
+    };
   }
 
   /**
@@ -133,9 +268,12 @@ export class UdpListener {
     const binding = options.binding ?? "alone";
     const target = { transport: "udp" as const, hostname, port };
     let fallbackReason: string | undefined;
+    // auto: a native receiver whose calls keep failing gives up, for a fallback.
+    const giveUpAfter = options.receiver === "auto" ? { ...GIVE_UP_AFTER } : undefined;
     if (typeof binding === "object") {
       try {
-        return new UdpListener(options, { native: NativeUdpSocket.adopt(binding.fd) });
+        const native = NativeUdpSocket.adopt(binding.fd, { giveUpAfter });
+        return new UdpListener(options, { native });
       } catch (err) {
         throw new ListenError(target, `the socket handed over: ${errorText(err)}`, {
           cause: err,
@@ -151,6 +289,7 @@ export class UdpListener {
           receiveBufferBytes: options.receiveBufferBytes,
           reuseAddress: binding === "beside",
           reusePort: binding === "beside",
+          giveUpAfter,
         });
       } catch (err) {
         if (!(err instanceof NativeUdpUnavailable)) throw listenError(target, err);
@@ -180,19 +319,64 @@ export class UdpListener {
 
   /** Starts receiving (once). */
   start(): void {
-    this.#receiving ??= this.#native !== undefined
+    if (this.#receiving !== undefined) return;
+    const intervalMs = this.#options.summaryIntervalMs ?? DEFAULT_SUMMARY_INTERVAL_MS;
+    this.#summary = setInterval(() => this.#summarize(intervalMs), intervalMs);
+    Deno.unrefTimer(this.#summary);
+    const receiving = this.#native !== undefined
       ? this.#receiveNative(this.#native)
       : this.#receiveDeno(this.#deno!);
+    this.#receiving = receiving.finally(() => this.#finish());
+  }
+
+  /** Once receiving has ended: the last summary, and the counts kept in the totals. */
+  #finish(): void {
+    if (this.#summary !== undefined) {
+      clearInterval(this.#summary);
+      this.#summary = undefined;
+      this.#summarize(this.#options.summaryIntervalMs ?? DEFAULT_SUMMARY_INTERVAL_MS);
+    }
+    this.#totals.retire(this);
+  }
+
+  /** Logs failed calls and cut datagrams since the last summary, if any. */
+  #summarize(intervalMs: number): void {
+    const counts = this.counts();
+    const errors = counts.errors - this.#summarized.errors;
+    const truncated = counts.truncated - this.#summarized.truncated;
+    this.#summarized = { errors: counts.errors, truncated: counts.truncated };
+    const seconds = intervalMs >= 10_000
+      ? String(Math.round(intervalMs / 1000))
+      : (intervalMs / 1000).toFixed(1);
+    if (errors > 0) {
+      log.warn(
+        "udp: {count} in the last {seconds} s with the {receiver} receiver ({error}); each is retried after a back-off of up to {backoff} ms",
+        {
+          count: plural(errors, "failed receive call"),
+          seconds,
+          receiver: this.#receiver,
+          error: counts.lastError === "" ? "errno unknown" : counts.lastError,
+          errno: counts.lastErrno,
+          backoff: MAX_BACKOFF_MS,
+        },
+      );
+    }
+    if (truncated > 0) {
+      log.warn(
+        "udp: {count} longer than the native receiver's slot were cut and dropped in the last {seconds} s",
+        { count: plural(truncated, "datagram"), seconds },
+      );
+    }
   }
 
   /** What the receiver is, in a few words, for the log. */
   describe(): string {
-    if (this.receiver === "native") {
-      return `native receiver (recvmmsg; kernel receive buffer ${this.receiveBufferBytes} bytes)`;
+    if (this.#receiver === "native") {
+      return `native receiver (recvmmsg; kernel receive buffer ${this.#receiveBufferBytes} bytes)`;
     }
-    const why = this.fallbackReason === undefined
+    const why = this.#fallbackReason === undefined
       ? ""
-      : `; the native one is unavailable: ${this.fallbackReason}`;
+      : `; the native one is unavailable: ${this.#fallbackReason}`;
     return `Deno receiver (kernel receive buffer: the system default${why})`;
   }
 
@@ -253,6 +437,8 @@ export class UdpListener {
     this.#native?.close();
     if (this.#deno !== undefined) closeDeno(this.#deno);
     await this.#receiving;
+    // Never started: nothing else keeps its counts.
+    if (this.#receiving === undefined) this.#totals.retire(this);
   }
 
   /** Ends an unfinished {@linkcode close} now: what is still queued is counted `unread`. */
@@ -276,7 +462,13 @@ export class UdpListener {
       try {
         n = await socket.receive();
       } catch (err) {
-        // Only a programming error rejects; survive it, without spinning.
+        if (err instanceof NativeUdpFailing) {
+          // auto, and the calls keep failing: a Deno receiver takes over the
+          // port, while this socket's queue is read (if it can be) to the end.
+          if (!this.#closing) this.#fallBack(socket, err);
+          continue;
+        }
+        // Otherwise only a programming error rejects; survive it, without spinning.
         internalErrors.report("udp receive", err);
         if (this.#closing) {
           socket.close();
@@ -285,7 +477,12 @@ export class UdpListener {
         await new Promise((resolve) => setTimeout(resolve, 100));
         continue;
       }
-      if (n === 0) return; // closed, or the queue read to the end
+      if (n === 0) {
+        // Closed, or the queue read to the end; after a fallback, the Deno
+        // receiver goes on.
+        if (this.#deno !== undefined) await this.#receiveDeno(this.#deno);
+        return;
+      }
       try {
         if (this.#abandon) {
           scratch ??= new DatagramDecoder({ counters: new IngestCounters(), maxLineBytes });
@@ -300,6 +497,51 @@ export class UdpListener {
     }
   }
 
+  /**
+   * Replaces the failing native `socket` with a Deno socket bound beside it
+   * on the same port (both with `SO_REUSEADDR`), then stops the native one's
+   * arrivals (it connects to itself, so new datagrams go to the Deno socket)
+   * and lets the native loop read what is queued, as far as its calls allow.
+   * When the Deno socket cannot be bound, the native receiver goes on (and
+   * gives up again later).
+   */
+  #fallBack(socket: NativeUdpSocket, failing: NativeUdpFailing): void {
+    const { hostname, port } = this.addr;
+    const address = hostname.includes(":") ? `[${hostname}]:${port}` : `${hostname}:${port}`;
+    let conn: Deno.DatagramConn;
+    try {
+      socket.share();
+      conn = Deno.listenDatagram({
+        transport: "udp",
+        hostname: this.#options.hostname,
+        port: this.addr.port,
+        reuseAddress: true,
+      });
+    } catch (err) {
+      const intervalMs = this.#options.summaryIntervalMs ?? DEFAULT_SUMMARY_INTERVAL_MS;
+      if (Date.now() - this.#fallbackFailureLogged >= intervalMs) {
+        this.#fallbackFailureLogged = Date.now();
+        log.error(
+          "udp: the native receiver keeps failing ({reason}), and the Deno receiver cannot bind {address} beside it ({error}); the native one goes on",
+          { reason: failing.message, address, error: errorText(err) },
+        );
+      }
+      return;
+    }
+    const queued = socket.queuedBytes;
+    socket.stopArrivals();
+    this.#native = undefined;
+    this.#deno = conn;
+    this.#receiver = "deno";
+    this.#receiveBufferBytes = undefined;
+    this.#fallbackReason = failing.message;
+    this.#totals.fallbacks++;
+    log.warn(
+      "udp: the native receiver gave up: {reason}; fell back to the Deno receiver on {address} (kernel receive buffer: the system default); {queued} bytes were queued in the native socket",
+      { reason: failing.message, address, queued: queued ?? "unknown", errno: failing.errno },
+    );
+  }
+
   /** The Deno loop: one datagram per receive. */
   async #receiveDeno(conn: Deno.DatagramConn): Promise<void> {
     const { sink, counters, maxLineBytes } = this.#options;
@@ -312,15 +554,27 @@ export class UdpListener {
         }
         return; // closed
       } catch (err) {
-        // A transient receive error (e.g. ICMP feedback) is expected; anything
-        // else is counted. Keep receiving, without spinning if it repeats.
-        if (!(err instanceof Error && /os error/.test(errorText(err)))) {
+        // A transient receive error (e.g. ICMP feedback) is expected, and
+        // counted with the receive errors; anything else is an internal error.
+        // Keep receiving, without spinning if it repeats.
+        const text = errorText(err);
+        const os = /\(os error (\d+)\)/.exec(text);
+        if (os !== null) {
+          this.#denoErrors++;
+          this.#denoLastErrno = Number(os[1]);
+          this.#denoLastError = text;
+        } else {
           internalErrors.report("udp receive", err);
         }
         await new Promise((resolve) => setTimeout(resolve, 10));
       }
     }
   }
+}
+
+/** `1 datagram`, `2 datagrams`. */
+function plural(count: number, noun: string): string {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }
 
 function closeDeno(conn: Deno.DatagramConn): void {

@@ -427,6 +427,7 @@ export class UdpUpstream implements Destination {
     this.address = options.address;
     this.#options = options;
     this.ascii = new DatagramStream(this, options, "ascii");
+    this.#ip = literalIp(options.host);
   }
 
   /** Its datagram streams: ascii, then binary if used. */
@@ -470,9 +471,8 @@ export class UdpUpstream implements Destination {
    */
   start(): void {
     if (this.#draining) return;
-    const { host } = this.#options;
-    if (host === "localhost") this.#setIp("127.0.0.1");
-    else if (isIpLiteral(host)) this.#setIp(host);
+    const ip = literalIp(this.#options.host);
+    if (ip !== undefined) this.#setIp(ip);
     else this.#resolve();
   }
 
@@ -616,6 +616,9 @@ export class UdpUpstream implements Destination {
   }
 }
 
-function isIpLiteral(host: string): boolean {
-  return host.includes(":") || (/^[0-9.]+$/.test(host) && isValidHost(host));
+/** The IP of `host` when it needs no resolving: an IP literal, or `localhost`. */
+function literalIp(host: string): string | undefined {
+  if (host === "localhost") return "127.0.0.1";
+  const literal = host.includes(":") || (/^[0-9.]+$/.test(host) && isValidHost(host));
+  return literal ? host : undefined;
 }
