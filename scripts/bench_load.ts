@@ -172,8 +172,8 @@ function shares(total: number, parts: number): number[] {
   );
 }
 
-/** The lines of standard input, one by one. */
-async function* stdinLines(): AsyncGenerator<string, void, undefined> {
+/** The lines of standard input, one by one (trimmed): how a bench child takes commands. */
+export async function* stdinLines(): AsyncGenerator<string, void, undefined> {
   const decoder = new TextDecoder();
   let text = "";
   for await (const chunk of Deno.stdin.readable) {

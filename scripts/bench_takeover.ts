@@ -41,7 +41,7 @@
 
 import { parseArgs } from "node:util";
 import { LineChild } from "./bench_child.ts";
-import { now } from "./bench_load.ts";
+import { now, stdinLines } from "./bench_load.ts";
 import { clockTicksPerSecond, cpuTicks, udpDrops } from "./bench_proc.ts";
 import { freePort } from "./free_port.ts";
 import { DENO_JSON, proxyArgs } from "./proxy_args.ts";
@@ -234,17 +234,6 @@ async function readFloats(path: string): Promise<Float64Array> {
   return new Float64Array(
     bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength),
   );
-}
-
-/** The lines of standard input, one by one. */
-async function* stdinLines(): AsyncGenerator<string, void, undefined> {
-  let text = "";
-  for await (const chunk of Deno.stdin.readable) {
-    text += decoder.decode(chunk, { stream: true });
-    const lines = text.split("\n");
-    text = lines.pop() ?? "";
-    yield* lines.map((l) => l.trim());
-  }
 }
 
 // The sink, run as `bench_takeover.ts sink`.

@@ -28,31 +28,31 @@ interface BenchRun {
   generator: { kind: string; note: string } | null;
 }
 
+/** Runs `scripts/bench.ts ARGS --json JSON` to its end; asserts it exited 0; returns its output. */
+async function runBench(
+  args: string[],
+  json: string,
+  env?: Record<string, string>,
+): Promise<string> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "--quiet", "--allow-all", "--config", DENO_JSON, BENCH, ...args, "--json", json],
+    env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const stdout = new TextDecoder().decode(out.stdout);
+  const stderr = new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 0, `bench failed:\n${stdout}\n${stderr}`);
+  return stdout;
+}
+
 /** Runs the bench with `args` (and `--json` into a temporary folder); asserts it succeeded. */
 async function bench(args: string[], env?: Record<string, string>): Promise<BenchRun> {
   const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-bench-test-" });
   try {
     const json = `${dir}/results.json`;
-    const out = await new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--quiet",
-        "--allow-all",
-        "--config",
-        DENO_JSON,
-        BENCH,
-        ...args,
-        "--json",
-        json,
-      ],
-      env,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const stdout = new TextDecoder().decode(out.stdout);
-    const stderr = new TextDecoder().decode(out.stderr);
-    assert.equal(out.code, 0, `bench failed:\n${stdout}\n${stderr}`);
+    const stdout = await runBench(args, json, env);
     assert.match(stdout, /^scenario\s+proxy\s+sent\s+offered\/s\s+delivered\s+lost/m);
     const written = JSON.parse(await Deno.readTextFile(json));
     assert.equal(written.error, null);
@@ -184,26 +184,7 @@ Deno.test("bench soak runs with a dying server and client churn, and its account
   const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-soak-test-" });
   try {
     const json = `${dir}/results.json`;
-    const out = await new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--quiet",
-        "--allow-all",
-        "--config",
-        DENO_JSON,
-        BENCH,
-        "--scenarios",
-        "soak",
-        "--soak-seconds",
-        "5",
-        "--json",
-        json,
-      ],
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const stdout = new TextDecoder().decode(out.stdout);
+    const stdout = await runBench(["--scenarios", "soak", "--soak-seconds", "5"], json);
     assert.match(stdout, /^soak: 5 s; sent [\d,]+ over TCP on [\d,]+ client connections/m);
     const { result, error } = JSON.parse(await Deno.readTextFile(`${dir}/results-soak.json`));
     assert.equal(error, null);
@@ -225,31 +206,10 @@ Deno.test("bench takeover replaces the proxy under traffic, and each takeover ha
   const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-takeover-test-" });
   try {
     const json = `${dir}/results.json`;
-    const out = await new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--quiet",
-        "--allow-all",
-        "--config",
-        DENO_JSON,
-        BENCH,
-        "--scenarios",
-        "takeover",
-        "--takeovers",
-        "2",
-        "--rate",
-        "2000",
-        "--quick",
-        "--json",
-        json,
-      ],
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const stdout = new TextDecoder().decode(out.stdout);
-    const stderr = new TextDecoder().decode(out.stderr);
-    assert.equal(out.code, 0, `bench failed:\n${stdout}\n${stderr}`);
+    const stdout = await runBench(
+      ["--scenarios", "takeover", "--takeovers", "2", "--rate", "2000", "--quick"],
+      json,
+    );
     assert.match(stdout, /^takeover: 2 takeovers in [\d.]+ s of traffic/m);
     assert.match(stdout, /^#\s+old pid\s+new pid\s+UDP\s+held\s+wall ms/m);
     assert.match(stdout, /^baseline\s+[\d.]+ s without a takeover: longest gap [\d.]+ ms/m);
