@@ -15,7 +15,8 @@
  * How datagrams leave: through a socket of the server's own, connected to
  * it through libc (see `udp_socket.ts`), so that a server's host answering
  * "port unreachable" shows as a refused send; where libc cannot work (no
- * `--allow-ffi`, not Linux), or no descriptor is left, through the pool's
+ * `--allow-ffi`, not Linux), or no descriptor is left, or past
+ * {@linkcode MAX_CONNECTED_SOCKETS} servers, through the pool's
  * `Deno.listenDatagram` sockets, which cannot tell.
  *
  * The server's host name is resolved (getaddrinfo: `/etc/hosts` counts)
@@ -62,6 +63,16 @@ const MAX_SEND_PAUSE_MS = 64;
  */
 const MAX_QUEUED_BYTES = 16 * 1024 * 1024;
 
+/**
+ * Most servers with a connected socket of their own, in the process: each
+ * takes a file descriptor, and the listeners need some too. Servers past it
+ * send through the pool's Deno sockets (refusals unseen) until one closes.
+ */
+export const MAX_CONNECTED_SOCKETS = 1024;
+
+/** Connected sockets open, across pools. */
+let connectedSockets = 0;
+
 /** Whether the missing libc was logged (once per process). */
 let toldNoLibc = false;
 
@@ -96,18 +107,22 @@ export class UdpSockets {
   ): ConnectedUdpSocket | { call: string; errno: number; text: string } | undefined {
     const libc = this.#libc ??= loadLibc();
     if (libc === null) return undefined;
+    if (connectedSockets >= MAX_CONNECTED_SOCKETS) {
+      return { call: "socket", errno: 24, text: `over ${MAX_CONNECTED_SOCKETS} connected sockets` };
+    }
     const socket = ConnectedUdpSocket.open(libc, ip, port);
     if (!(socket instanceof ConnectedUdpSocket)) {
       return { ...socket, text: `${socket.call}: ${libc.describe(socket.errno)}` };
     }
     this.#connected.add(socket);
+    connectedSockets++;
     return socket;
   }
 
   /** Closes a socket {@linkcode connect} opened. */
   release(socket: ConnectedUdpSocket): void {
     socket.close();
-    this.#connected.delete(socket);
+    if (this.#connected.delete(socket)) connectedSockets--;
   }
 
   /** Closes every socket (and lets go of libc). */
@@ -121,6 +136,7 @@ export class UdpSockets {
     }
     this.#v4 = this.#v6 = undefined;
     for (const socket of this.#connected) socket.close();
+    connectedSockets -= this.#connected.size;
     this.#connected.clear();
     this.#libc?.close();
     this.#libc = undefined;
@@ -591,9 +607,10 @@ export class UdpUpstream implements Destination {
   }
 
   /**
-   * Sends what is pending and queued until `deadline` (ms since epoch) or
-   * until `cut` resolves; then drops what is left, counted for `reason`, and
-   * closes the server's socket. Returns how many were dropped.
+   * Sends what is pending and queued until `deadline` (ms since epoch; given
+   * `cut`, until it resolves instead: a shutdown's one promise for its
+   * deadline); then drops what is left, counted for `reason`, and closes the
+   * server's socket. Returns how many were dropped.
    */
   async drain(deadline: number, reason: DrainReason, cut?: Promise<void>): Promise<number> {
     this.#draining = true;
@@ -601,12 +618,10 @@ export class UdpUpstream implements Destination {
     this.#retry = undefined;
     const streams = this.connections;
     let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<void>((resolve) => {
+    const end = cut ?? new Promise<void>((resolve) => {
       timer = setTimeout(resolve, Math.max(0, deadline - Date.now()));
     });
-    const ends = [Promise.all(streams.map((s) => s.idle())).then(() => {}), timeout];
-    if (cut !== undefined) ends.push(cut);
-    await Promise.race(ends);
+    await Promise.race([Promise.all(streams.map((s) => s.idle())), end]);
     clearTimeout(timer);
     const lost = await Promise.all(streams.map((s) => s.stop(reason)));
     this.#wake();
