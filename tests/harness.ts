@@ -500,6 +500,27 @@ export class ProxyProcess {
     return !exited;
   }
 
+  /**
+   * Moves UDP to a new free port: rewrites `udp_port` in the config file,
+   * sends SIGHUP and waits for the reload's line; returns the new port
+   * (also the new {@linkcode udpPort}).
+   */
+  async moveUdpPort(): Promise<number> {
+    const oldPort = this.udpPort;
+    const newPort = freePort("udp");
+    const ini = await Deno.readTextFile(`${this.dir}/proxy.ini`);
+    await Deno.writeTextFile(
+      `${this.dir}/proxy.ini`,
+      ini.replace(`udp_port = ${oldPort}`, `udp_port = ${newPort}`),
+    );
+    this.signal("SIGHUP");
+    await this.waitForLog(
+      new RegExp(`udp 127\\.0\\.0\\.1:${oldPort} -> 127\\.0\\.0\\.1:${newPort}`),
+    );
+    this.udpPort = newPort;
+    return newPort;
+  }
+
   /** GETs `path` from the admin endpoint. */
   async admin(path: string): Promise<{ status: number; text: string }> {
     const response = await fetch(`http://127.0.0.1:${this.adminPort}${path}`);
@@ -664,6 +685,29 @@ export async function runMain(
     stderr: new TextDecoder().decode(out.stderr),
     stdoutBytes: out.stdout,
   };
+}
+
+/**
+ * Runs a proxy whose only listener is UDP on a free port with
+ * `udp_receiver = native` (in a temporary folder), expecting it to end at
+ * once: its exit code, standard error and the port.
+ */
+export async function runNativeUdpOnly(
+  options: { withoutFfi?: boolean; env?: Record<string, string> } = {},
+): Promise<{ code: number; stderr: string; port: number }> {
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-udp-" });
+  try {
+    await Deno.writeTextFile(`${dir}/servers.conf`, "127.0.0.1:9 1\n");
+    const port = freePort("udp");
+    await Deno.writeTextFile(
+      `${dir}/proxy.ini`,
+      `[statsite-proxy]\nport = 0\nudp_port = ${port}\nbind_address = 127.0.0.1\nudp_receiver = native\n`,
+    );
+    const { code, stderr } = await runMain(["-f", `${dir}/proxy.ini`], options);
+    return { code, stderr, port };
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 }
 
 /** Asks `main.ts route --servers FILE` where each key goes; returns key → address. */

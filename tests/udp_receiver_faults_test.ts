@@ -13,10 +13,9 @@
 import assert from "node:assert/strict";
 import {
   bytes,
-  freePort,
   ProxyProcess,
   RecordingServer,
-  runMain,
+  runNativeUdpOnly,
   sendUdp,
   sleep,
   waitUntil,
@@ -202,25 +201,14 @@ shimTest(
       }
 
       await t.step("native: exit 1 with one line", async () => {
-        const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-udp-" });
-        try {
-          await Deno.writeTextFile(`${dir}/servers.conf`, "127.0.0.1:9 1\n");
-          const port = freePort("udp");
-          await Deno.writeTextFile(
-            `${dir}/proxy.ini`,
-            `[statsite-proxy]\nport = 0\nudp_port = ${port}\nbind_address = 127.0.0.1\nudp_receiver = native\n`,
-          );
-          const r = await runMain(["-f", `${dir}/proxy.ini`], {
-            env: faultEnv(shim.path, "recvmmsg", 38),
-          });
-          assert.equal(r.code, 1);
-          assert.equal(
-            r.stderr,
-            `statsite-proxy: cannot listen on udp 127.0.0.1:${port}: the native receiver cannot work here: recvmmsg: Function not implemented (os error 38)\n`,
-          );
-        } finally {
-          await Deno.remove(dir, { recursive: true });
-        }
+        const { code, stderr, port } = await runNativeUdpOnly({
+          env: faultEnv(shim.path, "recvmmsg", 38),
+        });
+        assert.equal(code, 1);
+        assert.equal(
+          stderr,
+          `statsite-proxy: cannot listen on udp 127.0.0.1:${port}: the native receiver cannot work here: recvmmsg: Function not implemented (os error 38)\n`,
+        );
       });
     } finally {
       await shim.remove();

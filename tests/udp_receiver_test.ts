@@ -11,11 +11,10 @@ import { binary, binarySet } from "./frames.ts";
 import {
   bytes,
   concat,
-  freePort,
   ProxyProcess,
   RecordingServer,
   routeOf,
-  runMain,
+  runNativeUdpOnly,
   sendUdp,
   sleep,
   waitUntil,
@@ -190,17 +189,7 @@ Deno.test("datagrams the kernel drops for a paused proxy are counted in /metrics
     });
 
     await t.step("a reload that moves the port to a new socket keeps the count", async () => {
-      const oldPort = proxy.udpPort;
-      const newPort = freePort("udp");
-      const ini = await Deno.readTextFile(`${proxy.dir}/proxy.ini`);
-      await Deno.writeTextFile(
-        `${proxy.dir}/proxy.ini`,
-        ini.replace(`udp_port = ${oldPort}`, `udp_port = ${newPort}`),
-      );
-      proxy.signal("SIGHUP");
-      await proxy.waitForLog(
-        new RegExp(`udp 127\\.0\\.0\\.1:${oldPort} -> 127\\.0\\.0\\.1:${newPort}`),
-      );
+      await proxy.moveUdpPort();
       assert.equal(udp(await proxy.metrics()).dropped, dropped);
       assert.equal((await health()).kernel_drops, dropped);
     });
@@ -256,16 +245,7 @@ Deno.test("SIGHUP moving the UDP port reopens the native receiver there", async 
   const proxy = await ProxyProcess.start({ servers: [server.address] });
   try {
     const oldPort = proxy.udpPort;
-    const newPort = freePort("udp");
-    const ini = await Deno.readTextFile(`${proxy.dir}/proxy.ini`);
-    await Deno.writeTextFile(
-      `${proxy.dir}/proxy.ini`,
-      ini.replace(`udp_port = ${oldPort}`, `udp_port = ${newPort}`),
-    );
-    proxy.signal("SIGHUP");
-    await proxy.waitForLog(
-      new RegExp(`udp 127\\.0\\.0\\.1:${oldPort} -> 127\\.0\\.0\\.1:${newPort}`),
-    );
+    const newPort = await proxy.moveUdpPort();
     assert.match(
       proxy.stderr,
       new RegExp(`listening on udp 127\\.0\\.0\\.1:${newPort} with the native receiver`),
@@ -316,22 +296,11 @@ Deno.test("without --allow-ffi the proxy falls back to Deno's receiver, or refus
   });
 
   await t.step("native: exit 1 with one line", async () => {
-    const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-udp-" });
-    try {
-      await Deno.writeTextFile(`${dir}/servers.conf`, "127.0.0.1:9 1\n");
-      const port = freePort("udp");
-      await Deno.writeTextFile(
-        `${dir}/proxy.ini`,
-        `[statsite-proxy]\nport = 0\nudp_port = ${port}\nbind_address = 127.0.0.1\nudp_receiver = native\n`,
-      );
-      const r = await runMain(["-f", `${dir}/proxy.ini`], { withoutFfi: true });
-      assert.equal(r.code, 1);
-      assert.equal(
-        r.stderr,
-        `statsite-proxy: cannot listen on udp 127.0.0.1:${port}: the native receiver cannot work here: no --allow-ffi permission\n`,
-      );
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
+    const { code, stderr, port } = await runNativeUdpOnly({ withoutFfi: true });
+    assert.equal(code, 1);
+    assert.equal(
+      stderr,
+      `statsite-proxy: cannot listen on udp 127.0.0.1:${port}: the native receiver cannot work here: no --allow-ffi permission\n`,
+    );
   });
 });

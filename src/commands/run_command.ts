@@ -493,22 +493,7 @@ class Running implements ControlHost {
 
 /** Whether the new proxy says, within `ms`, that it started (its pid is in the pid file). */
 async function waitForStarted(channel: ControlChannel, ms: number): Promise<boolean> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    while (true) {
-      const message = await Promise.race([
-        channel.receive(),
-        new Promise<null>((resolve) => timer = setTimeout(() => resolve(null), ms)),
-      ]);
-      clearTimeout(timer);
-      if (message === null) return false;
-      if (message.kind === "json" && message.value.type === "started") return true;
-    }
-  } catch {
-    return false;
-  } finally {
-    clearTimeout(timer);
-  }
+  return (await channel.receiveJson(ms))?.type === "started";
 }
 
 function startAdmin(

@@ -140,6 +140,27 @@ export class ControlChannel {
     }
   }
 
+  /**
+   * The next message if it comes within `timeoutMs` and is JSON; else
+   * `undefined` (nothing in time, the end of the stream, another kind, or a
+   * malformed message). After `undefined` for want of time the channel should
+   * be closed: the late message would be lost to the next receive.
+   */
+  async receiveJson(timeoutMs: number): Promise<Record<string, unknown> | undefined> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      const message = await Promise.race([
+        this.receive(),
+        new Promise<null>((resolve) => timer = setTimeout(() => resolve(null), timeoutMs)),
+      ]);
+      return message?.kind === "json" ? message.value : undefined;
+    } catch {
+      return undefined;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   /** Reads until `n` unread bytes are buffered; false at the end of the stream. */
   async #fill(n: number): Promise<boolean> {
     while (this.#end - this.#start < n) {

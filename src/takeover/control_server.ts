@@ -163,7 +163,7 @@ export class ControlServer {
     let mine = false;
     let handedOver = false;
     try {
-      const hello = await receiveJson(channel);
+      const hello = await channel.receiveJson(REQUEST_TIMEOUT_MS);
       if (hello?.type !== "hello") return;
       const status = await this.#host.status();
       const wanted = hello.takeover === true ||
@@ -183,7 +183,7 @@ export class ControlServer {
       });
       await channel.sendJson({ type: "hello", ...status });
       while (true) {
-        const request = await receiveJson(channel);
+        const request = await channel.receiveJson(REQUEST_TIMEOUT_MS);
         switch (request?.type) {
           case "udp-fd":
           case "udp-share":
@@ -210,21 +210,5 @@ export class ControlServer {
       if (mine) this.#busy = false;
       if (!handedOver) channel.close();
     }
-  }
-}
-
-/** The next message if it is JSON, within {@linkcode REQUEST_TIMEOUT_MS}; else undefined. */
-async function receiveJson(channel: ControlChannel): Promise<Record<string, unknown> | undefined> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    const message = await Promise.race([
-      channel.receive(),
-      new Promise<null>((resolve) => timer = setTimeout(() => resolve(null), REQUEST_TIMEOUT_MS)),
-    ]);
-    return message?.kind === "json" ? message.value : undefined;
-  } catch {
-    return undefined;
-  } finally {
-    clearTimeout(timer);
   }
 }

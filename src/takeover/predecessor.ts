@@ -92,7 +92,7 @@ export class Predecessor {
         version: VERSION,
         takeover: mode === "takeover" ? true : mode,
       });
-      const reply = await answer(channel);
+      const reply = await channel.receiveJson(ANSWER_TIMEOUT_MS);
       if (reply === undefined) {
         channel.close();
         return { kind: "silent", reason: `no answer on ${path} within ${ANSWER_TIMEOUT_MS} ms` };
@@ -174,7 +174,7 @@ export class Predecessor {
    */
   async request(message: Record<string, unknown>): Promise<Record<string, unknown>> {
     this.#channel.sendJson(message);
-    const reply = await answer(this.#channel);
+    const reply = await this.#channel.receiveJson(ANSWER_TIMEOUT_MS);
     if (reply === undefined) throw new Error(`no answer within ${ANSWER_TIMEOUT_MS} ms`);
     return reply;
   }
@@ -261,21 +261,5 @@ export class Predecessor {
   /** Lines and frames relayed so far. */
   get relayed(): number {
     return this.#intake.relayed;
-  }
-}
-
-/** The next JSON message within {@linkcode ANSWER_TIMEOUT_MS}, or undefined. */
-async function answer(channel: ControlChannel): Promise<Record<string, unknown> | undefined> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    const message = await Promise.race([
-      channel.receive(),
-      new Promise<null>((resolve) => timer = setTimeout(() => resolve(null), ANSWER_TIMEOUT_MS)),
-    ]);
-    return message?.kind === "json" ? message.value : undefined;
-  } catch {
-    return undefined;
-  } finally {
-    clearTimeout(timer);
   }
 }
