@@ -2,7 +2,8 @@
  * The running proxy: listeners → decoders → router (routes, pools) →
  * upstreams.
  *
- * {@linkcode Proxy.start} binds the listeners and connects the upstreams;
+ * {@linkcode Proxy.create} binds the listeners, {@linkcode Proxy.startListeners}
+ * serves them and {@linkcode Proxy.startUpstreams} connects the upstreams;
  * {@linkcode Proxy.reload} swaps in a new configuration (servers that stay in
  * a pool keep their connections and buffers); {@linkcode Proxy.shutdown}
  * stops accepting, lets what was read finish, and drains every upstream
@@ -232,17 +233,6 @@ export class Proxy {
       pools: pools.map((p) => p.name),
     });
     this.router = new Router({ pools, table });
-  }
-
-  /**
-   * Starts a proxy: binds the listeners (a `ListenError` when a port is
-   * taken), starts serving them and connecting to the upstreams.
-   */
-  static start(config: ProxyConfig): Proxy {
-    const proxy = Proxy.create(config);
-    proxy.startListeners();
-    proxy.startUpstreams();
-    return proxy;
   }
 
   /**

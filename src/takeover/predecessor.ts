@@ -35,7 +35,7 @@ export type Contact =
   /** It agreed to be taken over: go on with {@linkcode Predecessor}. */
   | { kind: "answered"; predecessor: Predecessor }
   /** It answered with its status only (a plain start, or busy with another takeover). */
-  | { kind: "status"; status: ControlStatus; busy: boolean }
+  | { kind: "status"; status: ControlStatus }
   /** Nothing answered (an old version, a hung process, no socket). */
   | { kind: "silent"; reason: string };
 
@@ -102,7 +102,7 @@ export class Predecessor {
         return { kind: "answered", predecessor: new Predecessor(channel, status) };
       }
       channel.close();
-      return { kind: "status", status, busy: reply.type === "busy" };
+      return { kind: "status", status };
     } catch (err) {
       channel.close();
       return { kind: "silent", reason: errorText(err) };
