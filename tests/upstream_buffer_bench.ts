@@ -15,6 +15,7 @@
 
 import { IngestCounters } from "../src/ingest/counters.ts";
 import { POOL_DEFAULTS } from "../src/config/pool_settings.ts";
+import { DISCOVERY_DEFAULTS, RING_SWITCH_DEFAULTS } from "../src/config/config.ts";
 import { Pool } from "../src/routing/pool.ts";
 import { Router } from "../src/routing/router.ts";
 import { RoutingTable } from "../src/routing/routing_table.ts";
@@ -77,7 +78,14 @@ const servers = [8125, 8126, 8127].map((port) => ({
 /** A router over three upstreams that are never started, so appends only fill their buffers. */
 function newRouter(): Router {
   const pool = new Pool({
-    config: { name: "default", serversFile: "servers.conf", servers, ...POOL_DEFAULTS },
+    config: {
+      name: "default",
+      serversFile: "servers.conf",
+      servers,
+      ...POOL_DEFAULTS,
+      ringSwitch: { ...RING_SWITCH_DEFAULTS, mode: "immediate" },
+      discovery: DISCOVERY_DEFAULTS,
+    },
     shared: {
       maxBufferBytes: 256 * 1024 * 1024,
       reconnectMinMs: 100,

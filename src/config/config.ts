@@ -28,11 +28,14 @@ import ini from "ini";
 import { ConfigError, plainName, UsageError } from "../errors.ts";
 import { readBoundedText } from "./bounded_file.ts";
 import {
+  type DiscoverySettings,
   type HashFamily,
+  type InheritedPoolSettings,
   parsePoolsAndRoutes,
   POOL_DEFAULTS,
   POOL_KEYS,
   type PoolSettings,
+  type RingSwitchSettings,
   ROUTE_KEYS,
   type RouteSettings,
   SECTION_NAME,
@@ -158,6 +161,25 @@ export interface ProxyConfig {
    */
   udpReceiveBufferBytes: number;
   /**
+   * When a change of a ring takes effect (keys `ring_switch`,
+   * `flush_interval`, `ring_switch_lead_ms`, `ring_switch_offset_ms`), for
+   * the pool `default` of the main section's servers and as every pool's
+   * default. Default: aligned to 10 s boundaries, 1000 ms of lead, no offset.
+   */
+  ringSwitch: RingSwitchSettings;
+  /**
+   * How servers from DNS are looked up (keys `dns_server`,
+   * `discovery_interval_ms`, `max_server_loss`), as for
+   * {@linkcode ProxyConfig.ringSwitch}. Default: the system's resolver,
+   * every 10 s, at most half the servers lost at once.
+   */
+  discovery: DiscoverySettings;
+  /**
+   * Re-read a servers file when it changes (key `watch_servers_file`), as a
+   * SIGHUP would for the servers alone. Default `false`.
+   */
+  watchServersFile: boolean;
+  /**
    * The pools, when the file has `[pool:NAME]` or `[route:NAME]` sections
    * (the pool `default` first when there is one); absent otherwise, when the
    * one pool is the main section's servers.
@@ -188,6 +210,20 @@ export type ConfigSettings = Omit<ProxyConfig, "servers" | "pools"> & {
 export type ConfigDefaults = Readonly<
   Omit<ProxyConfig, "configFile" | "servers" | "pidFile" | "pools" | "routes">
 >;
+
+/** The defaults of the ring switch settings. */
+export const RING_SWITCH_DEFAULTS: Readonly<RingSwitchSettings> = Object.freeze({
+  mode: "aligned",
+  flushIntervalS: 10,
+  leadMs: 1000,
+  offsetMs: 0,
+});
+
+/** The defaults of the discovery settings. */
+export const DISCOVERY_DEFAULTS: Readonly<DiscoverySettings> = Object.freeze({
+  intervalMs: 10000,
+  maxServerLoss: 0.5,
+});
 
 /**
  * Values from command-line flags; they beat the config file. Each value is
@@ -256,6 +292,9 @@ export const DEFAULTS: ConfigDefaults = Object.freeze({
   adminTimeoutMs: 10000,
   udpReceiver: "auto",
   udpReceiveBufferBytes: 8388608,
+  ringSwitch: RING_SWITCH_DEFAULTS,
+  discovery: DISCOVERY_DEFAULTS,
+  watchServersFile: false,
 });
 
 /** The settings section. */
@@ -314,6 +353,71 @@ function integer(text: string, min: number, max: number): number {
   if (value < min) throw new InvalidValue(`must be at least ${min}, got ${text}`);
   if (value > max) throw new InvalidValue(`must be at most ${max}, got ${text}`);
   return value;
+}
+
+/** Parses a signed decimal integer in `min..max`. */
+function signedInteger(text: string, min: number, max: number): number {
+  if (!/^-?[0-9]+$/.test(text)) throw new InvalidValue("not a decimal integer");
+  const value = Number(text);
+  if (value < min) throw new InvalidValue(`must be at least ${min}, got ${text}`);
+  if (value > max) throw new InvalidValue(`must be at most ${max}, got ${text}`);
+  return value;
+}
+
+/** Parses a fraction, `0` to `1` (a plain decimal). */
+function fraction(text: string): number {
+  if (!/^(?:0|1|0?\.[0-9]+|1\.0*)$/.test(text)) {
+    throw new InvalidValue(`must be a fraction from 0 to 1, such as 0.5, got ${text}`);
+  }
+  return Number(text);
+}
+
+/** Parses a ring switch mode. */
+function ringSwitchMode(text: string): RingSwitchSettings["mode"] {
+  const lower = text.toLowerCase();
+  if (lower === "immediate" || lower === "aligned") return lower;
+  throw new InvalidValue("unknown ring switch (expected aligned or immediate)");
+}
+
+/** Checks a resolver address: `IP:PORT`, an IPv6 address in brackets. */
+function dnsServer(text: string): string {
+  const match = /^(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):([0-9]{1,5})$/.exec(text);
+  const port = match === null ? 0 : Number(match[3]);
+  if (match === null || port < 1 || port > 65535 || !isValidHost(match[1] ?? match[2])) {
+    throw new InvalidValue(
+      "not IP:PORT (a resolver's IP address and port, e.g. 127.0.0.1:8600 or [::1]:53)",
+    );
+  }
+  return text;
+}
+
+/**
+ * Checks the `servers` value: a DNS source (`srv:NAME`, `dns:HOST:PORT`),
+ * kept as written, or a file, resolved like any path.
+ */
+function serversValue(text: string, base: string | undefined): string {
+  if (/^(?:srv|dns):/i.test(text)) {
+    const source = text.slice(4);
+    const dns = /^(.+):([0-9]{1,5})$/.exec(source);
+    const host = text[0].toLowerCase() === "s" ? source : dns?.[1];
+    const port = text[0].toLowerCase() === "s" ? 1 : Number(dns?.[2] ?? 0);
+    if (host === undefined || !isDnsName(host) || port < 1 || port > 65535) {
+      throw new InvalidValue(
+        text[0].toLowerCase() === "s"
+          ? "srv: needs a DNS name, e.g. srv:_statsite._tcp.stats.example"
+          : "dns: needs a DNS name and a port, e.g. dns:statsite.example:8125",
+      );
+    }
+    return `${text.slice(0, 3).toLowerCase()}:${source}`;
+  }
+  return path(text, base);
+}
+
+/** Whether `text` is a DNS name (letters, digits, `-` and `_` in dot-separated labels). */
+function isDnsName(text: string): boolean {
+  const name = text.endsWith(".") ? text.slice(0, -1) : text;
+  return name.length > 0 && name.length <= 253 &&
+    name.split(".").every((l) => /^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$/.test(l));
 }
 
 /** Parses a port number, 0..65535. */
@@ -392,6 +496,8 @@ function path(text: string, base: string | undefined): string {
 /** How to read one key of the config file. */
 interface KeySpec {
   field: Field;
+  /** The field of a settings object it sets (`ringSwitch.mode`), if any. */
+  sub?: string;
   parse(text: string, base: string): unknown;
 }
 
@@ -401,7 +507,7 @@ const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
   ["tcp_port", { field: "tcpPort", parse: port }],
   ["udp_port", { field: "udpPort", parse: port }],
   ["bind_address", { field: "bindAddress", parse: bindAddress }],
-  ["servers", { field: "serversFile", parse: path }],
+  ["servers", { field: "serversFile", parse: serversValue }],
   ["log_level", { field: "logLevel", parse: logLevel }],
   ["max_line_bytes", { field: "maxLineBytes", parse: (t) => integer(t, 64, 16 * 1024 * 1024) }],
   [
@@ -442,6 +548,26 @@ const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
     "udp_receive_buffer_bytes",
     { field: "udpReceiveBufferBytes", parse: (t) => integer(t, 0, 0x7fffffff) },
   ],
+  ["ring_switch", { field: "ringSwitch", sub: "mode", parse: ringSwitchMode }],
+  [
+    "flush_interval",
+    { field: "ringSwitch", sub: "flushIntervalS", parse: (t) => integer(t, 1, 86400) },
+  ],
+  [
+    "ring_switch_lead_ms",
+    { field: "ringSwitch", sub: "leadMs", parse: (t) => integer(t, 0, 3_600_000) },
+  ],
+  [
+    "ring_switch_offset_ms",
+    { field: "ringSwitch", sub: "offsetMs", parse: (t) => signedInteger(t, -3_600_000, 3_600_000) },
+  ],
+  ["dns_server", { field: "discovery", sub: "dnsServer", parse: dnsServer }],
+  [
+    "discovery_interval_ms",
+    { field: "discovery", sub: "intervalMs", parse: (t) => integer(t, 100, 86_400_000) },
+  ],
+  ["max_server_loss", { field: "discovery", sub: "maxServerLoss", parse: fraction }],
+  ["watch_servers_file", { field: "watchServersFile", parse: boolean }],
 ]);
 
 /** How to read one flag of {@linkcode ConfigOverrides}. */
@@ -456,7 +582,7 @@ const FLAGS: Readonly<Record<Exclude<keyof ConfigOverrides, "hash">, FlagSpec>> 
   port: { flag: "--port", field: "tcpPort", parse: port },
   udpPort: { flag: "--udp-port", field: "udpPort", parse: port },
   bind: { flag: "--bind", field: "bindAddress", parse: bindAddress },
-  servers: { flag: "--servers", field: "serversFile", parse: (t) => path(t, undefined) },
+  servers: { flag: "--servers", field: "serversFile", parse: (t) => serversValue(t, undefined) },
   logLevel: { flag: "--log-level", field: "logLevel", parse: logLevel },
   pidFile: { flag: "--pid-file", field: "pidFile", parse: (t) => path(t, undefined) },
 };
@@ -493,7 +619,7 @@ interface Scanned {
 function scan(file: string, text: string): Scanned {
   const error = (line: number, problem: string) => new ConfigError({ file, line, problem });
   const sections = new Map<string, number>();
-  const keys = new Map<Field, Entry>();
+  const keys = new Map<string, Entry>();
   const blocks: SectionBlock[] = [];
   const blockSections: string[] = [];
   let section: string | undefined;
@@ -587,7 +713,8 @@ function scan(file: string, text: string): Scanned {
     if (spec === undefined) {
       throw error(line, `unknown key${named(name)} in [${section}]`);
     }
-    const first = keys.get(spec.field);
+    const id = spec.sub === undefined ? spec.field : `${spec.field}.${spec.sub}`;
+    const first = keys.get(id);
     if (first !== undefined) {
       throw error(
         line,
@@ -598,7 +725,7 @@ function scan(file: string, text: string): Scanned {
           } on line ${first.line}`,
       );
     }
-    keys.set(spec.field, { name, line, section, spec });
+    keys.set(id, { name, line, section, spec });
   }
 
   if (!sections.has(SECTION) && !sections.has(SECTION_ALIAS)) {
@@ -662,7 +789,7 @@ export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
       // `ini` turns true, false and null into JSON values: check the text.
       const value = String(raw);
       try {
-        assign(settings, entry.spec.field, entry.spec.parse(value, base));
+        assign(settings, entry.spec, entry.spec.parse(value, base));
       } catch (error) {
         if (!(error instanceof InvalidValue)) throw error;
         throw new ConfigError({
@@ -684,7 +811,7 @@ export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
     const value = overrides[key];
     if (value === undefined) continue;
     try {
-      assign(settings, spec.field, spec.parse(String(value)));
+      assign(settings, spec, spec.parse(String(value)));
     } catch (error) {
       if (!(error instanceof InvalidValue)) throw error;
       throw new UsageError(`${spec.flag}: ${error.message}`);
@@ -706,10 +833,29 @@ export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
     // Pools and routes: the main section's servers define the pool
     // "default" only when written (or given by flag).
     const origin = origins.get("serversFile");
+    const base = dirname(file!);
+    const inherited: InheritedPoolSettings = {
+      ringSwitch: settings.ringSwitch,
+      discovery: settings.discovery,
+    };
     const { pools, routes } = parsePoolsAndRoutes({
       file: file!,
-      path: (text) => path(text, dirname(file!)),
+      path: (text) => serversValue(text, base),
       blocks,
+      inherited,
+      sharedKey: (key) => {
+        const spec = KEYS.get(key.name.toLowerCase())!;
+        try {
+          return spec.parse(key.value.trim(), base);
+        } catch (error) {
+          if (!(error instanceof InvalidValue)) throw error;
+          throw new ConfigError({
+            file: file!,
+            line: key.line,
+            problem: `${key.name}: ${error.message}`,
+          });
+        }
+      },
       mainServers: origin === undefined ? undefined : {
         file: settings.serversFile,
         ...("flag" in origin ? { flag: origin.flag } : { line: origin.line }),
@@ -737,9 +883,16 @@ export function unfinishedLinesBound(settings: ConfigSettings): number {
   return Math.min(settings.maxPendingBytes, settings.maxConnections * settings.maxLineBytes);
 }
 
-/** Sets one field of the settings. */
-function assign(settings: ConfigSettings, field: Field, value: unknown): void {
-  (settings as unknown as Record<Field, unknown>)[field] = value;
+/** Sets one field of the settings (or one field of a settings object, copied). */
+function assign(
+  settings: ConfigSettings,
+  spec: Pick<KeySpec, "field" | "sub">,
+  value: unknown,
+): void {
+  const fields = settings as unknown as Record<Field, unknown>;
+  fields[spec.field] = spec.sub === undefined
+    ? value
+    : { ...fields[spec.field] as object, [spec.sub]: value };
 }
 
 /** Checks the settings that limit each other. */
@@ -893,5 +1046,7 @@ export function poolsOf(config: ProxyConfig): PoolConfig[] {
     servers: config.servers,
     ...POOL_DEFAULTS,
     hash: config.defaultHash ?? POOL_DEFAULTS.hash,
+    ringSwitch: config.ringSwitch,
+    discovery: config.discovery,
   }];
 }

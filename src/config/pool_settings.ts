@@ -46,6 +46,36 @@ export const LINEAR_ENGINE: boolean = (() => {
 /** The hash families a pool can use. */
 export type HashFamily = "ketama" | "statsrelay";
 
+/**
+ * When a change of a pool's ring (a reload, an eject, a rejoin, a
+ * discovery) takes effect: at once, or at the next flush boundary of the
+ * pool's statsite servers, so that no key is aggregated by two servers in
+ * one flush interval.
+ */
+export interface RingSwitchSettings {
+  /** `immediate`, or `aligned` to the flush boundaries. */
+  mode: "immediate" | "aligned";
+  /** The statsite servers' `flush_interval`, in seconds. */
+  flushIntervalS: number;
+  /** The least time between seeing a change and the boundary it applies at, in ms. */
+  leadMs: number;
+  /** Where the boundaries fall, relative to wall-clock multiples of the interval, in ms. */
+  offsetMs: number;
+}
+
+/** How a pool whose servers come from DNS looks them up. */
+export interface DiscoverySettings {
+  /** The resolver, `HOST:PORT` (an IP address); undefined for the system's. */
+  dnsServer?: string;
+  /** How often the names are resolved again, in ms. */
+  intervalMs: number;
+  /**
+   * The largest fraction of the pool's servers one change may remove
+   * before it must be seen on several polls in a row.
+   */
+  maxServerLoss: number;
+}
+
 /** A pool as the configuration file describes it (its servers not yet read). */
 export interface PoolSettings {
   /** The name (`default` for the main section's servers). */
@@ -68,6 +98,10 @@ export interface PoolSettings {
   ejectAfter: number;
   /** Eject: how often an ejected server is tried again, in ms. */
   ejectRetryMs: number;
+  /** When ring changes take effect. */
+  ringSwitch: RingSwitchSettings;
+  /** How servers from DNS (`servers = srv:NAME` or `dns:HOST:PORT`) are looked up. */
+  discovery: DiscoverySettings;
 }
 
 /** A route of the configuration file. */
@@ -88,17 +122,21 @@ export interface RouteSettings {
   catchAll: boolean;
 }
 
-/** The defaults of a pool's settings. */
-export const POOL_DEFAULTS: Readonly<Omit<PoolSettings, "name" | "line" | "serversFile">> = Object
-  .freeze({
-    hash: "ketama",
-    protocol: "tcp",
-    mtu: 1432,
-    flushIntervalMs: 10,
-    onFailure: "hold",
-    ejectAfter: 3,
-    ejectRetryMs: 30000,
-  });
+/** The settings a pool takes from the main section unless it sets its own. */
+export type InheritedPoolSettings = Pick<PoolSettings, "ringSwitch" | "discovery">;
+
+/** The defaults of a pool's own settings. */
+export const POOL_DEFAULTS: Readonly<
+  Omit<PoolSettings, "name" | "line" | "serversFile" | keyof InheritedPoolSettings>
+> = Object.freeze({
+  hash: "ketama",
+  protocol: "tcp",
+  mtu: 1432,
+  flushIntervalMs: 10,
+  onFailure: "hold",
+  ejectAfter: 3,
+  ejectRetryMs: 30000,
+});
 
 /** A key of a pool or route section, where the scan found it, with its value. */
 export interface SectionKey {
@@ -132,6 +170,13 @@ export const POOL_KEYS: ReadonlySet<string> = new Set([
   "on_failure",
   "eject_after",
   "eject_retry_ms",
+  "ring_switch",
+  "flush_interval",
+  "ring_switch_lead_ms",
+  "ring_switch_offset_ms",
+  "dns_server",
+  "discovery_interval_ms",
+  "max_server_loss",
 ]);
 
 /** The keys a route section accepts. */
@@ -156,6 +201,13 @@ export interface ParsePoolsAndRoutesOptions {
    * (it then defines the pool `default`), with where: a line, or a flag.
    */
   mainServers?: { file: string; line?: number; flag?: string };
+  /** The main section's settings that pools inherit. */
+  inherited: InheritedPoolSettings;
+  /**
+   * Reads the value of a key a pool shares with the main section (the same
+   * parse, so the same checks and messages); throws a `ConfigError`.
+   */
+  sharedKey: (key: SectionKey) => unknown;
 }
 
 /**
@@ -174,7 +226,7 @@ export function parsePoolsAndRoutes(
   const routes: RouteSettings[] = [];
 
   for (const block of blocks.filter((b) => b.kind === "pool")) {
-    pools.push(parsePool(block, options.path, error));
+    pools.push(parsePool(block, options, error));
   }
   const defaultSection = pools.find((p) => p.name === "default");
   if (defaultSection !== undefined && mainServers !== undefined) {
@@ -185,7 +237,12 @@ export function parsePoolsAndRoutes(
     );
   }
   if (defaultSection === undefined && mainServers !== undefined) {
-    pools.unshift({ name: "default", serversFile: mainServers.file, ...POOL_DEFAULTS });
+    pools.unshift({
+      name: "default",
+      serversFile: mainServers.file,
+      ...POOL_DEFAULTS,
+      ...structuredClone(options.inherited),
+    });
   }
   const names = new Set(pools.map((p) => p.name));
 
@@ -212,7 +269,12 @@ export function parsePoolsAndRoutes(
 
 type ErrorAt = (line: number | undefined, problem: string) => ConfigError;
 
-function parsePool(block: SectionBlock, path: (t: string) => string, error: ErrorAt): PoolSettings {
+function parsePool(
+  block: SectionBlock,
+  options: ParsePoolsAndRoutesOptions,
+  error: ErrorAt,
+): PoolSettings {
+  const { path, sharedKey } = options;
   const get = (key: string) => block.keys.get(key);
   if (block.name === "drop") {
     throw error(block.line, '"drop" is not a pool name: a route says pools = drop to discard');
@@ -226,7 +288,21 @@ function parsePool(block: SectionBlock, path: (t: string) => string, error: Erro
     line: block.line,
     serversFile: path(servers.value),
     ...POOL_DEFAULTS,
+    ...structuredClone(options.inherited),
   };
+  const shared = <T>(key: string): T | undefined => {
+    const entry = get(key);
+    return entry === undefined ? undefined : sharedKey(entry) as T;
+  };
+  const ring = pool.ringSwitch;
+  ring.mode = shared<RingSwitchSettings["mode"]>("ring_switch") ?? ring.mode;
+  ring.flushIntervalS = shared<number>("flush_interval") ?? ring.flushIntervalS;
+  ring.leadMs = shared<number>("ring_switch_lead_ms") ?? ring.leadMs;
+  ring.offsetMs = shared<number>("ring_switch_offset_ms") ?? ring.offsetMs;
+  const discovery = pool.discovery;
+  discovery.dnsServer = shared<string>("dns_server") ?? discovery.dnsServer;
+  discovery.intervalMs = shared<number>("discovery_interval_ms") ?? discovery.intervalMs;
+  discovery.maxServerLoss = shared<number>("max_server_loss") ?? discovery.maxServerLoss;
   const choose = <T extends string>(key: string, allowed: readonly T[]): T | undefined => {
     const entry = get(key);
     if (entry === undefined) return undefined;
