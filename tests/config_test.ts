@@ -87,8 +87,13 @@ Deno.test("DEFAULTS holds the documented defaults and cannot be changed", () => 
     adminTimeoutMs: 10000,
     udpReceiver: "auto",
     udpReceiveBufferBytes: 8388608,
+    ringSwitch: { mode: "aligned", flushIntervalS: 10, leadMs: 1000, offsetMs: 0 },
+    discovery: { intervalMs: 10000, maxServerLoss: 0.5 },
+    watchServersFile: false,
   });
   assert.ok(Object.isFrozen(DEFAULTS));
+  assert.ok(Object.isFrozen(DEFAULTS.ringSwitch));
+  assert.ok(Object.isFrozen(DEFAULTS.discovery));
 });
 
 Deno.test("parseConfig() without a file gives the defaults, servers.conf in the working directory", () => {
@@ -135,6 +140,14 @@ Deno.test("parseConfig() reads every key", () => {
     "admin_timeout_ms = 2000",
     "udp_receiver = Native",
     "udp_receive_buffer_bytes = 0",
+    "ring_switch = Immediate",
+    "flush_interval = 60",
+    "ring_switch_lead_ms = 250",
+    "ring_switch_offset_ms = -20",
+    "dns_server = [::1]:8600",
+    "discovery_interval_ms = 5000",
+    "max_server_loss = 0.25",
+    "watch_servers_file = yes",
     "",
   ].join("\n");
   assert.deepEqual(parse(text), {
@@ -165,7 +178,40 @@ Deno.test("parseConfig() reads every key", () => {
     adminTimeoutMs: 2000,
     udpReceiver: "native",
     udpReceiveBufferBytes: 0,
+    ringSwitch: { mode: "immediate", flushIntervalS: 60, leadMs: 250, offsetMs: -20 },
+    discovery: { dnsServer: "[::1]:8600", intervalMs: 5000, maxServerLoss: 0.25 },
+    watchServersFile: true,
   });
+});
+
+Deno.test("parseConfig() reads servers from DNS as written, and checks each source", async (t) => {
+  await t.step("srv:NAME and dns:HOST:PORT are kept, not made paths", () => {
+    assert.equal(
+      parse("[statsite-proxy]\nservers = srv:_statsite._tcp.stats.test.\n").serversFile,
+      "srv:_statsite._tcp.stats.test.",
+    );
+    assert.equal(
+      parse("[statsite-proxy]\nservers = DNS:statsite.svc:8125\n").serversFile,
+      "dns:statsite.svc:8125",
+    );
+  });
+  for (
+    const [name, value, problem] of [
+      ["srv without a name", "srv:", "srv: needs a DNS name"],
+      ["dns without a port", "dns:statsite.svc", "dns: needs a DNS name and a port"],
+      ["dns with port 0", "dns:statsite.svc:0", "dns: needs a DNS name and a port"],
+      ["a name with a blank", "srv:a b", "srv: needs a DNS name"],
+    ] as const
+  ) {
+    await t.step(name, () => {
+      assert.throws(
+        () => parse(`[statsite-proxy]\nservers = ${value}\n`),
+        (error) =>
+          error instanceof ConfigError && error.line === 2 &&
+          error.message.startsWith(`${FILE}:2: servers: ${problem}`),
+      );
+    });
+  }
 });
 
 Deno.test("parseConfig() accepts the [statsite] section of the original as an alias", () => {
@@ -362,9 +408,9 @@ Deno.test("parseConfig() rejects a bad structure, naming the file and line", asy
       ],
       [
         "an unknown key",
-        "[statsite-proxy]\nport = 1\nflush_interval = 10\n",
+        "[statsite-proxy]\nport = 1\nflush_every = 10\n",
         3,
-        'unknown key "flush_interval" in [statsite-proxy]',
+        'unknown key "flush_every" in [statsite-proxy]',
       ],
       [
         "an array key",

@@ -300,7 +300,8 @@ function parsePool(
   ring.leadMs = shared<number>("ring_switch_lead_ms") ?? ring.leadMs;
   ring.offsetMs = shared<number>("ring_switch_offset_ms") ?? ring.offsetMs;
   const discovery = pool.discovery;
-  discovery.dnsServer = shared<string>("dns_server") ?? discovery.dnsServer;
+  const resolver = shared<string>("dns_server");
+  if (resolver !== undefined) discovery.dnsServer = resolver;
   discovery.intervalMs = shared<number>("discovery_interval_ms") ?? discovery.intervalMs;
   discovery.maxServerLoss = shared<number>("max_server_loss") ?? discovery.maxServerLoss;
   const choose = <T extends string>(key: string, allowed: readonly T[]): T | undefined => {
