@@ -4,7 +4,8 @@
  * The binary is `$STATSITE_BIN`, or `../shared/statsite/statsite` beside the
  * repository. Each {@linkcode StatsiteServer} runs in a temp folder with
  * `flush_interval = 1` and a `stream_cmd` that appends every flush to a file,
- * which {@linkcode StatsiteServer.totals} parses.
+ * which {@linkcode StatsiteServer.totals} parses (and
+ * {@linkcode StatsiteServer.flushes}, per flush, for counters).
  *
  * {@linkcode Expected} builds traffic (ascii lines and binary frames) and
  * remembers what statsite must aggregate from it: counter sums (sample rates
@@ -87,6 +88,26 @@ export class StatsiteTotals {
   }
 }
 
+/**
+ * The counters in statsite's stream output, by key and then by flush time
+ * (the `UNIX_TIME` of each `counts.KEY|VALUE|UNIX_TIME` line, in seconds):
+ * what each interval aggregated for each key. Two flushes of one key in the
+ * same second (the flush at SIGTERM right after an aligned one) are summed.
+ * Lines of other kinds, and lines that do not parse, are left out.
+ */
+export function counterFlushes(text: string): Map<string, Map<number, number>> {
+  const flushes = new Map<string, Map<number, number>>();
+  for (const line of text.split("\n")) {
+    const match = /^counts\.(.+)\|([^|]+)\|(\d+)$/.exec(line);
+    if (match === null) continue;
+    const [, key, value, time] = match;
+    const byTime = flushes.get(key) ?? new Map<number, number>();
+    byTime.set(Number(time), (byTime.get(Number(time)) ?? 0) + Number(value));
+    flushes.set(key, byTime);
+  }
+  return flushes;
+}
+
 /** A real statsite, on 127.0.0.1, TCP and UDP on one ephemeral port. */
 export class StatsiteServer {
   /** The temp folder holding its config and its output file. */
@@ -155,13 +176,25 @@ export class StatsiteServer {
 
   /** What it has flushed so far. */
   async totals(): Promise<StatsiteTotals> {
-    let text = "";
+    return StatsiteTotals.parse(await this.#output());
+  }
+
+  /**
+   * Its counters flushed so far, by key and flush time (see
+   * {@linkcode counterFlushes}).
+   */
+  async flushes(): Promise<Map<string, Map<number, number>>> {
+    return counterFlushes(await this.#output());
+  }
+
+  /** Its output file so far; empty before the first flush. */
+  async #output(): Promise<string> {
     try {
-      text = await Deno.readTextFile(`${this.dir}/out.txt`);
+      return await Deno.readTextFile(`${this.dir}/out.txt`);
     } catch (err) {
       if (!(err instanceof Deno.errors.NotFound)) throw err;
+      return "";
     }
-    return StatsiteTotals.parse(text);
   }
 
   /** Waits until a flush shows counter `key` at `value` or more. */
