@@ -12,14 +12,16 @@
  * @module
  */
 
-import { poolsOf, type ProxyConfig } from "./config/config.ts";
+import { type PoolConfig, poolsOf, type ProxyConfig } from "./config/config.ts";
 import { errorText } from "./errors.ts";
 import { ByteBudget } from "./byte_budget.ts";
 import { DROP, IngestCounters, TcpClientCounters } from "./ingest/counters.ts";
 import { ReadBufferPool } from "./ingest/read_buffer_pool.ts";
 import { StreamDecoderContext } from "./ingest/stream_decoder.ts";
 import { logger } from "./log.ts";
-import { Pool, type PoolShared } from "./routing/pool.ts";
+import { Pool, type PoolShared, type PoolUpdate } from "./routing/pool.ts";
+import { ServerWatchers } from "./routing/server_watchers.ts";
+import type { ServerSpec } from "./config/servers_file.ts";
 import { Router } from "./routing/router.ts";
 import { RoutingTable } from "./routing/routing_table.ts";
 import { type HandOffOptions, type TcpClientLimits, TcpListener } from "./ingest/tcp_listener.ts";
@@ -111,8 +113,13 @@ export interface PoolChanges {
   removed: string[];
   /** Servers kept whose weight changed. */
   reweighted: string[];
-  /** Fraction of the key-hash space that moved to another server (0 for a new pool). */
+  /** Fraction of the key-hash space that moves to another server (0 for a new pool). */
   moved: number;
+  /**
+   * When the change takes effect (ms since epoch: the pool's next flush
+   * boundary), or undefined when it did at once.
+   */
+  appliesAt?: number;
   /** Whether the pool is new, or gone. */
   status: "kept" | "added" | "removed";
 }
@@ -125,8 +132,10 @@ export interface ReloadReport {
   removed: string[];
   /** Servers of `default` kept whose weight changed. */
   reweighted: string[];
-  /** Fraction of `default`'s key-hash space that moved to another server. */
+  /** Fraction of `default`'s key-hash space that moves to another server. */
   moved: number;
+  /** When `default`'s change takes effect, or undefined when it did at once. */
+  appliesAt?: number;
   /** Every pool's changes (the proxy's pools before and after). */
   pools: PoolChanges[];
   /** Whether the routes changed. */
@@ -217,6 +226,10 @@ export class Proxy {
   #udpBound: { host: string; port: number };
   /** Stopping input, once begun. */
   #stopping: Promise<void> | undefined;
+  /** The DNS polls and servers-file watches that change pools' servers between reloads. */
+  readonly watchers: ServerWatchers = new ServerWatchers({
+    update: (pool, servers) => this.updateServers(pool, servers),
+  });
 
   private constructor(config: ProxyConfig) {
     this.#config = config;
@@ -227,7 +240,7 @@ export class Proxy {
     };
     this.#tcpBound = { host: config.bindAddress, port: config.tcpPort };
     this.#udpBound = { host: config.bindAddress, port: config.udpPort };
-    const pools = poolsOf(config).map((p) => new Pool({ config: p, shared: this.#shared(config) }));
+    const pools = poolsOf(config).map((p) => this.#makePool(p, config));
     const table = new RoutingTable({
       routes: config.routes ?? [],
       pools: pools.map((p) => p.name),
@@ -281,9 +294,33 @@ export class Proxy {
     }
   }
 
-  /** Starts connecting to the upstreams and writing to them. */
+  /**
+   * Starts connecting to the upstreams and writing to them, and following
+   * the pools' DNS sources and watched servers files.
+   */
   startUpstreams(): void {
     for (const pool of this.pools) pool.start();
+    this.watchers.sync(poolsOf(this.#config), this.#config.watchServersFile);
+  }
+
+  /**
+   * Gives pool `name` new servers (discovered, or a watched servers file
+   * read again), as a reload would give it the servers alone: staged as its
+   * `ring_switch` says. Returns what changed, or undefined when there is no
+   * such pool.
+   */
+  updateServers(name: string, servers: ServerSpec[]): PoolUpdate | undefined {
+    const pool = this.pools.find((p) => p.name === name);
+    if (pool === undefined) return undefined;
+    const config = { ...pool.config, servers };
+    const update = pool.update(config);
+    const next = this.#config;
+    this.#config = next.pools === undefined ? { ...next, servers } : {
+      ...next,
+      pools: next.pools.map((p) => p.name === name ? config : p),
+      ...(name === "default" ? { servers } : {}),
+    };
+    return update;
   }
 
   /**
@@ -339,6 +376,16 @@ export class Proxy {
   /** The UDP listener, unless UDP is disabled. */
   get udp(): UdpListener | undefined {
     return this.#udp;
+  }
+
+  /** A pool whose servers, when a change takes them out, drain and keep their accounts. */
+  #makePool(config: PoolConfig, proxy: ProxyConfig): Pool {
+    const pool: Pool = new Pool({
+      config,
+      shared: this.#shared(proxy),
+      onLeave: (member) => this.#leave(pool.name, member, Date.now() + this.#config.drainTimeoutMs),
+    });
+    return pool;
   }
 
   #shared(config: ProxyConfig): PoolShared {
@@ -421,50 +468,37 @@ export class Proxy {
    * cannot bind is refused and the old one kept.
    */
   reload(next: ProxyConfig): ReloadReport {
+    const now = Date.now();
     const oldPools = new Map(this.pools.map((p) => [p.name, p]));
-    const pools = poolsOf(next).map((config) =>
-      new Pool({ config, shared: this.#shared(next), previous: oldPools.get(config.name) })
-    );
+    const changes: PoolChanges[] = [];
+    const leaving: [string, Destination][] = [];
+    const pools = poolsOf(next).map((config) => {
+      const before = oldPools.get(config.name);
+      if (before !== undefined && before.config.protocol === config.protocol) {
+        changes.push({ pool: config.name, ...before.update(config, now), status: "kept" });
+        return before;
+      }
+      const pool = this.#makePool(config, next);
+      changes.push({
+        pool: pool.name,
+        added: pool.members.map((m) => m.address),
+        removed: before?.members.map((m) => m.address) ?? [],
+        reweighted: [],
+        moved: before === undefined ? 0 : 1,
+        status: before === undefined ? "added" : "kept",
+      });
+      return pool;
+    });
     const table = new RoutingTable({
       routes: next.routes ?? [],
       pools: pools.map((p) => p.name),
       replaces: this.router.table,
     });
-    const changes: PoolChanges[] = [];
-    const leaving: [string, Destination][] = [];
-    for (const pool of pools) {
-      const before = oldPools.get(pool.name);
-      const kept = new Set(pool.members);
-      if (before === undefined) {
-        changes.push({
-          pool: pool.name,
-          added: pool.members.map((m) => m.address),
-          removed: [],
-          reweighted: [],
-          moved: 0,
-          status: "added",
-        });
-        continue;
-      }
-      const weights = new Map(before.config.servers.map((s) => [s.address, s.weight]));
-      const was = new Set(before.members);
-      const removed = before.members.filter((m) => !kept.has(m));
-      leaving.push(...removed.map((m): [string, Destination] => [pool.name, m]));
-      changes.push({
-        pool: pool.name,
-        // A server kept is the same object; one new (or of another protocol) is not.
-        added: pool.members.filter((m) => !was.has(m)).map((m) => m.address),
-        removed: removed.map((m) => m.address),
-        reweighted: pool.config.servers.filter((s) =>
-          weights.has(s.address) && weights.get(s.address) !== s.weight
-        ).map((s) => s.address),
-        moved: pool.hash.movedFrom(before.hash),
-        status: "kept",
-      });
-    }
     for (const [name, before] of oldPools) {
-      if (pools.some((p) => p.name === name)) continue;
+      if (pools.includes(before)) continue;
+      before.close();
       leaving.push(...before.members.map((m): [string, Destination] => [name, m]));
+      if (pools.some((p) => p.name === name)) continue; // replaced: a protocol change
       changes.push({
         pool: name,
         added: [],
@@ -477,7 +511,9 @@ export class Proxy {
     const oldRoutes = this.router.table.routes.map((r) => `${r.name}=${r.pattern}>${r.pools}`);
     const newRoutes = table.routes.map((r) => `${r.name}=${r.pattern}>${r.pools}`);
     this.router.swap({ pools, table });
+    this.#config = next;
     for (const pool of pools) pool.start();
+    this.watchers.sync(poolsOf(next), next.watchServersFile);
     const deadline = Date.now() + next.drainTimeoutMs;
     for (const [pool, member] of leaving) this.#leave(pool, member, deadline);
     // A UDP pool removed, or no longer UDP, closes its sockets once its
@@ -495,6 +531,7 @@ export class Proxy {
       removed: main?.removed ?? [],
       reweighted: main?.reweighted ?? [],
       moved: main?.moved ?? 0,
+      ...(main?.appliesAt === undefined ? {} : { appliesAt: main.appliesAt }),
       pools: changes,
       routesChanged: oldRoutes.join("\n") !== newRoutes.join("\n"),
       listeners: [],
@@ -503,7 +540,6 @@ export class Proxy {
     this.#reloadListeners(next, report);
     this.#limits.maxConnections = next.maxConnections;
     this.#limits.idleTimeoutMs = next.clientIdleTimeoutMs;
-    this.#config = next;
     this.reloadCounters.reloads++;
     return report;
   }
@@ -666,6 +702,8 @@ export class Proxy {
   async shutdown(options: ShutdownOptions = {}): Promise<ShutdownReport> {
     const { signal } = options;
     const deadline = Date.now() + this.#config.drainTimeoutMs;
+    for (const pool of this.pools) pool.close(); // the ring in force stays
+    await this.watchers.close();
     const udp = this.#udp;
     const onAbort = () => udp?.abandon();
     signal?.addEventListener("abort", onAbort);

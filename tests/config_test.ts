@@ -197,18 +197,21 @@ Deno.test("parseConfig() reads servers from DNS as written, and checks each sour
   });
   for (
     const [name, value, problem] of [
-      ["srv without a name", "srv:", "srv: needs a DNS name"],
-      ["dns without a port", "dns:statsite.svc", "dns: needs a DNS name and a port"],
-      ["dns with port 0", "dns:statsite.svc:0", "dns: needs a DNS name and a port"],
-      ["a name with a blank", "srv:a b", "srv: needs a DNS name"],
+      ["srv without a name", "srv:", "srv: missing NAME"],
+      ["dns without a port", "dns:statsite.svc", "dns: missing :PORT"],
+      ["dns with port 0", "dns:statsite.svc:0", "dns: port must be 1..65535"],
+      ["a name with a blank", "srv:a b", "srv: NAME is not a DNS name"],
+      ["a resolver that is not an IP", "srv:x.test\ndns_server = ns.test:53", "dns_server"],
     ] as const
   ) {
     await t.step(name, () => {
       assert.throws(
         () => parse(`[statsite-proxy]\nservers = ${value}\n`),
-        (error) =>
-          error instanceof ConfigError && error.line === 2 &&
-          error.message.startsWith(`${FILE}:2: servers: ${problem}`),
+        (error) => {
+          const key = problem.startsWith("dns_server") ? "" : "servers: ";
+          return error instanceof ConfigError &&
+            error.message.startsWith(`${FILE}:${error.line}: ${key}${problem}`);
+        },
       );
     });
   }

@@ -173,7 +173,11 @@ Deno.test("/health and /metrics reflect real traffic, drops and a dead upstream"
 
 Deno.test("SIGHUP with a changed servers file moves exactly the keys route says", async () => {
   const [a, b, c, d] = [0, 1, 2, 3].map(() => RecordingServer.start());
-  const proxy = await ProxyProcess.start({ servers: [a, b, c].map((s) => s.address), admin: true });
+  const proxy = await ProxyProcess.start({
+    servers: [a, b, c].map((s) => s.address),
+    admin: true,
+    settings: { ring_switch: "immediate" },
+  });
   const newFile = await serversFile([a, b, d]);
   try {
     const keys = Array.from({ length: 2000 }, (_, i) => `reload.key${i}`);
@@ -491,7 +495,13 @@ Deno.test("a pid file is only ever a pid file: the proxy never truncates or dele
 
 Deno.test("/metrics keeps the totals of servers reloads removed: the accounts add up across reloads", async () => {
   const servers = [RecordingServer.start(), RecordingServer.start(), RecordingServer.start()];
-  const proxy = await ProxyProcess.start({ servers: servers.map((s) => s.address), admin: true });
+  // Each reload takes effect at once: aligned, a removal undone before the
+  // boundary would never happen.
+  const proxy = await ProxyProcess.start({
+    servers: servers.map((s) => s.address),
+    admin: true,
+    settings: { ring_switch: "immediate" },
+  });
   try {
     const p = "statsite_proxy_";
     let sent = 0;

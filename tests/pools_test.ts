@@ -305,8 +305,9 @@ Deno.test("on_failure = eject moves exactly a dead server's keys, and moves them
     servers: [RecordingServer.reserve().address],
     admin: true,
     // Failures 300 ms apart leave time to send metrics to the dead server
-    // before it is ejected.
-    settings: { reconnect_min_ms: 300, reconnect_max_ms: 300 },
+    // before it is ejected; the ring switches at once (aligned switching
+    // has its own tests).
+    settings: { reconnect_min_ms: 300, reconnect_max_ms: 300, ring_switch: "immediate" },
     files: {
       "main.conf": file(servers),
       "reduced.conf": file(servers.filter((s) => s !== victim)),
@@ -440,6 +441,7 @@ Deno.test("SIGHUP changes pools and routes at once; servers that stay keep what 
   ];
   const proxy = await ProxyProcess.start({
     servers: main.map((s) => s.address),
+    settings: { ring_switch: "immediate" },
     files: { "x.conf": file([x1]), "y.conf": file([y1]) },
     sections: `
 [pool:x]

@@ -20,6 +20,7 @@ import {
 import { renderMetrics } from "./metrics_text.ts";
 import { formatAddr, type Proxy } from "../proxy.ts";
 import { destinationsOf } from "../routing/destinations.ts";
+import type { Pool } from "../routing/pool.ts";
 import { VERSION } from "../version.ts";
 
 const log = logger("admin");
@@ -61,6 +62,45 @@ function hex(bytes: Uint8Array): string {
   return [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+/** A pool's ring switching, as `/health` shows it. */
+function ringOf(pool: Pool) {
+  const { mode, flushIntervalS, leadMs, offsetMs } = pool.config.ringSwitch;
+  return {
+    switch: mode,
+    flush_interval_s: flushIntervalS,
+    lead_ms: leadMs,
+    offset_ms: offsetMs,
+    switches: pool.counters.switches,
+    in_force: pool.ringInForce(),
+    staged: pool.staged().map((s) => ({
+      applies_at: new Date(s.at).toISOString(),
+      changes: s.why,
+      servers: s.servers,
+      ejected: s.ejected,
+    })),
+  };
+}
+
+/** A pool's DNS discovery, as `/health` shows it, or null when its servers are a file. */
+function discoveryOf(proxy: Proxy, pool: Pool) {
+  const status = proxy.watchers.discoveryStatus(pool.name);
+  if (status === undefined) return null;
+  const at = (ms: number | null) => ms === null ? null : new Date(ms).toISOString();
+  return {
+    source: status.source,
+    servers: status.servers,
+    last_poll_at: at(status.lastPollAt),
+    last_change_at: at(status.lastChangeAt),
+    last_error: status.lastError,
+    polls: status.counters.polls,
+    changes: status.counters.changes,
+    failures: status.counters.failures,
+    empty: status.counters.empty,
+    held_shrinks: status.counters.heldShrinks,
+    held_shrink: status.heldShrink,
+  };
+}
+
 /** The health document of `GET /health`. */
 export function health(proxy: Proxy): { status: number; body: unknown } {
   const since = (ms: number) => ms === 0 ? null : new Date(ms).toISOString();
@@ -85,7 +125,14 @@ export function health(proxy: Proxy): { status: number; body: unknown } {
     hash: pool.config.hash,
     protocol: pool.config.protocol,
     on_failure: pool.config.onFailure,
-    servers: pool.members.map((m, i) => ({ address: m.address, ejected: pool.isEjected(i) })),
+    servers: pool.members.map((m, i) => ({
+      address: m.address,
+      ejected: pool.isEjected(i),
+      joining: pool.isJoining(i),
+    })),
+    ring: ringOf(pool),
+    discovery: discoveryOf(proxy, pool),
+    servers_file_watch: proxy.watchers.fileStatus(pool.name) ?? null,
   }));
   const anyUp = upstreams.some((u) => u.connected);
   const udp = proxy.udp;

@@ -285,6 +285,74 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
     (c) => c.counters.failures,
   );
 
+  const ringSwitch = (
+    name: string,
+    type: "counter" | "gauge",
+    help: string,
+    value: (p: Pool) => number,
+  ) => {
+    if (!pooled) {
+      out.single(name, type, help, value(proxy.pools[0]));
+      return;
+    }
+    out.family(name, type, help);
+    for (const p of proxy.pools) out.sample(name, { pool: p.name }, value(p));
+  };
+  ringSwitch(
+    "ring_switches_total",
+    "counter",
+    "Changes of the ring that took effect (at a flush boundary with ring_switch = aligned).",
+    (p) => p.counters.switches,
+  );
+  ringSwitch(
+    "ring_staged_changes",
+    "gauge",
+    "Ring changes staged, waiting for their flush boundary.",
+    (p) => p.staged().length,
+  );
+  ringSwitch(
+    "ring_switch_next_timestamp_seconds",
+    "gauge",
+    "When the next staged ring change takes effect (Unix time), or 0 when none is staged.",
+    (p) => (p.staged()[0]?.at ?? 0) / 1000,
+  );
+  const discovered = proxy.pools.flatMap((p) => {
+    const status = proxy.watchers.discoveryStatus(p.name);
+    return status === undefined ? [] : [{ pool: p.name, status }];
+  });
+  if (discovered.length > 0) {
+    const perSource = (
+      name: string,
+      help: string,
+      value: (c: (typeof discovered)[number]["status"]["counters"]) => number,
+    ) => {
+      out.family(name, "counter", help);
+      for (const { pool, status } of discovered) {
+        out.sample(name, { pool, source: status.source }, value(status.counters));
+      }
+    };
+    perSource("discovery_polls_total", "DNS polls of a pool's servers.", (c) => c.polls);
+    perSource(
+      "discovery_changes_total",
+      "New server lists from DNS handed to the pool.",
+      (c) => c.changes,
+    );
+    perSource(
+      "discovery_failures_total",
+      "DNS polls that failed (no answer in time, unusable answer): the last good list stays.",
+      (c) => c.failures,
+    );
+    perSource(
+      "discovery_empty_total",
+      "DNS polls with no servers (no such name, no records, refused): the last good list stays.",
+      (c) => c.empty,
+    );
+    perSource(
+      "discovery_held_shrinks_total",
+      "Answers that removed more than max_server_loss of the servers, held for confirmation.",
+      (c) => c.heldShrinks,
+    );
+  }
   if (!pooled) {
     const hash = proxy.pools[0].hash;
     out.single("ring_servers", "gauge", "Servers on the hash ring.", hash.servers.length);

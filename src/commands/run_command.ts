@@ -23,6 +23,7 @@ import { logger, setupLogging } from "../log.ts";
 import { MemoryReclaimer } from "../memory_reclaim.ts";
 import { PidFile } from "./pid_file.ts";
 import { type ConnectionAccount, Proxy, type ReloadReport, type ShutdownReport } from "../proxy.ts";
+import { describeUpdate } from "../routing/server_watchers.ts";
 import { SelfReport } from "../admin/self_report.ts";
 import { Signals, type StopReason } from "./signals.ts";
 import { SummaryLog } from "../admin/summary_log.ts";
@@ -639,7 +640,11 @@ async function reload(
   const old = proxy.config;
   let next: ProxyConfig;
   try {
-    next = await loadConfig({ file: old.configFile, overrides });
+    next = await loadConfig({
+      file: old.configFile,
+      overrides,
+      known: (source) => proxy.watchers.known(source),
+    });
   } catch (err) {
     proxy.reloadCounters.failures++;
     log.error("SIGHUP: reload refused, the running configuration stays: {error}", {
@@ -691,12 +696,7 @@ function describePools(report: ReloadReport): string {
   const parts = report.pools.map((p) => {
     if (p.status === "added") return `pool ${p.pool} added (${p.added.join(", ")})`;
     if (p.status === "removed") return `pool ${p.pool} removed`;
-    const changes: string[] = [];
-    if (p.added.length > 0) changes.push(`added ${p.added.join(", ")}`);
-    if (p.removed.length > 0) changes.push(`removed ${p.removed.join(", ")}`);
-    if (p.reweighted.length > 0) changes.push(`new weight for ${p.reweighted.join(", ")}`);
-    if (changes.length === 0) changes.push("servers unchanged");
-    return `pool ${p.pool}: ${changes.join(", ")}, ${(p.moved * 100).toFixed(2)}% of keys moved`;
+    return `pool ${p.pool}: ${describeUpdate(p)}`;
   });
   parts.push(report.routesChanged ? "routes changed" : "routes unchanged");
   for (const change of report.listeners) parts.push(change);
@@ -704,12 +704,5 @@ function describePools(report: ReloadReport): string {
 }
 
 function describe(report: ReloadReport): string {
-  const parts: string[] = [];
-  if (report.added.length > 0) parts.push(`added ${report.added.join(", ")}`);
-  if (report.removed.length > 0) parts.push(`removed ${report.removed.join(", ")}`);
-  if (report.reweighted.length > 0) parts.push(`new weight for ${report.reweighted.join(", ")}`);
-  if (parts.length === 0) parts.push("servers unchanged");
-  parts.push(`${(report.moved * 100).toFixed(2)}% of keys moved`);
-  for (const change of report.listeners) parts.push(change);
-  return parts.join("; ");
+  return [describeUpdate(report, "; "), ...report.listeners].join("; ");
 }

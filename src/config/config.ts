@@ -43,6 +43,13 @@ import {
 } from "./pool_settings.ts";
 import { preflight } from "./preflight.ts";
 import { isValidHost, readServersFile, type ServerSpec } from "./servers_file.ts";
+import {
+  DiscoveryError,
+  parseDnsServer,
+  parseServerSource,
+  ServerSourceError,
+} from "./server_source.ts";
+import { ServerDiscovery } from "./discovery.ts";
 
 /**
  * A log level, named as LogTape names it. The config file's `CRITICAL` is
@@ -253,6 +260,42 @@ export interface LoadConfigOptions {
   file?: string;
   /** Values from command-line flags, which beat the config file. */
   overrides?: ConfigOverrides;
+  /**
+   * The servers a running proxy already discovered from a DNS source
+   * (`srv:NAME` or `dns:HOST:PORT`, as written): a reload takes them rather
+   * than ask DNS again, so a resolver that is down cannot refuse it.
+   */
+  known?: (source: string) => ServerSpec[] | undefined;
+}
+
+/** Options of {@linkcode serversOf}. */
+interface ServersOfOptions {
+  shards: boolean;
+  discovery: DiscoverySettings;
+  configFile: string | undefined;
+  known: LoadConfigOptions["known"];
+}
+
+/**
+ * The servers of a `servers` value: a servers file read, or a DNS source
+ * resolved (a failure, or no servers, is a `ConfigError`: a proxy does not
+ * start without servers).
+ */
+async function serversOf(value: string, options: ServersOfOptions): Promise<ServerSpec[]> {
+  const source = parseServerSource(value);
+  if (source.kind === "file") return await readServersFile(value, { shards: options.shards });
+  const known = options.known?.(value);
+  if (known !== undefined) return known;
+  const { dnsServer } = options.discovery;
+  try {
+    return await ServerDiscovery.first({
+      source,
+      ...(dnsServer === undefined ? {} : { nameServer: parseDnsServer(dnsServer) }),
+    });
+  } catch (err) {
+    if (!(err instanceof DiscoveryError)) throw err;
+    throw new ConfigError({ file: options.configFile ?? value, problem: err.message });
+  }
 }
 
 /** Options of {@linkcode parseConfig}. */
@@ -381,12 +424,11 @@ function ringSwitchMode(text: string): RingSwitchSettings["mode"] {
 
 /** Checks a resolver address: `IP:PORT`, an IPv6 address in brackets. */
 function dnsServer(text: string): string {
-  const match = /^(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):([0-9]{1,5})$/.exec(text);
-  const port = match === null ? 0 : Number(match[3]);
-  if (match === null || port < 1 || port > 65535 || !isValidHost(match[1] ?? match[2])) {
-    throw new InvalidValue(
-      "not IP:PORT (a resolver's IP address and port, e.g. 127.0.0.1:8600 or [::1]:53)",
-    );
+  try {
+    parseDnsServer(text);
+  } catch (err) {
+    if (err instanceof ServerSourceError) throw new InvalidValue(err.message);
+    throw err;
   }
   return text;
 }
@@ -396,28 +438,15 @@ function dnsServer(text: string): string {
  * kept as written, or a file, resolved like any path.
  */
 function serversValue(text: string, base: string | undefined): string {
-  if (/^(?:srv|dns):/i.test(text)) {
-    const source = text.slice(4);
-    const dns = /^(.+):([0-9]{1,5})$/.exec(source);
-    const host = text[0].toLowerCase() === "s" ? source : dns?.[1];
-    const port = text[0].toLowerCase() === "s" ? 1 : Number(dns?.[2] ?? 0);
-    if (host === undefined || !isDnsName(host) || port < 1 || port > 65535) {
-      throw new InvalidValue(
-        text[0].toLowerCase() === "s"
-          ? "srv: needs a DNS name, e.g. srv:_statsite._tcp.stats.example"
-          : "dns: needs a DNS name and a port, e.g. dns:statsite.example:8125",
-      );
-    }
-    return `${text.slice(0, 3).toLowerCase()}:${source}`;
+  if (!/^(?:srv|dns):/i.test(text)) return path(text, base);
+  const written = `${text.slice(0, 3).toLowerCase()}:${text.slice(4)}`;
+  try {
+    parseServerSource(written);
+  } catch (err) {
+    if (err instanceof ServerSourceError) throw new InvalidValue(err.message);
+    throw err;
   }
-  return path(text, base);
-}
-
-/** Whether `text` is a DNS name (letters, digits, `-` and `_` in dot-separated labels). */
-function isDnsName(text: string): boolean {
-  const name = text.endsWith(".") ? text.slice(0, -1) : text;
-  return name.length > 0 && name.length <= 253 &&
-    name.split(".").every((l) => /^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$/.test(l));
+  return written;
 }
 
 /** Parses a port number, 0..65535. */
@@ -992,16 +1021,22 @@ export async function loadConfig(options: LoadConfigOptions = {}): Promise<Proxy
   }
   let config: ProxyConfig;
   if (settings.pools === undefined) {
-    const servers = await readServersFile(settings.serversFile, {
+    const servers = await serversOf(settings.serversFile, {
       shards: settings.defaultHash === "statsrelay",
+      discovery: settings.discovery,
+      configFile: file,
+      known: options.known,
     });
     const { pools: _, ...rest } = settings;
     config = { ...rest, servers };
   } else {
     const pools: PoolConfig[] = [];
     for (const pool of settings.pools) {
-      const servers = await readServersFile(pool.serversFile, {
+      const servers = await serversOf(pool.serversFile, {
         shards: pool.hash === "statsrelay",
+        discovery: pool.discovery,
+        configFile: file,
+        known: options.known,
       });
       pools.push({ ...pool, servers });
     }

@@ -17,6 +17,11 @@ export interface KeyDestination {
   pool: string;
   /** The server's address, as written in the pool's servers file. */
   server: string;
+  /**
+   * Where the key goes once the changes staged for the pool take effect,
+   * and when (an ISO time); only while a change is staged.
+   */
+  staged?: { server: string; at: string };
 }
 
 /** Where a key goes. */
@@ -32,7 +37,7 @@ export interface RoutesAndPools {
   /** The routes. */
   readonly table: RoutingTable;
   /** The pools, in the order the table's destinations index. */
-  readonly pools: readonly Pick<Pool, "name" | "hash">[];
+  readonly pools: readonly (Pick<Pool, "name" | "hash"> & Partial<Pick<Pool, "stagedHash">>)[];
 }
 
 /** Where the key `bytes` goes. */
@@ -44,9 +49,14 @@ export function destinationsOf(routing: RoutesAndPools, bytes: Uint8Array): KeyR
     route: decision < table.routes.length ? table.routes[decision].name : null,
     destinations: targets.map((i) => {
       const pool = pools[i];
+      const server = (hash: PoolHash) => hash.servers[hash.lookup(bytes, 0, bytes.length)].address;
+      const staged = pool.stagedHash?.();
       return {
         pool: pool.name,
-        server: pool.hash.servers[pool.hash.lookup(bytes, 0, bytes.length)].address,
+        server: server(pool.hash),
+        ...(staged === undefined
+          ? {}
+          : { staged: { server: server(staged.hash), at: new Date(staged.at).toISOString() } }),
       };
     }),
   };

@@ -10,6 +10,15 @@
  *   it is tried every `eject_retry_ms`, and when a connect succeeds it
  *   rejoins (its keys move back). The last live server is never ejected.
  *
+ * Every change of the ring (a reload or a discovery that changes the
+ * servers, an eject, a rejoin) is staged with the time it takes effect
+ * ({@linkcode switchTime}): at once with `ring_switch = immediate`, else at
+ * the next flush boundary of the pool's statsite servers. Until then the
+ * ring in force routes every key, a server added connects but takes no
+ * keys, a server removed keeps its keys, and an ejected server's keys are
+ * held for it. Changes seen before one boundary all apply at it, in order;
+ * one seen later waits for its own boundary.
+ *
  * @module
  */
 
@@ -23,7 +32,10 @@ import type { Destination } from "../upstream/destination.ts";
 import { UdpSockets, UdpUpstream } from "../upstream/udp_upstream.ts";
 import { Upstream } from "../upstream/upstream.ts";
 import type { HashRing } from "../ring/ring.ts";
+import type { ServerSpec } from "../config/servers_file.ts";
+import type { HashFamily } from "../config/pool_settings.ts";
 import { PoolHash } from "./pool_hash.ts";
+import { switchTime } from "./ring_schedule.ts";
 
 const log = logger("pool");
 
@@ -53,11 +65,10 @@ export interface PoolOptions {
   /** What the proxy's pools share. */
   shared: PoolShared;
   /**
-   * The pool of the same name this one replaces (a reload): its servers that
-   * stay, with the same protocol, are kept, with their connections, held
-   * metrics and ejection.
+   * Called with each server that left the pool when a change took effect:
+   * the caller drains what it holds (reason `removed`) and keeps its account.
    */
-  previous?: Pool;
+  onLeave?: (member: Destination) => void;
 }
 
 /** Counters of a pool. */
@@ -68,113 +79,168 @@ export class PoolCounters {
   rejoins = 0;
   /** Held metrics routed again when their server was ejected. */
   rerouted = 0;
+  /** Changes of the ring that took effect. */
+  switches = 0;
+}
+
+/** A ring: the servers (one per servers-file line), the hash family, and who is ejected. */
+interface RingState {
+  readonly servers: readonly ServerSpec[];
+  readonly family: HashFamily;
+  /** Addresses ejected. */
+  readonly ejected: ReadonlySet<string>;
+}
+
+/** A change waiting for its time. */
+interface Staged {
+  /** When it takes effect (ms since epoch). */
+  at: number;
+  /** The ring from then on. */
+  state: RingState;
+  /** What changed, for the log, e.g. `ejected 10.0.0.1:8125`. */
+  why: string[];
+  /** The ring's hash, once asked for (by `/route`). */
+  hash?: PoolHash;
+}
+
+/** What {@linkcode Pool.update} changed, against the ring it last staged. */
+export interface PoolUpdate {
+  /** Servers added. */
+  added: string[];
+  /** Servers removed. */
+  removed: string[];
+  /** Servers kept whose weight changed. */
+  reweighted: string[];
+  /** Fraction of the key-hash space that moves to another server. */
+  moved: number;
+  /** When the change takes effect (ms since epoch), or undefined when it did at once. */
+  appliesAt?: number;
+}
+
+/** A ring as /health and /metrics show it. */
+export interface RingView {
+  /** The servers, by address, in servers-file order. */
+  servers: string[];
+  /** The servers ejected. */
+  ejected: string[];
+}
+
+/** A change waiting for its time, as /health shows it. */
+export interface StagedView extends RingView {
+  /** When it takes effect (ms since epoch). */
+  at: number;
+  /** What changes. */
+  why: string[];
 }
 
 /** A pool of servers. */
 export class Pool {
   /** The name. */
   readonly name: string;
-  /** The configuration. */
-  readonly config: PoolConfig;
-  /** One destination per distinct address, in file order. */
-  readonly members: readonly Destination[];
-  /** Counters (kept across reloads for a pool of the same name). */
-  readonly counters: PoolCounters;
+  /** The counters. */
+  readonly counters: PoolCounters = new PoolCounters();
   /** The sending sockets of a UDP pool. */
   readonly sockets: UdpSockets | undefined;
-  /** The member of each server line (statsrelay lines may repeat an address). */
-  readonly #memberOf: Int32Array;
-  /** The lines of each member. */
-  readonly #linesOf: number[][];
+  #config: PoolConfig;
+  readonly #shared: PoolShared;
+  readonly #onLeave: (member: Destination) => void;
+  /** Every server the pool has, by address: those in force, and those a staged change adds. */
+  readonly #byAddress = new Map<string, Destination>();
+  /** The servers in force (one per distinct address), then those waiting to join. */
+  #members: Destination[] = [];
+  /** How many of {@linkcode members} are in force. */
+  #inForceCount = 0;
+  /** The member of each server line of the ring in force. */
+  #memberOf!: Int32Array;
+  #inForce!: RingState;
+  #staged: Staged[] = [];
+  #timer: ReturnType<typeof setTimeout> | undefined;
   #hash!: PoolHash;
   #version = 0;
+  #started = false;
   /**
-   * The ketama ring itself while nothing is ejected: its indexes are then
-   * the members' (a ketama servers file has no repeated address), so a
-   * look-up skips two index maps. The hot path's shortcut.
+   * The ketama ring itself while nothing is ejected and no address repeats:
+   * its indexes are then the members'. The hot path's shortcut.
    */
   #ring: HashRing | undefined;
-  /** Members ejected (eject pools). */
-  readonly #ejected: Set<number>;
-  /** Consecutive failures of each member. */
-  readonly #failures: Int32Array;
+  /** Consecutive failures of each server. */
+  readonly #failures = new Map<Destination, number>();
   /** Members appended to since the last kick, with a mark each. */
   #touched: number[] = [];
-  readonly #mark: Uint8Array;
+  #mark!: Uint8Array;
   /**
    * Whether appends mark the members they touch, so a kick wakes only those:
    * worth it for a large pool; a small one kicks every member instead.
    */
-  readonly #marks: boolean;
+  #marks = false;
 
   /** Makes the pool; call {@linkcode start} to connect. */
   constructor(options: PoolOptions) {
-    const { config, shared, previous } = options;
+    const { config, shared } = options;
     this.name = config.name;
-    this.config = config;
-    const sameKind = previous !== undefined && previous.config.protocol === config.protocol;
-    this.counters = previous?.counters ?? new PoolCounters();
-    this.sockets = config.protocol === "udp"
-      ? (sameKind ? previous!.sockets : undefined) ?? new UdpSockets()
-      : undefined;
-    const old = new Map<string, number>();
-    if (sameKind) previous!.members.forEach((m, i) => old.set(m.address, i));
-    const members: Destination[] = [];
-    const byAddress = new Map<string, number>();
-    this.#memberOf = new Int32Array(config.servers.length);
-    this.#linesOf = [];
-    this.#ejected = new Set();
-    config.servers.forEach((server, line) => {
-      let index = byAddress.get(server.address);
-      if (index === undefined) {
-        index = members.length;
-        byAddress.set(server.address, index);
-        const kept = old.get(server.address);
-        const member = kept === undefined ? this.#member(server, shared) : previous!.members[kept];
-        members.push(member);
-        this.#linesOf.push([]);
-        if (kept !== undefined && config.onFailure === "eject" && previous!.#ejected.has(kept)) {
-          this.#ejected.add(index);
-        }
-      }
-      this.#memberOf[line] = index;
-      this.#linesOf[index].push(line);
-    });
-    this.members = members;
-    this.#failures = new Int32Array(members.length);
-    this.#mark = new Uint8Array(members.length);
-    this.#marks = members.length > 64;
-    members.forEach((member, i) => {
-      if (!(member instanceof Upstream)) return;
-      const eject = config.onFailure === "eject";
-      member.onState(eject ? (event) => this.#onState(i, event) : undefined);
-      member.retryEvery(this.#ejected.has(i) ? config.ejectRetryMs : 0);
-    });
-    this.#setHash(this.#buildHash(previous === undefined ? undefined : previous.#hash));
+    this.#config = config;
+    this.#shared = shared;
+    this.#onLeave = options.onLeave ?? (() => {});
+    this.sockets = config.protocol === "udp" ? new UdpSockets() : undefined;
+    this.#inForce = { servers: config.servers, family: config.hash, ejected: new Set() };
+    this.#install(this.#inForce, undefined);
   }
 
-  #setHash(hash: PoolHash): void {
-    this.#hash = hash;
-    this.#version++;
-    this.#ring = hash.family === "ketama" && this.#ejected.size === 0 ? hash.ring : undefined;
+  /** The configuration (the latest: its servers may not be in force yet). */
+  get config(): PoolConfig {
+    return this.#config;
   }
 
   /**
-   * Counts the changes of the hash (an eject or a rejoin): whoever caches
+   * The servers: those in force (indexes {@linkcode memberFor} returns), then
+   * those a staged change adds, which connect but take no keys yet.
+   */
+  get members(): readonly Destination[] {
+    return this.#members;
+  }
+
+  /**
+   * Counts the changes of the hash in force: whoever caches
    * {@linkcode memberFor}'s answers drops them when it changes.
    */
   get version(): number {
     return this.#version;
   }
 
-  /** The hash in force (over the live servers). */
+  /** The hash in force. */
   get hash(): PoolHash {
     return this.#hash;
   }
 
-  /** Whether member `i` is ejected. */
+  /** Whether member `i` is ejected from the ring in force. */
   isEjected(i: number): boolean {
-    return this.#ejected.has(i);
+    return i < this.#inForceCount && this.#inForce.ejected.has(this.#members[i].address);
+  }
+
+  /** Whether member `i` waits for a staged change to join the ring. */
+  isJoining(i: number): boolean {
+    return i >= this.#inForceCount;
+  }
+
+  /** The ring in force. */
+  ringInForce(): RingView {
+    return viewOf(this.#inForce);
+  }
+
+  /**
+   * The hash once every staged change took effect, and when that is; or
+   * undefined when nothing is staged.
+   */
+  stagedHash(): { hash: PoolHash; at: number } | undefined {
+    const last = this.#staged.at(-1);
+    if (last === undefined) return undefined;
+    last.hash ??= hashOf(last.state);
+    return { hash: last.hash, at: last.at };
+  }
+
+  /** The changes staged, in the order they take effect. */
+  staged(): StagedView[] {
+    return this.#staged.map((s) => ({ ...viewOf(s.state), at: s.at, why: [...s.why] }));
   }
 
   /**
@@ -208,7 +274,7 @@ export class Pool {
    * {@linkcode memberFor} chose it). Positional parameters: the hot path.
    */
   appendTo(i: number, buf: Uint8Array, start: number, end: number, ascii: boolean): void {
-    this.members[i].append(buf, start, end, ascii);
+    this.#members[i].append(buf, start, end, ascii);
     if (this.#marks && this.#mark[i] === 0) {
       this.#mark[i] = 1;
       this.#touched.push(i);
@@ -218,34 +284,196 @@ export class Pool {
   /** Wakes the writers of the servers appended to since the last kick. */
   kick(): void {
     if (!this.#marks) {
-      for (const member of this.members) member.kick();
+      const members = this.#members;
+      for (let i = 0; i < this.#inForceCount; i++) members[i].kick();
       return;
     }
     const touched = this.#touched;
     for (let t = 0; t < touched.length; t++) {
       const i = touched[t];
       this.#mark[i] = 0;
-      this.members[i].kick();
+      this.#members[i].kick();
     }
     touched.length = 0;
   }
 
   /** Starts every member. */
   start(): void {
-    for (const member of this.members) member.start();
+    this.#started = true;
+    for (const member of this.#members) member.start();
   }
 
-  #member(server: PoolConfig["servers"][number], shared: PoolShared): Destination {
+  /** Stops applying staged changes (at shutdown: what is in force stays). */
+  close(): void {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+  }
+
+  /**
+   * Takes a new configuration of the pool (same protocol): its servers,
+   * hash and failure policy make the next ring, staged as the pool's
+   * `ring_switch` says. Servers added connect at once; servers removed keep
+   * their keys until the change takes effect, then leave.
+   */
+  update(config: PoolConfig, now: number = Date.now()): PoolUpdate {
+    const before = this.#target();
+    this.#config = config;
+    const addresses = new Set(config.servers.map((s) => s.address));
+    let ejected = config.onFailure === "eject"
+      ? new Set([...before.ejected].filter((a) => addresses.has(a)))
+      : new Set<string>();
+    if (ejected.size >= addresses.size) ejected = new Set(); // never the last live one
+    const next: RingState = { servers: config.servers, family: config.hash, ejected };
+    const old = new Set(before.servers.map((s) => s.address));
+    const weights = new Map(before.servers.map((s) => [s.address, s.weight]));
+    const added = [...addresses].filter((a) => !old.has(a));
+    const removed = [...old].filter((a) => !addresses.has(a));
+    const reweighted = [
+      ...new Set(
+        config.servers.filter((s) => weights.has(s.address) && weights.get(s.address) !== s.weight)
+          .map((s) => s.address),
+      ),
+    ];
+    const moved = hashOf(next).movedFrom(hashOf(before));
+    for (const member of this.#byAddress.values()) this.#watch(member);
+    const why: string[] = [];
+    if (added.length > 0) why.push(`added ${added.join(", ")}`);
+    if (removed.length > 0) why.push(`removed ${removed.join(", ")}`);
+    if (reweighted.length > 0) why.push(`new weight for ${reweighted.join(", ")}`);
+    if (before.family !== next.family) why.push(`hash ${next.family}`);
+    if (why.length === 0 && moved === 0) return { added, removed, reweighted, moved };
+    const at = this.#stage(next, why.length > 0 ? why : ["servers reordered"], now);
+    return { added, removed, reweighted, moved, ...(at > now ? { appliesAt: at } : {}) };
+  }
+
+  /** The ring as it will be once everything staged took effect. */
+  #target(): RingState {
+    return this.#staged.at(-1)?.state ?? this.#inForce;
+  }
+
+  /** Stages `state` to take effect when the pool's settings say; returns when. */
+  #stage(state: RingState, why: string[], now: number): number {
+    const at = Math.max(switchTime(now, this.#config.ringSwitch), this.#staged.at(-1)?.at ?? 0);
+    const last = this.#staged.at(-1);
+    if (last !== undefined && last.at === at) {
+      last.state = state;
+      last.why.push(...why);
+      last.hash = undefined;
+    } else {
+      this.#staged.push({ at, state, why: [...why] });
+    }
+    for (const server of state.servers) this.#memberAt(server);
+    this.#arrange();
+    if (at <= now) this.#applyDue(now);
+    else this.#schedule();
+    return at;
+  }
+
+  #schedule(): void {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    const next = this.#staged[0];
+    if (next === undefined) return;
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      this.#applyDue(Math.max(Date.now(), next.at));
+    }, Math.max(0, next.at - Date.now()));
+  }
+
+  /** Puts in force every staged change whose time has come. */
+  #applyDue(now: number): void {
+    const due: Staged[] = [];
+    while (this.#staged.length > 0 && this.#staged[0].at <= now) due.push(this.#staged.shift()!);
+    const last = due.at(-1);
+    if (last !== undefined) {
+      const before = this.#inForce;
+      const beforeHash = this.#hash;
+      this.#install(last.state, beforeHash);
+      this.counters.switches++;
+      this.#afterSwitch(before, beforeHash, due.flatMap((d) => d.why), last.at);
+    }
+    this.#schedule();
+  }
+
+  /** Makes `state` the ring in force: members, the line map and the hash. */
+  #install(state: RingState, replaces: PoolHash | undefined): void {
+    this.#inForce = state;
+    this.#memberOf = new Int32Array(state.servers.length);
+    const index = new Map<string, number>();
+    const members: Destination[] = [];
+    state.servers.forEach((server, line) => {
+      let i = index.get(server.address);
+      if (i === undefined) {
+        i = members.length;
+        index.set(server.address, i);
+        members.push(this.#memberAt(server));
+      }
+      this.#memberOf[line] = i;
+    });
+    this.#inForceCount = members.length;
+    this.#members = members;
+    this.#arrange();
+    this.#mark = new Uint8Array(members.length);
+    this.#touched = [];
+    this.#marks = members.length > 64;
+    this.#hash = hashOf(state, { replaces });
+    this.#version++;
+    this.#ring = this.#hash.ring !== undefined && state.ejected.size === 0 &&
+        members.length === state.servers.length
+      ? this.#hash.ring
+      : undefined;
+  }
+
+  /**
+   * Puts the servers waiting to join after those in force, and lets go of
+   * those neither in force nor staged.
+   */
+  #arrange(): void {
+    const wanted = new Set(this.#inForce.servers.map((s) => s.address));
+    for (const staged of this.#staged) for (const s of staged.state.servers) wanted.add(s.address);
+    for (const [address, member] of this.#byAddress) {
+      if (wanted.has(address)) continue;
+      this.#byAddress.delete(address);
+      this.#failures.delete(member);
+      if (member instanceof Upstream) member.onState(undefined);
+      this.#onLeave(member);
+    }
+    const inForce = this.#members.slice(0, this.#inForceCount);
+    const kept = new Set(inForce);
+    this.#members = [...inForce, ...[...this.#byAddress.values()].filter((m) => !kept.has(m))];
+  }
+
+  /** The member of `server`'s address: the one the pool has, or a new one. */
+  #memberAt(server: ServerSpec): Destination {
+    const known = this.#byAddress.get(server.address);
+    if (known !== undefined) return known;
+    const member = this.#member(server);
+    this.#byAddress.set(server.address, member);
+    this.#watch(member);
+    if (this.#started) member.start();
+    return member;
+  }
+
+  /** Follows a TCP member's connects and failures when the pool ejects. */
+  #watch(member: Destination): void {
+    if (!(member instanceof Upstream)) return;
+    const eject = this.#config.onFailure === "eject";
+    member.onState(eject ? (event) => this.#onState(member, event) : undefined);
+    if (!eject) member.retryEvery(0);
+  }
+
+  #member(server: ServerSpec): Destination {
     const { address, host, port } = server;
+    const shared = this.#shared;
     const name = shared.pooled ? `${this.name}/${address}` : address;
-    if (this.config.protocol === "udp") {
+    if (this.#config.protocol === "udp") {
       return new UdpUpstream({
         address,
         name,
         host,
         port,
-        mtu: this.config.mtu,
-        flushIntervalMs: this.config.flushIntervalMs,
+        mtu: this.#config.mtu,
+        flushIntervalMs: this.#config.flushIntervalMs,
         sockets: this.sockets!,
         events: shared.events,
       });
@@ -263,64 +491,91 @@ export class Pool {
     });
   }
 
-  #buildHash(replaces?: PoolHash): PoolHash {
-    const out = new Set<number>();
-    for (const i of this.#ejected) for (const line of this.#linesOf[i]) out.add(line);
-    return new PoolHash({
-      family: this.config.hash,
-      servers: this.config.servers,
-      out,
-      replaces,
-    });
-  }
-
-  #onState(i: number, event: "failed" | "connected"): void {
+  #onState(member: Upstream, event: "failed" | "connected"): void {
+    const target = this.#target();
+    const address = member.address;
     if (event === "connected") {
-      this.#failures[i] = 0;
-      if (this.#ejected.has(i)) this.#rejoin(i);
+      this.#failures.set(member, 0);
+      if (!target.ejected.has(address)) return;
+      const ejected = new Set(target.ejected);
+      ejected.delete(address);
+      const at = this.#stage({ ...target, ejected }, [`rejoined ${address}`], Date.now());
+      if (this.#inForce.ejected.has(address) && this.#staged.length > 0) {
+        log.info("pool {pool}: {address} is back; it rejoins the ring at {at}", {
+          pool: this.name,
+          address,
+          at: new Date(at).toISOString(),
+        });
+      }
       return;
     }
-    this.#failures[i]++;
-    if (this.#ejected.has(i) || this.#failures[i] < this.config.ejectAfter) return;
-    if (this.#ejected.size + 1 >= this.members.length) return; // never the last live one
-    this.#eject(i);
+    const failures = (this.#failures.get(member) ?? 0) + 1;
+    this.#failures.set(member, failures);
+    if (target.ejected.has(address) || failures < this.#config.ejectAfter) return;
+    const live = new Set(target.servers.map((s) => s.address));
+    if (target.ejected.size + 1 >= live.size || !live.has(address)) return; // never the last live one
+    const ejected = new Set(target.ejected).add(address);
+    const at = this.#stage({ ...target, ejected }, [`ejected ${address}`], Date.now());
+    if (this.#staged.length > 0) {
+      log.warn(
+        "pool {pool}: ejecting {address} after {failures} failures in a row; its keys stay with it (held) until the ring switches at {at}",
+        { pool: this.name, address, failures, at: new Date(at).toISOString() },
+      );
+    }
   }
 
-  #eject(i: number): void {
-    const member = this.members[i] as Upstream;
-    const before = this.#hash;
-    this.#ejected.add(i);
-    this.#setHash(this.#buildHash(before));
-    member.retryEvery(this.config.ejectRetryMs);
-    const held = member.takeHeld();
-    const rerouted = this.#reroute(held);
-    this.counters.ejections++;
-    this.counters.rerouted += rerouted;
-    log.warn(
-      "pool {pool}: ejected {address} after {failures} failures in a row; {moved}% of keys move to the others, {rerouted} held metrics routed again; retrying it every {retry} ms",
+  /** What a switch does beyond the hash: ejected servers' held metrics, retries, the log. */
+  #afterSwitch(before: RingState, beforeHash: PoolHash, why: string[], at: number): void {
+    const after = this.#inForce;
+    const moved = this.#hash.movedFrom(beforeHash);
+    let rerouted = 0;
+    for (const address of after.ejected) {
+      if (before.ejected.has(address)) continue;
+      const member = this.#byAddress.get(address) as Upstream;
+      member.retryEvery(this.#config.ejectRetryMs);
+      const count = this.#reroute(member.takeHeld());
+      rerouted += count;
+      this.counters.ejections++;
+      this.counters.rerouted += count;
+      if (this.#config.ringSwitch.mode === "immediate") {
+        log.warn(
+          "pool {pool}: ejected {address} after {failures} failures in a row; {moved}% of keys move to the others, {rerouted} held metrics routed again; retrying it every {retry} ms",
+          {
+            pool: this.name,
+            address,
+            failures: this.#failures.get(member) ?? 0,
+            moved: (moved * 100).toFixed(2),
+            rerouted: count,
+            retry: this.#config.ejectRetryMs,
+          },
+        );
+      }
+    }
+    for (const address of before.ejected) {
+      if (after.ejected.has(address)) continue;
+      const member = this.#byAddress.get(address);
+      if (member instanceof Upstream) member.retryEvery(0);
+      if (member === undefined) continue;
+      this.counters.rejoins++;
+      if (this.#config.ringSwitch.mode === "immediate") {
+        log.info("pool {pool}: {address} is back and rejoins; {moved}% of keys move back to it", {
+          pool: this.name,
+          address,
+          moved: (moved * 100).toFixed(2),
+        });
+      }
+    }
+    if (this.#config.ringSwitch.mode === "immediate") return;
+    log.info(
+      "pool {pool}: the ring switched at the flush boundary {at}: {changes}; {moved}% of keys moved, {rerouted} held metrics routed again",
       {
         pool: this.name,
-        address: member.address,
-        failures: this.#failures[i],
-        moved: (this.#hash.movedFrom(before) * 100).toFixed(2),
+        at: new Date(at).toISOString(),
+        changes: why.join(", "),
+        moved: (moved * 100).toFixed(2),
         rerouted,
-        retry: this.config.ejectRetryMs,
       },
     );
-  }
-
-  #rejoin(i: number): void {
-    const member = this.members[i] as Upstream;
-    const before = this.#hash;
-    this.#ejected.delete(i);
-    this.#setHash(this.#buildHash(before));
-    member.retryEvery(0);
-    this.counters.rejoins++;
-    log.info("pool {pool}: {address} is back and rejoins; {moved}% of keys move back to it", {
-      pool: this.name,
-      address: member.address,
-      moved: (this.#hash.movedFrom(before) * 100).toFixed(2),
-    });
   }
 
   /** Routes again, on the hash now in force, the whole lines and frames in `chunks`. */
@@ -346,4 +601,30 @@ export class Pool {
     this.kick();
     return count;
   }
+}
+
+/**
+ * The hash of a ring: for the ring `inForce`, with a route cache (taken
+ * over from the hash it `replaces`, if any); else a throwaway one for a
+ * report, uncached.
+ */
+function hashOf(state: RingState, inForce?: { replaces: PoolHash | undefined }): PoolHash {
+  const out = new Set<number>();
+  state.servers.forEach((s, line) => {
+    if (state.ejected.has(s.address)) out.add(line);
+  });
+  return new PoolHash({
+    family: state.family,
+    servers: state.servers,
+    out,
+    ...(inForce === undefined ? { cache: false } : { replaces: inForce.replaces }),
+  });
+}
+
+/** A ring as /health shows it. */
+function viewOf(state: RingState): RingView {
+  return {
+    servers: [...new Set(state.servers.map((s) => s.address))],
+    ejected: [...state.ejected],
+  };
 }

@@ -28,6 +28,11 @@ export interface PoolHashOptions {
   out?: ReadonlySet<number>;
   /** The hash this one replaces: its route cache is taken over. */
   replaces?: PoolHash;
+  /**
+   * Whether look-ups go through a route cache (ketama). Default true; a hash
+   * built only for a report (what a change moves) goes without.
+   */
+  cache?: boolean;
 }
 
 /** A pool's key-to-server map. */
@@ -65,6 +70,7 @@ export class PoolHash {
     this.ring = new HashRing({
       servers: live.map((i) => options.servers[i]),
       replaces: options.replaces?.ring,
+      ...(options.cache === false ? { cache: false } : {}),
     });
     this.#full = Int32Array.from(live);
   }
