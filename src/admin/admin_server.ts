@@ -169,7 +169,12 @@ export function health(proxy: Proxy): { status: number; body: unknown } {
           : null,
       },
       upstreams,
-      ...(proxy.pooled ? { pools } : {}),
+      // Without pools, the one pool's ring, discovery and file watch.
+      ...(proxy.pooled ? { pools } : {
+        ring: pools[0].ring,
+        discovery: pools[0].discovery,
+        servers_file_watch: pools[0].servers_file_watch,
+      }),
     },
   };
 }

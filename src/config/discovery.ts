@@ -119,7 +119,9 @@ export interface DiscoveryStatus {
 
 /** A list's identity: its addresses and weights, in address order. */
 function keyOf(servers: readonly ServerSpec[]): string {
-  return servers.map((server) => `${server.address} ${server.weight}`).sort().join("\n");
+  // The host too: a discovered server whose address changed is reached anew.
+  return servers.map((server) => `${server.address} ${server.weight} ${server.host}`).sort()
+    .join("\n");
 }
 
 /** The next wall-clock multiple of `intervalMs` strictly after `after`. */

@@ -351,6 +351,28 @@ function srvServers(source: SrvServerSource, records: Deno.SrvRecord[]): ServerS
   return [...byAddress.values()];
 }
 
+/**
+ * With a DNS server of its own (`dns_server`, e.g. Consul's), an SRV
+ * target's name may resolve only there: each server is reached at its
+ * target's address from that server (the lowest A address, else the lowest
+ * AAAA one), while its name on the ring stays `TARGET:PORT`. A target
+ * without an address there keeps its name, for the system's resolver.
+ */
+async function connectByAddress(
+  servers: ServerSpec[],
+  dnsOptions: Deno.ResolveDnsOptions,
+): Promise<void> {
+  const targets = [...new Set(servers.map((s) => s.host))].filter((t) => !isIPv4(t));
+  const found = await Promise.all(targets.map(async (target) => {
+    const v4 = await orEmpty(Deno.resolveDns(target, "A", dnsOptions));
+    if (v4 !== undefined && v4.length > 0) return v4.sort()[0];
+    const v6 = await orEmpty(Deno.resolveDns(target, "AAAA", dnsOptions));
+    return v6 !== undefined && v6.length > 0 ? v6.map((ip) => ip.toLowerCase()).sort()[0] : target;
+  }));
+  const ipOf = new Map(targets.map((t, i) => [t, found[i]]));
+  for (const server of servers) server.host = ipOf.get(server.host) ?? server.host;
+}
+
 /** The servers of A and AAAA answers, before sorting. */
 function addressServers(
   source: DnsServerSource,
@@ -424,6 +446,7 @@ export async function resolveServers(
     if (source.kind === "srv") {
       const records = await orEmpty(Deno.resolveDns(source.name, "SRV", dnsOptions));
       servers = srvServers(source, records ?? []);
+      if (options.nameServer !== undefined) await connectByAddress(servers, dnsOptions);
     } else {
       const [v4, v6] = await Promise.allSettled([
         orEmpty(Deno.resolveDns(source.host, "A", dnsOptions)),

@@ -336,6 +336,17 @@ export class Pool {
     ];
     const moved = hashOf(next).movedFrom(hashOf(before));
     for (const member of this.#byAddress.values()) this.#watch(member);
+    for (const server of config.servers) {
+      const member = this.#byAddress.get(server.address);
+      if (member === undefined || member.host === server.host) continue;
+      log.info("pool {pool}: {address} is reached at {host} from now on (was {was})", {
+        pool: this.name,
+        address: server.address,
+        host: server.host,
+        was: member.host,
+      });
+      member.retarget(server.host);
+    }
     const why: string[] = [];
     if (added.length > 0) why.push(`added ${added.join(", ")}`);
     if (removed.length > 0) why.push(`removed ${removed.join(", ")}`);

@@ -12,6 +12,10 @@ import type { ConnectionView, DrainReason } from "./upstream_connection.ts";
 export interface Destination {
   /** Address as written in the servers file. */
   readonly address: string;
+  /** The host it connects or sends to (the address's host, or the IP DNS discovery found). */
+  readonly host: string;
+  /** Connects or sends to another host from now on; its name on the ring stays. */
+  retarget(host: string): void;
   /** Its connections (or, for UDP, its ascii and binary datagram streams). */
   readonly connections: readonly ConnectionView[];
   /** True while any connection is up. */

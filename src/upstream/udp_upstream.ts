@@ -441,9 +441,20 @@ export class UdpUpstream implements Destination {
   /** Makes the server; call {@linkcode start} to resolve its address. */
   constructor(options: UdpUpstreamOptions) {
     this.address = options.address;
-    this.#options = options;
+    this.#options = { ...options };
     this.ascii = new DatagramStream(this, options, "ascii");
     this.#ip = literalIp(options.host);
+  }
+
+  /** The host it sends to. */
+  get host(): string {
+    return this.#options.host;
+  }
+
+  /** Sends to `host` from now on, once resolved (a discovered server whose address changed). */
+  retarget(host: string): void {
+    this.#options.host = host;
+    this.start();
   }
 
   /** Its datagram streams: ascii, then binary if used. */

@@ -58,9 +58,23 @@ export class Upstream implements Destination {
   /** Makes an upstream; call {@linkcode start} to connect. */
   constructor(options: UpstreamOptions) {
     this.address = options.address;
-    this.#options = options;
+    this.#options = { ...options };
     this.budget = new ByteBudget(options.maxBufferBytes);
     this.ascii = this.#connection("ascii");
+  }
+
+  /** The host it connects to. */
+  get host(): string {
+    return this.#options.host;
+  }
+
+  /**
+   * Connects to `host` from the next attempt on (see
+   * {@linkcode UpstreamConnection.retarget}).
+   */
+  retarget(host: string): void {
+    this.#options.host = host;
+    for (const c of this.connections) c.retarget(host);
   }
 
   /** The connection that carries binary frames, once one was routed here. */

@@ -191,10 +191,19 @@ export class UpstreamConnection implements ConnectionView {
     this.address = options.address;
     this.name = options.name ?? options.address;
     this.protocol = options.protocol;
-    this.#options = options;
+    this.#options = { ...options };
     this.#newline = options.protocol === "ascii";
     this.#buffer = new UpstreamBuffer({ budget: options.budget });
     this.#delay = options.reconnectMinMs;
+  }
+
+  /**
+   * Connects to `host` from the next attempt on (the server's name stays:
+   * a discovered server whose address changed). A connection that is up
+   * stays up.
+   */
+  retarget(host: string): void {
+    this.#options.host = host;
   }
 
   /** True while a connection is up. */
