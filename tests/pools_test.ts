@@ -432,6 +432,103 @@ pools = held
   }
 });
 
+Deno.test("on_failure = eject with ring_switch = aligned holds a dead server's keys until the flush boundary, then moves exactly them", async () => {
+  const servers = [RecordingServer.start(), RecordingServer.start(), RecordingServer.start()];
+  const victim = servers[1];
+  const proxy = await ProxyProcess.start({
+    servers: [RecordingServer.reserve().address],
+    admin: true,
+    // A boundary every 4 s, at least 2 s after the eject is decided: time
+    // to send metrics while the eject waits.
+    settings: {
+      reconnect_min_ms: 100,
+      reconnect_max_ms: 100,
+      ring_switch: "aligned",
+      flush_interval: 4,
+      ring_switch_lead_ms: 2000,
+    },
+    files: {
+      "main.conf": file(servers),
+      "reduced.conf": file(servers.filter((s) => s !== victim)),
+    },
+    sections: `
+[pool:main]
+servers = main.conf
+on_failure = eject
+eject_after = 2
+eject_retry_ms = 200
+
+[route:all]
+match = .
+pools = main
+`,
+  });
+  try {
+    const keys = Array.from({ length: 600 }, (_, i) => `aligned.key${i}`);
+    const full = await routeOf(`${proxy.dir}/main.conf`, keys);
+    const reduced = await routeOf(`${proxy.dir}/reduced.conf`, keys);
+    const moved = keys.filter((k) => full.get(k) !== reduced.get(k));
+    const others = servers.filter((s) => s !== victim);
+
+    await victim.stop();
+    await proxy.waitForLog(
+      new RegExp(`pool main: ejecting ${victim.address} after 2 failures in a row; .* at (\\S+)`),
+    );
+    const at = Date.parse(
+      new RegExp(`ejecting ${victim.address} .* at (\\S+)`).exec(proxy.stderr)![1],
+    );
+    assert.equal(at % 4000, 0, "a wall-clock multiple of flush_interval");
+    // Before the boundary: every key still goes where the full ring says.
+    const round0 = keys.map((k) => `${k}:0|c`);
+    await sendTcp(proxy.tcpPort, bytes(round0.map((l) => l + "\n").join("")));
+    for (const s of others) {
+      await s.waitForLines(round0.filter((l) => full.get(keyOf(l)) === s.address).length);
+    }
+    assert.ok(Date.now() < at, "sent and delivered before the boundary (test timing)");
+    for (const s of others) {
+      assert.ok(s.lines().every((l) => full.get(keyOf(l)) === s.address), `${s.address} before`);
+    }
+    const health = JSON.parse((await proxy.admin("/health")).text);
+    const ring = health.pools.find((p: { name: string }) => p.name === "main").ring;
+    assert.deepEqual(ring.staged.map((x: { changes: string[] }) => x.changes), [[
+      `ejected ${victim.address}`,
+    ]]);
+    assert.equal(Date.parse(ring.staged[0].applies_at), at);
+
+    // At the boundary: the held metrics of the victim's keys go to their new servers.
+    await proxy.waitForLog(
+      new RegExp(
+        `the ring switched at the flush boundary .*: ejected ${victim.address}; .* ${moved.length} held metrics routed again`,
+      ),
+    );
+    assert.ok(Date.now() >= at);
+    for (const s of others) {
+      await s.waitForLines(round0.filter((l) => reduced.get(keyOf(l)) === s.address).length);
+      assert.deepEqual(
+        s.lines().sort(),
+        round0.filter((l) => reduced.get(keyOf(l)) === s.address).sort(),
+      );
+    }
+    const m = await proxy.metrics();
+    assert.equal(m.get('statsite_proxy_pool_rerouted_total{pool="main"}'), moved.length);
+    assert.equal(m.get('statsite_proxy_ring_switches_total{pool="main"}'), 1);
+    assert.equal(m.get('statsite_proxy_ring_staged_changes{pool="main"}'), 0);
+
+    // Back: it rejoins at a boundary too.
+    victim.listen();
+    await proxy.waitForLog(
+      new RegExp(`pool main: ${victim.address} is back; it rejoins the ring at`),
+    );
+    await proxy.waitForLog(
+      new RegExp(`the ring switched at the flush boundary .*: rejoined ${victim.address}`),
+      10_000,
+    );
+  } finally {
+    await proxy.stop();
+    await Promise.all(servers.map((s) => s.stop()));
+  }
+});
+
 Deno.test("SIGHUP changes pools and routes at once; servers that stay keep what they hold", async () => {
   const main = [RecordingServer.start(), RecordingServer.start()];
   const [x1, x2, y1] = [
