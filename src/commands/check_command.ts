@@ -13,6 +13,7 @@ import {
   type ProxyConfig,
   unfinishedLinesBound,
 } from "../config/config.ts";
+import { parseServerSource } from "../config/server_source.ts";
 import { PoolHash } from "../routing/pool_hash.ts";
 
 /** The summary `check` prints for a valid configuration. */
@@ -36,6 +37,7 @@ export function checkSummary(config: ProxyConfig): string {
     lines.push(
       `servers: ${config.serversFile} (${size(pool, hash)})`,
       ...serverLines(pool, hash),
+      ...changeLines(pool, config.watchServersFile, ""),
     );
   } else {
     for (const pool of config.pools) {
@@ -51,6 +53,7 @@ export function checkSummary(config: ProxyConfig): string {
           size(pool, hash)
         })`,
         ...serverLines(pool, hash),
+        ...changeLines(pool, config.watchServersFile, "  "),
       );
     }
     const routes = config.routes ?? [];
@@ -62,6 +65,32 @@ export function checkSummary(config: ProxyConfig): string {
   }
   lines.push("ok");
   return lines.join("\n") + "\n";
+}
+
+/** How a pool's ring changes: when a change applies, and where its servers come from. */
+function changeLines(pool: PoolConfig, watchFiles: boolean, indent: string): string[] {
+  const { mode, flushIntervalS, leadMs, offsetMs } = pool.ringSwitch;
+  const lines = [
+    mode === "immediate"
+      ? `${indent}ring changes: at once (ring_switch = immediate)`
+      : `${indent}ring changes: at flush boundaries, every ${flushIntervalS} s${
+        offsetMs === 0 ? "" : ` ${offsetMs > 0 ? "+" : "-"} ${Math.abs(offsetMs)} ms`
+      }, at least ${leadMs} ms after seen (ring_switch = aligned)`,
+  ];
+  const source = parseServerSource(pool.serversFile);
+  if (source.kind !== "file") {
+    const { dnsServer, intervalMs, maxServerLoss } = pool.discovery;
+    lines.push(
+      `${indent}discovery: ${pool.serversFile} via ${
+        dnsServer ?? "the system resolver"
+      }, every ${intervalMs} ms; a change removing more than ${
+        maxServerLoss * 100
+      }% of the servers waits for 3 polls`,
+    );
+  } else if (watchFiles) {
+    lines.push(`${indent}servers file watched: a change applies without SIGHUP`);
+  }
+  return lines;
 }
 
 /** `2 servers, 320 points` (ketama) or `3 shards` (statsrelay). */
