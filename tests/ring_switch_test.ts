@@ -5,11 +5,12 @@
  * between two statsites, each flushing a part under the same key and time.
  *
  * Three statsites flush every second, aligned to the wall clock. A client
- * sends 300 counters in bursts every 50 ms over TCP while the servers file
- * changes twice, each time 0.4 s into a second: a server is added, then one
- * is removed. A "key-interval" is a key and a flush time; it is split when
- * two or more statsites flushed it. With `ring_switch = immediate` some are
- * split; the sums over all statsites are exact either way.
+ * sends 300 counters in bursts over TCP (every 50 ms, and every 2 ms within
+ * 30 ms of a flush) while the servers file changes twice, each time 0.4 s
+ * into a second: a server is added, then one is removed. A "key-interval" is
+ * a key and a flush time; it is split when two or more statsites flushed it.
+ * With `ring_switch = immediate` some are split; the sums over all
+ * statsites are exact.
  *
  * The statsite binary is `$STATSITE_BIN`, or `../shared/statsite/statsite`;
  * without it these tests are reported as ignored, with the reason.
@@ -28,6 +29,9 @@ const KEYS = Array.from({ length: 300 }, (_, i) => `rs.k${i}`);
 /** One burst: every key once, counter value 1. */
 const BURST = bytes(KEYS.map((k) => `${k}:1|c\n`).join(""));
 const BURST_EVERY_MS = 50;
+/** Within this far of a whole second (a flush), a burst every {@linkcode BURST_NEAR_FLUSH_MS}. */
+const NEAR_FLUSH_MS = 30;
+const BURST_NEAR_FLUSH_MS = 2;
 /** How far into a second each servers-file change is made: clearly not at a flush. */
 const MID_INTERVAL_MS = 400;
 
@@ -41,6 +45,12 @@ interface RingChangeOutcome {
   keyIntervals: number;
   /** Of those, the ones flushed by two or more statsites. */
   splits: number;
+  /**
+   * A few splits, each as `KEY, flush +S s: A 19, C 1`: the flush time in
+   * seconds after the whole second before the first change, and what each
+   * statsite flushed.
+   */
+  splitExamples: string[];
   /** Keys flushed by two or more statsites (in any intervals): the keys that moved. */
   movedKeys: number;
 }
@@ -48,6 +58,18 @@ interface RingChangeOutcome {
 /** Resolves at wall-clock time `at` (ms since the epoch), or at once if it has passed. */
 async function sleepUntil(at: number): Promise<void> {
   await sleep(Math.max(0, at - Date.now()));
+}
+
+/**
+ * How long after a burst at `now` the next one goes: 50 ms, but 2 ms within
+ * 30 ms of a whole second, so that a switch at a flush meets lines on both
+ * sides of it, as steady traffic would: a line the old server reads after
+ * its flush, or the new one before its flush, splits the interval.
+ */
+function untilNextBurst(now: number): number {
+  const ms = now % 1000;
+  if (ms < NEAR_FLUSH_MS || ms >= 1000 - NEAR_FLUSH_MS) return BURST_NEAR_FLUSH_MS;
+  return Math.min(BURST_EVERY_MS, 1000 - NEAR_FLUSH_MS - ms);
 }
 
 /** Writes all of `data` to `conn`. */
@@ -92,7 +114,7 @@ async function runRingChanges(
       while (sending) {
         await writeAll(client, BURST);
         bursts++;
-        await sleep(BURST_EVERY_MS);
+        await sleep(untilNextBurst(Date.now()));
       }
     })();
 
@@ -135,24 +157,27 @@ async function runRingChanges(
     const flushes = await Promise.all(statsites.map((s) => s.flushes()));
     const aggregated = new Map<string, number>();
     for (const f of flushes) addSums(aggregated, f);
-    const holders = new Map<string, number>(); // "key time" → statsites that flushed it
-    const keyHolders = new Map<string, number>(); // key → statsites that flushed it
-    for (const f of flushes) {
+    // "KEY, flush +S s" (seconds after `base`) → "A 19"-like parts, one per statsite that
+    // flushed it; key → how many statsites flushed it at all.
+    const intervals = new Map<string, string[]>();
+    const keyHolders = new Map<string, number>();
+    for (const [i, f] of flushes.entries()) {
       for (const [key, byTime] of f) {
         keyHolders.set(key, (keyHolders.get(key) ?? 0) + 1);
-        for (const time of byTime.keys()) {
-          const id = `${key} ${time}`;
-          holders.set(id, (holders.get(id) ?? 0) + 1);
+        for (const [time, value] of byTime) {
+          const id = `${key}, flush +${time - base / 1000} s`;
+          intervals.set(id, [...(intervals.get(id) ?? []), `${"ABC"[i]} ${value}`]);
         }
       }
     }
-    const atTwo = (m: Map<string, number>) => [...m.values()].filter((n) => n >= 2).length;
+    const splits = [...intervals].filter(([, parts]) => parts.length >= 2);
     return {
       sent,
       aggregated,
-      keyIntervals: holders.size,
-      splits: atTwo(holders),
-      movedKeys: atTwo(keyHolders),
+      keyIntervals: intervals.size,
+      splits: splits.length,
+      splitExamples: splits.slice(0, 5).map(([id, parts]) => `${id}: ${parts.join(", ")}`),
+      movedKeys: [...keyHolders.values()].filter((n) => n >= 2).length,
     };
   } finally {
     conn?.close();
@@ -166,7 +191,8 @@ function report(mode: string, outcome: RingChangeOutcome): void {
   console.log(
     `${mode}: ${outcome.splits} of ${outcome.keyIntervals} key-intervals split ` +
       `(${outcome.movedKeys} of ${KEYS.length} keys moved, ` +
-      `${outcome.sent.get(KEYS[0])} bursts of ${KEYS.length} counters)`,
+      `${outcome.sent.get(KEYS[0])} bursts of ${KEYS.length} counters)` +
+      (outcome.splits > 0 ? `; e.g. ${outcome.splitExamples[0]}` : ""),
   );
 }
 
