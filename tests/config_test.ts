@@ -87,7 +87,7 @@ Deno.test("DEFAULTS holds the documented defaults and cannot be changed", () => 
     adminTimeoutMs: 10000,
     udpReceiver: "auto",
     udpReceiveBufferBytes: 8388608,
-    ringSwitch: { mode: "aligned", flushIntervalS: 10, leadMs: 1000, offsetMs: 0 },
+    ringSwitch: { mode: "aligned", flushIntervalS: 10, leadMs: 1000, offsetMs: 0, guardMs: 50 },
     discovery: { intervalMs: 10000, maxServerLoss: 0.5 },
     watchServersFile: false,
   });
@@ -144,6 +144,7 @@ Deno.test("parseConfig() reads every key", () => {
     "flush_interval = 60",
     "ring_switch_lead_ms = 250",
     "ring_switch_offset_ms = -20",
+    "ring_switch_guard_ms = 0",
     "dns_server = [::1]:8600",
     "discovery_interval_ms = 5000",
     "max_server_loss = 0.25",
@@ -178,7 +179,13 @@ Deno.test("parseConfig() reads every key", () => {
     adminTimeoutMs: 2000,
     udpReceiver: "native",
     udpReceiveBufferBytes: 0,
-    ringSwitch: { mode: "immediate", flushIntervalS: 60, leadMs: 250, offsetMs: -20 },
+    ringSwitch: {
+      mode: "immediate",
+      flushIntervalS: 60,
+      leadMs: 250,
+      offsetMs: -20,
+      guardMs: 0,
+    },
     discovery: { dnsServer: "[::1]:8600", intervalMs: 5000, maxServerLoss: 0.25 },
     watchServersFile: true,
   });

@@ -37,7 +37,7 @@ Deno.test("parseConfig() without pool or route sections keeps today's single rin
 
 /** What the pools inherit from MAIN. */
 const INHERITED = {
-  ringSwitch: { mode: "aligned", flushIntervalS: 10, leadMs: 1000, offsetMs: 0 },
+  ringSwitch: { mode: "aligned", flushIntervalS: 10, leadMs: 1000, offsetMs: 0, guardMs: 50 },
   discovery: { intervalMs: 10000, maxServerLoss: 0.5 },
 };
 
@@ -47,7 +47,7 @@ Deno.test("parseConfig() reads pools with their defaults and every key, and rout
       "\n[pool:timers]\nservers = timers.conf\n" +
       "\n[pool:relay]\nservers = /etc/relay.conf\nhash = statsrelay\nprotocol = udp\nmtu = 512\nflush_interval_ms = 25\n" +
       "\n[pool:ejecting]\nservers = e.conf\non_failure = eject\neject_after = 5\neject_retry_ms = 1000\n" +
-      "ring_switch = immediate\nflush_interval = 30\nring_switch_lead_ms = 0\nring_switch_offset_ms = 5\n" +
+      "ring_switch = immediate\nflush_interval = 30\nring_switch_lead_ms = 0\nring_switch_offset_ms = 5\nring_switch_guard_ms = 20\n" +
       "dns_server = 10.0.0.1:53\ndiscovery_interval_ms = 100\nmax_server_loss = 1\n" +
       "\n[route:timers]\nmatch = ^timers\\.   ; an inline comment\npools = timers, relay\n" +
       "\n[route:junk]\nmatch = ^junk\\.\npools = drop\n" +
@@ -104,7 +104,7 @@ Deno.test("parseConfig() reads pools with their defaults and every key, and rout
       onFailure: "eject",
       ejectAfter: 5,
       ejectRetryMs: 1000,
-      ringSwitch: { mode: "immediate", flushIntervalS: 30, leadMs: 0, offsetMs: 5 },
+      ringSwitch: { mode: "immediate", flushIntervalS: 30, leadMs: 0, offsetMs: 5, guardMs: 20 },
       discovery: { dnsServer: "10.0.0.1:53", intervalMs: 100, maxServerLoss: 1 },
     },
   ]);
@@ -142,7 +142,7 @@ Deno.test("parseConfig() rejects each mistake in pools and routes with its file 
       "an unknown key",
       pool("hashing = ketama\n"),
       5,
-      'unknown key "hashing" in [pool:a] (expected servers, hash, protocol, mtu, flush_interval_ms, on_failure, eject_after, eject_retry_ms, ring_switch, flush_interval, ring_switch_lead_ms, ring_switch_offset_ms, dns_server, discovery_interval_ms, max_server_loss)',
+      'unknown key "hashing" in [pool:a] (expected servers, hash, protocol, mtu, flush_interval_ms, on_failure, eject_after, eject_retry_ms, ring_switch, flush_interval, ring_switch_lead_ms, ring_switch_offset_ms, ring_switch_guard_ms, dns_server, discovery_interval_ms, max_server_loss)',
     ],
     [
       "an unknown key in a route",

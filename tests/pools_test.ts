@@ -494,6 +494,13 @@ pools = main
       `ejected ${victim.address}`,
     ]]);
     assert.equal(Date.parse(ring.staged[0].applies_at), at);
+    // /route says where a moving key goes now, and from the boundary on.
+    const route = JSON.parse((await proxy.admin(`/route?key=${moved[0]}`)).text);
+    assert.deepEqual(route.destinations, [{
+      pool: "main",
+      server: victim.address,
+      staged: { server: reduced.get(moved[0]), at: new Date(at).toISOString() },
+    }]);
 
     // At the boundary: the held metrics of the victim's keys go to their new servers.
     await proxy.waitForLog(

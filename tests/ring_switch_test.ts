@@ -9,8 +9,9 @@
  * 30 ms of a flush) while the servers file changes twice, each time 0.4 s
  * into a second: a server is added, then one is removed. A "key-interval" is
  * a key and a flush time; it is split when two or more statsites flushed it.
- * With `ring_switch = immediate` some are split; the sums over all
- * statsites are exact.
+ * With `ring_switch = immediate` some are split; with `ring_switch =
+ * aligned` (to statsite's `flush_interval`) none are. The sums over all
+ * statsites are exact either way.
  *
  * The statsite binary is `$STATSITE_BIN`, or `../shared/statsite/statsite`;
  * without it these tests are reported as ignored, with the reason.
@@ -206,5 +207,26 @@ Deno.test({
     assert.deepEqual(outcome.aggregated, outcome.sent, "sums over all statsites");
     assert.ok(outcome.movedKeys > 0, "the ring changes moved keys");
     assert.ok(outcome.splits > 0, "a key moved mid-interval is flushed by two statsites");
+  },
+});
+
+Deno.test({
+  name:
+    `ring changes mid-interval keep every key-interval at one statsite when the switch is aligned to the flushes, and every sum stays exact${ignored}`,
+  ignore: unavailable !== undefined,
+  async fn() {
+    const outcome = await runRingChanges({
+      ring_switch: "aligned",
+      flush_interval: 1,
+      ring_switch_lead_ms: 200,
+    });
+    report("aligned", outcome);
+    assert.deepEqual(outcome.aggregated, outcome.sent, "sums over all statsites");
+    assert.ok(outcome.movedKeys > 0, "the ring changes moved keys");
+    assert.equal(
+      outcome.splits,
+      0,
+      `key-intervals flushed by two statsites, e.g.\n${outcome.splitExamples.join("\n")}`,
+    );
   },
 });

@@ -64,13 +64,15 @@ function hex(bytes: Uint8Array): string {
 
 /** A pool's ring switching, as `/health` shows it. */
 function ringOf(pool: Pool) {
-  const { mode, flushIntervalS, leadMs, offsetMs } = pool.config.ringSwitch;
+  const { mode, flushIntervalS, leadMs, offsetMs, guardMs } = pool.config.ringSwitch;
   return {
     switch: mode,
     flush_interval_s: flushIntervalS,
     lead_ms: leadMs,
     offset_ms: offsetMs,
+    guard_ms: guardMs,
     switches: pool.counters.switches,
+    guard_held: pool.guardHeld,
     in_force: pool.ringInForce(),
     staged: pool.staged().map((s) => ({
       applies_at: new Date(s.at).toISOString(),

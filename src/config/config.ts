@@ -169,9 +169,10 @@ export interface ProxyConfig {
   udpReceiveBufferBytes: number;
   /**
    * When a change of a ring takes effect (keys `ring_switch`,
-   * `flush_interval`, `ring_switch_lead_ms`, `ring_switch_offset_ms`), for
-   * the pool `default` of the main section's servers and as every pool's
-   * default. Default: aligned to 10 s boundaries, 1000 ms of lead, no offset.
+   * `flush_interval`, `ring_switch_lead_ms`, `ring_switch_offset_ms`,
+   * `ring_switch_guard_ms`), for the pool `default` of the main section's
+   * servers and as every pool's default. Default: aligned to 10 s
+   * boundaries, 1000 ms of lead, no offset, a 50 ms guard.
    */
   ringSwitch: RingSwitchSettings;
   /**
@@ -224,6 +225,7 @@ export const RING_SWITCH_DEFAULTS: Readonly<RingSwitchSettings> = Object.freeze(
   flushIntervalS: 10,
   leadMs: 1000,
   offsetMs: 0,
+  guardMs: 50,
 });
 
 /** The defaults of the discovery settings. */
@@ -589,6 +591,10 @@ const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
   [
     "ring_switch_offset_ms",
     { field: "ringSwitch", sub: "offsetMs", parse: (t) => signedInteger(t, -3_600_000, 3_600_000) },
+  ],
+  [
+    "ring_switch_guard_ms",
+    { field: "ringSwitch", sub: "guardMs", parse: (t) => integer(t, 0, 60_000) },
   ],
   ["dns_server", { field: "discovery", sub: "dnsServer", parse: dnsServer }],
   [

@@ -61,6 +61,12 @@ export interface RingSwitchSettings {
   leadMs: number;
   /** Where the boundaries fall, relative to wall-clock multiples of the interval, in ms. */
   offsetMs: number;
+  /**
+   * How long before a boundary the metrics of keys that are about to move
+   * are held, to be sent to their new server just after it, in ms: what the
+   * old server would get that late could arrive after its flush.
+   */
+  guardMs: number;
 }
 
 /** How a pool whose servers come from DNS looks them up. */
@@ -174,6 +180,7 @@ export const POOL_KEYS: ReadonlySet<string> = new Set([
   "flush_interval",
   "ring_switch_lead_ms",
   "ring_switch_offset_ms",
+  "ring_switch_guard_ms",
   "dns_server",
   "discovery_interval_ms",
   "max_server_loss",
@@ -299,6 +306,7 @@ function parsePool(
   ring.flushIntervalS = shared<number>("flush_interval") ?? ring.flushIntervalS;
   ring.leadMs = shared<number>("ring_switch_lead_ms") ?? ring.leadMs;
   ring.offsetMs = shared<number>("ring_switch_offset_ms") ?? ring.offsetMs;
+  ring.guardMs = shared<number>("ring_switch_guard_ms") ?? ring.guardMs;
   const discovery = pool.discovery;
   const resolver = shared<string>("dns_server");
   if (resolver !== undefined) discovery.dnsServer = resolver;

@@ -133,6 +133,56 @@ export interface StagedView extends RingView {
   why: string[];
 }
 
+/**
+ * The member index {@linkcode Pool.memberFor} answers for a key that moves
+ * at the coming boundary, while the pool's guard holds such keys.
+ */
+export const HOLD = 0x7fffffff;
+
+/** Whole lines or frames, copied: what a guard holds for their new server. */
+class Collected {
+  bytes: Uint8Array = new Uint8Array(0);
+  length = 0;
+  count = 0;
+
+  /** Copies `buf[start, end)`, with a `\n` after an ascii line. */
+  add(buf: Uint8Array, start: number, end: number, ascii: boolean): void {
+    const need = this.length + end - start + (ascii ? 1 : 0);
+    if (need > this.bytes.length) {
+      const grown = new Uint8Array(Math.max(need, this.bytes.length * 2, 4096));
+      grown.set(this.bytes.subarray(0, this.length));
+      this.bytes = grown;
+    }
+    this.bytes.set(buf.subarray(start, end), this.length);
+    this.length += end - start;
+    if (ascii) this.bytes[this.length++] = 10;
+    this.count++;
+  }
+
+  /** Takes out what was collected. */
+  take(): Uint8Array[] {
+    const out = this.length === 0 ? [] : [this.bytes.subarray(0, this.length)];
+    this.bytes = new Uint8Array(0);
+    this.length = 0;
+    this.count = 0;
+    return out;
+  }
+}
+
+/** The guard before a boundary: the ring coming, and what it holds. */
+interface Guard {
+  /** The boundary. */
+  at: number;
+  /** The hash from the boundary on. */
+  hash: PoolHash;
+  /** Ascii lines held. */
+  ascii: Collected;
+  /** Binary frames held. */
+  binary: Collected;
+  /** Whether it took `max_buffer_bytes`: keys that move then go on to their old server. */
+  full: boolean;
+}
+
 /** A pool of servers. */
 export class Pool {
   /** The name. */
@@ -155,6 +205,8 @@ export class Pool {
   #inForce!: RingState;
   #staged: Staged[] = [];
   #timer: ReturnType<typeof setTimeout> | undefined;
+  /** The guard, from `ring_switch_guard_ms` before a boundary until it. */
+  #guard: Guard | undefined;
   #hash!: PoolHash;
   #version = 0;
   #started = false;
@@ -264,9 +316,16 @@ export class Pool {
    */
   memberFor(buf: Uint8Array, keyStart: number, keyEnd: number): number {
     const ring = this.#ring;
-    return ring !== undefined
-      ? ring.lookup(buf, keyStart, keyEnd)
-      : this.#memberOf[this.#hash.lookup(buf, keyStart, keyEnd)];
+    if (ring !== undefined) return ring.lookup(buf, keyStart, keyEnd);
+    const hash = this.#hash;
+    const line = hash.lookup(buf, keyStart, keyEnd);
+    const guard = this.#guard;
+    if (guard !== undefined && !guard.full) {
+      const next = guard.hash;
+      const address = next.servers[next.lookup(buf, keyStart, keyEnd)].address;
+      if (address !== hash.servers[line].address) return HOLD;
+    }
+    return this.#memberOf[line];
   }
 
   /**
@@ -274,6 +333,7 @@ export class Pool {
    * {@linkcode memberFor} chose it). Positional parameters: the hot path.
    */
   appendTo(i: number, buf: Uint8Array, start: number, end: number, ascii: boolean): void {
+    if (i === HOLD) return this.#hold(buf, start, end, ascii);
     this.#members[i].append(buf, start, end, ascii);
     if (this.#marks && this.#mark[i] === 0) {
       this.#mark[i] = 1;
@@ -303,10 +363,78 @@ export class Pool {
     for (const member of this.#members) member.start();
   }
 
-  /** Stops applying staged changes (at shutdown: what is in force stays). */
+  /**
+   * Stops applying staged changes (at shutdown: what is in force stays);
+   * what a guard held goes to its servers on the ring in force.
+   */
   close(): void {
     clearTimeout(this.#timer);
     this.#timer = undefined;
+    this.#staged = [];
+    this.#endGuard(true);
+  }
+
+  /**
+   * When {@linkcode tick} has something to do (ms since epoch): the start of
+   * the guard before the next boundary, or the boundary; Infinity when
+   * nothing is staged. The router checks it before each batch, so a switch
+   * happens at the first batch at or after its time, whatever a timer does.
+   */
+  get nextEventAt(): number {
+    const next = this.#staged[0];
+    if (next === undefined) return Infinity;
+    return this.#guard !== undefined ? next.at : next.at - this.#config.ringSwitch.guardMs;
+  }
+
+  /** Starts the guard, or puts staged changes in force, when `now` says. */
+  tick(now: number): void {
+    const next = this.#staged[0];
+    if (next === undefined) return;
+    if (now >= next.at) {
+      this.#applyDue(now);
+      return;
+    }
+    if (this.#guard === undefined && now >= next.at - this.#config.ringSwitch.guardMs) {
+      this.#guard = {
+        at: next.at,
+        hash: hashOf(next.state),
+        ascii: new Collected(),
+        binary: new Collected(),
+        full: false,
+      };
+      this.#ring = undefined;
+      this.#version++;
+      this.#schedule();
+    }
+  }
+
+  /** Metrics held by the guard before the coming boundary. */
+  get guardHeld(): number {
+    const guard = this.#guard;
+    return guard === undefined ? 0 : guard.ascii.count + guard.binary.count;
+  }
+
+  /** Holds a frame of a key that moves at the coming boundary. */
+  #hold(buf: Uint8Array, start: number, end: number, ascii: boolean): void {
+    const guard = this.#guard!;
+    (ascii ? guard.ascii : guard.binary).add(buf, start, end, ascii);
+    if (!guard.full && guard.ascii.length + guard.binary.length >= this.#shared.maxBufferBytes) {
+      guard.full = true;
+      this.#version++;
+    }
+  }
+
+  /**
+   * Ends the guard: what it held is routed on the ring now in force (the
+   * new one at a boundary; the old one, `restore`d, when the change was
+   * dropped).
+   */
+  #endGuard(restore: boolean): void {
+    const guard = this.#guard;
+    if (guard === undefined) return;
+    this.#guard = undefined;
+    if (restore) this.#install(this.#inForce, this.#hash);
+    this.#reroute([...guard.ascii.take(), ...guard.binary.take()]);
   }
 
   /**
@@ -383,12 +511,12 @@ export class Pool {
   #schedule(): void {
     clearTimeout(this.#timer);
     this.#timer = undefined;
-    const next = this.#staged[0];
-    if (next === undefined) return;
+    const at = this.nextEventAt;
+    if (at === Infinity) return;
     this.#timer = setTimeout(() => {
       this.#timer = undefined;
-      this.#applyDue(Math.max(Date.now(), next.at));
-    }, Math.max(0, next.at - Date.now()));
+      this.tick(Math.max(Date.now(), at));
+    }, Math.max(0, at - Date.now()));
   }
 
   /** Puts in force every staged change whose time has come. */
@@ -399,9 +527,11 @@ export class Pool {
     if (last !== undefined) {
       const before = this.#inForce;
       const beforeHash = this.#hash;
+      const guard = this.#guard;
+      this.#guard = undefined;
       this.#install(last.state, beforeHash);
       this.counters.switches++;
-      this.#afterSwitch(before, beforeHash, due.flatMap((d) => d.why), last.at);
+      this.#afterSwitch(before, beforeHash, due.flatMap((d) => d.why), last.at, guard);
     }
     this.#schedule();
   }
@@ -535,10 +665,22 @@ export class Pool {
     }
   }
 
-  /** What a switch does beyond the hash: ejected servers' held metrics, retries, the log. */
-  #afterSwitch(before: RingState, beforeHash: PoolHash, why: string[], at: number): void {
+  /**
+   * What a switch does beyond the hash: what the guard held and ejected
+   * servers' held metrics go to their new servers; retries; the log.
+   */
+  #afterSwitch(
+    before: RingState,
+    beforeHash: PoolHash,
+    why: string[],
+    at: number,
+    guard: Guard | undefined,
+  ): void {
     const after = this.#inForce;
     const moved = this.#hash.movedFrom(beforeHash);
+    const guarded = guard === undefined
+      ? 0
+      : this.#reroute([...guard.ascii.take(), ...guard.binary.take()]);
     let rerouted = 0;
     for (const address of after.ejected) {
       if (before.ejected.has(address)) continue;
@@ -578,13 +720,14 @@ export class Pool {
     }
     if (this.#config.ringSwitch.mode === "immediate") return;
     log.info(
-      "pool {pool}: the ring switched at the flush boundary {at}: {changes}; {moved}% of keys moved, {rerouted} held metrics routed again",
+      "pool {pool}: the ring switched at the flush boundary {at}: {changes}; {moved}% of keys moved, {rerouted} held metrics routed again, {guarded} held by the guard sent to their new servers",
       {
         pool: this.name,
         at: new Date(at).toISOString(),
         changes: why.join(", "),
         moved: (moved * 100).toFixed(2),
         rerouted,
+        guarded,
       },
     );
   }

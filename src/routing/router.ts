@@ -124,11 +124,23 @@ export class Router implements BatchSink {
     return plan;
   }
 
-  /** Hands every frame of `batch` to its pools, then wakes their writers. */
+  /**
+   * Hands every frame of `batch` to its pools, then wakes their writers.
+   * First, a pool whose staged ring change (or the guard before it) is due
+   * takes it: the switch happens at the first batch at or after its time,
+   * however late a timer would fire.
+   */
   route(batch: FrameBatch): void {
     const { buf, start, end, keyStart, keyEnd, ascii } = batch;
     const count = batch.count;
     if (count === 0) return;
+    const all = this.#pools;
+    let due = Infinity;
+    for (let p = 0; p < all.length; p++) due = Math.min(due, all[p].nextEventAt);
+    if (due !== Infinity) {
+      const now = Date.now();
+      for (let p = 0; p < all.length; p++) if (all[p].nextEventAt <= now) all[p].tick(now);
+    }
     const only = this.#only;
     if (only !== undefined) {
       for (let i = 0; i < count; i++) {
@@ -138,7 +150,6 @@ export class Router implements BatchSink {
       only.kick();
       return;
     }
-    const all = this.#pools;
     for (let p = 0; p < all.length; p++) {
       if (all[p].version !== this.#versions[p]) {
         this.#resetPlans();
