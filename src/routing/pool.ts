@@ -397,7 +397,8 @@ export class Pool {
     if (this.#guard === undefined && now >= next.at - this.#config.ringSwitch.guardMs) {
       this.#guard = {
         at: next.at,
-        hash: hashOf(next.state),
+        // Cached: without routes, every metric of the guard's 50 ms looks it up.
+        hash: hashOf(next.state, { replaces: undefined }),
         ascii: new Collected(),
         binary: new Collected(),
         full: false,
