@@ -499,6 +499,12 @@ export class Pool {
       last.state = state;
       last.why.push(...why);
       last.hash = undefined;
+      const guard = this.#guard;
+      if (guard !== undefined && guard.at === at) {
+        // The guard holds the keys that move to the ring now staged.
+        guard.hash = hashOf(state, { replaces: undefined });
+        this.#version++;
+      }
     } else {
       this.#staged.push({ at, state, why: [...why] });
     }
