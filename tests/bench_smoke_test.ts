@@ -9,14 +9,14 @@
  */
 
 import assert from "node:assert/strict";
-import { encodePayload, scenarioPayload } from "../scripts/bench_payload.ts";
-import { HIT9_DEFAULT, HIT9_ENV } from "../scripts/bench_peers.ts";
-import type { Comparison, ScenarioResult } from "../scripts/bench_report.ts";
-import { SCENARIOS } from "../scripts/bench_scenarios.ts";
-import { countDatagram, SinkCounts } from "../scripts/bench_sink.ts";
+import { encodePayload, scenarioPayload } from "../scripts/bench/bench_payload.ts";
+import { HIT9_DEFAULT, HIT9_ENV } from "../scripts/bench/bench_peers.ts";
+import type { Comparison, ScenarioResult } from "../scripts/bench/bench_report.ts";
+import { SCENARIOS } from "../scripts/bench/bench_scenarios.ts";
+import { countDatagram, SinkCounts } from "../scripts/bench/bench_sink.ts";
 
 const ROOT = new URL("../", import.meta.url);
-const BENCH = new URL("scripts/bench.ts", ROOT).pathname;
+const BENCH = new URL("scripts/bench/bench.ts", ROOT).pathname;
 const DENO_JSON = new URL("deno.json", ROOT).pathname;
 const HIT9 = Deno.env.get(HIT9_ENV) ?? new URL(HIT9_DEFAULT, ROOT).pathname;
 
@@ -28,7 +28,10 @@ interface BenchRun {
   generator: { kind: string; note: string } | null;
 }
 
-/** Runs `scripts/bench.ts ARGS --json JSON` to its end; asserts it exited 0; returns its output. */
+/**
+ * Runs `scripts/bench/bench.ts ARGS --json JSON` to its end; asserts it exited 0; returns its
+ * output.
+ */
 async function runBench(
   args: string[],
   json: string,

@@ -25,7 +25,7 @@ import { ConnectGate } from "../src/upstream/connect_gate.ts";
 import { ConnectionEvents } from "../src/upstream/connection_events.ts";
 import { ByteBudget } from "../src/byte_budget.ts";
 import { UpstreamBuffer } from "../src/upstream/upstream_buffer.ts";
-import { buildRun, type MetricRun } from "../scripts/bench_payload.ts";
+import { buildRun, type MetricRun } from "../scripts/bench/bench_payload.ts";
 
 const READ_SIZE = 65536;
 

@@ -6,8 +6,8 @@
  * @module
  */
 
-import { freePort } from "./free_port.ts";
-import { proxyArgs } from "./proxy_args.ts";
+import { freePort } from "../free_port.ts";
+import { proxyArgs } from "../proxy_args.ts";
 
 /** Options of {@linkcode BenchProxy.start}. */
 export interface BenchProxyOptions {

@@ -1,11 +1,11 @@
 /**
- * The bench's upstream sink, run as its own process by `scripts/bench.ts`: a
+ * The bench's upstream sink, run as its own process by `scripts/bench/bench.ts`: a
  * TCP server and a UDP socket on the same port, standing in for statsite (or
  * statsd behind a UDP-only proxy such as hit9's), that count the ascii lines
  * and statsite binary frames they receive and the key ids they carry.
  *
  * ```sh
- * deno run --allow-net --unstable-net scripts/bench_sink.ts [--port 0] [--host 127.0.0.1]
+ * deno run --allow-net --unstable-net scripts/bench/bench_sink.ts [--port 0] [--host 127.0.0.1]
  * ```
  *
  * A datagram holds ascii lines separated by `\n`, the last one with or

@@ -1,8 +1,8 @@
 /**
- * The bench's load generator, run as its own process by `scripts/bench.ts`.
+ * The bench's load generator, run as its own process by `scripts/bench/bench.ts`.
  *
  * ```sh
- * deno run --allow-net --config deno.json scripts/bench_load.ts \
+ * deno run --allow-net --config deno.json scripts/bench/bench_load.ts \
  *   --scenario tcp-ascii --count 1000000 --host 127.0.0.1 --tcp-port 8150 --udp-port 8150 \
  *   [--rate N] [--tick-ms 1] [--connections 4] [--senders 4]
  * ```

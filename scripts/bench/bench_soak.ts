@@ -18,11 +18,11 @@
  * @module
  */
 
-import { HashRing } from "../src/ring/ring.ts";
+import { HashRing } from "../../src/ring/ring.ts";
 import { KEY_COUNT, KEY_ID_OFFSET, keySpec, parseKeyId } from "./bench_keys.ts";
 import { memoryUse, udpDrops } from "./bench_proc.ts";
 import { BenchProxy } from "./bench_proxy.ts";
-import { freePort } from "./free_port.ts";
+import { freePort } from "../free_port.ts";
 
 /** Options of {@linkcode runSoak}. */
 export interface SoakOptions {

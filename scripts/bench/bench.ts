@@ -56,9 +56,9 @@ import {
 import { type Scenario, SCENARIOS } from "./bench_scenarios.ts";
 import type { SinkStats } from "./bench_sink.ts";
 
-const ROOT = new URL("../", import.meta.url);
+const ROOT = new URL("../../", import.meta.url);
 const DENO_JSON = new URL("deno.json", ROOT).pathname;
-const SINK = new URL("scripts/bench_sink.ts", ROOT).pathname;
+const SINK = new URL("scripts/bench/bench_sink.ts", ROOT).pathname;
 
 /** How long deliveries may stop growing before a scenario ends. */
 const SETTLE_MS = 500;

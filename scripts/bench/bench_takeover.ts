@@ -43,8 +43,8 @@ import { parseArgs } from "node:util";
 import { LineChild } from "./bench_child.ts";
 import { now, stdinLines } from "./bench_load.ts";
 import { clockTicksPerSecond, cpuTicks, udpDrops } from "./bench_proc.ts";
-import { freePort } from "./free_port.ts";
-import { DENO_JSON, proxyArgs } from "./proxy_args.ts";
+import { freePort } from "../free_port.ts";
+import { DENO_JSON, proxyArgs } from "../proxy_args.ts";
 
 /** Options of {@linkcode runTakeover}. */
 export interface TakeoverOptions {

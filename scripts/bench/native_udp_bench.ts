@@ -4,7 +4,7 @@
  * processes:
  *
  * ```sh
- * deno run --allow-all --unstable-net scripts/native_udp_bench.ts [--quick]
+ * deno run --allow-all --unstable-net scripts/bench/native_udp_bench.ts [--quick]
  * ```
  *
  * - cost: CPU (user + system, every thread of the receiver's process, the
@@ -24,8 +24,8 @@
 
 import process from "node:process";
 import { parseArgs } from "node:util";
-import { NativeUdpSocket } from "../src/ingest/native_udp.ts";
-import { LAYOUT, LINUX } from "../src/ingest/libc.ts";
+import { NativeUdpSocket } from "../../src/ingest/native_udp.ts";
+import { LAYOUT, LINUX } from "../../src/ingest/libc.ts";
 
 const SELF = import.meta.filename!;
 const encoder = new TextEncoder();

@@ -12,10 +12,10 @@ import type { LoadReport } from "./bench_load.ts";
 import { encodePayload, scenarioPayload } from "./bench_payload.ts";
 import type { Scenario } from "./bench_scenarios.ts";
 
-const ROOT = new URL("../", import.meta.url);
+const ROOT = new URL("../../", import.meta.url);
 const DENO_JSON = new URL("deno.json", ROOT).pathname;
-const LOAD_TS = new URL("scripts/bench_load.ts", ROOT).pathname;
-const LOADGEN_C = new URL("scripts/bench_loadgen.c", ROOT).pathname;
+const LOAD_TS = new URL("scripts/bench/bench_load.ts", ROOT).pathname;
+const LOADGEN_C = new URL("scripts/bench/bench_loadgen.c", ROOT).pathname;
 
 export type { LoadReport };
 
@@ -85,7 +85,7 @@ export class LoadGenerator {
         stderr: "piped",
       }).output();
       if (out.success) {
-        return new LoadGenerator("c", `scripts/bench_loadgen.c, ${cc} -O2`, dir, binary);
+        return new LoadGenerator("c", `scripts/bench/bench_loadgen.c, ${cc} -O2`, dir, binary);
       }
       error = `${cc} failed: ${new TextDecoder().decode(out.stderr).trim().slice(0, 2000)}`;
     } catch (err) {
@@ -94,7 +94,7 @@ export class LoadGenerator {
         : `${cc}: ${err instanceof Error ? err.message : String(err)}`;
     }
     if (choice === "c") throw new Error(`cannot build the C load generator: ${error}`);
-    return new LoadGenerator("deno", `${error}; using scripts/bench_load.ts`, dir);
+    return new LoadGenerator("deno", `${error}; using scripts/bench/bench_load.ts`, dir);
   }
 
   /** The command that runs the generator for `request`. */
