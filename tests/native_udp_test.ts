@@ -1,5 +1,4 @@
 import assert from "node:assert/strict";
-import process from "node:process";
 import {
   MAX_SLOT_BYTES,
   type NativeUdpOptions,
@@ -7,6 +6,7 @@ import {
   NativeUdpUnavailable,
 } from "../src/ingest/native_udp.ts";
 import { ERRNO, errnoError, openLibc } from "../src/ingest/libc.ts";
+import { waitUntil } from "./harness.ts";
 
 // Most of these tests need --allow-ffi (`deno test --allow-all tests/native_udp_test.ts`)
 // and are ignored without it; the two that run a child process (without
@@ -335,17 +335,30 @@ nativeTest(
 
 nativeTest("NativeUdpSocket reports the receive buffer the kernel granted", async (t) => {
   const root = await isRoot();
-  await t.step("SO_RCVBUFFORCE as root: 8 MiB asked, beyond rmem_max, reported doubled", () => {
-    if (!root) return; // The step below covers an unprivileged process.
-    const socket = openNative({ receiveBufferBytes: 8 << 20 });
-    socket.close();
-    assert.equal(socket.receiveBufferForced, true);
-    assert.equal(socket.receiveBufferBytes, 16 << 20);
+  let setpriv = false;
+  try {
+    setpriv = Deno.statSync("/usr/bin/setpriv").isFile;
+  } catch {
+    // No setpriv: root cannot run an unprivileged child (that step is ignored).
+  }
+  await t.step({
+    name: "SO_RCVBUFFORCE as root: 8 MiB asked, beyond rmem_max, reported doubled" +
+      (root ? "" : " (ignored: not root)"),
+    ignore: !root,
+    fn: () => {
+      const socket = openNative({ receiveBufferBytes: 8 << 20 });
+      socket.close();
+      assert.equal(socket.receiveBufferForced, true);
+      assert.equal(socket.receiveBufferBytes, 16 << 20);
+    },
   });
 
-  await t.step(
-    "without CAP_NET_ADMIN: SO_RCVBUF, capped at rmem_max, reported doubled",
-    async () => {
+  const unprivileged = !root || setpriv;
+  await t.step({
+    name: "without CAP_NET_ADMIN: SO_RCVBUF, capped at rmem_max, reported doubled" +
+      (unprivileged ? "" : " (ignored: root without /usr/bin/setpriv to drop CAP_NET_ADMIN)"),
+    ignore: !unprivileged,
+    fn: async () => {
       const rmemMax = Number(await sysctl("net/core/rmem_max"));
       const code = `
       import { NativeUdpSocket } from ${JSON.stringify(MODULE_URL)};
@@ -359,11 +372,6 @@ nativeTest("NativeUdpSocket reports the receive buffer the kernel granted", asyn
       let prefix: string[] = [];
       if (root) {
         // Root: drop CAP_NET_ADMIN from the child, so SO_RCVBUFFORCE fails.
-        try {
-          Deno.statSync("/usr/bin/setpriv");
-        } catch {
-          return; // No setpriv here: the unprivileged path cannot be shown.
-        }
         prefix = ["--bounding-set=-net_admin", "--inh-caps=-net_admin", "--", Deno.execPath()];
       }
       args = ["run", "--quiet", "--no-lock", ...args, "-"];
@@ -383,7 +391,7 @@ nativeTest("NativeUdpSocket reports the receive buffer the kernel granted", asyn
         forced: false,
       });
     },
-  );
+  });
 
   await t.step("0 asked keeps the system default (rmem_default, not doubled)", async () => {
     const socket = openNative({ receiveBufferBytes: 0 });
@@ -395,18 +403,22 @@ nativeTest("NativeUdpSocket reports the receive buffer the kernel granted", asyn
 });
 
 nativeTest(
-  "NativeUdpSocket.close() during a pending receive resolves it to 0 at once and frees the fds",
+  "NativeUdpSocket.close() during a pending receive wakes its poll, resolves it to 0 and frees the fds",
   async () => {
     const before = fdCount();
     const socket = openNative();
     assert.equal(fdCount(), before + 2); // the socket and its eventfd
     const pending = socket.receive();
     await new Promise((resolve) => setTimeout(resolve, 50));
-    const start = performance.now();
+    // Nothing came: the receive waits in a poll without a timeout, which only
+    // close() (through the eventfd) can end.
+    assert.equal(await within(pending, 0), "timeout");
+    assert.equal(socket.polls, 0);
     socket.close();
-    assert.equal(await within(pending), 0);
-    const ms = performance.now() - start;
-    assert.ok(ms < 200, `receive took ${ms} ms to resolve after close()`);
+    assert.equal(await within(pending, 10_000), 0);
+    assert.equal(socket.polls, 1, "the one poll, woken by close()");
+    assert.equal(socket.datagrams, 0);
+    assert.equal(socket.emptyReads, 0);
     assert.equal(fdCount(), before);
     // The port is free again.
     Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: socket.addr.port })
@@ -443,23 +455,47 @@ nativeTest(
       }
       return sent;
     });
-    const timer = setTimeout(() => socket.close(), 300);
+    // The socket is closed by the receive loop's caller once 1,000 datagrams
+    // came, while the senders keep going; a deadline only ends a stuck test.
+    const CLOSE_AFTER = 1000;
+    let closedBy = "";
+    let closing = false;
+    const deadline = setTimeout(() => {
+      closedBy ||= "the deadline";
+      socket.close();
+    }, 30_000);
     let received = 0;
+    let receivedAtClose = 0;
     let wrongLength = 0;
+    let last = -1;
     try {
       let n: number;
       while ((n = await socket.receive()) > 0) {
         received += n;
         for (let i = 0; i < n; i++) if (socket.lengths[i] !== payload.length) wrongLength++;
+        if (received >= CLOSE_AFTER && !closing) {
+          closing = true;
+          // From another task, as a shutdown would, while the next receive is pending.
+          setTimeout(() => {
+            closedBy ||= "traffic";
+            receivedAtClose = received;
+            socket.close();
+          }, 0);
+        }
       }
+      last = n;
     } finally {
-      clearTimeout(timer);
+      clearTimeout(deadline);
       socket.close();
       sending = false;
       await Promise.all(sends);
       conn.close();
     }
-    assert.ok(received > 100, `only ${received} datagrams received`);
+    assert.equal(closedBy, "traffic", `closed by ${closedBy} after ${received} datagrams`);
+    assert.equal(last, 0, "the loop ended on a receive that resolved to 0");
+    assert.equal(received, receivedAtClose, "nothing was received after close()");
+    assert.ok(received >= CLOSE_AFTER);
+    assert.equal(socket.datagrams, received);
     assert.equal(wrongLength, 0);
     assert.equal(socket.errors, 0);
     assert.equal(fdCount(), before);
@@ -622,29 +658,33 @@ Deno.test("NativeUdpSocket keeps receiving across forced garbage collections", a
   assert.deepEqual(result, { rounds: 40, wrong: [], collected: true, errors: 0, datagrams: 240 });
 });
 
-nativeTest("NativeUdpSocket waits without spinning and wakes within milliseconds", async () => {
-  const socket = openNative();
-  const conn = sender();
-  try {
-    // Idle: a pending receive for 500 ms costs (almost) no CPU.
-    const idle = socket.receive();
-    const cpuBefore = process.cpuUsage();
-    await new Promise((resolve) => setTimeout(resolve, 500));
-    const cpu = process.cpuUsage(cpuBefore);
-    const cpuMs = (cpu.user + cpu.system) / 1000;
-    assert.ok(cpuMs < 50, `${cpuMs} ms of CPU in 500 ms idle`);
-    // Then one datagram: the pending receive resolves soon after it is sent.
-    const start = performance.now();
-    await conn.send(encoder.encode("late:1|c"), socket.addr);
-    assert.equal(await within(idle), 1);
-    const ms = performance.now() - start;
-    assert.ok(ms < 20, `${ms} ms from send to receive`);
-    assert.equal(decoder.decode(datagram(socket, 0)), "late:1|c");
-  } finally {
-    socket.close();
-    conn.close();
-  }
-});
+nativeTest(
+  "NativeUdpSocket waits in one poll without spinning and wakes at a datagram",
+  async () => {
+    // How little CPU the wait costs, and how soon it wakes, is measured by
+    // scripts/bench/native_udp_bench.ts (idle, latency).
+    const socket = openNative();
+    const conn = sender();
+    try {
+      // Idle: a pending receive is one poll that has not returned. Spinning
+      // would show as polls that returned and reads that found nothing.
+      const idle = socket.receive();
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      assert.equal(await within(idle, 0), "timeout");
+      assert.equal(socket.polls, 0, "no poll returned while idle");
+      assert.equal(socket.emptyReads, 0);
+      // Then one datagram: that poll returns, and the receive resolves with it.
+      await conn.send(encoder.encode("late:1|c"), socket.addr);
+      assert.equal(await within(idle, 10_000), 1);
+      assert.equal(decoder.decode(datagram(socket, 0)), "late:1|c");
+      assert.equal(socket.polls, 1);
+      assert.equal(socket.emptyReads, 0);
+    } finally {
+      socket.close();
+      conn.close();
+    }
+  },
+);
 
 nativeTest("NativeUdpSocket takes full batches back to back up to batchesPerPoll", async (t) => {
   for (const [batchesPerPoll, polls] of [[1, 5], [3, 2]]) {
@@ -669,65 +709,100 @@ nativeTest("NativeUdpSocket takes full batches back to back up to batchesPerPoll
 });
 
 nativeTest("NativeUdpSocket coalesces after a batch that drained the queue", async (t) => {
-  await t.step("the next receive sleeps coalesceMs, then takes what came meanwhile", async () => {
-    const socket = openNative({ coalesceMs: 50 });
-    const conn = sender();
-    try {
-      await sendAll(conn, socket.addr, lines(0, 1));
-      assert.equal(await socket.receive(), 1);
-      const polls = socket.polls;
-      const start = performance.now();
-      const pending = socket.receive();
-      await sendAll(conn, socket.addr, lines(1, 5));
-      assert.equal(await within(pending), 5);
-      const ms = performance.now() - start;
-      assert.ok(ms >= 45, `woke after ${ms} ms, before the 50 ms sleep ended`);
-      assert.equal(socket.polls, polls + 1);
-    } finally {
-      socket.close();
-      conn.close();
-    }
-  });
+  // How long the sleep and the wake-ups take is printed by scripts/native_udp_timings.ts.
+  await t.step(
+    "the next receive sleeps coalesceMs, then reads once, before it waits for a datagram",
+    async () => {
+      const socket = openNative({ coalesceMs: 20 });
+      const conn = sender();
+      try {
+        await sendAll(conn, socket.addr, lines(0, 1));
+        assert.equal(await socket.receive(), 1); // a partial batch
+        const polls = socket.polls;
+        const pending = socket.receive();
+        // Nothing comes: the sleep ends in a read that finds nothing, then
+        // the receive waits, without a timeout, for the socket.
+        await waitUntil(() => socket.emptyReads === 1, () => "the read after the sleep");
+        assert.equal(socket.polls, polls + 1, "the sleep");
+        assert.equal(await within(pending, 0), "timeout");
+        await sendAll(conn, socket.addr, lines(1, 1));
+        assert.equal(await within(pending, 10_000), 1);
+        assert.equal(socket.polls, polls + 2, "the sleep, then the wait for the datagram");
+      } finally {
+        socket.close();
+        conn.close();
+      }
+    },
+  );
 
-  await t.step("coalesceMs 0: the next receive wakes at the next datagram", async () => {
-    const socket = openNative({ coalesceMs: 0 });
-    const conn = sender();
-    try {
-      await sendAll(conn, socket.addr, lines(0, 1));
-      assert.equal(await socket.receive(), 1);
-      const pending = socket.receive();
-      await new Promise((resolve) => setTimeout(resolve, 20));
-      const start = performance.now();
-      await sendAll(conn, socket.addr, lines(1, 1));
-      assert.equal(await within(pending), 1);
-      const ms = performance.now() - start;
-      assert.ok(ms < 15, `${ms} ms from send to receive`);
-    } finally {
-      socket.close();
-      conn.close();
-    }
-  });
-
-  await t.step("close() during the sleep resolves the receive to 0 at once", async () => {
-    const before = fdCount();
+  await t.step("datagrams that come during the sleep are taken in one batch", async () => {
     const socket = openNative({ coalesceMs: 100 });
     const conn = sender();
     try {
       await sendAll(conn, socket.addr, lines(0, 1));
       assert.equal(await socket.receive(), 1);
+      const polls = socket.polls;
       const pending = socket.receive();
-      await new Promise((resolve) => setTimeout(resolve, 5));
-      const start = performance.now();
-      socket.close();
-      assert.equal(await within(pending), 0);
-      const ms = performance.now() - start;
-      assert.ok(ms < 50, `${ms} ms to resolve after close()`);
+      await sendAll(conn, socket.addr, lines(1, 5));
+      assert.equal(await within(pending, 10_000), 5);
+      assert.equal(socket.polls, polls + 1, "one sleep, no wait for readiness");
+      assert.equal(socket.emptyReads, 0);
     } finally {
       socket.close();
       conn.close();
     }
-    assert.equal(fdCount(), before);
   });
+
+  await t.step(
+    "coalesceMs 0: after a partial batch the next receive waits for a datagram",
+    async () => {
+      const socket = openNative({ coalesceMs: 0 });
+      const conn = sender();
+      try {
+        await sendAll(conn, socket.addr, lines(0, 1));
+        assert.equal(await socket.receive(), 1);
+        const polls = socket.polls;
+        const pending = socket.receive();
+        // No sleep ends in an empty read: the one poll waits for the socket.
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        assert.equal(await within(pending, 0), "timeout");
+        assert.equal(socket.polls, polls);
+        assert.equal(socket.emptyReads, 0);
+        await sendAll(conn, socket.addr, lines(1, 1));
+        assert.equal(await within(pending, 10_000), 1);
+        assert.equal(socket.polls, polls + 1);
+        assert.equal(socket.emptyReads, 0);
+      } finally {
+        socket.close();
+        conn.close();
+      }
+    },
+  );
+
+  await t.step(
+    "close() during the sleep resolves the receive to 0, leaving what is queued unread",
+    async () => {
+      const before = fdCount();
+      const socket = openNative({ coalesceMs: 100 });
+      const conn = sender();
+      try {
+        await sendAll(conn, socket.addr, lines(0, 1));
+        assert.equal(await socket.receive(), 1); // a partial batch: the next receive sleeps
+        const datagrams = socket.datagrams;
+        await sendAll(conn, socket.addr, lines(1, 3)); // queued for the read after the sleep
+        const pending = socket.receive();
+        await new Promise((resolve) => setTimeout(resolve, 5));
+        socket.close();
+        assert.equal(await within(pending, 10_000), 0);
+        assert.equal(socket.datagrams, datagrams, "nothing read after close()");
+        assert.equal(socket.emptyReads, 0);
+      } finally {
+        socket.close();
+        conn.close();
+      }
+      assert.equal(fdCount(), before);
+    },
+  );
 
   await t.step("coalesceMs out of range: RangeError", () => {
     assert.throws(() => openNative({ coalesceMs: -1 }), RangeError);
