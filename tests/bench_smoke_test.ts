@@ -152,6 +152,36 @@ Deno.test({
   },
 });
 
+Deno.test("bench --peers without hit9 says so in one line and runs nothing", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-bench-test-" });
+  try {
+    const json = `${dir}/results.json`;
+    const missing = `${dir}/no-hit9`;
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        ...["run", "--quiet", "--allow-all", "--config", DENO_JSON, BENCH],
+        ...["--peers", "--quick", "--scenarios", "udp-1", "--json", json],
+      ],
+      env: { [HIT9_ENV]: missing },
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stderr = new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 1, stderr);
+    assert.equal(new TextDecoder().decode(out.stdout), "", "no table");
+    assert.equal(
+      stderr,
+      `bench: --peers needs hit9-statsd-proxy, not found at ${missing}; build ` +
+        `https://github.com/hit9/statsd-proxy and pass --hit9-bin PATH or set ${HIT9_ENV}=PATH ` +
+        "(nothing was run)\n",
+    );
+    await assert.rejects(Deno.stat(json), Deno.errors.NotFound, "no results written");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("udp-20 datagrams hold exactly 20 lines, and a sink counts each line once", () => {
   const scenario = SCENARIOS.find((s) => s.name === "udp-20")!;
   const { run, set } = scenarioPayload(scenario);

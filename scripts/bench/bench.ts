@@ -623,16 +623,50 @@ function plan(options: BenchOptions): [Scenario, ProxyKind][] {
   return runs;
 }
 
-async function isFile(path: string): Promise<boolean> {
+/** Why `path` cannot be run as a program (no execute bit, not there), or undefined when it can. */
+async function notRunnable(path: string): Promise<string | undefined> {
   try {
-    return (await Deno.stat(path)).isFile;
+    const info = await Deno.stat(path);
+    if (!info.isFile) return `not a file: ${path}`;
+    if (info.mode !== null && (info.mode & 0o111) === 0) return `not executable: ${path}`;
+    return undefined;
   } catch {
-    return false;
+    return `not found at ${path}`;
   }
 }
 
-/** Runs the bench; returns the process exit code. */
+/**
+ * Checks, before anything runs, that the peers the bench was asked to run
+ * (`--peers`, `--statsite`) are there for the scenarios that need them.
+ * Returns the one-line reason when one is missing, else undefined.
+ */
+export async function missingPeer(options: BenchOptions): Promise<string | undefined> {
+  const kinds = new Set(plan(options).map(([, kind]) => kind));
+  const hit9 = kinds.has("hit9") ? await notRunnable(options.hit9!) : undefined;
+  if (hit9 !== undefined) {
+    return `--peers needs hit9-statsd-proxy, ${hit9}; build https://github.com/hit9/statsd-proxy ` +
+      `and pass --hit9-bin PATH or set ${HIT9_ENV}=PATH (nothing was run)`;
+  }
+  const statsite = kinds.has("statsite-c") ? await notRunnable(options.statsite!) : undefined;
+  if (statsite !== undefined) {
+    return `--statsite needs the C statsite_proxy, ${statsite}; build ` +
+      `https://github.com/deseretdigital/statsite-proxy and pass --statsite-bin PATH or set ` +
+      `${STATSITE_ENV}=PATH (nothing was run)`;
+  }
+  return undefined;
+}
+
+/**
+ * Runs the bench; returns the process exit code. A peer asked for and
+ * missing ({@linkcode missingPeer}) is reported in one line and nothing is
+ * run or written (exit code 1).
+ */
 export async function runBench(options: BenchOptions): Promise<number> {
+  const missing = await missingPeer(options);
+  if (missing !== undefined) {
+    console.error(`bench: ${missing}`);
+    return 1;
+  }
   const ticksPerSecond = await clockTicksPerSecond();
   const startedAt = new Date().toISOString();
   const procs = new Processes();
@@ -647,16 +681,6 @@ export async function runBench(options: BenchOptions): Promise<number> {
   Deno.addSignalListener("SIGINT", interrupt);
   Deno.addSignalListener("SIGTERM", interrupt);
   try {
-    if (options.hit9 !== undefined && !(await isFile(options.hit9))) {
-      throw new Error(
-        `hit9-statsd-proxy not found at ${options.hit9} (set ${HIT9_ENV} or --hit9-bin)`,
-      );
-    }
-    if (options.statsite !== undefined && !(await isFile(options.statsite))) {
-      throw new Error(
-        `statsite_proxy not found at ${options.statsite} (set ${STATSITE_ENV} or --statsite-bin)`,
-      );
-    }
     procs.dir = await Deno.makeTempDir({ prefix: "statsite-proxy-bench-" });
     generator = await LoadGenerator.create(options.generator, procs.dir);
     progress(`load generator: ${generator.kind === "c" ? "C" : "Deno"} (${generator.note})`);
@@ -777,39 +801,47 @@ export async function runBench(options: BenchOptions): Promise<number> {
   return 0;
 }
 
-if (import.meta.main) {
-  let code: number;
+/** The command line: runs what it asks for; returns the exit code. */
+async function main(args: string[]): Promise<number> {
+  let options: BenchOptions | undefined;
   try {
-    const options = parseOptions(Deno.args);
-    if (options === undefined) {
-      console.log(USAGE);
-      code = 0;
-    } else {
-      code = options.scenarios.length > 0 ? await runBench(options) : 0;
-      if (options.soakSeconds !== undefined) {
-        const soak = await runSoak({
-          seconds: options.soakSeconds,
-          json: options.json.replace(/(\.json)?$/, "-soak.json"),
-        });
-        code = Math.max(code, soak);
-      }
-      if (options.takeovers !== undefined) {
-        const takeover = await runTakeover({
-          takeovers: options.takeovers,
-          rate: options.rate,
-          quick: options.quick,
-          json: options.json.replace(/(\.json)?$/, "-takeover.json"),
-        });
-        code = Math.max(code, takeover);
-      }
-    }
+    options = parseOptions(args);
   } catch (err) {
     if (!(err instanceof UsageError)) throw err;
     console.error(`bench: ${err.message}\n\n${USAGE}`);
-    code = 2;
+    return 2;
   }
-  Deno.exit(code);
+  if (options === undefined) {
+    console.log(USAGE);
+    return 0;
+  }
+  // Before anything runs: a long bench without the comparison asked for is not what was wanted.
+  const missing = await missingPeer(options);
+  if (missing !== undefined) {
+    console.error(`bench: ${missing}`);
+    return 1;
+  }
+  let code = options.scenarios.length > 0 ? await runBench(options) : 0;
+  if (options.soakSeconds !== undefined) {
+    const soak = await runSoak({
+      seconds: options.soakSeconds,
+      json: options.json.replace(/(\.json)?$/, "-soak.json"),
+    });
+    code = Math.max(code, soak);
+  }
+  if (options.takeovers !== undefined) {
+    const takeover = await runTakeover({
+      takeovers: options.takeovers,
+      rate: options.rate,
+      quick: options.quick,
+      json: options.json.replace(/(\.json)?$/, "-takeover.json"),
+    });
+    code = Math.max(code, takeover);
+  }
+  return code;
 }
+
+if (import.meta.main) Deno.exit(await main(Deno.args));
 
 /** The kernel's default UDP receive buffer, or null where it cannot be read. */
 async function udpReceiveBuffer(): Promise<number | null> {
