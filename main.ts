@@ -9,7 +9,7 @@
  */
 
 import { checkSummary } from "./src/commands/check_command.ts";
-import { parseCli, USAGE } from "./src/commands/cli.ts";
+import { invokingFolder, parseCli, USAGE } from "./src/commands/cli.ts";
 import { loadConfig } from "./src/config/config.ts";
 import { ConfigError, ListenError, TakeoverError, UsageError } from "./src/errors.ts";
 import { PidFileError } from "./src/commands/pid_file.ts";
@@ -19,7 +19,7 @@ import { routingPlan } from "./src/routing/destinations.ts";
 import { VERSION } from "./src/version.ts";
 
 async function main(args: string[]): Promise<number> {
-  const cli = parseCli(args);
+  const cli = parseCli(args, { base: invokingFolder() });
   if (cli.help) {
     console.log(USAGE);
     return 0;

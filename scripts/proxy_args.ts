@@ -19,6 +19,7 @@ export const PERMISSIONS: readonly string[] = [
   "--allow-read",
   "--allow-write",
   "--allow-ffi",
+  "--allow-env=INIT_CWD",
 ];
 
 /**

@@ -61,3 +61,23 @@ export function setupLogging(options: LoggingOptions): void {
 export function logger(part: string): Logger {
   return getLogger(["statsite-proxy", part]);
 }
+
+/**
+ * The noun for `count` of it: `bad input` for 1, `bad inputs` otherwise. Log
+ * lines carry the count as a number and the noun beside it, so that JSON
+ * logs have numbers as numbers.
+ */
+export function noun(count: number, singular: string): string {
+  return count === 1 ? singular : `${singular}s`;
+}
+
+/** A summary's window in seconds, as a number: whole seconds from 10 s, else to a tenth. */
+export function windowSeconds(ms: number): number {
+  return ms >= 10_000 ? Math.round(ms / 1000) : Math.round(ms / 100) / 10;
+}
+
+/** `x` rounded to `digits` decimals, as a number (for a log line's field). */
+export function rounded(x: number, digits: number): number {
+  const scale = 10 ** digits;
+  return Math.round(x * scale) / scale;
+}

@@ -13,7 +13,7 @@
 
 import v8 from "node:v8";
 import vm from "node:vm";
-import { logger } from "./log.ts";
+import { logger, rounded } from "./log.ts";
 
 const log = logger("memory");
 
@@ -65,8 +65,8 @@ export class MemoryReclaimer {
     log.debug("clients fell from {from} to {now}: full collection, RSS {before} -> {after} MiB", {
       from,
       now,
-      before: (before / 1048576).toFixed(1),
-      after: (Deno.memoryUsage().rss / 1048576).toFixed(1),
+      before: rounded(before / 1048576, 1),
+      after: rounded(Deno.memoryUsage().rss / 1048576, 1),
     });
   }
 

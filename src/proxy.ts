@@ -92,7 +92,10 @@ export function accountOf(connection: ConnectionView, pool?: string): Connection
 export interface ShutdownReport {
   /** Lines and frames that could not be delivered before the drain timeout. */
   undelivered: number;
-  /** Per upstream address, the undelivered count (only those above zero). */
+  /**
+   * Per upstream (its address, or `POOL/ADDRESS` with pools), the
+   * undelivered count (only those above zero).
+   */
   byServer: Record<string, number>;
   /**
    * The account of every connection the proxy forwarded on, servers in
@@ -710,6 +713,10 @@ export class Proxy {
     await this.stopIngest({ deadline });
     signal?.removeEventListener("abort", onAbort);
     const upstreams = this.upstreams;
+    // Named as logs name them: POOL/ADDRESS with pools.
+    const names = this.pools.flatMap((p) =>
+      p.members.map((m) => this.pooled ? `${p.name}/${m.address}` : m.address)
+    );
     // One timer and one listener for all: with tens of thousands of servers,
     // one each costs seconds (the listeners, quadratic time).
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -725,7 +732,7 @@ export class Proxy {
     const byServer: Record<string, number> = {};
     let undelivered = 0;
     lost.forEach((n, i) => {
-      if (n > 0) byServer[upstreams[i].address] = (byServer[upstreams[i].address] ?? 0) + n;
+      if (n > 0) byServer[names[i]] = (byServer[names[i]] ?? 0) + n;
       undelivered += n;
     });
     const accounts = [

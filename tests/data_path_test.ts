@@ -424,7 +424,7 @@ Deno.test("a full buffer for a down upstream drops new metrics and counts them",
     );
     assert.equal(lines[0].length + 1, 32);
     await sendTcp(proxy.tcpPort, bytes(lines.map((l) => l + "\n").join("")));
-    await proxy.waitForLog(/holding 2048 metrics \(65536 bytes\); dropped 1952 \(buffer full\)/);
+    await proxy.waitForLog(/holding 2048 metrics \(65536 bytes\); dropped 1952 \(buffer_full 1952\)/);
     const label = `server="${down.address}",protocol="ascii"`;
     const metric = async (name: string) => {
       const text = (await proxy.admin("/metrics")).text;

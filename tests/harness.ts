@@ -662,7 +662,9 @@ export async function runMain(
     stdout: "piped",
     stderr: "piped",
     cwd: options.cwd,
-    env: options.env,
+    // Relative paths given by flags are the user's folder's: here, `cwd`
+    // (not the folder `deno task test` was run in).
+    env: { INIT_CWD: options.cwd ?? Deno.cwd(), ...options.env },
   }).spawn();
   // Feed stdin while collecting stdout, or a large output would block both.
   const feeding = options.stdin === undefined ? Promise.resolve() : (async () => {

@@ -7,12 +7,15 @@
  */
 
 import { DROP_REASONS, type IngestCounters, type TcpClientCounters } from "../ingest/counters.ts";
-import { logger } from "../log.ts";
+import { logger, noun, windowSeconds } from "../log.ts";
 import type { ConnectionEvents } from "../upstream/connection_events.ts";
 import type { Destination } from "../upstream/destination.ts";
 import type { HttpCounters } from "./http_server.ts";
 
 const log = logger("summary");
+
+/** The reasons a summary counts an upstream's drops by (rerouted metrics were not lost). */
+const UPSTREAM_DROPS = ["buffer_full", "shutdown", "removed", "send_failed"] as const;
 
 /** Connections in trouble named one by one in a summary; the rest are added up. */
 const NAMED_CONNECTIONS = 10;
@@ -37,8 +40,10 @@ export interface SummaryLogOptions {
 export class SummaryLog {
   #options: SummaryLogOptions;
   #timer: ReturnType<typeof setInterval> | undefined;
+  #lastReportAt = Date.now();
   #lastIngest = new Map<string, Float64Array>();
-  #lastUpstream = new Map<string, number>();
+  /** Each connection's drops (by reason: buffer_full, shutdown, removed, send_failed) at the last summary. */
+  #lastUpstream = new Map<string, number[]>();
   #last = {
     rejected: 0,
     acceptErrors: 0,
@@ -67,10 +72,14 @@ export class SummaryLog {
     Deno.unrefTimer(this.#timer);
   }
 
-  /** Logs the summary now (also called once more at shutdown). */
+  /**
+   * Logs the summary now (also called once more at shutdown): what happened
+   * since the last one, over the time that truly passed.
+   */
   report(): void {
-    const ms = this.#options.intervalMs;
-    const seconds = ms >= 10_000 ? String(Math.round(ms / 1000)) : (ms / 1000).toFixed(1);
+    const now = Date.now();
+    const seconds = windowSeconds(now - this.#lastReportAt);
+    this.#lastReportAt = now;
     this.#ingest();
     this.#clients(seconds);
     this.#upstreams(seconds);
@@ -93,9 +102,10 @@ export class SummaryLog {
         last[i] = counters.dropped[i];
       });
       if (total > 0) {
-        log.warn("{transport}: dropped {count} ({reasons}); sample {sample}", {
+        log.warn("{transport}: dropped {count} {what} ({reasons}); sample {sample}", {
           transport: name,
-          count: plural(total, "bad input"),
+          count: total,
+          what: noun(total, "bad input"),
           reasons: parts.join(", "),
           sample: counters.sample ?? "-",
         });
@@ -104,7 +114,7 @@ export class SummaryLog {
     }
   }
 
-  #clients(seconds: string): void {
+  #clients(seconds: number): void {
     const { tcpClients, admin } = this.#options;
     const last = this.#last;
     const rejected = tcpClients.rejected - last.rejected;
@@ -122,22 +132,24 @@ export class SummaryLog {
       adminTimedOut: admin.timedOut,
     };
     if (rejected > 0) {
-      log.warn("tcp: closed {count} at once in the last {seconds} s: max_connections were open", {
-        count: plural(rejected, "new client"),
-        seconds,
-      });
+      log.warn(
+        "tcp: closed {count} {what} at once in the last {seconds} s: max_connections were open",
+        { count: rejected, what: noun(rejected, "new client"), seconds },
+      );
     }
     if (acceptErrors > 0) {
-      log.warn("tcp: {count} in the last {seconds} s ({error}); retrying", {
-        count: plural(acceptErrors, "failed accept"),
+      log.warn("tcp: {count} {what} in the last {seconds} s ({error}); retrying", {
+        count: acceptErrors,
+        what: noun(acceptErrors, "failed accept"),
         seconds,
         error: tcpClients.lastAcceptError ?? "-",
       });
     }
     tcpClients.lastAcceptError = undefined;
     if (adminBad > 0) {
-      log.warn("admin: answered {count} with 4xx in the last {seconds} s; sample {sample}", {
-        count: plural(adminBad, "malformed request"),
+      log.warn("admin: answered {count} {what} with 4xx in the last {seconds} s; sample {sample}", {
+        count: adminBad,
+        what: noun(adminBad, "malformed request"),
         seconds,
         sample: admin.lastBadRequest ?? "-",
       });
@@ -145,9 +157,10 @@ export class SummaryLog {
     admin.lastBadRequest = undefined;
     if (adminEvicted + adminTimedOut > 0) {
       log.warn(
-        "admin: cut {count} in the last {seconds} s: {evicted} evicted for newer ones, {timedOut} past a deadline",
+        "admin: cut {count} {what} in the last {seconds} s: {evicted} evicted for newer ones, {timedOut} past a deadline",
         {
-          count: plural(adminEvicted + adminTimedOut, "slow connection"),
+          count: adminEvicted + adminTimedOut,
+          what: noun(adminEvicted + adminTimedOut, "slow connection"),
           seconds,
           evicted: adminEvicted,
           timedOut: adminTimedOut,
@@ -155,8 +168,9 @@ export class SummaryLog {
       );
     }
     if (adminAcceptErrors > 0) {
-      log.warn("admin: {count} in the last {seconds} s ({error}); retrying", {
-        count: plural(adminAcceptErrors, "failed accept"),
+      log.warn("admin: {count} {what} in the last {seconds} s ({error}); retrying", {
+        count: adminAcceptErrors,
+        what: noun(adminAcceptErrors, "failed accept"),
         seconds,
         error: admin.lastAcceptError ?? "-",
       });
@@ -164,13 +178,14 @@ export class SummaryLog {
     admin.lastAcceptError = undefined;
   }
 
-  #upstreams(seconds: string): void {
+  #upstreams(seconds: number): void {
     const suppressed = this.#options.connectionEvents.takeSuppressed();
     if (suppressed.size > 0) {
       const parts = [...suppressed].map(([event, n]) => `${event.replace("_", " ")} ${n}`);
       const total = [...suppressed.values()].reduce((a, b) => a + b, 0);
-      log.warn("upstream: {count} not logged one by one in the last {seconds} s: {events}", {
-        count: plural(total, "more connection event"),
+      log.warn("upstream: {count} {what} not logged one by one in the last {seconds} s: {events}", {
+        count: total,
+        what: noun(total, "more connection event"),
         seconds,
         events: parts.join(", "),
       });
@@ -182,9 +197,14 @@ export class SummaryLog {
     for (const upstream of this.#options.upstreams()) {
       for (const c of upstream.connections) {
         const name = `${c.name} ${c.protocol}`;
-        const last = this.#lastUpstream.get(name) ?? 0;
-        const dropped = c.counters.droppedBufferFull - last;
-        this.#lastUpstream.set(name, c.counters.droppedBufferFull);
+        const k = c.counters;
+        const now = [k.droppedBufferFull, k.droppedShutdown, k.droppedRemoved, k.droppedSendFailed];
+        const last = this.#lastUpstream.get(name) ?? [0, 0, 0, 0];
+        this.#lastUpstream.set(name, now);
+        const deltas = now.map((n, i) => n - last[i]);
+        const dropped = deltas.reduce((a, b) => a + b, 0);
+        const reasons = deltas.map((n, i) => n > 0 ? `${UPSTREAM_DROPS[i]} ${n}` : "")
+          .filter((r) => r !== "").join(", ") || "none";
         // downSince is 0 while up (and after a clean stop): only trouble is logged.
         const up = c.downSince === 0;
         if (up && dropped === 0) continue;
@@ -195,17 +215,22 @@ export class SummaryLog {
           continue;
         }
         named++;
-        const state = up ? "up" : `down for ${Math.round((Date.now() - c.downSince) / 1000)} s`;
+        const downSeconds = up ? 0 : Math.round((Date.now() - c.downSince) / 1000);
         log.warn(
-          "{server} ({protocol}): {state}; holding {held} ({bytes} bytes); dropped {dropped} (buffer full) in the last {seconds} s",
+          up
+            ? "{server} ({protocol}): up; holding {held} {what} ({bytes} bytes); dropped {dropped} ({reasons}) in the last {seconds} s"
+            : "{server} ({protocol}): down for {downSeconds} s; holding {held} {what} ({bytes} bytes); dropped {dropped} ({reasons}) in the last {seconds} s",
           {
             server: c.name,
             address: c.address,
             protocol: c.protocol,
-            state,
-            held: plural(c.held, "metric"),
+            up,
+            downSeconds,
+            held: c.held,
+            what: noun(c.held, "metric"),
             bytes: c.bufferedBytes,
             dropped,
+            reasons,
             seconds,
           },
         );
@@ -213,19 +238,16 @@ export class SummaryLog {
     }
     if (more > 0) {
       log.warn(
-        "upstream: and {count} in trouble, holding {held}; dropped {dropped} (buffer full) in the last {seconds} s",
+        "upstream: and {count} {what} in trouble, holding {held} {heldWhat}; dropped {dropped} in the last {seconds} s",
         {
-          count: plural(more, "more connection"),
-          held: plural(moreHeld, "metric"),
+          count: more,
+          what: noun(more, "more connection"),
+          held: moreHeld,
+          heldWhat: noun(moreHeld, "metric"),
           dropped: moreDropped,
           seconds,
         },
       );
     }
   }
-}
-
-/** `1 bad input`, `2 bad inputs`. */
-export function plural(count: number, noun: string): string {
-  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }

@@ -1,8 +1,9 @@
 /**
  * `statsite-proxy check`: validates the configuration and prints what the
- * proxy would run: its listeners, its limits, and each pool (its hash,
- * protocol and failure policy) with each server's weight and share of the
- * keys, then the routes in order.
+ * proxy would run: its listeners, its limits and the memory they bound, the
+ * UDP receiver, the admin endpoint, the logging, the pid file, and each pool
+ * (its hash, protocol, failure policy and ring switching) with each
+ * server's weight and share of the keys, then the routes in order.
  *
  * @module
  */
@@ -15,6 +16,7 @@ import {
 } from "../config/config.ts";
 import { parseServerSource } from "../config/server_source.ts";
 import { PoolHash } from "../routing/pool_hash.ts";
+import { MAX_QUEUED_BYTES } from "../upstream/udp_upstream.ts";
 
 /** The summary `check` prints for a valid configuration. */
 export function checkSummary(config: ProxyConfig): string {
@@ -30,6 +32,40 @@ export function checkSummary(config: ProxyConfig): string {
     `unfinished lines: at most ${bytes(unfinishedLinesBound(config))} = min(max_pending_bytes ${
       bytes(config.maxPendingBytes)
     }, max_connections ${config.maxConnections} × max_line_bytes ${bytes(config.maxLineBytes)})`,
+    heldLine(config),
+    `udp receiver: ${
+      config.udpPort === 0
+        ? "none (UDP disabled)"
+        : `${config.udpReceiver} (${
+          config.udpReceiver === "deno"
+            ? "Deno.listenDatagram"
+            : config.udpReceiver === "native"
+            ? "recvmmsg through libc; refuses to start without it"
+            : "recvmmsg through libc where it works, else Deno.listenDatagram"
+        }), kernel receive buffer ${
+          config.udpReceiveBufferBytes === 0
+            ? "the system default"
+            : `${bytes(config.udpReceiveBufferBytes)} asked`
+        }`
+    }`,
+    `admin: ${
+      config.adminPort === 0
+        ? "off"
+        : `http://${
+          config.adminBind.includes(":") ? `[${config.adminBind}]` : config.adminBind
+        }:${config.adminPort} (at most ${config.adminMaxConnections} connections, ${config.adminTimeoutMs} ms each)`
+    }`,
+    `logging: ${config.logLevel}, ${config.logFormat}, to standard error; summaries every ${config.summaryIntervalMs} ms${
+      config.statsPrefix === ""
+        ? ""
+        : `; self-reports as ${config.statsPrefix}.* every ${config.statsIntervalS} s`
+    }`,
+    `pid file: ${
+      config.pidFile === undefined
+        ? "none (run --takeover needs one)"
+        : `${config.pidFile}, control socket ${config.pidFile}.sock`
+    }`,
+    `shutdown: drains for at most ${config.drainTimeoutMs} ms; a takeover reads old clients for at most ${config.handoffTimeoutMs} ms`,
   ];
   if (config.pools === undefined) {
     const [pool] = poolsOf(config);
@@ -91,6 +127,24 @@ function changeLines(pool: PoolConfig, watchFiles: boolean, indent: string): str
     lines.push(`${indent}servers file watched: a change applies without SIGHUP`);
   }
   return lines;
+}
+
+/**
+ * The most metrics held for servers can take: `max_buffer_bytes` for each
+ * TCP server (both its connections), 16 MiB per protocol for each UDP one.
+ */
+function heldLine(config: ProxyConfig): string {
+  let tcp = 0;
+  let udp = 0;
+  for (const pool of poolsOf(config)) {
+    const servers = new Set(pool.servers.map((s) => s.address)).size;
+    if (pool.protocol === "udp") udp += servers;
+    else tcp += servers;
+  }
+  const total = tcp * config.maxBufferBytes + udp * 2 * MAX_QUEUED_BYTES;
+  const parts = [`${tcp} TCP servers × max_buffer_bytes ${bytes(config.maxBufferBytes)}`];
+  if (udp > 0) parts.push(`${udp} UDP servers × 2 × ${bytes(MAX_QUEUED_BYTES)}`);
+  return `held for servers: at most ${bytes(total)} = ${parts.join(" + ")}`;
 }
 
 /** `2 servers, 320 points` (ketama) or `3 shards` (statsrelay). */

@@ -8,6 +8,7 @@
  * @module
  */
 
+import { isAbsolute, join } from "node:path";
 import { parseArgs } from "node:util";
 import type { ConfigOverrides } from "../config/config.ts";
 import { UsageError } from "../errors.ts";
@@ -61,8 +62,22 @@ Flags (they override the configuration file):
 
 Exit codes: 0 ok, 1 runtime failure (e.g. a port in use), 2 bad usage or configuration.`;
 
+/** Options of {@linkcode parseCli}. */
+export interface ParseCliOptions {
+  /**
+   * The folder the user ran the command in, when it is not the working
+   * directory (`deno task` runs in the project's folder): relative paths
+   * given by flags are resolved against it.
+   */
+  base?: string;
+}
+
 /** Parses the arguments; throws {@linkcode UsageError} on bad usage. */
-export function parseCli(args: readonly string[]): CliArgs {
+export function parseCli(args: readonly string[], options: ParseCliOptions = {}): CliArgs {
+  const fromUser = (path: string | undefined) =>
+    path === undefined || options.base === undefined || path === "" || isAbsolute(path)
+      ? path
+      : join(options.base, path);
   let parsed;
   try {
     parsed = parseArgs({
@@ -107,19 +122,31 @@ export function parseCli(args: readonly string[]): CliArgs {
   if (values.port !== undefined) overrides.port = values.port;
   if (values["udp-port"] !== undefined) overrides.udpPort = values["udp-port"];
   if (values.bind !== undefined) overrides.bind = values.bind;
-  if (values.servers !== undefined) overrides.servers = values.servers;
+  if (values.servers !== undefined) overrides.servers = fromUser(values.servers);
   if (values["log-level"] !== undefined) overrides.logLevel = values["log-level"];
-  if (values["pid-file"] !== undefined) overrides.pidFile = values["pid-file"];
+  if (values["pid-file"] !== undefined) overrides.pidFile = fromUser(values["pid-file"]);
   if (values.hash !== undefined) overrides.hash = values.hash;
   return {
     command,
-    configFile: values.config,
+    configFile: fromUser(values.config),
     overrides,
     rest,
     help: values.help ?? false,
     version: values.version ?? false,
     takeover: values.takeover ?? false,
   };
+}
+
+/**
+ * The folder the user ran the command in, when `deno task` (or an npm
+ * script) runs it elsewhere: `INIT_CWD`, read only when the permission to
+ * read it was given (so Deno never prompts for it); else undefined.
+ */
+export function invokingFolder(): string | undefined {
+  const permission = Deno.permissions.querySync({ name: "env", variable: "INIT_CWD" });
+  if (permission.state !== "granted") return undefined;
+  const folder = Deno.env.get("INIT_CWD");
+  return folder !== undefined && isAbsolute(folder) ? folder : undefined;
 }
 
 /** The first sentence of a parseArgs error, e.g. `Unknown option '--x'`. */

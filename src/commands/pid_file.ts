@@ -24,6 +24,7 @@
  * @module
  */
 
+import { dirname } from "node:path";
 import { describeReadError } from "../errors.ts";
 
 /** The pid file could not be taken (not because another proxy holds it). */
@@ -61,7 +62,11 @@ export class PidFile {
       try {
         file = await Deno.open(path, { read: true, write: true, create: true });
       } catch (err) {
-        throw new PidFileError(path, describeReadError(err), { cause: err });
+        // Opened with create: "not found" can only be about the folder.
+        const problem = err instanceof Deno.errors.NotFound
+          ? `its folder ${dirname(path)} does not exist (create it, or choose another pid_file)`
+          : describeReadError(err);
+        throw new PidFileError(path, problem, { cause: err });
       }
       let locked = false;
       try {

@@ -36,7 +36,7 @@
 
 import { errorText, ListenError, listenError } from "../errors.ts";
 import { internalErrors } from "../internal_errors.ts";
-import { logger } from "../log.ts";
+import { logger, noun, windowSeconds } from "../log.ts";
 import { DROP, IngestCounters } from "./counters.ts";
 import { DatagramDecoder, decodeDatagrams } from "./datagram_decoder.ts";
 import type { BatchSink } from "./frame_batch.ts";
@@ -197,6 +197,7 @@ export class UdpListener {
   /** The summary timer, and the counts it last logged. */
   #summary: ReturnType<typeof setInterval> | undefined;
   #summarized = { errors: 0, truncated: 0 };
+  #summarizedAt = Date.now();
   /** When a failed fallback was last logged (ms since epoch). */
   #fallbackFailureLogged = -Infinity;
   /** Set at a close's deadline: what is read is counted, not routed. */
@@ -345,14 +346,15 @@ export class UdpListener {
     const errors = counts.errors - this.#summarized.errors;
     const truncated = counts.truncated - this.#summarized.truncated;
     this.#summarized = { errors: counts.errors, truncated: counts.truncated };
-    const seconds = intervalMs >= 10_000
-      ? String(Math.round(intervalMs / 1000))
-      : (intervalMs / 1000).toFixed(1);
+    const now = Date.now();
+    const seconds = windowSeconds(Math.min(now - this.#summarizedAt, intervalMs));
+    this.#summarizedAt = now;
     if (errors > 0) {
       log.warn(
-        "udp: {count} in the last {seconds} s with the {receiver} receiver ({error}); each is retried after a back-off of up to {backoff} ms",
+        "udp: {count} {what} in the last {seconds} s with the {receiver} receiver ({error}); each is retried after a back-off of up to {backoff} ms",
         {
-          count: plural(errors, "failed receive call"),
+          count: errors,
+          what: noun(errors, "failed receive call"),
           seconds,
           receiver: this.#receiver,
           error: counts.lastError === "" ? "errno unknown" : counts.lastError,
@@ -363,8 +365,8 @@ export class UdpListener {
     }
     if (truncated > 0) {
       log.warn(
-        "udp: {count} longer than the native receiver's slot were cut and dropped in the last {seconds} s",
-        { count: plural(truncated, "datagram"), seconds },
+        "udp: {count} {what} longer than the native receiver's slot were cut and dropped in the last {seconds} s",
+        { count: truncated, what: noun(truncated, "datagram"), seconds },
       );
     }
   }
@@ -372,7 +374,13 @@ export class UdpListener {
   /** What the receiver is, in a few words, for the log. */
   describe(): string {
     if (this.#receiver === "native") {
-      return `native receiver (recvmmsg; kernel receive buffer ${this.#receiveBufferBytes} bytes)`;
+      const asked = this.#options.receiveBufferBytes;
+      const got = this.#receiveBufferBytes ?? 0;
+      // Linux reports twice what was asked; SO_RCVBUF caps what is asked at net.core.rmem_max.
+      const capped = asked > 0 && this.#native?.receiveBufferForced === false && got < 2 * asked
+        ? `; capped by net.core.rmem_max (udp_receive_buffer_bytes asks ${asked}): give the proxy CAP_NET_ADMIN (systemd: AmbientCapabilities=CAP_NET_ADMIN) or raise net.core.rmem_max to lift the cap`
+        : "";
+      return `native receiver (recvmmsg; kernel receive buffer ${got} bytes${capped})`;
     }
     const why = this.#fallbackReason === undefined
       ? ""
@@ -570,11 +578,6 @@ export class UdpListener {
       }
     }
   }
-}
-
-/** `1 datagram`, `2 datagrams`. */
-function plural(count: number, noun: string): string {
-  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }
 
 function closeDeno(conn: Deno.DatagramConn): void {

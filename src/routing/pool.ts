@@ -25,7 +25,7 @@
 import type { PoolConfig } from "../config/config.ts";
 import { IngestCounters } from "../ingest/counters.ts";
 import { FrameBatch, FrameScanner } from "../ingest/frame_batch.ts";
-import { logger } from "../log.ts";
+import { logger, rounded } from "../log.ts";
 import type { ConnectGate } from "../upstream/connect_gate.ts";
 import type { ConnectionEvents } from "../upstream/connection_events.ts";
 import type { Destination } from "../upstream/destination.ts";
@@ -704,7 +704,7 @@ export class Pool {
             pool: this.name,
             address,
             failures: this.#failures.get(member) ?? 0,
-            moved: (moved * 100).toFixed(2),
+            moved: rounded(moved * 100, 2),
             rerouted: count,
             retry: this.#config.ejectRetryMs,
           },
@@ -721,7 +721,7 @@ export class Pool {
         log.info("pool {pool}: {address} is back and rejoins; {moved}% of keys move back to it", {
           pool: this.name,
           address,
-          moved: (moved * 100).toFixed(2),
+          moved: rounded(moved * 100, 2),
         });
       }
     }
@@ -732,7 +732,7 @@ export class Pool {
         pool: this.name,
         at: new Date(at).toISOString(),
         changes: why.join(", "),
-        moved: (moved * 100).toFixed(2),
+        moved: rounded(moved * 100, 2),
         rerouted,
         guarded,
       },

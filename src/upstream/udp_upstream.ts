@@ -61,7 +61,7 @@ const MAX_SEND_PAUSE_MS = 64;
  * loopback or a LAN keep up with any input; this bounds memory if they do
  * not (a socket buffer that stays full, a name still being resolved).
  */
-const MAX_QUEUED_BYTES = 16 * 1024 * 1024;
+export const MAX_QUEUED_BYTES = 16 * 1024 * 1024;
 
 /**
  * Most servers with a connected socket of their own, in the process: each

@@ -26,6 +26,7 @@
  */
 
 import { errorText } from "../errors.ts";
+import { rounded } from "../log.ts";
 import type { ByteBudget } from "../byte_budget.ts";
 import type { ConnectGate } from "./connect_gate.ts";
 import type { ConnectionEvents } from "./connection_events.ts";
@@ -490,7 +491,7 @@ export class UpstreamConnection implements ConnectionView {
           server: this.name,
           address: this.address,
           protocol: this.protocol,
-          seconds: (downFor / 1000).toFixed(1),
+          seconds: rounded(downFor / 1000, 1),
           bytes: this.#buffer.bytes,
         },
       );
