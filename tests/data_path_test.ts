@@ -196,7 +196,7 @@ Deno.test("ascii and binary mixed on one client connection reach each server on 
 });
 
 Deno.test("DogStatsD service checks and events reach the server of their name and title", async () => {
-  const { servers, proxy, byAddress, tearDown } = await setUp();
+  const { servers, proxy, tearDown } = await setUp();
   try {
     const checks = ["db.up", "queue.lag", "web.ok", "cron.ran"].flatMap((name) =>
       [0, 1, 2, 3].map((status) =>
@@ -236,7 +236,6 @@ Deno.test("DogStatsD service checks and events reach the server of their name an
       const holders = servers.filter((s) => s.lines().some((l) => keyOf(l) === name));
       assert.deepEqual(holders.map((s) => s.address), [routes.get(name)], name);
     }
-    assert.ok(byAddress.size === 3);
   } finally {
     await tearDown();
   }
@@ -368,7 +367,6 @@ Deno.test("with a flapping server, every metric stays accounted for at every mom
   try {
     const conn = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
     let sent = 0;
-    let samples = 0;
     for (let round = 0; round < 30; round++) {
       const parts: Uint8Array[] = [];
       for (let i = 0; i < 50; i++) {
@@ -380,9 +378,10 @@ Deno.test("with a flapping server, every metric stays accounted for at every mom
       sent += parts.length;
       if (round % 5 === 0) await flapper.stop();
       if (round % 5 === 2) flapper.listen();
-      // The identity is checked at every sample, whatever state the connections are in.
-      metricsAccounts(await proxy.metrics());
-      samples++;
+      // The identity is checked at every sample, whatever state the connections are in:
+      // each server's ascii connection has an account from the start.
+      const sampled = metricsAccounts(await proxy.metrics());
+      for (const s of servers) assert.ok(sampled.has(`${s.address} ascii`), `round ${round}`);
       await sleep(20);
     }
     conn.close();
@@ -397,7 +396,6 @@ Deno.test("with a flapping server, every metric stays accounted for at every mom
       assert.equal(a.forwarded, a.received, `${name}: all forwarded`);
     }
     assert.equal(accounts.size, 4, "an ascii and a binary connection per server");
-    assert.ok(samples === 30);
     assert.ok(
       (await proxy.metrics()).get(
         `statsite_proxy_upstream_reconnects_total{server="${flapper.address}",protocol="ascii"}`,
@@ -422,7 +420,6 @@ Deno.test("a full buffer for a down upstream drops new metrics and counts them",
       { length: 4000 },
       (_, i) => `full.k${String(i).padStart(5, "0")}:1|c|@0.5${"x".repeat(11)}`,
     );
-    assert.equal(lines[0].length + 1, 32);
     await sendTcp(proxy.tcpPort, bytes(lines.map((l) => l + "\n").join("")));
     await proxy.waitForLog(/holding 2048 metrics \(65536 bytes\); dropped 1952 \(buffer_full 1952\)/);
     const label = `server="${down.address}",protocol="ascii"`;
@@ -484,10 +481,8 @@ Deno.test("SIGTERM drains every upstream buffer before exit", async (t) => {
       settings: { drain_timeout_ms: 60_000, reconnect_min_ms: 30_000, reconnect_max_ms: 30_000 },
     });
     await proxy.waitForLog(/cannot connect/);
-    const started = Date.now();
-    assert.equal(await proxy.stop("SIGTERM"), 0);
-    // Far below both the drain timeout and the reconnect delay it was sleeping in.
-    assert.ok(Date.now() - started < 20_000, `took ${Date.now() - started} ms`);
+    // Killed (exit 137) if it waited for the drain timeout or the reconnect delay it sleeps in.
+    assert.equal(await proxy.stop("SIGTERM", { killAfterMs: 20_000 }), 0);
     assert.match(proxy.stderr, /every metric was delivered/);
   });
   await t.step("what cannot be delivered by the timeout is reported with counts", async () => {

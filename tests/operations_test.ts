@@ -202,6 +202,8 @@ Deno.test("SIGHUP with a changed servers file moves exactly the keys route says"
     const second = keys.map((k) => `${k}:2|c`);
     await sendTcp(proxy.tcpPort, bytes(second.map((l) => l + "\n").join("")));
     await d.waitForLines(keys.filter((k) => after.get(k) === d.address).length);
+    // The servers that stay hold both rounds of their keys: the keys that did
+    // not move reached the same server before and after the reload.
     for (const s of [a, b]) {
       const want = [
         ...keys.filter((k) => before.get(k) === s.address).map((k) => `${k}:1|c`),
@@ -218,10 +220,6 @@ Deno.test("SIGHUP with a changed servers file moves exactly the keys route says"
       d.lines().sort(),
       keys.filter((k) => after.get(k) === d.address).map((k) => `${k}:2|c`).sort(),
     );
-    // Keys that did not move stayed on their server.
-    for (const k of keys.filter((k) => !moved.includes(k))) {
-      assert.equal(after.get(k), before.get(k));
-    }
     const m = parseMetrics((await proxy.admin("/metrics")).text);
     assert.equal(m.get("statsite_proxy_reloads_total"), 1);
     assert.equal(m.get(`statsite_proxy_upstream_up{server="${d.address}",protocol="ascii"}`), 1);

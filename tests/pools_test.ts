@@ -201,8 +201,9 @@ pools = relay
 
 Deno.test("a UDP pool sends whole lines in datagrams of at most mtu bytes, ascii and binary apart", async () => {
   const servers = [UdpRecordingServer.start(), UdpRecordingServer.start()];
+  const unused = RecordingServer.reserve(); // the default pool's, which no route uses
   const proxy = await ProxyProcess.start({
-    servers: [RecordingServer.reserve().address],
+    servers: [unused.address],
     admin: true,
     files: { "udp.conf": file(servers) },
     sections: `
@@ -275,7 +276,17 @@ pools = statsd
     const oversize = [...m].filter(([k]) => k.startsWith("statsite_proxy_upstream_oversize_total"))
       .reduce((n, [, v]) => n + v, 0);
     assert.equal(oversize, 1);
-    for (const [name, a] of metricsAccounts(m)) assert.equal(a.forwarded, a.received, name);
+    const accounts = metricsAccounts(m);
+    assert.deepEqual(
+      [...accounts.keys()].sort(),
+      [
+        `default/${unused.address} ascii`,
+        ...servers.flatMap((s) => [`statsd/${s.address} ascii`, `statsd/${s.address} binary`]),
+      ].sort(),
+      "an ascii and a binary account for each server of the pool (and the default's ascii)",
+    );
+    for (const [name, a] of accounts) assert.equal(a.forwarded, a.received, name);
+    assert.equal(accounts.get(`default/${unused.address} ascii`)!.received, 0);
   } finally {
     await proxy.stop();
     await Promise.all(servers.map((s) => s.stop()));

@@ -411,6 +411,7 @@ Deno.test({
       const health = JSON.parse((await proxy.admin("/health")).text);
       const down = health.upstreams.find((u: { address: string }) => u.address === victim.address);
       assert.equal(down.connected, false);
+      assert.equal(down.connections.length, 2, "its ascii and binary connections");
       assert.ok(down.connections.every((c: { held: number }) => c.held > 0));
 
       await victim.restart();
@@ -422,6 +423,11 @@ Deno.test({
 
       const allRoutes = await settle(proxy, statsites, expected, sent);
       const accounts = metricsAccounts(await proxy.metrics());
+      assert.deepEqual(
+        [...accounts.keys()].sort(),
+        statsites.flatMap((s) => [`${s.address} ascii`, `${s.address} binary`]).sort(),
+        "an ascii and a binary connection to each statsite",
+      );
       for (const [name, a] of accounts) assert.equal(a.forwarded, a.received, name);
       const tt = await finalTotals(statsites);
       assertAggregated(expected, tt, allRoutes);
