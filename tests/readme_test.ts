@@ -1,7 +1,7 @@
 /**
  * The README's examples are the program's output: each code block marked
  * `<!-- example: NAME -->` is compared, byte for byte, with what the real
- * program prints for it.
+ * program prints for it, or with the file it shows.
  *
  * @module
  */
@@ -77,6 +77,7 @@ Deno.test("the README's examples are what the program prints", async (t) => {
   const readme = examples();
   const cases: Record<string, () => Promise<string>> = {
     "usage": () => output(["--help"]),
+    "systemd-unit": () => Deno.readTextFile(`${ROOT}config/statsite-proxy.service`),
     "check-example": () => output(["check", "-f", "config/statsite-proxy.ini"]),
     "route-example": () =>
       output(

@@ -8,7 +8,7 @@
  * @module
  */
 
-import { isAbsolute, join } from "node:path";
+import { isAbsolute, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import type { ConfigOverrides } from "../config/config.ts";
 import { UsageError } from "../errors.ts";
@@ -140,13 +140,17 @@ export function parseCli(args: readonly string[], options: ParseCliOptions = {})
 /**
  * The folder the user ran the command in, when `deno task` (or an npm
  * script) runs it elsewhere: `INIT_CWD`, read only when the permission to
- * read it was given (so Deno never prompts for it); else undefined.
+ * read it was given (so Deno never prompts for it); else, or when it is the
+ * working directory, undefined.
  */
 export function invokingFolder(): string | undefined {
   const permission = Deno.permissions.querySync({ name: "env", variable: "INIT_CWD" });
   if (permission.state !== "granted") return undefined;
   const folder = Deno.env.get("INIT_CWD");
-  return folder !== undefined && isAbsolute(folder) ? folder : undefined;
+  // In the working directory already: paths stay as the user wrote them.
+  return folder !== undefined && isAbsolute(folder) && resolve(folder) !== resolve(Deno.cwd())
+    ? folder
+    : undefined;
 }
 
 /** The first sentence of a parseArgs error, e.g. `Unknown option '--x'`. */
