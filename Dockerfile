@@ -2,7 +2,7 @@
 #
 #   docker build -t statsite-proxy .
 #   docker run --rm -p 8150:8150/tcp -p 8150:8150/udp -p 127.0.0.1:8151:8151/tcp \
-#     -v "$PWD/statsite-proxy:/etc/statsite-proxy:ro" statsite-proxy
+#     -v "$PWD/statsite-proxy-conf:/etc/statsite-proxy:ro" statsite-proxy
 #
 # The build stage runs `deno task compile`, which fetches the npm dependencies and Deno's
 # runtime (denort, from dl.deno.land): the build needs network access. It builds for the
