@@ -421,7 +421,9 @@ Deno.test("a full buffer for a down upstream drops new metrics and counts them",
       (_, i) => `full.k${String(i).padStart(5, "0")}:1|c|@0.5${"x".repeat(11)}`,
     );
     await sendTcp(proxy.tcpPort, bytes(lines.map((l) => l + "\n").join("")));
-    await proxy.waitForLog(/holding 2048 metrics \(65536 bytes\); dropped 1952 \(buffer_full 1952\)/);
+    await proxy.waitForLog(
+      /holding 2048 metrics \(65536 bytes\); dropped 1952 \(buffer_full 1952\)/,
+    );
     const label = `server="${down.address}",protocol="ascii"`;
     const metric = async (name: string) => {
       const text = (await proxy.admin("/metrics")).text;
