@@ -34,6 +34,7 @@ import { ConnectGate } from "./upstream/connect_gate.ts";
 import { ConnectionEvents } from "./upstream/connection_events.ts";
 import type { Destination } from "./upstream/destination.ts";
 import type { ConnectionView, Protocol } from "./upstream/upstream_connection.ts";
+import type { RingHandOff } from "./takeover/control_server.ts";
 
 const log = logger("proxy");
 
@@ -234,7 +235,7 @@ export class Proxy {
     update: (pool, servers) => this.updateServers(pool, servers),
   });
 
-  private constructor(config: ProxyConfig) {
+  private constructor(config: ProxyConfig, rings: readonly RingHandOff[] = []) {
     this.#config = config;
     this.pending = new ByteBudget(config.maxPendingBytes);
     this.#limits = {
@@ -243,7 +244,13 @@ export class Proxy {
     };
     this.#tcpBound = { host: config.bindAddress, port: config.tcpPort };
     this.#udpBound = { host: config.bindAddress, port: config.udpPort };
-    const pools = poolsOf(config).map((p) => this.#makePool(p, config));
+    const pools = poolsOf(config).map((p) =>
+      this.#makePool(
+        p,
+        config,
+        rings.find((r) => r.pool === p.name && r.protocol === p.protocol),
+      )
+    );
     const table = new RoutingTable({
       routes: config.routes ?? [],
       pools: pools.map((p) => p.name),
@@ -258,11 +265,17 @@ export class Proxy {
    * can put what it is handed before what it receives. UDP is bound before
    * TCP (whoever sees the TCP port ready may send to the UDP one), and a
    * listener bound alone before one bound beside another proxy's, so that
-   * the likely failure comes first. Throws a `ListenError` when a port
+   * the likely failure comes first. A proxy taking over passes the `rings`
+   * in force in the old one: each pool of the same name and protocol starts
+   * on it, and its own servers are staged as a reload stages them. Throws a `ListenError` when a port
    * cannot be bound, with nothing left bound.
    */
-  static create(config: ProxyConfig, bindings: ListenerBindings = {}): Proxy {
-    const proxy = new Proxy(config);
+  static create(
+    config: ProxyConfig,
+    bindings: ListenerBindings = {},
+    rings?: readonly RingHandOff[],
+  ): Proxy {
+    const proxy = new Proxy(config, rings);
     const steps = [
       {
         alone: (bindings.udp ?? "alone") === "alone",
@@ -347,6 +360,14 @@ export class Proxy {
     return this.router.pools;
   }
 
+  /** Each pool's ring in force, for a proxy taking over. */
+  rings(): RingHandOff[] {
+    return this.pools.map((p) => {
+      const { servers, family, ejected } = p.ringState();
+      return { pool: p.name, protocol: p.config.protocol, hash: family, servers, ejected };
+    });
+  }
+
   /**
    * Whether the configuration has pool or route sections: then metrics and
    * reports name each server's pool.
@@ -382,13 +403,20 @@ export class Proxy {
   }
 
   /** A pool whose servers, when a change takes them out, drain and keep their accounts. */
-  #makePool(config: PoolConfig, proxy: ProxyConfig): Pool {
-    const pool: Pool = new Pool({
+  #makePool(config: PoolConfig, proxy: ProxyConfig, inherited?: RingHandOff): Pool {
+    return new Pool({
       config,
       shared: this.#shared(proxy),
-      onLeave: (member) => this.#leave(pool.name, member, Date.now() + this.#config.drainTimeoutMs),
+      onLeave: (member) =>
+        this.#leave(config.name, member, Date.now() + this.#config.drainTimeoutMs),
+      ...(inherited === undefined ? {} : {
+        inherited: {
+          servers: inherited.servers,
+          family: inherited.hash,
+          ejected: inherited.ejected,
+        },
+      }),
     });
-    return pool;
   }
 
   #shared(config: ProxyConfig): PoolShared {

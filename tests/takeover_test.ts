@@ -13,6 +13,7 @@ import {
   freePort,
   ProxyProcess,
   RecordingServer,
+  routeOf,
   runMain,
   sendTcp,
   sendUdp,
@@ -293,6 +294,61 @@ Deno.test("metrics held for a down server survive a takeover and arrive, first, 
   } finally {
     assert.equal(await proxy.stop(), 0);
     await down.stop();
+  }
+});
+
+Deno.test("a takeover with a changed servers file starts on the old proxy's ring and switches at the flush boundary", async () => {
+  const servers = [RecordingServer.start(), RecordingServer.start(), RecordingServer.start()];
+  let proxy = await ProxyProcess.start({
+    servers: servers.slice(0, 2).map((s) => s.address),
+    settings: {
+      pid_file: "proxy.pid",
+      handoff_timeout_ms: 200,
+      ring_switch: "aligned",
+      flush_interval: 4,
+      ring_switch_lead_ms: 2000,
+    },
+    admin: true,
+  });
+  try {
+    const keys = Array.from({ length: 300 }, (_, i) => `inherit.k${i}`);
+    const old = await routeOf(`${proxy.dir}/servers.conf`, keys);
+    await proxy.writeServers(servers.map((s) => s.address));
+    const wider = await routeOf(`${proxy.dir}/servers.conf`, keys);
+    const before = proxy;
+    proxy = await ProxyProcess.takeOver(before);
+    assert.equal(await before.exited(), 0);
+    await proxy.waitForLog(
+      /takeover: pool default starts on the ring of pid \d+; this configuration: added 127\.0\.0\.1:\d+, [\d.]+% of keys move at the flush boundary (\S+)/,
+    );
+    const at = Date.parse(/move at the flush boundary (\S+)/.exec(proxy.stderr)![1]);
+    assert.equal(at % 4000, 0);
+    // Before the boundary, the old ring: nothing reaches the server added.
+    await sendTcp(proxy.tcpPort, bytes(keys.map((k) => `${k}:1|c\n`).join("")));
+    for (const s of servers.slice(0, 2)) {
+      await s.waitForLines([...old.values()].filter((a) => a === s.address).length);
+    }
+    assert.ok(Date.now() < at, "sent before the boundary (test timing)");
+    assert.equal(servers[2].lines().length, 0);
+    // From the boundary, the ring of the new servers file.
+    await proxy.waitForLog(/the ring switched at the flush boundary/, 10_000);
+    await sendTcp(proxy.tcpPort, bytes(keys.map((k) => `${k}:2|c\n`).join("")));
+    for (const s of servers) {
+      await waitUntil(
+        () =>
+          s.lines().filter((l) => l.endsWith(":2|c")).length ===
+            [...wider.values()].filter((a) => a === s.address).length,
+        () => `round 2 at ${s.address}`,
+      );
+    }
+    for (const s of servers) {
+      for (const line of s.lines().filter((l) => l.endsWith(":2|c"))) {
+        assert.equal(wider.get(line.slice(0, line.indexOf(":"))), s.address);
+      }
+    }
+  } finally {
+    assert.equal(await proxy.stop(), 0);
+    await Promise.all(servers.map((s) => s.stop()));
   }
 });
 

@@ -130,7 +130,7 @@ export async function runProxy(options: RunOptions): Promise<number> {
     if (bindings !== undefined && adminBinding === "alone") {
       adminListener = bindAdmin(config, "alone");
     }
-    proxy = Proxy.create(config, bindings);
+    proxy = Proxy.create(config, bindings, predecessor?.status.rings);
     adminListener ??= bindAdmin(config, adminBinding);
   } catch (err) {
     adminListener?.close();
@@ -202,6 +202,20 @@ export async function runProxy(options: RunOptions): Promise<number> {
           ? "bound beside the old socket"
           : "bound anew",
         held: handOver!.adopted,
+      },
+    );
+  }
+  for (const pool of proxy.pools) {
+    const update = pool.inheritedUpdate;
+    const changed = update !== undefined &&
+      (update.moved > 0 || update.added.length + update.removed.length > 0);
+    if (!changed) continue;
+    log.info(
+      "takeover: pool {pool} starts on the ring of pid {pid}; this configuration: {changes}",
+      {
+        pool: pool.name,
+        pid: predecessor!.pid,
+        changes: describeUpdate(update),
       },
     );
   }
@@ -408,6 +422,7 @@ class Running implements ControlHost {
           ? { hostname: admin.host, port: admin.port }
           : null,
       },
+      rings: proxy.rings(),
     };
   }
 

@@ -69,6 +69,12 @@ export interface PoolOptions {
    * the caller drains what it holds (reason `removed`) and keeps its account.
    */
   onLeave?: (member: Destination) => void;
+  /**
+   * The ring to start on, handed over by the proxy this one takes over
+   * from: it is in force at first, and `config`'s servers are staged as a
+   * reload would stage them.
+   */
+  inherited?: { servers: ServerSpec[]; family: HashFamily; ejected: readonly string[] };
 }
 
 /** Counters of a pool. */
@@ -234,9 +240,28 @@ export class Pool {
     this.#shared = shared;
     this.#onLeave = options.onLeave ?? (() => {});
     this.sockets = config.protocol === "udp" ? new UdpSockets() : undefined;
-    this.#inForce = { servers: config.servers, family: config.hash, ejected: new Set() };
+    const inherited = options.inherited;
+    if (inherited === undefined) {
+      this.#inForce = { servers: config.servers, family: config.hash, ejected: new Set() };
+      this.#install(this.#inForce, undefined);
+      return;
+    }
+    const addresses = new Set(inherited.servers.map((s) => s.address));
+    const ejected = new Set(inherited.ejected.filter((a) => addresses.has(a)));
+    this.#inForce = {
+      servers: inherited.servers,
+      family: inherited.family,
+      ejected: ejected.size < addresses.size ? ejected : new Set(),
+    };
     this.#install(this.#inForce, undefined);
+    this.inheritedUpdate = this.update(config);
   }
+
+  /**
+   * What staging this pool's configuration against the ring it inherited
+   * changed, when it started on one a predecessor handed over.
+   */
+  readonly inheritedUpdate: PoolUpdate | undefined;
 
   /** The configuration (the latest: its servers may not be in force yet). */
   get config(): PoolConfig {
@@ -277,6 +302,12 @@ export class Pool {
   /** The ring in force. */
   ringInForce(): RingView {
     return viewOf(this.#inForce);
+  }
+
+  /** The ring in force in full (servers, hash family, ejected), to hand to a proxy taking over. */
+  ringState(): { servers: ServerSpec[]; family: HashFamily; ejected: string[] } {
+    const { servers, family, ejected } = this.#inForce;
+    return { servers: [...servers], family, ejected: [...ejected] };
   }
 
   /**

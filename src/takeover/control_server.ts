@@ -21,6 +21,8 @@
  * @module
  */
 
+import type { HashFamily } from "../config/pool_settings.ts";
+import type { ServerSpec } from "../config/servers_file.ts";
 import { errorText } from "../errors.ts";
 import { logger } from "../log.ts";
 import { ControlChannel } from "./control_channel.ts";
@@ -49,6 +51,26 @@ export interface ControlStatus {
     udp: (ListenerStatus & { receiver: "native" | "deno" }) | null;
     admin: ListenerStatus | null;
   };
+  /**
+   * Each pool's ring in force, so that the new proxy starts on it and stages
+   * its own configuration's ring for the next flush boundary (absent from
+   * proxies older than this field: the new ring then applies at once).
+   */
+  rings?: RingHandOff[];
+}
+
+/** A pool's ring in force, handed to the proxy taking over. */
+export interface RingHandOff {
+  /** The pool. */
+  pool: string;
+  /** Its protocol: a ring is taken only by a pool of the same name and protocol. */
+  protocol: "tcp" | "udp";
+  /** Its hash family. */
+  hash: HashFamily;
+  /** Its servers, one per servers-file line. */
+  servers: ServerSpec[];
+  /** The addresses ejected. */
+  ejected: string[];
 }
 
 /** The `ready` message: the new proxy listens, and says what it has. */
