@@ -1,0 +1,847 @@
+/**
+ * Per-route rewriting of metrics: a prefix and a suffix around the routing
+ * key, DogStatsD tags added and stripped, applied to one decoded frame's
+ * bytes on the hot path.
+ *
+ * A {@linkcode RewriteRule} is compiled once into a {@linkcode Rewriter}
+ * (its strings encoded to bytes then). {@linkcode Rewriter.apply} works on
+ * the bytes of one frame, as the decoders find it ({@linkcode FrameBatch}:
+ * the frame and its routing key), and writes the rewritten frame into a
+ * {@linkcode RewriteOutput}, one growable buffer reused batch after batch:
+ * it costs no allocation per line, and nothing at all for a line the rule
+ * leaves alone ({@linkcode RewriteOutcome.unchanged}: the caller forwards the
+ * original bytes).
+ *
+ * What a rule does to each kind of frame:
+ *
+ * - ascii metric `name:value|type|@rate|#tags|...`: `prefix` and `suffix`
+ *   wrap the name (the routing key, the bytes before the first `:`; a line
+ *   `name:1|c:2|c` keeps one name, as the decoder reads it). Tags are the
+ *   `|#` fields, comma-separated, a tag's key being what comes before its
+ *   first `:`. `stripTags` removes the tags whose key it lists; `addTags`
+ *   replaces any tag of the same key (so `env:prod` overrides `env:dev`) and
+ *   is appended to the first tag field, or as a new `|#` field at the end of
+ *   a line that has none (before a final `\r`). A tag field left empty is
+ *   removed whole (no trailing `|#`), and empty tags (`a,,b`) are dropped,
+ *   when a rule with tags rewrites the line; every other field (`|@rate`,
+ *   `|c:` container id, `|T` timestamp) keeps its place and bytes. Every
+ *   `|#` field is stripped; the added tags go to the first.
+ * - DogStatsD service check `_sc|NAME|STATUS|...` and event
+ *   `_e{T,X}:TITLE|TEXT|...`: left alone unless the rule sets `events`. Then
+ *   `prefix` and `suffix` wrap NAME or TITLE (the routing keys the decoder
+ *   uses), an event's T is raised by their length, counted in the unit the
+ *   client used (bytes, code points or UTF-16 units, whichever the title
+ *   fits, as the decoder reads it), and the tags are handled as for metrics:
+ *   an event's tag fields are found after its TEXT (X long, so a `|#` in the
+ *   text is text), a service check's before its `|m:` message, which stays
+ *   last.
+ * - statsite binary frame: `prefix` and `suffix` wrap the key, and its
+ *   length field follows; binary frames have no tags.
+ *
+ * A rewritten frame longer than the decoder's limit (`maxLineBytes`, for a
+ * line without its `\n` or a whole binary frame), a binary key longer than
+ * its 16-bit length field allows, or an event title whose length needs more
+ * than the 9 digits the decoder reads, is {@linkcode RewriteOutcome.tooLong}:
+ * the caller drops the metric (counted `rewrite_too_long`).
+ *
+ * @example Usage
+ * ```ts
+ * import { RewriteOutcome, RewriteOutput, Rewriter } from "./rewrite.ts";
+ *
+ * const rewriter = new Rewriter({ prefix: "app.", addTags: ["env:prod"] });
+ * const out = new RewriteOutput();
+ * const line = new TextEncoder().encode("hits:1|c|#env:dev,team:a");
+ * out.reset(); // once per batch
+ * const outcome = rewriter.apply(line, 0, line.length, true, 0, 4, out);
+ * console.log(outcome === RewriteOutcome.rewritten); // true
+ * console.log(new TextDecoder().decode(out.buf.subarray(out.start, out.end)));
+ * // app.hits:1|c|#team:a,env:prod
+ * ```
+ *
+ * @module
+ */
+
+import { DEFAULT_MAX_LINE_BYTES } from "../ingest/frame_batch.ts";
+
+/** A rewrite rule, as a route's configuration gives it. */
+export interface RewriteRule {
+  /** Bytes put before the routing key. */
+  prefix?: string;
+  /** Bytes put after the routing key. */
+  suffix?: string;
+  /**
+   * DogStatsD tags added to every line, `k:v` or `k`; each replaces a tag of
+   * the same key already there.
+   */
+  addTags?: string[];
+  /** Tag keys whose tags are removed (`env` removes `env:dev` and `env`). */
+  stripTags?: string[];
+  /**
+   * Whether DogStatsD events (`_e{`) and service checks (`_sc|`) are
+   * rewritten too. Defaults to false: they pass unchanged.
+   */
+  events?: boolean;
+}
+
+/** What {@linkcode Rewriter.apply} did. */
+export const RewriteOutcome = {
+  /** Nothing changes: forward the original bytes; the output was not touched. */
+  unchanged: 0,
+  /** The new frame and its key are in the output's `start`..`end`, `keyStart`..`keyEnd`. */
+  rewritten: 1,
+  /** The rewritten frame would exceed a limit: drop it (`rewrite_too_long`). */
+  tooLong: 2,
+} as const;
+
+/** One of {@linkcode RewriteOutcome}. */
+export type RewriteOutcome = typeof RewriteOutcome[keyof typeof RewriteOutcome];
+
+/** Options of {@linkcode RewriteOutput}. */
+export interface RewriteOutputOptions {
+  /** Bytes of the buffer to start with. Defaults to 16384. */
+  capacity?: number;
+  /**
+   * A buffer grown beyond this many bytes is let go at the next
+   * {@linkcode RewriteOutput.reset} (one large batch does not pin its
+   * memory). Defaults to 1 MiB.
+   */
+  maxRetainedBytes?: number;
+}
+
+/**
+ * The bytes of a batch's rewritten frames: one buffer, reused batch after
+ * batch. Call {@linkcode reset} when a batch starts; each rewritten frame is
+ * written after the ones before it, so every frame rewritten in a batch stays
+ * valid until the next reset (when the buffer grows, it is copied, offsets
+ * and all, and the old one is left as it was).
+ *
+ * After {@linkcode Rewriter.apply} returns {@linkcode RewriteOutcome.rewritten},
+ * the new frame is `buf[start, end)` and its routing key `buf[keyStart, keyEnd)`.
+ */
+export class RewriteOutput {
+  /** The buffer; replaced by a larger copy when it grows. */
+  buf: Uint8Array;
+  /** Bytes of {@linkcode buf} used since the last reset. */
+  length = 0;
+  /** Start of the last rewritten frame. */
+  start = 0;
+  /** End (exclusive) of the last rewritten frame; for an ascii line, without `\n`. */
+  end = 0;
+  /** Start of the last rewritten frame's routing key. */
+  keyStart = 0;
+  /** End (exclusive) of the last rewritten frame's routing key. */
+  keyEnd = 0;
+  readonly #capacity: number;
+  readonly #maxRetained: number;
+
+  /** Makes an empty output. */
+  constructor(options: RewriteOutputOptions = {}) {
+    this.#capacity = Math.max(64, options.capacity ?? 16384);
+    this.#maxRetained = Math.max(this.#capacity, options.maxRetainedBytes ?? 1 << 20);
+    this.buf = new Uint8Array(this.#capacity);
+  }
+
+  /** Starts a batch: the frames rewritten before are no longer needed. */
+  reset(): void {
+    this.length = 0;
+    if (this.buf.length > this.#maxRetained) this.buf = new Uint8Array(this.#capacity);
+  }
+
+  /**
+   * Makes room for `bytes` more after {@linkcode length}, copying the buffer
+   * into a larger one when needed (so offsets stay valid).
+   */
+  reserve(bytes: number): void {
+    const need = this.length + bytes;
+    if (need <= this.buf.length) return;
+    const grown = new Uint8Array(Math.max(need, this.buf.length * 2));
+    grown.set(this.buf.subarray(0, this.length));
+    this.buf = grown;
+  }
+}
+
+/** Options of {@linkcode Rewriter}. */
+export interface RewriterOptions {
+  /**
+   * Longest ascii line (without its `\n`) or binary frame a rewrite may
+   * produce; the decoders' `max_line_bytes`. Defaults to 65536.
+   */
+  maxLineBytes?: number;
+}
+
+const CR = 13;
+const HASH = 35;
+const COMMA = 44;
+const COLON = 58;
+const UNDERSCORE = 95;
+const M = 109;
+const PIPE = 124;
+
+/** Most a binary frame's key may be, with its NUL: its length field is a u16. */
+const MAX_BINARY_KEY = 0xffff;
+
+/** Largest event title length the decoder reads (9 digits). */
+const MAX_EVENT_LENGTH = 999_999_999;
+
+const encoder = new TextEncoder();
+
+/**
+ * A compiled {@linkcode RewriteRule}: made once per rule, then
+ * {@linkcode apply} rewrites frame after frame.
+ */
+export class Rewriter {
+  /** The rule, validated, with empty parts dropped. */
+  readonly rule: Readonly<RewriteRule>;
+  readonly #max: number;
+  readonly #prefix: Uint8Array;
+  readonly #suffix: Uint8Array;
+  /** Bytes prefix and suffix add. */
+  readonly #wrapLength: number;
+  /** What prefix and suffix add to an event's title length, in bytes, code points, UTF-16 units. */
+  readonly #wrapUnits: Int32Array;
+  /** Whether prefix and suffix count the same in every unit (pure ASCII). */
+  readonly #wrapAscii: boolean;
+  /** The added tags, comma-joined. */
+  readonly #add: Uint8Array;
+  /** The keys whose tags are removed (stripped, or replaced by an added one), back to back. */
+  readonly #keyBytes: Uint8Array;
+  readonly #keyStarts: Int32Array;
+  readonly #keyLengths: Int32Array;
+  readonly #tags: boolean;
+  /** Only stripping: a line with none of the keys is unchanged, found before writing. */
+  readonly #stripOnly: boolean;
+  readonly #events: boolean;
+  readonly #noop: boolean;
+  /** Where {@linkcode #eventText} found an event's text to end, and the unit it used. */
+  #textEnd = 0;
+  #unit = 0;
+  /** Where {@linkcode #tagField} found the tag field to end. */
+  #fieldEnd = 0;
+
+  /**
+   * Compiles `rule`.
+   *
+   * @throws {RangeError} If a prefix, suffix or tag is invalid (see
+   * {@linkcode parseRewriteKeys}).
+   */
+  constructor(rule: RewriteRule, options: RewriterOptions = {}) {
+    const prefix = rule.prefix ?? "";
+    const suffix = rule.suffix ?? "";
+    if (prefix !== "") checkAffix("prefix", prefix);
+    if (suffix !== "") checkAffix("suffix", suffix);
+    const addTags = [...(rule.addTags ?? [])];
+    const stripTags = [...(rule.stripTags ?? [])];
+    const addKeys = checkAddTags(addTags);
+    checkStripTags(stripTags);
+    this.#max = options.maxLineBytes ?? DEFAULT_MAX_LINE_BYTES;
+    if (!(this.#max >= 1)) throw new RangeError("maxLineBytes must be at least 1");
+    this.rule = Object.freeze({
+      ...(prefix !== "" ? { prefix } : {}),
+      ...(suffix !== "" ? { suffix } : {}),
+      ...(addTags.length > 0 ? { addTags } : {}),
+      ...(stripTags.length > 0 ? { stripTags } : {}),
+      ...(rule.events === true ? { events: true } : {}),
+    });
+    this.#prefix = encoder.encode(prefix);
+    this.#suffix = encoder.encode(suffix);
+    this.#wrapLength = this.#prefix.length + this.#suffix.length;
+    const wrap = prefix + suffix;
+    this.#wrapUnits = Int32Array.of(this.#wrapLength, [...wrap].length, wrap.length);
+    this.#wrapAscii = this.#wrapLength === wrap.length;
+    this.#add = encoder.encode(addTags.join(","));
+    const keys = [...new Set([...stripTags, ...addKeys])].map((k) => encoder.encode(k));
+    this.#keyBytes = new Uint8Array(keys.reduce((n, k) => n + k.length, 0));
+    this.#keyStarts = new Int32Array(keys.length);
+    this.#keyLengths = new Int32Array(keys.length);
+    let at = 0;
+    keys.forEach((k, i) => {
+      this.#keyBytes.set(k, at);
+      this.#keyStarts[i] = at;
+      this.#keyLengths[i] = k.length;
+      at += k.length;
+    });
+    this.#tags = keys.length > 0;
+    this.#stripOnly = this.#wrapLength === 0 && this.#add.length === 0 && this.#tags;
+    this.#events = rule.events === true;
+    this.#noop = this.#wrapLength === 0 && !this.#tags;
+  }
+
+  /** Whether the rule changes nothing: every frame is {@linkcode RewriteOutcome.unchanged}. */
+  get noop(): boolean {
+    return this.#noop;
+  }
+
+  /**
+   * Rewrites one frame, as a decoder found it: `buf[start, end)` with its
+   * routing key `buf[keyStart, keyEnd)` (a {@linkcode FrameBatch} entry).
+   * Positional parameters, not an options object: this is called once per
+   * frame on the hot path.
+   *
+   * On {@linkcode RewriteOutcome.rewritten} the new frame is written at
+   * `out.length` (which then moves past it) and `out.start`, `out.end`,
+   * `out.keyStart` and `out.keyEnd` say where it and its key are in
+   * `out.buf`. Otherwise (unchanged, or too long) `out`'s fields and the
+   * bytes it holds are left as they were.
+   *
+   * @param buf The bytes the frame is in.
+   * @param start Start of the frame.
+   * @param end End of the frame (exclusive; for an ascii line, its `\n`).
+   * @param ascii Whether it is an ascii line (else a statsite binary frame).
+   * @param keyStart Start of the routing key.
+   * @param keyEnd End of the routing key (exclusive).
+   * @param out Where the rewritten frame goes.
+   * @returns What was done.
+   */
+  apply(
+    buf: Uint8Array,
+    start: number,
+    end: number,
+    ascii: boolean,
+    keyStart: number,
+    keyEnd: number,
+    out: RewriteOutput,
+  ): RewriteOutcome {
+    if (this.#noop) return RewriteOutcome.unchanged;
+    if (!ascii) return this.#binary(buf, start, end, keyStart, keyEnd, out);
+    if (keyStart === start) return this.#line(buf, start, end, keyStart, keyEnd, false, out);
+    // Only service checks and events route by a key that does not start the line.
+    if (!this.#events || buf[start] !== UNDERSCORE) return RewriteOutcome.unchanged;
+    if (buf[start + 1] === 115 && buf[start + 2] === 99 && buf[start + 3] === PIPE) {
+      return this.#line(buf, start, end, keyStart, keyEnd, true, out);
+    }
+    if (buf[start + 1] === 101 && buf[start + 2] === 123) {
+      return this.#event(buf, start, end, keyStart, keyEnd, out);
+    }
+    return RewriteOutcome.unchanged;
+  }
+
+  /** A metric line, or (`check`) a service check, whose tags are before any `|m:`. */
+  #line(
+    buf: Uint8Array,
+    start: number,
+    end: number,
+    keyStart: number,
+    keyEnd: number,
+    check: boolean,
+    out: RewriteOutput,
+  ): RewriteOutcome {
+    if (!this.#tags) {
+      const length = end - start + this.#wrapLength;
+      if (length > this.#max) return RewriteOutcome.tooLong;
+      out.reserve(length);
+      const o = out.buf;
+      const at = out.length;
+      let w = copy(buf, start, keyStart, o, at);
+      const newKeyStart = w;
+      w = this.#wrap(buf, keyStart, keyEnd, o, w);
+      const newKeyEnd = w;
+      w = copy(buf, keyEnd, end, o, w);
+      return commit(out, at, w, newKeyStart, newKeyEnd);
+    }
+    const stop = end > keyEnd && buf[end - 1] === CR ? end - 1 : end;
+    if (this.#stripOnly && !this.#anyRemoved(buf, keyEnd, stop, check)) {
+      return RewriteOutcome.unchanged;
+    }
+    out.reserve(end - start + this.#wrapLength + this.#add.length + 3);
+    const o = out.buf;
+    const at = out.length;
+    let w = copy(buf, start, keyStart, o, at);
+    const newKeyStart = w;
+    w = this.#wrap(buf, keyStart, keyEnd, o, w);
+    const newKeyEnd = w;
+    w = this.#fields(buf, keyEnd, stop, check, o, w);
+    w = copy(buf, stop, end, o, w);
+    if (w - at > this.#max) return RewriteOutcome.tooLong;
+    return commit(out, at, w, newKeyStart, newKeyEnd);
+  }
+
+  /** An event, `_e{T,X}:TITLE|TEXT|...`, whose key is TITLE. */
+  #event(
+    buf: Uint8Array,
+    start: number,
+    end: number,
+    keyStart: number,
+    keyEnd: number,
+    out: RewriteOutput,
+  ): RewriteOutcome {
+    // The decoder checked the header: digits, ",", digits, "}:".
+    let i = start + 3;
+    let titleLength = 0;
+    for (; buf[i] !== COMMA; i++) titleLength = titleLength * 10 + buf[i] - 48;
+    const comma = i;
+    let textLength = 0;
+    for (i++; buf[i] !== 125; i++) textLength = textLength * 10 + buf[i] - 48;
+    const stop = end > keyEnd && buf[end - 1] === CR ? end - 1 : end;
+    if (this.#tags || !this.#wrapAscii) {
+      this.#eventText(buf, keyStart, keyEnd, stop, titleLength, textLength);
+    } else {
+      this.#unit = 0;
+    }
+    const textEnd = this.#textEnd;
+    if (this.#stripOnly && !this.#anyRemoved(buf, textEnd, stop, false)) {
+      return RewriteOutcome.unchanged;
+    }
+    const newTitleLength = titleLength + this.#wrapUnits[this.#unit];
+    if (newTitleLength > MAX_EVENT_LENGTH) return RewriteOutcome.tooLong;
+    // The title's length may take up to 8 more digits.
+    out.reserve(end - start + this.#wrapLength + this.#add.length + 3 + 8);
+    const o = out.buf;
+    const at = out.length;
+    let w = at;
+    if (this.#wrapLength > 0) {
+      o[w++] = UNDERSCORE;
+      o[w++] = 101; // e
+      o[w++] = 123; // {
+      w = writeDecimal(newTitleLength, o, w);
+      w = copy(buf, comma, keyStart, o, w);
+    } else {
+      w = copy(buf, start, keyStart, o, w);
+    }
+    const newKeyStart = w;
+    w = this.#wrap(buf, keyStart, keyEnd, o, w);
+    const newKeyEnd = w;
+    if (this.#tags) {
+      w = copy(buf, keyEnd, textEnd, o, w);
+      w = this.#fields(buf, textEnd, stop, false, o, w);
+      w = copy(buf, stop, end, o, w);
+    } else {
+      w = copy(buf, keyEnd, end, o, w);
+    }
+    if (w - at > this.#max) return RewriteOutcome.tooLong;
+    return commit(out, at, w, newKeyStart, newKeyEnd);
+  }
+
+  /**
+   * Finds, as the decoder reads an event, the unit its client counted in
+   * ({@linkcode #unit}) and where its text ends ({@linkcode #textEnd}, the
+   * start of its metadata fields): the first unit in which the title ends at
+   * `keyEnd` and the text, after it, ends the line or meets only metadata
+   * fields. Failing that (a client that counted before escaping), the first
+   * unit in which the title ends at `keyEnd`, and the first `|` after which
+   * there are only metadata fields (or the line's end).
+   */
+  #eventText(
+    buf: Uint8Array,
+    keyStart: number,
+    keyEnd: number,
+    stop: number,
+    titleLength: number,
+    textLength: number,
+  ): void {
+    let unit = -1;
+    for (let u = 0; u <= 2; u++) {
+      if (unitsEnd(buf, keyStart, stop, titleLength, u) !== keyEnd) continue;
+      if (unit < 0) unit = u;
+      const textEnd = unitsEnd(buf, keyEnd + 1, stop, textLength, u);
+      if (textEnd >= 0 && metadataOnly(buf, textEnd, stop)) {
+        this.#unit = u;
+        this.#textEnd = textEnd;
+        return;
+      }
+    }
+    this.#unit = unit < 0 ? 0 : unit;
+    let p = keyEnd + 1;
+    for (; p < stop; p++) {
+      if (buf[p] === PIPE && metadataOnly(buf, p, stop)) break;
+    }
+    this.#textEnd = p;
+  }
+
+  /** A statsite binary frame: the key is wrapped and its length field follows. */
+  #binary(
+    buf: Uint8Array,
+    start: number,
+    end: number,
+    keyStart: number,
+    keyEnd: number,
+    out: RewriteOutput,
+  ): RewriteOutcome {
+    const grow = this.#wrapLength;
+    if (grow === 0) return RewriteOutcome.unchanged;
+    const keyLength = (buf[start + 2] | (buf[start + 3] << 8)) + grow;
+    const length = end - start + grow;
+    if (keyLength > MAX_BINARY_KEY || length > this.#max) return RewriteOutcome.tooLong;
+    out.reserve(length);
+    const o = out.buf;
+    const at = out.length;
+    let w = copy(buf, start, keyStart, o, at);
+    o[at + 2] = keyLength & 0xff;
+    o[at + 3] = keyLength >> 8;
+    const newKeyStart = w;
+    w = this.#wrap(buf, keyStart, keyEnd, o, w);
+    const newKeyEnd = w;
+    w = copy(buf, keyEnd, end, o, w); // the key's NUL, and a set's member
+    return commit(out, at, w, newKeyStart, newKeyEnd);
+  }
+
+  /** Writes prefix, `buf[keyStart, keyEnd)` and suffix at `o[w]`; returns where they end. */
+  #wrap(buf: Uint8Array, keyStart: number, keyEnd: number, o: Uint8Array, w: number): number {
+    const prefix = this.#prefix;
+    for (let i = 0; i < prefix.length; i++) o[w++] = prefix[i];
+    w = copy(buf, keyStart, keyEnd, o, w);
+    const suffix = this.#suffix;
+    for (let i = 0; i < suffix.length; i++) o[w++] = suffix[i];
+    return w;
+  }
+
+  /**
+   * Copies `buf[from, stop)`, fields `|...` (the first one may lack its `|`),
+   * to `o[w]` with the tags rewritten; for a service check (`check`), up to
+   * its `|m:` message, before which missing tags are added. Returns where the
+   * copy ends. One pass: each byte is read once and written at most once.
+   */
+  #fields(
+    buf: Uint8Array,
+    from: number,
+    stop: number,
+    check: boolean,
+    o: Uint8Array,
+    w: number,
+  ): number {
+    let added = this.#add.length === 0;
+    let i = from;
+    while (i < stop) {
+      const c = buf[i];
+      if (c === PIPE && i + 1 < stop) {
+        const d = buf[i + 1];
+        if (d === HASH) {
+          w = this.#tagField(buf, i + 2, stop, !added, o, w);
+          added = true;
+          i = this.#fieldEnd;
+          continue;
+        }
+        if (check && d === M && i + 2 < stop && buf[i + 2] === COLON) break;
+      }
+      o[w++] = c;
+      i++;
+    }
+    if (!added) {
+      o[w++] = PIPE;
+      o[w++] = HASH;
+      const add = this.#add;
+      for (let j = 0; j < add.length; j++) o[w++] = add[j];
+    }
+    return copy(buf, i, stop, o, w);
+  }
+
+  /**
+   * Writes the tag field whose tags start at `buf[from]` (and end at the
+   * next `|`, or `stop`: {@linkcode #fieldEnd}) at `o[w]`: `|#`, the tags
+   * whose key is not removed, and (`add`) the added tags; nothing when no tag
+   * is left. Returns where it ends. Each tag is copied as it is read, and
+   * taken back if its key is removed.
+   */
+  #tagField(
+    buf: Uint8Array,
+    from: number,
+    stop: number,
+    add: boolean,
+    o: Uint8Array,
+    w: number,
+  ): number {
+    const fieldStart = w;
+    o[w++] = PIPE;
+    o[w++] = HASH;
+    const body = w;
+    let tag = from;
+    let keyEnd = -1;
+    let back = w; // where the tag being read was written, its comma included
+    let i = from;
+    for (; i < stop; i++) {
+      const c = buf[i];
+      if (c === PIPE) break;
+      if (c === COMMA) {
+        if (i === tag || this.#removed(buf, tag, keyEnd < 0 ? i : keyEnd)) w = back;
+        tag = i + 1;
+        keyEnd = -1;
+        back = w;
+        if (w > body) o[w++] = COMMA;
+        continue;
+      }
+      if (c === COLON && keyEnd < 0) keyEnd = i;
+      o[w++] = c;
+    }
+    if (i === tag || this.#removed(buf, tag, keyEnd < 0 ? i : keyEnd)) w = back;
+    this.#fieldEnd = i;
+    if (add) {
+      if (w > body) o[w++] = COMMA;
+      const tags = this.#add;
+      for (let j = 0; j < tags.length; j++) o[w++] = tags[j];
+    }
+    return w === body ? fieldStart : w;
+  }
+
+  /** Whether a tag field of `buf[from, stop)` holds a tag whose key is removed. */
+  #anyRemoved(buf: Uint8Array, from: number, stop: number, check: boolean): boolean {
+    let i = from;
+    while (i < stop) {
+      if (buf[i++] !== PIPE || i === stop) continue;
+      const d = buf[i];
+      if (check && d === M && i + 1 < stop && buf[i + 1] === COLON) return false;
+      if (d !== HASH) continue;
+      let tag = ++i;
+      let keyEnd = -1;
+      for (; i < stop; i++) {
+        const c = buf[i];
+        if (c === PIPE) break;
+        if (c === COMMA) {
+          if (i > tag && this.#removed(buf, tag, keyEnd < 0 ? i : keyEnd)) return true;
+          tag = i + 1;
+          keyEnd = -1;
+        } else if (c === COLON && keyEnd < 0) {
+          keyEnd = i;
+        }
+      }
+      if (i > tag && this.#removed(buf, tag, keyEnd < 0 ? i : keyEnd)) return true;
+    }
+    return false;
+  }
+
+  /** Whether `buf[from, to)` is a tag key the rule removes (strips or replaces). */
+  #removed(buf: Uint8Array, from: number, to: number): boolean {
+    const length = to - from;
+    const lengths = this.#keyLengths;
+    const bytes = this.#keyBytes;
+    for (let k = 0; k < lengths.length; k++) {
+      if (lengths[k] !== length) continue;
+      let at = this.#keyStarts[k];
+      let i = from;
+      while (i < to && buf[i] === bytes[at]) {
+        i++;
+        at++;
+      }
+      if (i === to) return true;
+    }
+    return false;
+  }
+}
+
+/**
+ * Copies `src[from, to)` to `dst[at]`, byte by byte (no view allocated: the
+ * spans are short); returns where the copy ends in `dst`.
+ */
+function copy(src: Uint8Array, from: number, to: number, dst: Uint8Array, at: number): number {
+  for (let i = from; i < to; i++) dst[at++] = src[i];
+  return at;
+}
+
+/** Records a frame rewritten into `out.buf[at, w)`. */
+function commit(
+  out: RewriteOutput,
+  at: number,
+  w: number,
+  keyStart: number,
+  keyEnd: number,
+): RewriteOutcome {
+  out.start = at;
+  out.end = w;
+  out.keyStart = keyStart;
+  out.keyEnd = keyEnd;
+  out.length = w;
+  return RewriteOutcome.rewritten;
+}
+
+/** Decimal digits of a non-negative integer. */
+function digitCount(n: number): number {
+  let digits = 1;
+  while (n >= 10) {
+    n = Math.floor(n / 10);
+    digits++;
+  }
+  return digits;
+}
+
+/** Writes a non-negative integer in decimal at `o[w]`; returns where it ends. */
+function writeDecimal(n: number, o: Uint8Array, w: number): number {
+  const end = w + digitCount(n);
+  for (let i = end - 1; i >= w; i--) {
+    o[i] = 48 + n % 10;
+    n = Math.floor(n / 10);
+  }
+  return end;
+}
+
+/**
+ * Where `length` units from `at` end, counting bytes (`unit` 0), code points
+ * (1) or UTF-16 units (2, a 4-byte sequence being two), or -1 when they do
+ * not end before `end`: as the decoder counts an event's lengths.
+ */
+function unitsEnd(buf: Uint8Array, at: number, end: number, length: number, unit: number): number {
+  if (unit === 0) return at + length <= end ? at + length : -1;
+  let i = at;
+  let counted = 0;
+  while (counted < length && i < end) {
+    const b = buf[i];
+    const size = b < 0x80 ? 1 : b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1;
+    counted += size === 4 && unit === 2 ? 2 : 1;
+    i += size;
+  }
+  return counted === length && i <= end ? i : -1;
+}
+
+/**
+ * Whether `buf[at, end)` is nothing, or only an event's metadata fields:
+ * `|d:`, `|h:`, `|k:`, `|p:`, `|s:`, `|t:`, `|c:`, `|e:` and `|#` tags.
+ */
+function metadataOnly(buf: Uint8Array, at: number, end: number): boolean {
+  let i = at;
+  while (i < end) {
+    if (buf[i] !== PIPE || i + 1 >= end) return false;
+    const c = buf[i + 1];
+    const known = c === HASH ||
+      ((c === 100 || c === 104 || c === 107 || c === 112 || c === 115 || c === 116 ||
+        c === 99 || c === 101) && i + 2 < end && buf[i + 2] === COLON);
+    if (!known) return false;
+    i++;
+    while (i < end && buf[i] !== PIPE) i++;
+  }
+  return true;
+}
+
+/** The config keys of a route's rewriting, as the INI file gives them. */
+export interface RewriteKeys {
+  /** `prefix`: put before every metric's name. */
+  prefix?: string;
+  /** `suffix`: put after every metric's name. */
+  suffix?: string;
+  /** `add_tags`: comma-separated tags, `k:v` or `k`. */
+  add_tags?: string;
+  /** `strip_tags`: comma-separated tag keys. */
+  strip_tags?: string;
+  /** `rewrite_events`: whether events and service checks are rewritten (true, false, yes, no, 1, 0). */
+  rewrite_events?: string;
+}
+
+/**
+ * Reads a route's rewrite keys into a {@linkcode RewriteRule}; undefined
+ * when none is set.
+ *
+ * - `prefix`, `suffix`: not empty, no `:`, `|`, `@`, `#`, blanks or control
+ *   characters (they would change how the line reads).
+ * - `add_tags`: comma-separated (blanks around the commas are ignored) tags
+ *   `k:v` or `k`, with a non-empty key, no `|`, blanks or control
+ *   characters, and no key twice.
+ * - `strip_tags`: comma-separated tag keys, as tags, without `:`.
+ * - `rewrite_events`: `true`, `false`, `yes`, `no`, `1` or `0`; it needs one
+ *   of the others.
+ *
+ * @throws {RangeError} A one-line problem, naming the key.
+ */
+export function parseRewriteKeys(keys: RewriteKeys): RewriteRule | undefined {
+  const rule: RewriteRule = {};
+  if (keys.prefix !== undefined) rule.prefix = checkAffix("prefix", keys.prefix);
+  if (keys.suffix !== undefined) rule.suffix = checkAffix("suffix", keys.suffix);
+  if (keys.add_tags !== undefined) {
+    const tags = list("add_tags", keys.add_tags);
+    checkAddTags(tags);
+    rule.addTags = tags;
+  }
+  if (keys.strip_tags !== undefined) {
+    const tags = list("strip_tags", keys.strip_tags);
+    checkStripTags(tags);
+    rule.stripTags = [...new Set(tags)];
+  }
+  const any = Object.keys(rule).length > 0;
+  if (keys.rewrite_events !== undefined) {
+    const lower = keys.rewrite_events.trim().toLowerCase();
+    if (lower === "true" || lower === "yes" || lower === "1") rule.events = true;
+    else if (lower === "false" || lower === "no" || lower === "0") rule.events = false;
+    else {
+      throw new RangeError(
+        `rewrite_events: not a boolean (true, false, yes, no, 1 or 0), got ${
+          JSON.stringify(keys.rewrite_events)
+        }`,
+      );
+    }
+    if (!any) {
+      throw new RangeError(
+        "rewrite_events: needs prefix, suffix, add_tags or strip_tags to rewrite with",
+      );
+    }
+  }
+  return any ? rule : undefined;
+}
+
+/** A comma-separated list, each item trimmed; no item may be empty. */
+function list(name: string, text: string): string[] {
+  const items = text.split(",").map((s) => s.trim());
+  if (items.some((s) => s === "")) {
+    throw new RangeError(
+      text.trim() === ""
+        ? `${name}: is empty`
+        : `${name}: an empty item in ${JSON.stringify(text)}`,
+    );
+  }
+  return items;
+}
+
+// deno-lint-ignore no-control-regex
+const CONTROL = /[\u0000-\u001f\u007f]/;
+const BLANK = /\s/;
+
+/** Checks a prefix or suffix; returns it. */
+function checkAffix(name: string, text: string): string {
+  if (text === "") throw new RangeError(`${name}: is empty`);
+  const bad = /[:|@#]/.exec(text);
+  if (bad !== null) {
+    throw new RangeError(`${name}: ${JSON.stringify(text)} holds '${bad[0]}'${AFFIX_RULE}`);
+  }
+  if (BLANK.test(text)) {
+    throw new RangeError(`${name}: ${JSON.stringify(text)} holds a blank${AFFIX_RULE}`);
+  }
+  if (CONTROL.test(text)) {
+    throw new RangeError(`${name}: ${JSON.stringify(text)} holds a control character${AFFIX_RULE}`);
+  }
+  if (!text.isWellFormed()) throw new RangeError(`${name}: ${JSON.stringify(text)} is not Unicode`);
+  return text;
+}
+
+const AFFIX_RULE = " (a prefix or suffix may not hold ':', '|', '@', '#', blanks or controls)";
+
+/** Checks a tag (`add_tags`) or a tag key (`strip_tags`). */
+function checkTag(name: string, tag: string): void {
+  if (tag === "") throw new RangeError(`${name}: an empty tag`);
+  const bad = /[,|]/.exec(tag);
+  if (bad !== null) {
+    throw new RangeError(`${name}: ${JSON.stringify(tag)} holds '${bad[0]}'${TAG_RULE}`);
+  }
+  if (BLANK.test(tag)) {
+    throw new RangeError(`${name}: ${JSON.stringify(tag)} holds a blank${TAG_RULE}`);
+  }
+  if (CONTROL.test(tag)) {
+    throw new RangeError(`${name}: ${JSON.stringify(tag)} holds a control character${TAG_RULE}`);
+  }
+  if (!tag.isWellFormed()) throw new RangeError(`${name}: ${JSON.stringify(tag)} is not Unicode`);
+  if (tag.startsWith(":")) {
+    throw new RangeError(`${name}: ${JSON.stringify(tag)} has an empty tag key`);
+  }
+}
+
+const TAG_RULE = " (a tag may not hold ',', '|', blanks or controls)";
+
+/** Checks `add_tags`' tags; returns their keys. */
+function checkAddTags(tags: readonly string[]): string[] {
+  const keys: string[] = [];
+  for (const tag of tags) {
+    checkTag("add_tags", tag);
+    const colon = tag.indexOf(":");
+    const key = colon < 0 ? tag : tag.slice(0, colon);
+    if (keys.includes(key)) {
+      throw new RangeError(`add_tags: the tag key ${JSON.stringify(key)} is added twice`);
+    }
+    keys.push(key);
+  }
+  return keys;
+}
+
+/** Checks `strip_tags`' tag keys. */
+function checkStripTags(keys: readonly string[]): void {
+  for (const key of keys) {
+    checkTag("strip_tags", key);
+    if (key.includes(":")) {
+      throw new RangeError(
+        `strip_tags: ${JSON.stringify(key)} holds ':' (strip_tags lists tag keys)`,
+      );
+    }
+  }
+}
