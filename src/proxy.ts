@@ -254,6 +254,7 @@ export class Proxy {
     const table = new RoutingTable({
       routes: config.routes ?? [],
       pools: pools.map((p) => p.name),
+      maxLineBytes: config.maxLineBytes,
     });
     this.router = new Router({ pools, table });
   }
@@ -524,6 +525,7 @@ export class Proxy {
       routes: next.routes ?? [],
       pools: pools.map((p) => p.name),
       replaces: this.router.table,
+      maxLineBytes: next.maxLineBytes,
     });
     for (const [name, before] of oldPools) {
       if (pools.includes(before)) continue;

@@ -145,10 +145,34 @@ Deno.test("parseConfig() rejects each mistake in pools and routes with its file 
       'unknown key "hashing" in [pool:a] (expected servers, hash, protocol, mtu, flush_interval_ms, on_failure, eject_after, eject_retry_ms, ring_switch, flush_interval, ring_switch_lead_ms, ring_switch_offset_ms, ring_switch_guard_ms, dns_server, discovery_interval_ms, max_server_loss)',
     ],
     [
+      "a rewrite on a drop route",
+      MAIN + "[route:r]\nmatch = .\npools = drop\nprefix = x.\n",
+      6,
+      "pools = drop: nothing to rewrite",
+    ],
+    [
+      "cardinality_window_s without cardinality_limit",
+      MAIN + "[route:r]\nmatch = .\npools = default\ncardinality_window_s = 5\n",
+      6,
+      "cardinality_window_s applies only with cardinality_limit",
+    ],
+    [
+      "a cardinality_limit of 0",
+      MAIN + "[route:r]\nmatch = .\npools = default\ncardinality_limit = 0\n",
+      6,
+      "cardinality_limit: must be a whole number from 1 to 10000000",
+    ],
+    [
+      "a prefix that would break the line",
+      MAIN + "[route:r]\nmatch = .\npools = default\nprefix = a:b\n",
+      6,
+      `prefix: "a:b" holds ':' (a prefix or suffix may not hold ':', '|', '@', '#', blanks or controls)`,
+    ],
+    [
       "an unknown key in a route",
       MAIN + "[route:r]\nmatch = x\npool = default\n",
       5,
-      'unknown key "pool" in [route:r] (expected match, pools)',
+      'unknown key "pool" in [route:r] (expected match, pools, prefix, suffix, add_tags, strip_tags, rewrite_events, cardinality_limit, cardinality_window_s)',
     ],
     [
       "a route to an undefined pool",
@@ -414,4 +438,22 @@ Deno.test("the proxy refuses a bad pool config with one line and exit code 2", a
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("parseConfig() reads a route's rewrite and cardinality limit", () => {
+  const config = parse(
+    MAIN +
+      "[route:app]\nmatch = ^app\\.\npools = default\nprefix = edge.\nsuffix = .v2\n" +
+      "add_tags = env:prod, dc:eu1\nstrip_tags = host\nrewrite_events = yes\n" +
+      "cardinality_limit = 1000\ncardinality_window_s = 30\n",
+  );
+  const route = config.routes![0];
+  assert.deepEqual(route.rewrite, {
+    prefix: "edge.",
+    suffix: ".v2",
+    addTags: ["env:prod", "dc:eu1"],
+    stripTags: ["host"],
+    events: true,
+  });
+  assert.deepEqual(route.cardinality, { limit: 1000, windowS: 30 });
 });

@@ -83,6 +83,27 @@ function ringOf(pool: Pool) {
   };
 }
 
+/** The routes with rules (rewriting, a cardinality limit), as `/health` shows them. */
+function routesOf(proxy: Proxy) {
+  const table = proxy.router.table;
+  return table.routes.flatMap((route, i) => {
+    const limit = table.limits[i];
+    if (route.rewrite === undefined && limit === undefined) return [];
+    return [{
+      name: route.name,
+      rewrite: route.rewrite ?? null,
+      cardinality: limit === undefined ? null : {
+        limit: limit.limit,
+        window_s: limit.windowMs / 1000,
+        distinct: limit.distinct,
+        admitted: limit.admitted,
+        rejected: limit.rejected,
+        top_prefixes: limit.topOffenders(10),
+      },
+    }];
+  });
+}
+
 /** A pool's DNS discovery, as `/health` shows it, or null when its servers are a file. */
 function discoveryOf(proxy: Proxy, pool: Pool) {
   const status = proxy.watchers.discoveryStatus(pool.name);
@@ -172,7 +193,7 @@ export function health(proxy: Proxy): { status: number; body: unknown } {
       },
       upstreams,
       // Without pools, the one pool's ring, discovery and file watch.
-      ...(proxy.pooled ? { pools } : {
+      ...(proxy.pooled ? { pools, routes: routesOf(proxy) } : {
         ring: pools[0].ring,
         discovery: pools[0].discovery,
         servers_file_watch: pools[0].servers_file_watch,
@@ -221,9 +242,15 @@ export function handleAdmin(
       // A key that is not UTF-8 cannot be shown exactly as text: give its bytes too.
       const exact = encoder.encode(key).length === bytes.length && !key.includes("\uFFFD");
       const named = exact ? { key } : { key, key_hex: hex(bytes) };
-      const { route, destinations } = destinationsOf(proxy.router, bytes);
+      const { route, rewritten, destinations } = destinationsOf(proxy.router, bytes);
       if (!proxy.pooled) return json(200, { ...named, server: destinations[0].server });
-      return json(200, { ...named, route, drop: destinations.length === 0, destinations });
+      return json(200, {
+        ...named,
+        route,
+        ...(rewritten === undefined ? {} : { rewritten }),
+        drop: destinations.length === 0,
+        destinations,
+      });
     }
     default:
       return json(404, {

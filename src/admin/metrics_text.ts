@@ -6,6 +6,7 @@
  * @module
  */
 
+import { ROUTE_DROP_REASONS } from "../routing/router.ts";
 import { DROP_REASONS, type IngestCounters } from "../ingest/counters.ts";
 import { internalErrors } from "../internal_errors.ts";
 import type { HttpCounters } from "./http_server.ts";
@@ -417,6 +418,19 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
     );
     for (const [route, n] of proxy.router.routeCounts()) {
       out.sample("route_metrics_total", { route, drop: drops.has(route) ? "true" : "false" }, n);
+    }
+    const routeDrops = proxy.router.routeDrops();
+    if (routeDrops.size > 0) {
+      out.family(
+        "route_dropped_total",
+        "counter",
+        "Metrics a route took and dropped: a new name past its cardinality_limit (cardinality), or a rewrite longer than max_line_bytes (rewrite_too_long).",
+      );
+      for (const [route, counts] of routeDrops) {
+        ROUTE_DROP_REASONS.forEach((reason, i) =>
+          out.sample("route_dropped_total", { route, reason }, counts[i])
+        );
+      }
     }
   }
   out.single(

@@ -11,6 +11,8 @@ import { logger, noun, windowSeconds } from "../log.ts";
 import type { ConnectionEvents } from "../upstream/connection_events.ts";
 import type { Destination } from "../upstream/destination.ts";
 import type { HttpCounters } from "./http_server.ts";
+import type { CardinalityLimit } from "../routing/cardinality_limit.ts";
+import type { RoutingTable } from "../routing/routing_table.ts";
 
 const log = logger("summary");
 
@@ -34,6 +36,8 @@ export interface SummaryLogOptions {
   upstreams: () => readonly Destination[];
   /** Interval between summaries, in ms. */
   intervalMs: number;
+  /** The routes in force, for their cardinality limits (read each time: a reload may change them). */
+  routes?: () => RoutingTable;
 }
 
 /** Logs what went wrong since the last summary, once per interval. */
@@ -41,6 +45,8 @@ export class SummaryLog {
   #options: SummaryLogOptions;
   #timer: ReturnType<typeof setInterval> | undefined;
   #lastReportAt = Date.now();
+  /** Each cardinality limit's refusals at the last summary. */
+  #lastRejected = new WeakMap<CardinalityLimit, number>();
   #lastIngest = new Map<string, Float64Array>();
   /** Each connection's drops (by reason: buffer_full, shutdown, removed, send_failed) at the last summary. */
   #lastUpstream = new Map<string, number[]>();
@@ -81,6 +87,7 @@ export class SummaryLog {
     const seconds = windowSeconds(now - this.#lastReportAt);
     this.#lastReportAt = now;
     this.#ingest();
+    this.#cardinality(seconds);
     this.#clients(seconds);
     this.#upstreams(seconds);
   }
@@ -112,6 +119,31 @@ export class SummaryLog {
       }
       counters.sample = undefined;
     }
+  }
+
+  /** Routes whose cardinality limit refused names since the last summary, with the top prefixes. */
+  #cardinality(seconds: number): void {
+    const table = this.#options.routes?.();
+    if (table === undefined) return;
+    table.limits.forEach((limit, i) => {
+      if (limit === undefined) return;
+      const route = table.routes[i].name;
+      const last = this.#lastRejected.get(limit) ?? 0;
+      this.#lastRejected.set(limit, limit.rejected);
+      const dropped = limit.rejected - last;
+      if (dropped <= 0) return;
+      log.warn(
+        "route {route}: cardinality_limit {limit} reached: dropped {count} {what} of new names in the last {seconds} s; top prefixes {top}",
+        {
+          route,
+          limit: limit.limit,
+          count: dropped,
+          what: noun(dropped, "metric"),
+          seconds,
+          top: limit.topOffenders(5).map((o) => `${o.prefix} ${o.rejected}`).join(", "),
+        },
+      );
+    });
   }
 
   #clients(seconds: number): void {

@@ -96,6 +96,21 @@ export function checkSummary(config: ProxyConfig): string {
     lines.push(`routes: ${routes.length === 0 ? "none" : ""}`.trimEnd());
     routes.forEach((r, i) => {
       lines.push(`  ${i + 1}. ${r.name}: ${r.pattern} -> ${r.drop ? "drop" : r.pools.join(", ")}`);
+      const rule = r.rewrite;
+      if (rule !== undefined) {
+        const parts: string[] = [];
+        if (rule.prefix !== undefined) parts.push(`prefix ${rule.prefix}`);
+        if (rule.suffix !== undefined) parts.push(`suffix ${rule.suffix}`);
+        if (rule.addTags !== undefined) parts.push(`add tags ${rule.addTags.join(",")}`);
+        if (rule.stripTags !== undefined) parts.push(`strip tags ${rule.stripTags.join(",")}`);
+        parts.push(rule.events ? "events and service checks too" : "not events or service checks");
+        lines.push(`     rewrite: ${parts.join("; ")} (pools hash the rewritten name)`);
+      }
+      if (r.cardinality !== undefined) {
+        lines.push(
+          `     cardinality: at most ${r.cardinality.limit} distinct names per ${r.cardinality.windowS} s; new names past it are dropped (cardinality)`,
+        );
+      }
     });
     if (!routes.some((r) => r.catchAll)) lines.push("  no route matches -> default");
   }

@@ -13,7 +13,7 @@
  * @module
  */
 
-import type { RoutesAndPools } from "../routing/destinations.ts";
+import { rewrittenKey, type RoutesAndPools } from "../routing/destinations.ts";
 
 const NEWLINE = 10;
 
@@ -82,8 +82,19 @@ export async function runRoute(options: RouteOptions): Promise<void> {
   const out = new LineWriter(options.output);
   const write = async (key: Uint8Array, start: number, end: number) => {
     const { table, pools } = plan;
-    const targets = pooled ? table.destinations[table.decide(key, start, end)] : [0];
+    const decision = pooled ? table.decide(key, start, end) : 0;
+    const targets = pooled ? table.destinations[decision] : [0];
     if (targets === null || targets.length === 0) return await out.line(key, start, end, drop);
+    const rewritten = pooled ? rewrittenKey(table, decision, key, start, end) : undefined;
+    if (rewritten !== undefined) {
+      // The route rewrites the name: its pools hash the new one, printed last.
+      for (const p of targets) {
+        const server = pools[p].hash.servers[pools[p].hash.lookup(rewritten, 0, rewritten.length)];
+        const tail = encoder.encode(`\t${pools[p].name}\t${server.address}\t`);
+        await out.line(key, start, end, concat(tail, rewritten));
+      }
+      return;
+    }
     for (const p of targets) {
       await out.line(key, start, end, tails[p][pools[p].hash.lookup(key, start, end)]);
     }

@@ -537,6 +537,7 @@ function startSummary(proxy: Proxy, config: ProxyConfig, admin: HttpCounters): S
     connectionEvents: proxy.connectionEvents,
     upstreams: () => proxy.upstreams,
     intervalMs: config.summaryIntervalMs,
+    routes: () => proxy.router.table,
   });
 }
 

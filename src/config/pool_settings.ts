@@ -27,6 +27,7 @@
  */
 
 import { ConfigError, plainName } from "../errors.ts";
+import { parseRewriteKeys, type RewriteRule } from "../routing/rewrite.ts";
 
 /**
  * Whether this process runs with V8's linear-time regular expression engine
@@ -126,6 +127,10 @@ export interface RouteSettings {
   drop: boolean;
   /** Whether it matches every key (a catch-all): `.`, `.*`, `^`, ... */
   catchAll: boolean;
+  /** How the metrics it takes are rewritten (`prefix`, `suffix`, `add_tags`, `strip_tags`), if at all. */
+  rewrite?: RewriteRule;
+  /** At most `limit` distinct names per `windowS` seconds (`cardinality_limit`), if set. */
+  cardinality?: { limit: number; windowS: number };
 }
 
 /** The settings a pool takes from the main section unless it sets its own. */
@@ -187,7 +192,17 @@ export const POOL_KEYS: ReadonlySet<string> = new Set([
 ]);
 
 /** The keys a route section accepts. */
-export const ROUTE_KEYS: ReadonlySet<string> = new Set(["match", "pools"]);
+export const ROUTE_KEYS: ReadonlySet<string> = new Set([
+  "match",
+  "pools",
+  "prefix",
+  "suffix",
+  "add_tags",
+  "strip_tags",
+  "rewrite_events",
+  "cardinality_limit",
+  "cardinality_window_s",
+]);
 
 /** A section or pool name: letters, digits, `_`, `.` and `-`. */
 export const SECTION_NAME = /^[A-Za-z0-9_.-]+$/;
@@ -428,7 +443,7 @@ function parseRoute(
       seen.add(name);
     }
   }
-  return {
+  const route: RouteSettings = {
     name: block.name,
     line: block.line,
     pattern,
@@ -437,4 +452,51 @@ function parseRoute(
     drop,
     catchAll: CATCH_ALL.has(pattern),
   };
+  const value = (key: string) => block.keys.get(key)?.value;
+  const firstLine = (...keys: string[]) =>
+    keys.map((k) => block.keys.get(k)?.line).find((l) => l !== undefined);
+  let rewrite: RewriteRule | undefined;
+  try {
+    rewrite = parseRewriteKeys({
+      prefix: value("prefix"),
+      suffix: value("suffix"),
+      add_tags: value("add_tags"),
+      strip_tags: value("strip_tags"),
+      rewrite_events: value("rewrite_events"),
+    });
+  } catch (err) {
+    const message = err instanceof Error ? err.message : String(err);
+    throw error(
+      firstLine("prefix", "suffix", "add_tags", "strip_tags", "rewrite_events"),
+      message,
+    );
+  }
+  if (rewrite !== undefined) {
+    if (drop) {
+      throw error(
+        firstLine("prefix", "suffix", "add_tags", "strip_tags"),
+        "pools = drop: nothing to rewrite",
+      );
+    }
+    route.rewrite = rewrite;
+  }
+  const limit = block.keys.get("cardinality_limit");
+  const window = block.keys.get("cardinality_window_s");
+  if (window !== undefined && limit === undefined) {
+    throw error(window.line, "cardinality_window_s applies only with cardinality_limit");
+  }
+  if (limit !== undefined) {
+    const whole = (entry: SectionKey, min: number, max: number) => {
+      const text = entry.value.trim();
+      if (!/^[0-9]+$/.test(text) || Number(text) < min || Number(text) > max) {
+        throw error(entry.line, `${entry.name}: must be a whole number from ${min} to ${max}`);
+      }
+      return Number(text);
+    };
+    route.cardinality = {
+      limit: whole(limit, 1, 10_000_000),
+      windowS: window === undefined ? 60 : whole(window, 1, 86_400),
+    };
+  }
+  return route;
 }

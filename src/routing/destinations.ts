@@ -9,6 +9,7 @@
 import { poolsOf, type ProxyConfig } from "../config/config.ts";
 import type { Pool } from "./pool.ts";
 import { PoolHash } from "./pool_hash.ts";
+import { RewriteOutcome, RewriteOutput } from "./rewrite.ts";
 import { RoutingTable } from "./routing_table.ts";
 
 /** A key's destination in one pool. */
@@ -28,6 +29,11 @@ export interface KeyDestination {
 export interface KeyRoute {
   /** The route that took it, or `null` when none did (it went to `default`). */
   route: string | null;
+  /**
+   * The name the route rewrites the key to (its pools hash this name, and
+   * it is what their servers see), when the route rewrites metrics' names.
+   */
+  rewritten?: string;
   /** Its destinations, one per pool; empty when it is dropped. */
   destinations: KeyDestination[];
 }
@@ -45,11 +51,15 @@ export function destinationsOf(routing: RoutesAndPools, bytes: Uint8Array): KeyR
   const { table, pools } = routing;
   const decision = table.decide(bytes, 0, bytes.length);
   const targets = table.destinations[decision] ?? [];
+  const key = targets.length === 0
+    ? bytes
+    : rewrittenKey(table, decision, bytes, 0, bytes.length) ?? bytes;
   return {
     route: decision < table.routes.length ? table.routes[decision].name : null,
+    ...(key === bytes ? {} : { rewritten: new TextDecoder().decode(key) }),
     destinations: targets.map((i) => {
       const pool = pools[i];
-      const server = (hash: PoolHash) => hash.servers[hash.lookup(bytes, 0, bytes.length)].address;
+      const server = (hash: PoolHash) => hash.servers[hash.lookup(key, 0, key.length)].address;
       const staged = pool.stagedHash?.();
       return {
         pool: pool.name,
@@ -63,6 +73,29 @@ export function destinationsOf(routing: RoutesAndPools, bytes: Uint8Array): KeyR
 }
 
 /**
+ * The name route `decision` rewrites the key `buf[start, end)` to, as a
+ * metric's name (its pools hash this name); undefined when the route does
+ * not rewrite names.
+ */
+export function rewrittenKey(
+  table: RoutingTable,
+  decision: number,
+  buf: Uint8Array,
+  start: number,
+  end: number,
+): Uint8Array | undefined {
+  const rewriter = table.rewriters[decision];
+  if (rewriter === undefined) return undefined;
+  // The key as a counter's name: the rewrite its name gets.
+  const line = new Uint8Array(end - start + 4);
+  line.set(buf.subarray(start, end));
+  line.set([0x3a, 0x31, 0x7c, 0x63], end - start); // ":1|c"
+  const out = new RewriteOutput();
+  const outcome = rewriter.apply(line, 0, line.length, true, 0, end - start, out);
+  return outcome === RewriteOutcome.rewritten ? out.buf.slice(out.keyStart, out.keyEnd) : undefined;
+}
+
+/**
  * The routes and pools of a configuration, without upstreams: what
  * `statsite-proxy route` looks keys up in.
  */
@@ -71,6 +104,10 @@ export function routingPlan(config: ProxyConfig): RoutesAndPools {
     name: p.name,
     hash: new PoolHash({ family: p.hash, servers: p.servers }),
   }));
-  const table = new RoutingTable({ routes: config.routes ?? [], pools: pools.map((p) => p.name) });
+  const table = new RoutingTable({
+    routes: config.routes ?? [],
+    pools: pools.map((p) => p.name),
+    maxLineBytes: config.maxLineBytes,
+  });
   return { table, pools };
 }

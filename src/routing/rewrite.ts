@@ -61,6 +61,7 @@
  * @module
  */
 
+import { plainName } from "../errors.ts";
 import { DEFAULT_MAX_LINE_BYTES } from "../ingest/frame_batch.ts";
 
 /** A rewrite rule, as a route's configuration gives it. */
@@ -749,7 +750,7 @@ export function parseRewriteKeys(keys: RewriteKeys): RewriteRule | undefined {
     else {
       throw new RangeError(
         `rewrite_events: not a boolean (true, false, yes, no, 1 or 0), got ${
-          JSON.stringify(keys.rewrite_events)
+          plainName(keys.rewrite_events) ?? "another value"
         }`,
       );
     }
@@ -767,9 +768,7 @@ function list(name: string, text: string): string[] {
   const items = text.split(",").map((s) => s.trim());
   if (items.some((s) => s === "")) {
     throw new RangeError(
-      text.trim() === ""
-        ? `${name}: is empty`
-        : `${name}: an empty item in ${JSON.stringify(text)}`,
+      text.trim() === "" ? `${name}: is empty` : `${name}: an empty item in the list`,
     );
   }
   return items;
@@ -784,15 +783,15 @@ function checkAffix(name: string, text: string): string {
   if (text === "") throw new RangeError(`${name}: is empty`);
   const bad = /[:|@#]/.exec(text);
   if (bad !== null) {
-    throw new RangeError(`${name}: ${JSON.stringify(text)} holds '${bad[0]}'${AFFIX_RULE}`);
+    throw new RangeError(`${name}: ${shown(text)}holds '${bad[0]}'${AFFIX_RULE}`);
   }
   if (BLANK.test(text)) {
-    throw new RangeError(`${name}: ${JSON.stringify(text)} holds a blank${AFFIX_RULE}`);
+    throw new RangeError(`${name}: ${shown(text)}holds a blank${AFFIX_RULE}`);
   }
   if (CONTROL.test(text)) {
-    throw new RangeError(`${name}: ${JSON.stringify(text)} holds a control character${AFFIX_RULE}`);
+    throw new RangeError(`${name}: ${shown(text)}holds a control character${AFFIX_RULE}`);
   }
-  if (!text.isWellFormed()) throw new RangeError(`${name}: ${JSON.stringify(text)} is not Unicode`);
+  if (!text.isWellFormed()) throw new RangeError(`${name}: ${shown(text)}is not Unicode`);
   return text;
 }
 
@@ -803,17 +802,17 @@ function checkTag(name: string, tag: string): void {
   if (tag === "") throw new RangeError(`${name}: an empty tag`);
   const bad = /[,|]/.exec(tag);
   if (bad !== null) {
-    throw new RangeError(`${name}: ${JSON.stringify(tag)} holds '${bad[0]}'${TAG_RULE}`);
+    throw new RangeError(`${name}: ${shown(tag)}holds '${bad[0]}'${TAG_RULE}`);
   }
   if (BLANK.test(tag)) {
-    throw new RangeError(`${name}: ${JSON.stringify(tag)} holds a blank${TAG_RULE}`);
+    throw new RangeError(`${name}: ${shown(tag)}holds a blank${TAG_RULE}`);
   }
   if (CONTROL.test(tag)) {
-    throw new RangeError(`${name}: ${JSON.stringify(tag)} holds a control character${TAG_RULE}`);
+    throw new RangeError(`${name}: ${shown(tag)}holds a control character${TAG_RULE}`);
   }
-  if (!tag.isWellFormed()) throw new RangeError(`${name}: ${JSON.stringify(tag)} is not Unicode`);
+  if (!tag.isWellFormed()) throw new RangeError(`${name}: ${shown(tag)}is not Unicode`);
   if (tag.startsWith(":")) {
-    throw new RangeError(`${name}: ${JSON.stringify(tag)} has an empty tag key`);
+    throw new RangeError(`${name}: ${shown(tag)}has an empty tag key`);
   }
 }
 
@@ -844,4 +843,10 @@ function checkStripTags(keys: readonly string[]): void {
       );
     }
   }
+}
+
+/** `"VALUE" ` when it is a plain name, else `the value `: a file's values are never echoed. */
+function shown(value: string): string {
+  const quoted = plainName(value);
+  return quoted === undefined ? "the value " : `${quoted} `;
 }

@@ -16,7 +16,14 @@
 import type { BatchSink, FrameBatch } from "../ingest/frame_batch.ts";
 import { RouteCache } from "../ring/route_cache.ts";
 import type { Pool } from "./pool.ts";
+import { RewriteOutcome, RewriteOutput } from "./rewrite.ts";
 import { LONGEST_CACHED_KEY, type RoutingTable } from "./routing_table.ts";
+
+/** Why the router drops a metric a route took. */
+export type RouteDropReason = "cardinality" | "rewrite_too_long";
+
+/** The reasons, in the order of the router's drop counters. */
+export const ROUTE_DROP_REASONS: readonly RouteDropReason[] = ["cardinality", "rewrite_too_long"];
 
 /** Options of {@linkcode Router}. */
 export interface RouterOptions {
@@ -38,6 +45,12 @@ export class Router implements BatchSink {
   #counts = new Float64Array(1);
   /** Totals by route name (`""` for "no route matched") from tables replaced. */
   #totals = new Map<string, number>();
+  /** Metrics each decision of the current table dropped, by reason: [cardinality, too long]. */
+  #drops = [new Float64Array(1), new Float64Array(1)];
+  /** Drops by route name and reason from tables replaced. */
+  #dropTotals = new Map<string, number[]>();
+  /** Where rewritten frames are written, reset for each batch. */
+  #out = new RewriteOutput();
   /** Each key's plan, by key bytes. */
   #plans = new RouteCache({ maxKeyLength: LONGEST_CACHED_KEY });
   /** Each plan's decision (a route's index, or "no route matched"). */
@@ -79,17 +92,41 @@ export class Router implements BatchSink {
   }
 
   /**
+   * Metrics routes dropped, by route name and reason, since start (across
+   * reloads, for routes of the same name): `[cardinality, rewrite_too_long]`.
+   */
+  routeDrops(): Map<string, number[]> {
+    const out = new Map([...this.#dropTotals].map(([k, v]) => [k, [...v]]));
+    this.#table.routes.forEach((r, i) => {
+      const sum = out.get(r.name) ?? [0, 0];
+      sum[0] += this.#drops[0][i];
+      sum[1] += this.#drops[1][i];
+      if (sum[0] + sum[1] > 0 || out.has(r.name) || r.cardinality || r.rewrite) {
+        out.set(r.name, sum);
+      }
+    });
+    return out;
+  }
+
+  /**
    * Swaps in new pools and routes, in one step: a batch is routed wholly on
    * the old or wholly on the new.
    */
   swap(options: RouterOptions): void {
-    if (this.#table !== undefined) this.#totals = this.routeCounts();
+    if (this.#table !== undefined) {
+      this.#totals = this.routeCounts();
+      this.#dropTotals = this.routeDrops();
+    }
     this.#pools = options.pools;
     this.#table = options.table;
     this.#targets = options.table.destinations.map((d) =>
       d === null ? null : d.map((i) => options.pools[i])
     );
     this.#counts = new Float64Array(options.table.destinations.length);
+    this.#drops = [
+      new Float64Array(options.table.destinations.length),
+      new Float64Array(options.table.destinations.length),
+    ];
     this.#only = options.table.routes.length === 0 && options.pools.length === 1
       ? options.pools[0]
       : undefined;
@@ -156,6 +193,11 @@ export class Router implements BatchSink {
         break;
       }
     }
+    if (this.#table.special) {
+      this.#routeSpecial(batch);
+      for (const pool of all) pool.kick();
+      return;
+    }
     const plans = this.#plans;
     const counts = this.#counts;
     for (let i = 0; i < count; i++) {
@@ -171,5 +213,66 @@ export class Router implements BatchSink {
       }
     }
     for (const pool of all) pool.kick();
+  }
+
+  /**
+   * The loop for tables with rewriting or cardinality limits: a route's
+   * limit may drop the metric (a new name past it), its rewrite writes the
+   * new bytes into {@linkcode #out}, and each pool picks the server by the
+   * rewritten name, since that is the name its aggregator sees. Frames of
+   * routes without either take the plan as in {@linkcode route}.
+   */
+  #routeSpecial(batch: FrameBatch): void {
+    const { buf, start, end, keyStart, keyEnd, ascii } = batch;
+    const count = batch.count;
+    const table = this.#table;
+    const { rewriters, limits } = table;
+    const out = this.#out;
+    out.reset();
+    const now = Date.now();
+    const plans = this.#plans;
+    const counts = this.#counts;
+    for (let i = 0; i < count; i++) {
+      const ks = keyStart[i];
+      const ke = keyEnd[i];
+      let plan = plans.get(buf, ks, ke);
+      if (plan < 0) plan = this.#plan(buf, ks, ke);
+      const decision = this.#planDecision[plan];
+      counts[decision]++;
+      const pools = this.#planPools[plan];
+      if (pools.length === 0) continue;
+      const limit = limits[decision];
+      if (limit !== undefined && !limit.admit(buf, ks, ke, now)) {
+        this.#drops[0][decision]++;
+        continue;
+      }
+      const isAscii = ascii[i] === 1;
+      const rewriter = rewriters[decision];
+      if (rewriter !== undefined) {
+        const outcome = rewriter.apply(buf, start[i], end[i], isAscii, ks, ke, out);
+        if (outcome === RewriteOutcome.tooLong) {
+          this.#drops[1][decision]++;
+          continue;
+        }
+        if (outcome === RewriteOutcome.rewritten) {
+          const b = out.buf;
+          for (let p = 0; p < pools.length; p++) {
+            const pool = pools[p];
+            pool.appendTo(
+              pool.memberFor(b, out.keyStart, out.keyEnd),
+              b,
+              out.start,
+              out.end,
+              isAscii,
+            );
+          }
+          continue;
+        }
+      }
+      const members = this.#planMembers[plan];
+      for (let p = 0; p < pools.length; p++) {
+        pools[p].appendTo(members[p], buf, start[i], end[i], isAscii);
+      }
+    }
   }
 }

@@ -14,6 +14,8 @@
 
 import type { RouteSettings } from "../config/pool_settings.ts";
 import { RouteCache } from "../ring/route_cache.ts";
+import { CardinalityLimit } from "./cardinality_limit.ts";
+import { Rewriter } from "./rewrite.ts";
 
 /**
  * The longest key whose decision is cached: any key a line of up to 64 KiB
@@ -29,8 +31,14 @@ export interface RoutingTableOptions {
   routes: readonly RouteSettings[];
   /** The pools' names, in the proxy's order (a route names pools by name). */
   pools: readonly string[];
-  /** The table this one replaces: its decision cache is taken over, emptied. */
+  /**
+   * The table this one replaces: its decision cache is taken over, emptied,
+   * and a route of the same name and cardinality limit keeps its limit's
+   * state (the names it admitted).
+   */
   replaces?: RoutingTable;
+  /** The longest line or frame a rewrite may make. Default 65536. */
+  maxLineBytes?: number;
 }
 
 /** Routes and the decisions they make. */
@@ -43,6 +51,12 @@ export class RoutingTable {
    * drop it.
    */
   readonly destinations: readonly (readonly number[] | null)[];
+  /** For each decision, how its metrics are rewritten, if they are. */
+  readonly rewriters: readonly (Rewriter | undefined)[];
+  /** For each decision, its cardinality limit, if it has one. */
+  readonly limits: readonly (CardinalityLimit | undefined)[];
+  /** Whether any route rewrites or limits: the router then takes its slower loop. */
+  readonly special: boolean;
   #cache: RouteCache;
   #decoder = new TextDecoder();
 
@@ -60,6 +74,29 @@ export class RoutingTable {
       ...routes.map((r) => r.drop ? null : r.pools.map(index)),
       fallback < 0 ? null : [fallback],
     ];
+    const old = options.replaces;
+    this.rewriters = [
+      ...routes.map((r) =>
+        r.rewrite === undefined
+          ? undefined
+          : new Rewriter(r.rewrite, { maxLineBytes: options.maxLineBytes })
+      ),
+      undefined,
+    ];
+    this.limits = [
+      ...routes.map((r) => {
+        const c = r.cardinality;
+        if (c === undefined) return undefined;
+        const i = old?.routes.findIndex((o) => o.name === r.name) ?? -1;
+        const kept = i < 0 ? undefined : old!.limits[i];
+        return kept !== undefined && kept.limit === c.limit && kept.windowMs === c.windowS * 1000
+          ? kept
+          : new CardinalityLimit({ limit: c.limit, windowMs: c.windowS * 1000 });
+      }),
+      undefined,
+    ];
+    this.special = this.rewriters.some((r) => r !== undefined && !r.noop) ||
+      this.limits.some((l) => l !== undefined);
     const taken = options.replaces === undefined ? undefined : options.replaces.#cache;
     if (taken !== undefined) taken.clear();
     this.#cache = taken ?? new RouteCache({ maxKeyLength: LONGEST_CACHED_KEY });
