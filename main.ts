@@ -11,7 +11,7 @@
 import { checkSummary } from "./src/commands/check_command.ts";
 import { invokingFolder, parseCli, USAGE } from "./src/commands/cli.ts";
 import { loadConfig } from "./src/config/config.ts";
-import { ConfigError, ListenError, TakeoverError, UsageError } from "./src/errors.ts";
+import { ConfigError, ListenError, TakeoverError, UsageError } from "./src/diagnostics/errors.ts";
 import { PidFileError } from "./src/commands/pid_file.ts";
 import { runRoute } from "./src/commands/route_command.ts";
 import { runProxy } from "./src/commands/run_command.ts";

@@ -13,12 +13,12 @@
  */
 
 import { type PoolConfig, poolsOf, type ProxyConfig } from "./config/config.ts";
-import { errorText } from "./errors.ts";
-import { ByteBudget } from "./byte_budget.ts";
+import { errorText } from "./diagnostics/errors.ts";
+import { ByteBudget } from "./memory/byte_budget.ts";
 import { DROP, IngestCounters, TcpClientCounters } from "./ingest/counters.ts";
 import { ReadBufferPool } from "./ingest/read_buffer_pool.ts";
 import { StreamDecoderContext } from "./ingest/stream_decoder.ts";
-import { logger } from "./log.ts";
+import { logger } from "./diagnostics/log.ts";
 import { Pool, type PoolShared, type PoolUpdate } from "./routing/pool.ts";
 import { ServerWatchers } from "./routing/server_watchers.ts";
 import type { ServerSpec } from "./config/servers_file.ts";
@@ -27,7 +27,7 @@ import { RoutingTable } from "./routing/routing_table.ts";
 import { type HandOffOptions, type TcpClientLimits, TcpListener } from "./ingest/tcp_listener.ts";
 import { type UdpBinding, UdpListener, UdpReceiverTotals } from "./ingest/udp_listener.ts";
 import type { BatchSink } from "./ingest/frame_batch.ts";
-import type { TcpBinding } from "./listen_tcp.ts";
+import type { TcpBinding } from "./net/listen_tcp.ts";
 import { Upstream } from "./upstream/upstream.ts";
 import type { HeldChunk } from "./upstream/upstream_buffer.ts";
 import { ConnectGate } from "./upstream/connect_gate.ts";

@@ -123,9 +123,10 @@ try {
 }
 
 Deno.test({
-  name: "bench --quick --peers runs hit9 after ours and compares them" + (hit9Present
-    ? ""
-    : ` (ignored: no hit9-statsd-proxy at ${HIT9}; build hit9/statsd-proxy and set BENCH_HIT9)`),
+  name: "bench --quick --peers runs hit9 after ours and compares them" +
+    (hit9Present
+      ? ""
+      : ` (ignored: no hit9-statsd-proxy at ${HIT9}; build hit9/statsd-proxy and set BENCH_HIT9)`),
   ignore: !hit9Present,
   fn: async () => {
     const { stdout, results, comparisons } = await bench([

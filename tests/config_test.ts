@@ -10,7 +10,7 @@ import {
   parseConfig,
   parseLogLevel,
 } from "../src/config/config.ts";
-import { ConfigError, UsageError } from "../src/errors.ts";
+import { ConfigError, UsageError } from "../src/diagnostics/errors.ts";
 import { freePort, runMain } from "./harness.ts";
 
 const FILE = "conf/proxy.ini";

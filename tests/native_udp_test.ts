@@ -709,7 +709,7 @@ nativeTest("NativeUdpSocket takes full batches back to back up to batchesPerPoll
 });
 
 nativeTest("NativeUdpSocket coalesces after a batch that drained the queue", async (t) => {
-  // How long the sleep and the wake-ups take is printed by scripts/native_udp_timings.ts.
+  // How long the sleep and the wake-ups take is printed by scripts/bench/native_udp_timings.ts.
   await t.step(
     "the next receive sleeps coalesceMs, then reads once, before it waits for a datagram",
     async () => {

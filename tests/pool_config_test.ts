@@ -8,7 +8,7 @@
 import assert from "node:assert/strict";
 import { DENO_JSON, MAIN as MAIN_TS } from "../scripts/proxy_args.ts";
 import { type ConfigSettings, loadConfig, parseConfig } from "../src/config/config.ts";
-import { ConfigError } from "../src/errors.ts";
+import { ConfigError } from "../src/diagnostics/errors.ts";
 import { runMain } from "./harness.ts";
 
 const FILE = "conf/proxy.ini";

@@ -13,8 +13,8 @@
 import assert from "node:assert/strict";
 import { IngestCounters } from "../src/ingest/counters.ts";
 import { FrameBatch, FrameScanner } from "../src/ingest/frame_batch.ts";
+import { parseRewriteKeys } from "../src/config/rewrite_settings.ts";
 import {
-  parseRewriteKeys,
   RewriteOutcome,
   RewriteOutput,
   Rewriter,

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { ConfigError } from "../src/errors.ts";
+import { ConfigError } from "../src/diagnostics/errors.ts";
 import {
   isValidHost,
   MAX_WEIGHT,

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { ByteBudget } from "../src/byte_budget.ts";
+import { ByteBudget } from "../src/memory/byte_budget.ts";
 import { DROP, IngestCounters } from "../src/ingest/counters.ts";
 import type { FrameBatch } from "../src/ingest/frame_batch.ts";
 import {

@@ -23,7 +23,7 @@ import type { FrameBatch } from "../src/ingest/frame_batch.ts";
 import { StreamDecoder, StreamDecoderContext } from "../src/ingest/stream_decoder.ts";
 import { ConnectGate } from "../src/upstream/connect_gate.ts";
 import { ConnectionEvents } from "../src/upstream/connection_events.ts";
-import { ByteBudget } from "../src/byte_budget.ts";
+import { ByteBudget } from "../src/memory/byte_budget.ts";
 import { UpstreamBuffer } from "../src/upstream/upstream_buffer.ts";
 import { buildRun, type MetricRun } from "../scripts/bench/bench_payload.ts";
 

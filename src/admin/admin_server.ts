@@ -10,7 +10,7 @@
  * @module
  */
 
-import { logger } from "../log.ts";
+import { logger } from "../diagnostics/log.ts";
 import {
   type HttpCounters,
   type HttpRequest,

@@ -22,10 +22,10 @@
  * @module
  */
 
-import { acceptConnections } from "../accept_loop.ts";
-import { errorText } from "../errors.ts";
-import { listenTcp } from "../listen_tcp.ts";
-import { internalErrors, isConnectionEnd } from "../internal_errors.ts";
+import { acceptConnections } from "../net/accept_loop.ts";
+import { errorText } from "../diagnostics/errors.ts";
+import { listenTcp } from "../net/listen_tcp.ts";
+import { internalErrors, isConnectionEnd } from "../diagnostics/internal_errors.ts";
 
 /** A request, as far as the admin endpoint reads one. */
 export interface HttpRequest {

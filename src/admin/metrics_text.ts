@@ -8,7 +8,7 @@
 
 import { ROUTE_DROP_REASONS } from "../routing/router.ts";
 import { DROP_REASONS, type IngestCounters } from "../ingest/counters.ts";
-import { internalErrors } from "../internal_errors.ts";
+import { internalErrors } from "../diagnostics/internal_errors.ts";
 import type { HttpCounters } from "./http_server.ts";
 import type { ConnectionAccount, Proxy } from "../proxy.ts";
 import type { Pool } from "../routing/pool.ts";

@@ -7,7 +7,7 @@
  */
 
 import { DROP_REASONS, type IngestCounters, type TcpClientCounters } from "../ingest/counters.ts";
-import { logger, noun, windowSeconds } from "../log.ts";
+import { logger, noun, windowSeconds } from "../diagnostics/log.ts";
 import type { ConnectionEvents } from "../upstream/connection_events.ts";
 import type { Destination } from "../upstream/destination.ts";
 import type { HttpCounters } from "./http_server.ts";

@@ -11,7 +11,7 @@
 import { isAbsolute, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import type { ConfigOverrides } from "../config/config.ts";
-import { UsageError } from "../errors.ts";
+import { UsageError } from "../diagnostics/errors.ts";
 
 /** The commands of the CLI. */
 export const COMMANDS = ["run", "check", "route"] as const;

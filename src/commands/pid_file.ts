@@ -25,7 +25,7 @@
  */
 
 import { dirname } from "node:path";
-import { describeReadError } from "../errors.ts";
+import { describeReadError } from "../diagnostics/errors.ts";
 
 /** The pid file could not be taken (not because another proxy holds it). */
 export class PidFileError extends Error {

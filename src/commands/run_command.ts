@@ -15,12 +15,12 @@
 import { AdminServer } from "../admin/admin_server.ts";
 import { HttpCounters } from "../admin/http_server.ts";
 import { type ConfigOverrides, loadConfig, type ProxyConfig } from "../config/config.ts";
-import { errorText, isOutOfFiles, TakeoverError } from "../errors.ts";
+import { errorText, isOutOfFiles, TakeoverError } from "../diagnostics/errors.ts";
 import { sendFd } from "../ingest/fd_passing.ts";
-import { internalErrors } from "../internal_errors.ts";
-import { listenTcp, type TcpBinding } from "../listen_tcp.ts";
-import { logger, setupLogging } from "../log.ts";
-import { MemoryReclaimer } from "../memory_reclaim.ts";
+import { internalErrors } from "../diagnostics/internal_errors.ts";
+import { listenTcp, type TcpBinding } from "../net/listen_tcp.ts";
+import { logger, setupLogging } from "../diagnostics/log.ts";
+import { MemoryReclaimer } from "../memory/memory_reclaim.ts";
 import { PidFile } from "./pid_file.ts";
 import { type ConnectionAccount, Proxy, type ReloadReport, type ShutdownReport } from "../proxy.ts";
 import { describeUpdate } from "../routing/server_watchers.ts";

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { ConfigError, describeReadError } from "../errors.ts";
+import { ConfigError, describeReadError } from "../diagnostics/errors.ts";
 
 /** The largest configuration or servers file read: 16 MiB. */
 export const MAX_FILE_BYTES = 16 * 1024 * 1024;

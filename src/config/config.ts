@@ -25,7 +25,7 @@
 import { dirname, join } from "node:path";
 // @ts-types="@types/ini"
 import ini from "ini";
-import { ConfigError, UsageError } from "../errors.ts";
+import { ConfigError, UsageError } from "../diagnostics/errors.ts";
 import { readBoundedText } from "./bounded_file.ts";
 import {
   type DiscoverySettings,

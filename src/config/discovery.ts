@@ -20,9 +20,9 @@
  * @module
  */
 
-import { errorText } from "../errors.ts";
-import { internalErrors } from "../internal_errors.ts";
-import { logger } from "../log.ts";
+import { errorText } from "../diagnostics/errors.ts";
+import { internalErrors } from "../diagnostics/internal_errors.ts";
+import { logger } from "../diagnostics/log.ts";
 import {
   type DiscoveredSource,
   DiscoveryError,

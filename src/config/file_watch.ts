@@ -13,8 +13,8 @@
  * @module
  */
 
-import { errorText } from "../errors.ts";
-import { internalErrors } from "../internal_errors.ts";
+import { errorText } from "../diagnostics/errors.ts";
+import { internalErrors } from "../diagnostics/internal_errors.ts";
 
 /** How often {@linkcode FileWatch} looks at the file by default: 1000 ms. */
 export const DEFAULT_FILE_WATCH_INTERVAL_MS = 1000;

@@ -26,8 +26,8 @@
  * @module
  */
 
-import { ConfigError, plainName } from "../errors.ts";
-import { parseRewriteKeys, type RewriteRule } from "../routing/rewrite.ts";
+import { ConfigError, plainName } from "../diagnostics/errors.ts";
+import { parseRewriteKeys, type RewriteRule } from "./rewrite_settings.ts";
 
 /**
  * Whether this process runs with V8's linear-time regular expression engine

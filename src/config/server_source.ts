@@ -30,7 +30,7 @@
  * @module
  */
 
-import { errorText, plainName } from "../errors.ts";
+import { errorText, plainName } from "../diagnostics/errors.ts";
 import { isValidHost, MAX_SERVERS, type ServerSpec } from "./servers_file.ts";
 
 /** Servers listed in a servers file. */

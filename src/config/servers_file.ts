@@ -20,7 +20,7 @@
  * @module
  */
 
-import { ConfigError } from "../errors.ts";
+import { ConfigError } from "../diagnostics/errors.ts";
 import { readBoundedText } from "./bounded_file.ts";
 
 /** The most servers a servers file may list: the ring numbers them in 16 bits. */

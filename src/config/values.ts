@@ -8,7 +8,7 @@
  */
 
 import { isAbsolute, join } from "node:path";
-import { plainName } from "../errors.ts";
+import { plainName } from "../diagnostics/errors.ts";
 import type { RingSwitchSettings } from "./pool_settings.ts";
 import { isValidHost } from "./servers_file.ts";
 import { parseDnsServer, parseServerSource, ServerSourceError } from "./server_source.ts";

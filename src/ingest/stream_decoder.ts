@@ -20,7 +20,7 @@
  * @module
  */
 
-import { ByteBudget } from "../byte_budget.ts";
+import { ByteBudget } from "../memory/byte_budget.ts";
 import { DROP, type IngestCounters } from "./counters.ts";
 import {
   type BatchSink,

@@ -17,10 +17,10 @@
  * @module
  */
 
-import { internalErrors, isConnectionEnd } from "../internal_errors.ts";
-import { acceptConnections } from "../accept_loop.ts";
-import { errorText } from "../errors.ts";
-import { listenTcp, type TcpBinding } from "../listen_tcp.ts";
+import { internalErrors, isConnectionEnd } from "../diagnostics/internal_errors.ts";
+import { acceptConnections } from "../net/accept_loop.ts";
+import { errorText } from "../diagnostics/errors.ts";
+import { listenTcp, type TcpBinding } from "../net/listen_tcp.ts";
 import { ConnFds, NOTHING_QUEUED } from "./conn_fds.ts";
 import type { TcpClientCounters } from "./counters.ts";
 import type { BatchSink } from "./frame_batch.ts";

@@ -34,9 +34,9 @@
  * @module
  */
 
-import { errorText, ListenError, listenError } from "../errors.ts";
-import { internalErrors } from "../internal_errors.ts";
-import { logger, noun, windowSeconds } from "../log.ts";
+import { errorText, ListenError, listenError } from "../diagnostics/errors.ts";
+import { internalErrors } from "../diagnostics/internal_errors.ts";
+import { logger, noun, windowSeconds } from "../diagnostics/log.ts";
 import { DROP, IngestCounters } from "./counters.ts";
 import { DatagramDecoder, decodeDatagrams } from "./datagram_decoder.ts";
 import type { BatchSink } from "./frame_batch.ts";

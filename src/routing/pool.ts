@@ -25,7 +25,7 @@
 import type { PoolConfig } from "../config/config.ts";
 import { IngestCounters } from "../ingest/counters.ts";
 import { FrameBatch, FrameScanner } from "../ingest/frame_batch.ts";
-import { logger, rounded } from "../log.ts";
+import { logger, rounded } from "../diagnostics/log.ts";
 import type { ConnectGate } from "../upstream/connect_gate.ts";
 import type { ConnectionEvents } from "../upstream/connection_events.ts";
 import type { Destination } from "../upstream/destination.ts";

@@ -14,8 +14,8 @@ import { type DiscoveryStatus, ServerDiscovery } from "../config/discovery.ts";
 import { FileWatch } from "../config/file_watch.ts";
 import { parseDnsServer, parseServerSource } from "../config/server_source.ts";
 import { readServersFile, type ServerSpec } from "../config/servers_file.ts";
-import { errorText } from "../errors.ts";
-import { logger } from "../log.ts";
+import { errorText } from "../diagnostics/errors.ts";
+import { logger } from "../diagnostics/log.ts";
 import type { PoolUpdate } from "./pool.ts";
 
 const log = logger("servers");

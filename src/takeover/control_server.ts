@@ -23,8 +23,8 @@
 
 import type { HashFamily } from "../config/pool_settings.ts";
 import type { ServerSpec } from "../config/servers_file.ts";
-import { errorText } from "../errors.ts";
-import { logger } from "../log.ts";
+import { errorText } from "../diagnostics/errors.ts";
+import { logger } from "../diagnostics/log.ts";
 import { ControlChannel } from "./control_channel.ts";
 
 const log = logger("takeover");

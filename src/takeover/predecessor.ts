@@ -7,11 +7,11 @@
  */
 
 import type { ProxyConfig } from "../config/config.ts";
-import { errorText } from "../errors.ts";
+import { errorText } from "../diagnostics/errors.ts";
 import { FdReceiver } from "../ingest/fd_passing.ts";
 import type { UdpBinding } from "../ingest/udp_listener.ts";
-import type { TcpBinding } from "../listen_tcp.ts";
-import { logger } from "../log.ts";
+import type { TcpBinding } from "../net/listen_tcp.ts";
+import { logger } from "../diagnostics/log.ts";
 import type { HeldForServer, Proxy } from "../proxy.ts";
 import { VERSION } from "../version.ts";
 import { ControlChannel } from "./control_channel.ts";

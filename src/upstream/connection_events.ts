@@ -10,7 +10,7 @@
  * @module
  */
 
-import { logger } from "../log.ts";
+import { logger } from "../diagnostics/log.ts";
 
 const log = logger("upstream");
 

@@ -30,11 +30,11 @@
  */
 
 import { lookup } from "node:dns/promises";
-import { errorText } from "../errors.ts";
-import { internalErrors } from "../internal_errors.ts";
+import { errorText } from "../diagnostics/errors.ts";
+import { internalErrors } from "../diagnostics/internal_errors.ts";
 import { isValidHost } from "../config/servers_file.ts";
 import { type Libc, NativeUdpUnavailable, openLibc } from "../ingest/libc.ts";
-import { logger } from "../log.ts";
+import { logger } from "../diagnostics/log.ts";
 import type { ConnectionEvents } from "./connection_events.ts";
 import type { Destination } from "./destination.ts";
 import { ConnectedUdpSocket, SEND_ERRNO } from "./udp_socket.ts";

@@ -12,7 +12,7 @@
  * @module
  */
 
-import { ByteBudget } from "../byte_budget.ts";
+import { ByteBudget } from "../memory/byte_budget.ts";
 import type { ConnectGate } from "./connect_gate.ts";
 import type { ConnectionEvents } from "./connection_events.ts";
 import type { Destination } from "./destination.ts";

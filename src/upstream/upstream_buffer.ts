@@ -18,7 +18,7 @@
  * @module
  */
 
-import type { ByteBudget } from "../byte_budget.ts";
+import type { ByteBudget } from "../memory/byte_budget.ts";
 
 /** One chunk of whole frames, written in order. */
 export class Chunk {

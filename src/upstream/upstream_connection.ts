@@ -25,9 +25,9 @@
  * @module
  */
 
-import { errorText } from "../errors.ts";
-import { rounded } from "../log.ts";
-import type { ByteBudget } from "../byte_budget.ts";
+import { errorText } from "../diagnostics/errors.ts";
+import { rounded } from "../diagnostics/log.ts";
+import type { ByteBudget } from "../memory/byte_budget.ts";
 import type { ConnectGate } from "./connect_gate.ts";
 import type { ConnectionEvents } from "./connection_events.ts";
 import { type HeldChunk, UpstreamBuffer } from "./upstream_buffer.ts";

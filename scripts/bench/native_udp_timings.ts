@@ -4,7 +4,7 @@
  * never asserted in a test):
  *
  * ```sh
- * deno run --allow-all scripts/native_udp_timings.ts [--runs N]
+ * deno run --allow-all scripts/bench/native_udp_timings.ts [--runs N]
  * ```
  *
  * - close, waiting: from `close()` to a pending receive (a poll without a
@@ -22,7 +22,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { NativeUdpSocket } from "../src/ingest/native_udp.ts";
+import { NativeUdpSocket } from "../../src/ingest/native_udp.ts";
 
 const encoder = new TextEncoder();
 

@@ -13,7 +13,7 @@
 
 import v8 from "node:v8";
 import vm from "node:vm";
-import { logger, rounded } from "./log.ts";
+import { logger, rounded } from "../diagnostics/log.ts";
 
 const log = logger("memory");
 

@@ -10,7 +10,7 @@
  * @module
  */
 
-import { listenError, type ListenTarget } from "./errors.ts";
+import { listenError, type ListenTarget } from "../diagnostics/errors.ts";
 
 /**
  * How a TCP listener binds: `alone` (the port must be free) or `beside` the
