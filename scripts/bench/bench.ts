@@ -410,7 +410,10 @@ async function startProxy(
   }
   const proxy = kind === "statsite-c"
     ? await StatsiteProxy.start({ binary: options.statsite!, servers })
-    : await BenchProxy.start({ servers });
+    : await BenchProxy.start({
+      servers,
+      ...(scenario.routes === undefined ? {} : { sections: scenario.routes }),
+    });
   procs.proxy = proxy;
   const connected = await waitFor(
     async () => (await procs.sinkStats()).every((s) => s.conns > 0),
@@ -615,8 +618,8 @@ function plan(options: BenchOptions): [Scenario, ProxyKind][] {
     }
     runs.push([scenario, "statsite-proxy"]);
     if (options.hit9 !== undefined && scenario.transport === "udp") runs.push([scenario, "hit9"]);
-    // It drops binary frames, so only the ascii scenarios.
-    if (options.statsite !== undefined && scenario.format === "ascii") {
+    // It drops binary frames, so only the ascii scenarios; it has no routes.
+    if (options.statsite !== undefined && scenario.format === "ascii" && !scenario.routes) {
       runs.push([scenario, "statsite-c"]);
     }
   }

@@ -19,6 +19,8 @@ export interface BenchProxyOptions {
   startTimeoutMs?: number;
   /** More `key = value` settings for its configuration. */
   settings?: Record<string, string | number>;
+  /** INI text after the main section (`[route:NAME]` sections). */
+  sections?: string;
 }
 
 /** A proxy process the bench measures: ours, or a peer (`bench_peers.ts`). */
@@ -231,7 +233,7 @@ export class BenchProxy extends ProxyChild implements ProxyProcess {
       "drain_timeout_ms = 2000",
       ...Object.entries(options.settings ?? {}).map(([k, v]) => `${k} = ${v}`),
       "",
-    ].join("\n");
+    ].join("\n") + (options.sections ?? "");
     await Deno.writeTextFile(`${dir}/proxy.ini`, config);
     const child = new Deno.Command(Deno.execPath(), {
       args: proxyArgs("-f", `${dir}/proxy.ini`),

@@ -40,6 +40,11 @@ export interface Scenario {
    * would be flaky.
    */
   readonly quickRate?: number;
+  /**
+   * Route sections for our proxy's configuration (rewriting, limits):
+   * scenarios that measure what routes cost against `tcp-ascii`.
+   */
+  readonly routes?: string;
 }
 
 /** Every scenario, in the order they run. */
@@ -110,6 +115,33 @@ export const SCENARIOS: readonly Scenario[] = [
     format: "mixed",
     count: 70_000_000,
     quickCount: 4_000,
+  },
+  {
+    name: "tcp-route",
+    description: "as tcp-ascii, through a catch-all route without rules",
+    transport: "tcp",
+    format: "ascii",
+    count: 20_000_000,
+    quickCount: 4_000,
+    routes: "[route:all]\nmatch = .\npools = default\n",
+  },
+  {
+    name: "tcp-rewrite",
+    description: "as tcp-ascii, through a route with suffix and add_tags",
+    transport: "tcp",
+    format: "ascii",
+    count: 20_000_000,
+    quickCount: 4_000,
+    routes: "[route:all]\nmatch = .\npools = default\nsuffix = .v2\nadd_tags = env:prod\n",
+  },
+  {
+    name: "tcp-cardinality",
+    description: "as tcp-ascii, through a route with a cardinality limit every name is within",
+    transport: "tcp",
+    format: "ascii",
+    count: 20_000_000,
+    quickCount: 4_000,
+    routes: "[route:all]\nmatch = .\npools = default\ncardinality_limit = 1000000\n",
   },
 ];
 
