@@ -374,9 +374,9 @@ class Running implements ControlHost {
     clearTimeout(this.#retry);
     if (reason !== "takeover") {
       this.#state = "draining";
-      log.info("{signal}: stopping; draining upstreams for up to {ms} ms", {
+      log.info("{signal}: stopping; draining upstreams for up to {drainMs} ms", {
         signal: reason,
-        ms: proxy.config.drainTimeoutMs,
+        drainMs: proxy.config.drainTimeoutMs,
       });
     }
     const extras = this.#extras;
@@ -478,8 +478,8 @@ class Running implements ControlHost {
       // process when this one exits.
       const started = waitForStarted(channel, STARTED_TIMEOUT_MS);
       log.info(
-        "handed over to pid {pid}: {frames} held metrics; relaying the TCP clients still connected for up to {ms} ms",
-        { pid: ready.pid, frames: sent, ms: proxy.config.handoffTimeoutMs },
+        "handed over to pid {pid}: {frames} held metrics; relaying the TCP clients still connected for up to {relayMs} ms",
+        { pid: ready.pid, frames: sent, relayMs: proxy.config.handoffTimeoutMs },
       );
       await proxy.lingerClients({
         idleMs: HAND_OFF_IDLE_MS,
@@ -487,9 +487,9 @@ class Running implements ControlHost {
         signal: this.#signals.cut,
       });
       if (!(await started)) {
-        log.warn("takeover: pid {pid} did not say it started within {ms} ms", {
+        log.warn("takeover: pid {pid} did not say it started within {waitedMs} ms", {
           pid: ready.pid,
-          ms: STARTED_TIMEOUT_MS,
+          waitedMs: STARTED_TIMEOUT_MS,
         });
       }
       await relay.close();

@@ -351,7 +351,7 @@ export class UdpListener {
     this.#summarizedAt = now;
     if (errors > 0) {
       log.warn(
-        "udp: {count} {what} in the last {seconds} s with the {receiver} receiver ({error}); each is retried after a back-off of up to {backoff} ms",
+        "udp: {count} {what} in the last {seconds} s with the {receiver} receiver ({error}); each is retried after a back-off of up to {backoffMs} ms",
         {
           count: errors,
           what: noun(errors, "failed receive call"),
@@ -359,7 +359,7 @@ export class UdpListener {
           receiver: this.#receiver,
           error: counts.lastError === "" ? "errno unknown" : counts.lastError,
           errno: counts.lastErrno,
-          backoff: MAX_BACKOFF_MS,
+          backoffMs: MAX_BACKOFF_MS,
         },
       );
     }

@@ -62,12 +62,15 @@ export class MemoryReclaimer {
     const before = Deno.memoryUsage().rss;
     gc();
     this.runs++;
-    log.debug("clients fell from {from} to {now}: full collection, RSS {before} -> {after} MiB", {
-      from,
-      now,
-      before: rounded(before / 1048576, 1),
-      after: rounded(Deno.memoryUsage().rss / 1048576, 1),
-    });
+    log.debug(
+      "clients fell from {from} to {now}: full collection, RSS {beforeMiB} -> {afterMiB} MiB",
+      {
+        from,
+        now,
+        beforeMiB: rounded(before / 1048576, 1),
+        afterMiB: rounded(Deno.memoryUsage().rss / 1048576, 1),
+      },
+    );
   }
 
   /** Stops looking. */

@@ -730,14 +730,14 @@ export class Pool {
       this.counters.rerouted += count;
       if (this.#config.ringSwitch.mode === "immediate") {
         log.warn(
-          "pool {pool}: ejected {address} after {failures} failures in a row; {moved}% of keys move to the others, {rerouted} held metrics routed again; retrying it every {retry} ms",
+          "pool {pool}: ejected {address} after {failures} failures in a row; {movedPercent}% of keys move to the others, {rerouted} held metrics routed again; retrying it every {retryMs} ms",
           {
             pool: this.name,
             address,
             failures: this.#failures.get(member) ?? 0,
-            moved: rounded(moved * 100, 2),
+            movedPercent: rounded(moved * 100, 2),
             rerouted: count,
-            retry: this.#config.ejectRetryMs,
+            retryMs: this.#config.ejectRetryMs,
           },
         );
       }
@@ -749,21 +749,24 @@ export class Pool {
       if (member === undefined) continue;
       this.counters.rejoins++;
       if (this.#config.ringSwitch.mode === "immediate") {
-        log.info("pool {pool}: {address} is back and rejoins; {moved}% of keys move back to it", {
-          pool: this.name,
-          address,
-          moved: rounded(moved * 100, 2),
-        });
+        log.info(
+          "pool {pool}: {address} is back and rejoins; {movedPercent}% of keys move back to it",
+          {
+            pool: this.name,
+            address,
+            movedPercent: rounded(moved * 100, 2),
+          },
+        );
       }
     }
     if (this.#config.ringSwitch.mode === "immediate") return;
     log.info(
-      "pool {pool}: the ring switched at the flush boundary {at}: {changes}; {moved}% of keys moved, {rerouted} held metrics routed again, {guarded} held by the guard sent to their new servers",
+      "pool {pool}: the ring switched at the flush boundary {at}: {changes}; {movedPercent}% of keys moved, {rerouted} held metrics routed again, {guarded} held by the guard sent to their new servers",
       {
         pool: this.name,
         at: new Date(at).toISOString(),
         changes: why.join(", "),
-        moved: rounded(moved * 100, 2),
+        movedPercent: rounded(moved * 100, 2),
         rerouted,
         guarded,
       },

@@ -602,14 +602,14 @@ export class UdpUpstream implements Destination {
         `resolve ${name}`,
         "unresolved",
         kept === undefined
-          ? "cannot resolve {host} for {server} (udp): {error}; dropping its datagrams (send_failed) until it resolves: tried again every {retry} s and at each reload"
+          ? "cannot resolve {host} for {server} (udp): {error}; dropping its datagrams (send_failed) until it resolves: tried again every {retrySeconds} s and at each reload"
           : "cannot resolve {host} for {server} (udp) again: {error}; still sending to {ip}",
         {
           server: name,
           address: this.address,
           host,
           error: errorText(err),
-          retry: RESOLVE_RETRY_MS / 1000,
+          retrySeconds: RESOLVE_RETRY_MS / 1000,
           ip: kept,
         },
       );
