@@ -207,6 +207,55 @@ Deno.test("source rate limit: worst sources since the last call", () => {
   assert.equal(limit.dropped, 110 + 20 + 5 + 5);
 });
 
+Deno.test("source rate limit: the rate changes in place (a reload)", async (t) => {
+  await t.step("each source keeps its bucket, cut to the new burst", () => {
+    const limit = new SourceRateLimit({ linesPerSecond: 1000 });
+    const other = SourceRateLimit.ipv4Key(0x0a000001, 5001);
+    assert.equal(limit.take(SOURCE, 1000, 0), 1000); // empty
+    assert.equal(limit.take(other, 100, 0), 100); // 900 left
+    limit.setRate(100);
+    assert.equal(limit.linesPerSecond, 100);
+    assert.equal(limit.burst, 100);
+    // The empty bucket stays empty; the full one holds the new burst.
+    assert.equal(limit.take(SOURCE, 50, 0), 0);
+    assert.equal(limit.take(other, 500, 0), 100);
+    // Refilled at the new rate: 100 a second.
+    assert.equal(limit.take(SOURCE, 500, 500), 50);
+    assert.equal(limit.tracked, 2);
+  });
+  await t.step("a higher rate lets more through from then on", () => {
+    const limit = new SourceRateLimit({ linesPerSecond: 10 });
+    assert.equal(limit.take(SOURCE, 100, 0), 10);
+    limit.setRate(1000, 50);
+    assert.equal(limit.burst, 50);
+    assert.equal(limit.take(SOURCE, 100, 1000), 50);
+    assert.equal(limit.take(SOURCE, 100, 1010), 10);
+  });
+  await t.step("a bad value changes nothing", () => {
+    const limit = new SourceRateLimit({ linesPerSecond: 10 });
+    assert.throws(() => limit.setRate(0), RangeError);
+    assert.throws(() => limit.setRate(10, 0.5), RangeError);
+    assert.equal(limit.linesPerSecond, 10);
+    assert.equal(limit.burst, 10);
+  });
+});
+
+Deno.test("source rate limit: takeBytes names a source its own way", () => {
+  const limit = new SourceRateLimit({ linesPerSecond: 10 });
+  const bytes = new Uint8Array([9, 1, 2, 3, 4, 9]);
+  let named = 0;
+  const name = (b: Uint8Array) => {
+    named++;
+    return `bytes ${b.join(".")}`;
+  };
+  assert.equal(limit.takeBytes(bytes, 1, 5, 10, 0, name), 10);
+  assert.equal(named, 0); // nothing dropped yet: no name made
+  assert.equal(limit.takeBytes(bytes, 1, 5, 5, 0, name), 0);
+  assert.equal(limit.takeBytes(bytes, 1, 5, 5, 0, name), 0);
+  assert.equal(named, 1); // made once
+  assert.deepEqual(limit.worst().map((w) => [w.source, w.dropped]), [["bytes 1.2.3.4", 10]]);
+});
+
 Deno.test("source rate limit: options are checked", () => {
   assert.throws(() => new SourceRateLimit({ linesPerSecond: 0 }), RangeError);
   assert.throws(() => new SourceRateLimit({ linesPerSecond: Infinity }), RangeError);

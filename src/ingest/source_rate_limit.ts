@@ -93,8 +93,8 @@ export interface WorstSource {
  * module documentation for the rules and the memory.
  */
 export class SourceRateLimit {
-  readonly #ratePerMs: number;
-  readonly #burst: number;
+  #ratePerMs: number;
+  #burst: number;
   readonly #maxSources: number;
   readonly #seed: number;
   /** Open addressing, linear probing; two words a slot: entry + 1 (0: empty), hash. */
@@ -128,13 +128,8 @@ export class SourceRateLimit {
    */
   constructor(options: SourceRateLimitOptions) {
     const rate = options.linesPerSecond;
-    if (!(typeof rate === "number" && rate > 0 && Number.isFinite(rate))) {
-      throw new RangeError(`linesPerSecond must be a number above 0, got ${rate}`);
-    }
     const burst = options.burst ?? rate;
-    if (!(typeof burst === "number" && burst >= 1 && Number.isFinite(burst))) {
-      throw new RangeError(`burst must be a number of at least 1, got ${burst}`);
-    }
+    checkRate(rate, burst);
     const maxSources = options.maxSources ?? DEFAULT_MAX_SOURCES;
     if (!Number.isInteger(maxSources) || maxSources < 1 || maxSources > MAX_SOURCES) {
       throw new RangeError(
@@ -204,6 +199,34 @@ export class SourceRateLimit {
       }:${key % 65536}`;
     }
     return `source ${key}`;
+  }
+
+  /**
+   * Changes the rate, and the burst (default: the new rate), in place, as a
+   * reload of `client_rate_limit` does: every source keeps its bucket, cut
+   * to the new burst if it holds more, and the time since its last lines
+   * refills it at the new rate. Allocates nothing.
+   *
+   * @param linesPerSecond Lines a second each source may send, above 0.
+   * @param burst Most lines a source may send at once, at least 1.
+   * @throws {RangeError} If a value is out of its range (nothing changes).
+   */
+  setRate(linesPerSecond: number, burst: number = linesPerSecond): void {
+    checkRate(linesPerSecond, burst);
+    this.#ratePerMs = linesPerSecond / 1000;
+    this.#burst = burst;
+    const tokens = this.#tokens;
+    for (let i = 0; i < this.#size; i++) if (tokens[i] > burst) tokens[i] = burst;
+  }
+
+  /** Lines a second each source may send. */
+  get linesPerSecond(): number {
+    return this.#ratePerMs * 1000;
+  }
+
+  /** Most lines a source may send at once. */
+  get burst(): number {
+    return this.#burst;
   }
 
   /** Sources tracked now. */
@@ -278,9 +301,19 @@ export class SourceRateLimit {
    * @param end Index one past the last byte.
    * @param lines Lines the source sent.
    * @param now The time, ms.
+   * @param name Makes the source's name for {@linkcode SourceRateLimit.worst}
+   *   from its bytes (a view of `buf[start..end)`), once, when it first drops
+   *   lines. Default: the bytes as text when printable ASCII, else as hex.
    * @returns How many may pass, from 0 to `lines`.
    */
-  takeBytes(buf: Uint8Array, start: number, end: number, lines: number, now: number): number {
+  takeBytes(
+    buf: Uint8Array,
+    start: number,
+    end: number,
+    lines: number,
+    now: number,
+    name: (bytes: Uint8Array) => string = nameOfBytes,
+  ): number {
     let a = this.#seed ^ 0x811c9dc5 ^ (end - start);
     let b = this.#seed ^ 0x2545f491;
     for (let i = start; i < end; i++) {
@@ -292,7 +325,7 @@ export class SourceRateLimit {
     if (allowed < lines) {
       const entry = this.#find(key, this.#hashKey(key));
       if (entry >= 0 && this.#labels[entry] === undefined) {
-        this.#labels[entry] = nameOfBytes(buf.subarray(start, end));
+        this.#labels[entry] = name(buf.subarray(start, end));
       }
     }
     return allowed;
@@ -439,6 +472,16 @@ export class SourceRateLimit {
     h ^= h >>> 13;
     h = Math.imul(h, 0xc2b2ae35);
     return h ^ (h >>> 16);
+  }
+}
+
+/** Throws unless `rate` is a number above 0 and `burst` one of at least 1. */
+function checkRate(rate: number, burst: number): void {
+  if (!(typeof rate === "number" && rate > 0 && Number.isFinite(rate))) {
+    throw new RangeError(`linesPerSecond must be a number above 0, got ${rate}`);
+  }
+  if (!(typeof burst === "number" && burst >= 1 && Number.isFinite(burst))) {
+    throw new RangeError(`burst must be a number of at least 1, got ${burst}`);
   }
 }
 
