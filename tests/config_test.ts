@@ -82,6 +82,7 @@ Deno.test("DEFAULTS holds the documented defaults and cannot be changed", () => 
     logFormat: "text",
     maxConnections: 10000,
     clientIdleTimeoutMs: 300000,
+    clientRateLimit: 0,
     maxPendingBytes: 67108864,
     adminMaxConnections: 32,
     adminTimeoutMs: 10000,
@@ -135,6 +136,7 @@ Deno.test("parseConfig() reads every key", () => {
     "log_format = JSON",
     "max_connections = 500",
     "client_idle_timeout_ms = 0",
+    "client_rate_limit = 5000",
     "max_pending_bytes = 1048576",
     "admin_max_connections = 4",
     "admin_timeout_ms = 2000",
@@ -174,6 +176,7 @@ Deno.test("parseConfig() reads every key", () => {
     logFormat: "json",
     maxConnections: 500,
     clientIdleTimeoutMs: 0,
+    clientRateLimit: 5000,
     maxPendingBytes: 1048576,
     adminMaxConnections: 4,
     adminTimeoutMs: 2000,
@@ -505,6 +508,8 @@ Deno.test("parseConfig() rejects bad values, naming the file, line and key", asy
       ["stats_prefix", "a:b", 'a metric prefix cannot hold blanks, ":" or "|"'],
       ["stats_interval", "0", "must be at least 1, got 0"],
       ["log_format", "xml", "unknown log format (expected text or json)"],
+      ["client_rate_limit", "-1", "not a plain decimal integer"],
+      ["client_rate_limit", "1000000001", "must be at most 1000000000, got 1000000001"],
     ]
   ) {
     await t.step(`${key} = ${value}`, () => {

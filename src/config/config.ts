@@ -152,6 +152,13 @@ export interface ProxyConfig {
    */
   clientIdleTimeoutMs: number;
   /**
+   * Lines (and binary frames) a second each TCP connection and each UDP
+   * source address may send, with a burst of one second's worth (key
+   * `client_rate_limit`); what is over it is dropped, counted
+   * `rate_limited`. 0 (the default) is off.
+   */
+  clientRateLimit: number;
+  /**
    * Most bytes all TCP clients' unfinished lines and frames may hold together
    * (key `max_pending_bytes`); a line that does not fit is dropped and counted
    * `pending_full`. Default 67108864 (64 MiB).
@@ -343,6 +350,7 @@ export const DEFAULTS: ConfigDefaults = Object.freeze({
   logFormat: "text",
   maxConnections: 10000,
   clientIdleTimeoutMs: 300000,
+  clientRateLimit: 0,
   maxPendingBytes: 67108864,
   adminMaxConnections: 32,
   adminTimeoutMs: 10000,
@@ -352,6 +360,9 @@ export const DEFAULTS: ConfigDefaults = Object.freeze({
   discovery: DISCOVERY_DEFAULTS,
   watchServersFile: false,
 });
+
+/** The largest `client_rate_limit`, in lines a second. */
+export const MAX_CLIENT_RATE_LIMIT = 1_000_000_000;
 
 /** The settings section. */
 const SECTION = "statsite-proxy";
@@ -401,6 +412,10 @@ const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
   [
     "client_idle_timeout_ms",
     { field: "clientIdleTimeoutMs", parse: (t) => integer(t, 0, MAX_DELAY_MS) },
+  ],
+  [
+    "client_rate_limit",
+    { field: "clientRateLimit", parse: (t) => integer(t, 0, MAX_CLIENT_RATE_LIMIT) },
   ],
   [
     "max_pending_bytes",

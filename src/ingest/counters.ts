@@ -37,6 +37,11 @@ export const DROP_REASONS = [
    * counted, not routed.
    */
   "unread",
+  /**
+   * A valid line or frame over `client_rate_limit`: its TCP connection or
+   * UDP source address sent more than its lines a second (and burst).
+   */
+  "rate_limited",
 ] as const;
 
 /** One of {@linkcode DROP_REASONS}. */
@@ -54,13 +59,18 @@ export const DROP = {
   bad_event: 7,
   pending_full: 8,
   unread: 9,
+  rate_limited: 10,
 } as const satisfies Record<DropReason, number>;
 
 /** Counters of one inbound transport (TCP or UDP). */
 export class IngestCounters {
-  /** Valid ascii lines received. */
+  /**
+   * Valid ascii lines received and routed (one over `client_rate_limit` is
+   * counted `rate_limited` instead): with {@linkcode frames} and every
+   * drop, each line or frame received is counted exactly once.
+   */
   lines = 0;
-  /** Valid binary frames received. */
+  /** Valid binary frames received and routed (as {@linkcode lines}). */
   frames = 0;
   /** Bytes received, valid or not. */
   bytes = 0;
