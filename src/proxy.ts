@@ -15,6 +15,7 @@
 import { type PoolConfig, poolsOf, type ProxyConfig } from "./config/config.ts";
 import { errorText } from "./diagnostics/errors.ts";
 import { ByteBudget } from "./memory/byte_budget.ts";
+import { ClientRateLimit } from "./ingest/client_rate_limit.ts";
 import { DROP, IngestCounters, TcpClientCounters } from "./ingest/counters.ts";
 import { ReadBufferPool } from "./ingest/read_buffer_pool.ts";
 import { StreamDecoderContext } from "./ingest/stream_decoder.ts";
@@ -200,6 +201,8 @@ export class Proxy {
   readonly tcpClients: TcpClientCounters = new TcpClientCounters();
   /** The large read buffers streaming TCP clients borrow. */
   readonly readPool: ReadBufferPool = new ReadBufferPool();
+  /** `client_rate_limit`, per TCP connection and UDP source; a reload changes it in place. */
+  readonly rateLimit: ClientRateLimit;
   /** The bound on bytes all TCP clients' unfinished lines hold (fixed at start). */
   readonly pending: ByteBudget;
   /** Upstream connection events, logged rate-limited; the summary reports the rest. */
@@ -238,6 +241,7 @@ export class Proxy {
   private constructor(config: ProxyConfig, rings: readonly RingHandOff[] = []) {
     this.#config = config;
     this.pending = new ByteBudget(config.maxPendingBytes);
+    this.rateLimit = new ClientRateLimit({ linesPerSecond: config.clientRateLimit });
     this.#limits = {
       maxConnections: config.maxConnections,
       idleTimeoutMs: config.clientIdleTimeoutMs,
@@ -454,6 +458,7 @@ export class Proxy {
       pool: this.readPool,
       limits: this.#limits,
       binding,
+      rateLimit: this.rateLimit,
     });
   }
 
@@ -469,6 +474,7 @@ export class Proxy {
       binding,
       totals: this.udpReceivers,
       summaryIntervalMs: config.summaryIntervalMs,
+      rateLimit: this.rateLimit,
     });
   }
 
@@ -573,6 +579,7 @@ export class Proxy {
     this.#reloadListeners(next, report);
     this.#limits.maxConnections = next.maxConnections;
     this.#limits.idleTimeoutMs = next.clientIdleTimeoutMs;
+    this.rateLimit.set(next.clientRateLimit);
     this.reloadCounters.reloads++;
     return report;
   }

@@ -278,6 +278,19 @@ Deno.test("ClientRateLimit: tables per transport, made when used, changed in pla
     assert.equal(limit.report(1).worst[0].source, "connection 8");
   });
 
+  await t.step("watchers hear of each turn on and off, not of other changes", () => {
+    const limit = new ClientRateLimit();
+    const heard: boolean[] = [];
+    const stop = limit.watch((on) => heard.push(on));
+    limit.set(100);
+    limit.set(200);
+    limit.set(0);
+    limit.set(0);
+    stop();
+    limit.set(5);
+    assert.deepEqual(heard, [false, true, false]);
+  });
+
   await t.step("bad values are refused", () => {
     assert.throws(() => new ClientRateLimit({ linesPerSecond: -1 }), RangeError);
     assert.throws(() => new ClientRateLimit({ maxSources: 0 }), RangeError);

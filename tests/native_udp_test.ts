@@ -4,6 +4,7 @@ import {
   type NativeUdpOptions,
   NativeUdpSocket,
   NativeUdpUnavailable,
+  SOURCE_NAME_BYTES,
 } from "../src/ingest/native_udp.ts";
 import { ERRNO, errnoError, openLibc } from "../src/ingest/libc.ts";
 import { waitUntil } from "./harness.ts";
@@ -882,4 +883,73 @@ nativeTest("NativeUdpSocket reports the datagrams the kernel dropped for it", as
     socket.close();
     conn.close();
   }
+});
+
+nativeTest("NativeUdpSocket captures source addresses only when asked", async (t) => {
+  /** Datagram `i`'s source as `family port address-bytes`. */
+  const source = (socket: NativeUdpSocket, i: number) => {
+    const at = i * SOURCE_NAME_BYTES;
+    const name = socket.sourceNames.subarray(at, at + socket.sourceLengths[i]);
+    const family = name[0] | (name[1] << 8);
+    const port = (name[2] << 8) | name[3];
+    const address = family === 2 ? name.subarray(4, 8) : name.subarray(8, 24);
+    return `${family} ${port} ${address.join(".")}`;
+  };
+
+  await t.step("IPv4: off by default, then each datagram's address and port", async () => {
+    const socket = openNative();
+    const a = sender();
+    const b = sender();
+    try {
+      assert.equal(socket.capturingSources, false);
+      await sendAll(a, socket.addr, lines(0, 1));
+      assert.equal(await socket.receive(), 1);
+      assert.equal(socket.sourceLengths[0], 0, "no address without capture");
+      socket.captureSources(true);
+      assert.equal(socket.capturingSources, true);
+      // Two batches: the second read puts back the slots the first overwrote.
+      for (let round = 0; round < 2; round++) {
+        await sendAll(a, socket.addr, lines(0, 2));
+        await sendAll(b, socket.addr, lines(2, 1));
+        const { datagrams } = await receiveCount(socket, 3);
+        assert.equal(datagrams.length, 3);
+        const pa = (a.addr as Deno.NetAddr).port;
+        const pb = (b.addr as Deno.NetAddr).port;
+        assert.deepEqual(
+          [0, 1, 2].map((i) => source(socket, i)),
+          [`2 ${pa} 127.0.0.1`, `2 ${pa} 127.0.0.1`, `2 ${pb} 127.0.0.1`],
+        );
+        assert.deepEqual([...socket.sourceLengths.subarray(0, 3)], [16, 16, 16]);
+      }
+      socket.captureSources(false);
+      await sendAll(a, socket.addr, lines(0, 1));
+      assert.equal(await socket.receive(), 1);
+      assert.equal(socket.sourceLengths[0], 0);
+    } finally {
+      socket.close();
+      a.close();
+      b.close();
+    }
+  });
+
+  await t.step("IPv6", async () => {
+    let socket: NativeUdpSocket;
+    try {
+      socket = openNative({ hostname: "::1" });
+    } catch {
+      return; // no IPv6 loopback here
+    }
+    const a = sender("::1");
+    try {
+      socket.captureSources(true);
+      await sendAll(a, socket.addr, lines(0, 1));
+      assert.equal(await socket.receive(), 1);
+      assert.equal(socket.sourceLengths[0], 28);
+      const port = (a.addr as Deno.NetAddr).port;
+      assert.equal(source(socket, 0), `10 ${port} ${"0.".repeat(15)}1`);
+    } finally {
+      socket.close();
+      a.close();
+    }
+  });
 });

@@ -79,6 +79,8 @@ export class ClientRateLimit {
   #retiredEvictions = { tcp: 0, udp: 0 };
   /** The worst sources of the tables let go, for the next report. */
   #retiredWorst: RateLimitedSource[] = [];
+  /** Called with the new state each time the limit is turned on or off. */
+  readonly #watchers = new Set<(on: boolean) => void>();
   /** The peer of each open TCP connection, by id. */
   readonly #peers = new Map<number, Deno.NetAddr>();
   /** The peers of connections closed since the last report that had lines dropped. */
@@ -122,17 +124,32 @@ export class ClientRateLimit {
     if (!(linesPerSecond >= 0 && Number.isFinite(linesPerSecond))) {
       throw new RangeError(`linesPerSecond must be 0 or more, got ${linesPerSecond}`);
     }
-    if (linesPerSecond === this.#linesPerSecond) return;
+    const was = this.#linesPerSecond;
+    if (linesPerSecond === was) return;
     this.#linesPerSecond = linesPerSecond;
     if (linesPerSecond === 0) {
       this.#retiredWorst.push(...this.#worstOf("tcp"), ...this.#worstOf("udp"));
       this.#retiredEvictions.tcp += this.#tcp?.evictions ?? 0;
       this.#retiredEvictions.udp += this.#udp?.evictions ?? 0;
       this.#tcp = this.#udp = undefined;
-      return;
+    } else {
+      this.#tcp?.setRate(linesPerSecond);
+      this.#udp?.setRate(linesPerSecond);
     }
-    this.#tcp?.setRate(linesPerSecond);
-    this.#udp?.setRate(linesPerSecond);
+    if ((was === 0) !== (linesPerSecond === 0)) {
+      for (const watcher of this.#watchers) watcher(linesPerSecond > 0);
+    }
+  }
+
+  /**
+   * Calls `watcher(on)` now and each time the limit is turned on or off (the
+   * native UDP receiver asks the kernel for source addresses only while it
+   * is on); returns the function that stops it.
+   */
+  watch(watcher: (on: boolean) => void): () => void {
+    this.#watchers.add(watcher);
+    watcher(this.#linesPerSecond > 0);
+    return () => this.#watchers.delete(watcher);
   }
 
   /** The TCP connections' table, or `undefined` when off. Called once per batch. */

@@ -31,6 +31,13 @@
  * `receive()` rejects with {@linkcode NativeUdpFailing} once calls have
  * failed in a row for that long.
  *
+ * Source addresses are not asked for by default (the kernel is given no
+ * address slot). {@linkcode NativeUdpSocket.captureSources} gives each
+ * message a `sockaddr_storage` slot ({@linkcode NativeUdpSocket.sourceNames},
+ * lengths in {@linkcode NativeUdpSocket.sourceLengths}), for
+ * `client_rate_limit`; each read then first puts back the slots' size
+ * (`msg_namelen`) that the last one overwrote.
+ *
  * The kernel counts the datagrams it dropped for the socket (its receive
  * buffer full, most often): {@linkcode NativeUdpSocket.kernelDrops} reads
  * that count with `getsockopt(SO_MEMINFO)`.
@@ -69,6 +76,12 @@ export { NativeUdpUnavailable };
 
 /** Largest slot, and the default: it holds any UDP payload (65,527 bytes over IPv6). */
 export const MAX_SLOT_BYTES = 65536;
+
+/**
+ * Bytes of each datagram's source address slot (`sizeof(struct
+ * sockaddr_storage)`), when sources are captured.
+ */
+export const SOURCE_NAME_BYTES = LAYOUT.SOCKADDR_STORAGE_SIZE;
 
 /** Default number of datagrams taken per `recvmmsg` call. */
 export const DEFAULT_BATCH_SIZE = 64;
@@ -321,6 +334,14 @@ export class NativeUdpSocket {
   readonly batchSize: number;
   /** Bytes per datagram slot. */
   readonly slotBytes: number;
+  /**
+   * While {@linkcode capturingSources}: the source address of datagram `i`
+   * of the last batch, a `sockaddr_in` or `sockaddr_in6` at
+   * `i * SOURCE_NAME_BYTES`, of {@linkcode sourceLengths}`[i]` bytes.
+   */
+  readonly sourceNames: Uint8Array;
+  /** The length of each datagram's source address (0: none written). */
+  readonly sourceLengths: Int32Array;
 
   readonly #libc: Libc;
   readonly #fd: number;
@@ -351,6 +372,10 @@ export class NativeUdpSocket {
   #draining = false;
   #receiving = false;
   #polling = false;
+  /** Whether `recvmmsg` writes each datagram's source address. */
+  #capturing = false;
+  /** Headers whose `msg_namelen` the last `recvmmsg` overwrote. */
+  #namesUsed = 0;
   /** Batches still to take without a poll (see `batchesPerPoll`). */
   #credit = 0;
   /** The current back-off after failures, in ms (0: none). */
@@ -417,6 +442,12 @@ export class NativeUdpSocket {
     this.starts = new Int32Array(init.batchSize);
     for (let i = 0; i < init.batchSize; i++) this.starts[i] = i * init.slotBytes;
     this.lengths = new Int32Array(init.batchSize);
+    this.sourceNames = new Uint8Array(
+      this.#control,
+      layout.names,
+      init.batchSize * SOURCE_NAME_BYTES,
+    );
+    this.sourceLengths = new Int32Array(init.batchSize);
   }
 
   /**
@@ -739,6 +770,8 @@ export class NativeUdpSocket {
   #read(): number {
     const libc = this.#libc;
     for (let attempt = 0; attempt < 3; attempt++) {
+      // The kernel wrote each address's length over the slot's size: put it back.
+      if (this.#capturing) this.#resetNames();
       const n = libc.symbols.recvmmsg(
         this.#fd,
         this.#headersPointer,
@@ -749,7 +782,7 @@ export class NativeUdpSocket {
       if (n > 0) {
         const headers = this.#headers;
         const lengths = this.lengths;
-        // Each mmsghdr is 16 u32: msg_flags at index 12, msg_len at 14.
+        // Each mmsghdr is 16 u32: msg_namelen at index 2, msg_flags at 12, msg_len at 14.
         for (let i = 0; i < n; i++) {
           const at = i << 4;
           if ((headers[at + 12] & LINUX.MSG_TRUNC) !== 0) {
@@ -758,6 +791,11 @@ export class NativeUdpSocket {
           } else {
             lengths[i] = headers[at + 14];
           }
+        }
+        if (this.#capturing) {
+          const sourceLengths = this.sourceLengths;
+          for (let i = 0; i < n; i++) sourceLengths[i] = headers[(i << 4) + 2];
+          this.#namesUsed = n;
         }
         this.#datagrams += n;
         this.#batches++;
@@ -802,6 +840,40 @@ export class NativeUdpSocket {
     this.#credit = 0;
     this.#sleepMs = 0;
     return 0;
+  }
+
+  /**
+   * Whether each `recvmmsg` writes the datagrams' source addresses into
+   * {@linkcode sourceNames} (and their lengths into
+   * {@linkcode sourceLengths}): off by default, when the kernel is given no
+   * address slot at all. Takes effect at the next read.
+   */
+  captureSources(on: boolean): void {
+    if (on === this.#capturing) return;
+    this.#capturing = on;
+    const view = new DataView(this.#control);
+    const layout = controlLayout(this.batchSize);
+    const names = addressOf(this.#control) + BigInt(layout.names);
+    for (let i = 0; i < this.batchSize; i++) {
+      const header = layout.headers + i * LAYOUT.MMSGHDR_SIZE;
+      const name = on ? names + BigInt(i * SOURCE_NAME_BYTES) : 0n;
+      view.setBigUint64(header + LAYOUT.MSG_NAME, name, true);
+      view.setUint32(header + LAYOUT.MSG_NAMELEN, on ? SOURCE_NAME_BYTES : 0, true);
+      this.sourceLengths[i] = 0;
+    }
+    this.#namesUsed = 0;
+  }
+
+  /** Whether the source addresses are captured (see {@linkcode captureSources}). */
+  get capturingSources(): boolean {
+    return this.#capturing;
+  }
+
+  /** Gives the address slots the last read used their full size again. */
+  #resetNames(): void {
+    const headers = this.#headers;
+    for (let i = 0; i < this.#namesUsed; i++) headers[(i << 4) + 2] = SOURCE_NAME_BYTES;
+    this.#namesUsed = 0;
   }
 
   /** Counts a failed call in `streak`, with its errno (0: unknown). */
@@ -1072,6 +1144,7 @@ function controlLayout(batchSize: number): {
   wake: number;
   timespec: number;
   sigmask: number;
+  names: number;
   size: number;
 } {
   const iovecs = 0;
@@ -1081,6 +1154,7 @@ function controlLayout(batchSize: number): {
   const wake = pollfds + 2 * LAYOUT.POLLFD_SIZE;
   const timespec = wake + 8;
   const sigmask = timespec + LAYOUT.TIMESPEC_SIZE;
+  const names = sigmask + LAYOUT.SIGSET_SIZE;
   return {
     iovecs,
     headers,
@@ -1089,13 +1163,14 @@ function controlLayout(batchSize: number): {
     wake,
     timespec,
     sigmask,
-    size: sigmask + LAYOUT.SIGSET_SIZE,
+    names,
+    size: names + batchSize * SOURCE_NAME_BYTES,
   };
 }
 
 /**
  * Writes the iovecs (one per slot of `buffer`), the mmsghdrs (one iovec each,
- * no address, no control data), the two pollfds (`fd` and `eventFd`, POLLIN),
+ * no address until {@linkcode NativeUdpSocket.captureSources}, no control data), the two pollfds (`fd` and `eventFd`, POLLIN),
  * the eventfd wake value and the signal mask of the waits into `control`.
  */
 function fillControl(

@@ -10,6 +10,11 @@
  * file descriptors) is counted and retried after a growing pause; the
  * listener keeps serving everyone else.
  *
+ * With `client_rate_limit` on, each connection is a source of its own
+ * (numbered across the proxy's listeners): of each batch it sends, the
+ * frames its bucket allows pass and the rest are dropped, counted
+ * `rate_limited`.
+ *
  * A client that disconnects mid-line affects nobody else: its partial line
  * is counted and dropped. A corrupt binary frame closes that one connection
  * (there is no way to find the next frame boundary), as statsite does.
@@ -22,7 +27,9 @@ import { acceptConnections } from "../net/accept_loop.ts";
 import { errorText } from "../diagnostics/errors.ts";
 import { listenTcp, type TcpBinding } from "../net/listen_tcp.ts";
 import { ConnFds, NOTHING_QUEUED } from "./conn_fds.ts";
+import { type ClientRateLimit, dropFrom } from "./client_rate_limit.ts";
 import type { TcpClientCounters } from "./counters.ts";
+import { SourceRateLimit } from "./source_rate_limit.ts";
 import type { BatchSink } from "./frame_batch.ts";
 import type { ReadBufferPool } from "./read_buffer_pool.ts";
 import { StreamDecoder, type StreamDecoderContext } from "./stream_decoder.ts";
@@ -48,6 +55,11 @@ export interface TcpListenerOptions {
   limits: TcpClientLimits;
   /** How to bind: alone (the default) or beside a proxy being taken over. */
   binding?: TcpBinding;
+  /**
+   * `client_rate_limit`, per connection (its `tcp` table, read once per
+   * batch: a reload may turn it on or off). Default: none.
+   */
+  rateLimit?: ClientRateLimit;
 }
 
 /** Options of {@linkcode TcpListener.handOff}. */
@@ -82,6 +94,12 @@ interface Client {
   closeAfterRead: boolean;
   /** Its decoder. */
   decoder: StreamDecoder;
+  /** Its number among the proxy's connections (`tcp_connections_total` when it was accepted). */
+  id: number;
+  /** The sink that lets through what `client_rate_limit` allows, made when first needed. */
+  limited: BatchSink | undefined;
+  /** Whether `client_rate_limit` dropped some of its lines. */
+  rateLimited: boolean;
 }
 
 /**
@@ -172,17 +190,22 @@ export class TcpListener {
 
   async #serve(conn: Deno.TcpConn): Promise<void> {
     const { context, clients, pool } = this.#options;
+    const { rateLimit } = this.#options;
     const decoder = new StreamDecoder(context);
+    clients.open++;
+    clients.total++;
     const client: Client = {
       conn,
       tick: this.#tick,
       readAt: performance.now(),
       closeAfterRead: false,
       decoder,
+      id: clients.total,
+      limited: undefined,
+      rateLimited: false,
     };
     this.#clients.add(client);
-    clients.open++;
-    clients.total++;
+    rateLimit?.opened(client.id, conn.remoteAddr);
     const small = new Uint8Array(IDLE_READ_BYTES);
     let large: Uint8Array | undefined;
     try {
@@ -192,7 +215,7 @@ export class TcpListener {
         if (n === null) break;
         client.tick = this.#tick;
         client.readAt = performance.now();
-        decoder.decode(buf, n, this.#sink);
+        decoder.decode(buf, n, this.#sinkFor(client));
         if (decoder.corrupt) break;
         // Closed between two reads, with nothing unread and no line cut in
         // two, a client loses only what it writes after the close.
@@ -215,8 +238,42 @@ export class TcpListener {
       if (large !== undefined) pool.give(large);
       this.#clients.delete(client);
       clients.open--;
+      rateLimit?.closed(client.id, client.rateLimited);
       close(conn);
     }
+  }
+
+  /**
+   * Where a client's batches go: the sink, or, while `client_rate_limit`
+   * is on, the client's own sink that first takes from its bucket.
+   */
+  #sinkFor(client: Client): BatchSink {
+    const rateLimit = this.#options.rateLimit;
+    if (rateLimit === undefined || rateLimit.linesPerSecond === 0) return this.#sink;
+    return client.limited ??= this.#limitedSink(client, rateLimit);
+  }
+
+  /**
+   * A sink that keeps the first frames of each batch the client's bucket
+   * allows, drops the rest (counted `rate_limited`), and hands on the rest.
+   */
+  #limitedSink(client: Client, rateLimit: ClientRateLimit): BatchSink {
+    const key = SourceRateLimit.connectionKey(client.id);
+    const counters = this.#options.context.counters;
+    return {
+      route: (batch) => {
+        const limit = rateLimit.tcp;
+        if (limit !== undefined) {
+          const allowed = limit.take(key, batch.count, performance.now());
+          if (allowed < batch.count) {
+            dropFrom(batch, allowed, counters);
+            client.rateLimited = true;
+            if (allowed === 0) return;
+          }
+        }
+        this.#sink.route(batch);
+      },
+    };
   }
 
   /** Closes the clients silent for longer than the idle timeout (or the hand-off's). */
@@ -332,7 +389,7 @@ export class TcpListener {
       if (n === 0) return ENDED;
       read += n;
       client.readAt = performance.now();
-      client.decoder.decode(scratch, n, this.#sink);
+      client.decoder.decode(scratch, n, this.#sinkFor(client));
       if (client.decoder.corrupt) return ENDED;
     }
   }

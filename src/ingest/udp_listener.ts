@@ -24,6 +24,12 @@
  * {@linkcode UdpReceiverTotals} across the listeners that reloads replace;
  * failed calls and cut datagrams are logged in one summary line per interval.
  *
+ * With `client_rate_limit` on, each source address (and port) is a source:
+ * the native receiver then asks the kernel for the datagrams' addresses
+ * (only then: without a limit its reads are as before), and each
+ * datagram's frames past its source's allowance are dropped, counted
+ * `rate_limited`; Deno's receiver has each datagram's address anyway.
+ *
  * A listener is bound first ({@linkcode UdpListener.bind}) and receives once
  * started, so a proxy binds every listener before it serves any. It binds
  * its port alone, beside the socket of a proxy it takes over from, or takes
@@ -37,14 +43,16 @@
 import { errorText, ListenError, listenError } from "../diagnostics/errors.ts";
 import { internalErrors } from "../diagnostics/internal_errors.ts";
 import { logger, noun, windowSeconds } from "../diagnostics/log.ts";
+import { admitFrom, type ClientRateLimit, SockaddrAdmission } from "./client_rate_limit.ts";
 import { DROP, IngestCounters } from "./counters.ts";
 import { DatagramDecoder, decodeDatagrams } from "./datagram_decoder.ts";
-import type { BatchSink } from "./frame_batch.ts";
+import type { BatchSink, FrameBatch } from "./frame_batch.ts";
 import {
   MAX_BACKOFF_MS,
   NativeUdpFailing,
   NativeUdpSocket,
   NativeUdpUnavailable,
+  SOURCE_NAME_BYTES,
 } from "./native_udp.ts";
 
 const log = logger("udp");
@@ -160,6 +168,11 @@ export interface UdpListenerOptions {
   totals?: UdpReceiverTotals;
   /** How often failed calls and cut datagrams are summarized in the log, in ms. Default 10 s. */
   summaryIntervalMs?: number;
+  /**
+   * `client_rate_limit`, per source address (its `udp` table, read once per
+   * batch: a reload may turn it on or off). Default: none.
+   */
+  rateLimit?: ClientRateLimit;
 }
 
 /** Options of {@linkcode UdpListener.close}. */
@@ -461,8 +474,31 @@ export class UdpListener {
 
   /** The native loop: one `recvmmsg` batch, decoded into one batch, routed once. */
   async #receiveNative(socket: NativeUdpSocket): Promise<void> {
-    const { sink, counters, maxLineBytes } = this.#options;
+    const { counters, maxLineBytes, rateLimit } = this.#options;
     const decoder = new DatagramDecoder({ counters, maxLineBytes });
+    const admission = new SockaddrAdmission(
+      socket.sourceNames,
+      socket.sourceLengths,
+      SOURCE_NAME_BYTES,
+      counters,
+    );
+    // Source addresses are asked of the kernel only while a limit is on:
+    // turned on by a reload, from the very next read.
+    const unwatch = rateLimit?.watch((on) => socket.captureSources(on));
+    try {
+      await this.#receiveNativeBatches(socket, decoder, admission);
+    } finally {
+      unwatch?.();
+    }
+  }
+
+  /** The native loop's batches, each decoded (limited, while a limit is on) and routed. */
+  async #receiveNativeBatches(
+    socket: NativeUdpSocket,
+    decoder: DatagramDecoder,
+    admission: SockaddrAdmission,
+  ): Promise<void> {
+    const { sink, maxLineBytes, rateLimit } = this.#options;
     let scratch: DatagramDecoder | undefined;
     const { buffer, starts, lengths } = socket;
     while (true) {
@@ -497,7 +533,17 @@ export class UdpListener {
           this.#countUnread(scratch.decodeBatch(buffer, starts, lengths, n).count);
           continue;
         }
-        const batch = decoder.decodeBatch(buffer, starts, lengths, n);
+        // A datagram without its address (read just before a limit was
+        // turned on) passes: see SockaddrAdmission.
+        const limit = socket.capturingSources ? rateLimit?.udp : undefined;
+        let batch;
+        if (limit === undefined) {
+          batch = decoder.decodeBatch(buffer, starts, lengths, n);
+        } else {
+          admission.limit = limit;
+          admission.now = performance.now();
+          batch = decoder.decodeBatchLimited(buffer, starts, lengths, n, admission);
+        }
         if (batch.count > 0) sink.route(batch);
       } catch (err) {
         internalErrors.report("udp datagrams", err);
@@ -552,10 +598,14 @@ export class UdpListener {
 
   /** The Deno loop: one datagram per receive. */
   async #receiveDeno(conn: Deno.DatagramConn): Promise<void> {
-    const { sink, counters, maxLineBytes } = this.#options;
+    const { sink, counters, maxLineBytes, rateLimit } = this.#options;
+    const admit = rateLimit === undefined ? undefined : (batch: FrameBatch, addr: unknown) => {
+      const limit = rateLimit.udp;
+      if (limit !== undefined) admitFrom(limit, batch, 0, addr, counters, performance.now());
+    };
     while (true) {
       try {
-        for await (const batch of decodeDatagrams(conn, { counters, maxLineBytes })) {
+        for await (const batch of decodeDatagrams(conn, { counters, maxLineBytes }, admit)) {
           this.#lastReceive = Date.now();
           if (this.#abandon) this.#countUnread(batch.count);
           else sink.route(batch);
