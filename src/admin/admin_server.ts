@@ -10,6 +10,7 @@
  * @module
  */
 
+import { DROP, type IngestCounters } from "../ingest/counters.ts";
 import { logger } from "../diagnostics/log.ts";
 import {
   type HttpCounters,
@@ -124,6 +125,23 @@ function discoveryOf(proxy: Proxy, pool: Pool) {
   };
 }
 
+/** `client_rate_limit`, as `/health` shows it: the limit, and per transport its sources and drops. */
+function rateLimitOf(proxy: Proxy) {
+  const limit = proxy.rateLimit;
+  const transport = (name: "tcp" | "udp", counters: IngestCounters) => ({
+    sources: limit.sources(name),
+    evictions: limit.evictions(name),
+    dropped: counters.dropped[DROP.rate_limited],
+  });
+  return {
+    lines_per_s: limit.linesPerSecond,
+    burst: limit.linesPerSecond,
+    max_sources: limit.maxSources,
+    tcp: transport("tcp", proxy.tcpCounters),
+    udp: transport("udp", proxy.udpCounters),
+  };
+}
+
 /** The health document of `GET /health`. */
 export function health(proxy: Proxy): { status: number; body: unknown } {
   const since = (ms: number) => ms === 0 ? null : new Date(ms).toISOString();
@@ -191,6 +209,7 @@ export function health(proxy: Proxy): { status: number; body: unknown } {
           }
           : null,
       },
+      client_rate_limit: rateLimitOf(proxy),
       upstreams,
       // Without pools, the one pool's ring, discovery and file watch.
       ...(proxy.pooled ? { pools, routes: routesOf(proxy) } : {

@@ -51,7 +51,7 @@ function escapeLabel(value: string): string {
 /** Renders every counter of `proxy`, and of its admin endpoint, as Prometheus text. */
 export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
   const out = new Exposition();
-  const ingest: [string, IngestCounters][] = [["tcp", proxy.tcpCounters], [
+  const ingest: ["tcp" | "udp", IngestCounters][] = [["tcp", proxy.tcpCounters], [
     "udp",
     proxy.udpCounters,
   ]];
@@ -84,12 +84,35 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
   out.family(
     "invalid_total",
     "counter",
-    "Inbound lines and frames dropped, by reason: invalid input, or (unread) still queued when a drain ran out of time.",
+    "Inbound lines and frames dropped, by reason: invalid input, (unread) still queued when a drain ran out of time, or (rate_limited) over client_rate_limit.",
   );
   for (const [transport, c] of ingest) {
     DROP_REASONS.forEach((reason, i) =>
       out.sample("invalid_total", { transport, reason }, c.dropped[i])
     );
+  }
+  const rateLimit = proxy.rateLimit;
+  out.single(
+    "client_rate_limit_lines_per_second",
+    "gauge",
+    "client_rate_limit: lines (and frames) a second each TCP connection and each UDP source address may send; 0 is off.",
+    rateLimit.linesPerSecond,
+  );
+  out.family(
+    "client_rate_limit_sources",
+    "gauge",
+    "Sources (TCP connections, UDP source addresses) client_rate_limit tracks now, at most its max_sources per transport.",
+  );
+  for (const [transport] of ingest) {
+    out.sample("client_rate_limit_sources", { transport }, rateLimit.sources(transport));
+  }
+  out.family(
+    "client_rate_limit_evictions_total",
+    "counter",
+    "Sources client_rate_limit stopped tracking to make room for new ones (seen again, they start with a full bucket).",
+  );
+  for (const [transport] of ingest) {
+    out.sample("client_rate_limit_evictions_total", { transport }, rateLimit.evictions(transport));
   }
   const udp = proxy.udpReceivers.counts();
   // Only the native receiver can read its socket's drop count: with Deno's,

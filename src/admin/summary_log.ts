@@ -6,7 +6,13 @@
  * @module
  */
 
-import { DROP_REASONS, type IngestCounters, type TcpClientCounters } from "../ingest/counters.ts";
+import type { ClientRateLimit } from "../ingest/client_rate_limit.ts";
+import {
+  DROP,
+  DROP_REASONS,
+  type IngestCounters,
+  type TcpClientCounters,
+} from "../ingest/counters.ts";
 import { logger, noun, windowSeconds } from "../diagnostics/log.ts";
 import type { ConnectionEvents } from "../upstream/connection_events.ts";
 import type { Destination } from "../upstream/destination.ts";
@@ -21,6 +27,9 @@ const UPSTREAM_DROPS = ["buffer_full", "shutdown", "removed", "send_failed"] as 
 
 /** Connections in trouble named one by one in a summary; the rest are added up. */
 const NAMED_CONNECTIONS = 10;
+
+/** Sources over `client_rate_limit` named in a summary, the worst first. */
+const NAMED_SOURCES = 5;
 
 /** Options of {@linkcode SummaryLog}. */
 export interface SummaryLogOptions {
@@ -38,6 +47,8 @@ export interface SummaryLogOptions {
   intervalMs: number;
   /** The routes in force, for their cardinality limits (read each time: a reload may change them). */
   routes?: () => RoutingTable;
+  /** `client_rate_limit`, for the sources whose lines it dropped. */
+  rateLimit?: ClientRateLimit;
 }
 
 /** Logs what went wrong since the last summary, once per interval. */
@@ -86,7 +97,8 @@ export class SummaryLog {
     const now = Date.now();
     const seconds = windowSeconds(now - this.#lastReportAt);
     this.#lastReportAt = now;
-    this.#ingest();
+    const rateLimited = this.#ingest();
+    this.#rateLimited(rateLimited, seconds);
     this.#cardinality(seconds);
     this.#clients(seconds);
     this.#upstreams(seconds);
@@ -97,16 +109,26 @@ export class SummaryLog {
     clearInterval(this.#timer);
   }
 
-  #ingest(): void {
+  /**
+   * Logs the bad input of each transport since the last summary; returns
+   * the lines `client_rate_limit` dropped meanwhile, which have a line of
+   * their own.
+   */
+  #ingest(): number {
+    let rateLimited = 0;
     for (const [name, counters] of Object.entries(this.#options.ingest)) {
       const last = this.#lastIngest.get(name)!;
       const parts: string[] = [];
       let total = 0;
       DROP_REASONS.forEach((reason, i) => {
         const delta = counters.dropped[i] - last[i];
+        last[i] = counters.dropped[i];
+        if (i === DROP.rate_limited) {
+          rateLimited += delta;
+          return;
+        }
         if (delta > 0) parts.push(`${reason} ${delta}`);
         total += delta;
-        last[i] = counters.dropped[i];
       });
       if (total > 0) {
         log.warn("{transport}: dropped {count} {what} ({reasons}); sample {sample}", {
@@ -119,6 +141,30 @@ export class SummaryLog {
       }
       counters.sample = undefined;
     }
+    return rateLimited;
+  }
+
+  /**
+   * One line for the lines over `client_rate_limit` since the last summary:
+   * how many, from how many sources, and the worst sources.
+   */
+  #rateLimited(dropped: number, seconds: number): void {
+    const limit = this.#options.rateLimit;
+    if (limit === undefined) return;
+    const { sources, worst } = limit.report(NAMED_SOURCES);
+    if (dropped <= 0 && sources === 0) return;
+    log.warn(
+      "rate limit: dropped {count} {what} from {sources} {sourcesWhat} in the last {seconds} s; worst {worst}",
+      {
+        count: dropped,
+        what: noun(dropped, "line"),
+        sources,
+        sourcesWhat: noun(sources, "source"),
+        seconds,
+        worst: worst.map((w) => `${w.source} ${w.dropped}`).join(", ") || "-",
+        limit: limit.linesPerSecond,
+      },
+    );
   }
 
   /** Routes whose cardinality limit refused names since the last summary, with the top prefixes. */

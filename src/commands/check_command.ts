@@ -17,6 +17,7 @@ import {
 import { parseServerSource } from "../config/server_source.ts";
 import { PoolHash } from "../routing/pool_hash.ts";
 import { MAX_QUEUED_BYTES } from "../upstream/udp_upstream.ts";
+import { DEFAULT_MAX_SOURCES, SOURCE_BYTES } from "../ingest/source_rate_limit.ts";
 
 /** The summary `check` prints for a valid configuration. */
 export function checkSummary(config: ProxyConfig): string {
@@ -29,6 +30,7 @@ export function checkSummary(config: ProxyConfig): string {
     `tcp clients: at most ${config.maxConnections} open, closed after ${
       config.clientIdleTimeoutMs === 0 ? "no idle timeout" : `${config.clientIdleTimeoutMs} ms idle`
     }`,
+    ...rateLimitLines(config),
     `unfinished lines: at most ${bytes(unfinishedLinesBound(config))} = min(max_pending_bytes ${
       bytes(config.maxPendingBytes)
     }, max_connections ${config.maxConnections} × max_line_bytes ${bytes(config.maxLineBytes)})`,
@@ -116,6 +118,20 @@ export function checkSummary(config: ProxyConfig): string {
   }
   lines.push("ok");
   return lines.join("\n") + "\n";
+}
+
+/**
+ * `client_rate_limit`, when on (its line is left out when off, the default,
+ * so the output of a configuration without it is as before).
+ */
+function rateLimitLines(config: ProxyConfig): string[] {
+  const n = config.clientRateLimit;
+  if (n === 0) return [];
+  return [
+    `client rate limit: ${n} lines/s (burst ${n}) per TCP connection and per UDP source address; over it dropped (rate_limited); at most ${DEFAULT_MAX_SOURCES} sources tracked per transport (about ${
+      bytes(DEFAULT_MAX_SOURCES * SOURCE_BYTES)
+    } each)`,
+  ];
 }
 
 /** How a pool's ring changes: when a change applies, and where its servers come from. */

@@ -538,6 +538,7 @@ function startSummary(proxy: Proxy, config: ProxyConfig, admin: HttpCounters): S
     upstreams: () => proxy.upstreams,
     intervalMs: config.summaryIntervalMs,
     routes: () => proxy.router.table,
+    rateLimit: proxy.rateLimit,
   });
 }
 

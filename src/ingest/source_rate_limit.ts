@@ -51,6 +51,15 @@
 /** Sources tracked by default. */
 export const DEFAULT_MAX_SOURCES = 65_536;
 
+/**
+ * Bytes each source a {@linkcode SourceRateLimit} can track takes, all
+ * allocated up front: 46 in its entry (key, tokens, time, drops, two flags,
+ * its place in the list of drops, its name) and 16 in the table, which has
+ * twice as many slots of 8 bytes, rounded up to a power of two (so up to 32
+ * when `maxSources` is not one).
+ */
+export const SOURCE_BYTES = 62;
+
 /** Most sources a {@linkcode SourceRateLimit} can track. */
 export const MAX_SOURCES = 1 << 24;
 
