@@ -31,15 +31,18 @@ import { loadConfig, type ProxyConfig } from "../src/config/config.ts";
 import { proxyArgs } from "./proxy_args.ts";
 import { RecordingSink } from "./sink.ts";
 
-const CONFIG = new URL("../config/statsite-proxy.ini", import.meta.url).pathname;
-const CONFIG_NAME = "config/statsite-proxy.ini";
-const USAGE = `Usage: deno task demo [--once]
+/** The configuration the sandbox runs: the shipped example, or `-f FILE`. */
+let CONFIG = new URL("../config/statsite-proxy.ini", import.meta.url).pathname;
+/** How the messages name it. */
+let CONFIG_NAME = "config/statsite-proxy.ini";
+const USAGE = `Usage: deno task demo [--once] [-f FILE]
 
 Starts three stand-in statsite servers on the ports of config/servers.conf and the proxy on
-${CONFIG_NAME}, sends a burst of metrics and shows where each key landed beside what
+config/statsite-proxy.ini, sends a burst of metrics and shows where each key landed beside what
 \`statsite-proxy route\` says; then prints every metric the stand-ins receive until Ctrl-C.
 
   --once       send the burst, print the table and stop (exit 1 when a key landed elsewhere)
+  -f FILE      another configuration (its servers get the stand-ins; the tests use their own ports)
   -h, --help   this help`;
 
 /** The keys of the burst, each sent `ROUNDS` times over TCP. */
@@ -381,6 +384,7 @@ async function main(args: string[]): Promise<number> {
       args,
       options: {
         once: { type: "boolean", default: false },
+        config: { type: "string", short: "f" },
         help: { type: "boolean", short: "h", default: false },
       },
     });
@@ -389,6 +393,7 @@ async function main(args: string[]): Promise<number> {
       return 0;
     }
     once = values.once;
+    if (values.config !== undefined) CONFIG = CONFIG_NAME = values.config;
   } catch (err) {
     console.error(`demo: ${err instanceof Error ? err.message : err}\n\n${USAGE}`);
     return 2;
