@@ -25,10 +25,16 @@ import { ServerWatchers } from "./routing/server_watchers.ts";
 import type { ServerSpec } from "./config/servers_file.ts";
 import { Router } from "./routing/router.ts";
 import { RoutingTable } from "./routing/routing_table.ts";
-import { type HandOffOptions, type TcpClientLimits, TcpListener } from "./ingest/tcp_listener.ts";
+import {
+  type HandOffOptions,
+  type StreamListenerOptions,
+  type TcpClientLimits,
+  TcpListener,
+} from "./ingest/tcp_listener.ts";
 import { type UdpBinding, UdpListener, UdpReceiverTotals } from "./ingest/udp_listener.ts";
 import type { BatchSink } from "./ingest/frame_batch.ts";
 import type { TcpBinding } from "./net/listen_tcp.ts";
+import { type UnixBinding, UnixSocketFile } from "./net/unix_socket.ts";
 import { Upstream } from "./upstream/upstream.ts";
 import type { HeldChunk } from "./upstream/upstream_buffer.ts";
 import { ConnectGate } from "./upstream/connect_gate.ts";
@@ -157,6 +163,17 @@ export interface ListenerBindings {
   tcp?: TcpBinding;
   /** The UDP listener's binding. Default `alone`. */
   udp?: UdpBinding;
+  /** The Unix stream socket's binding. Default `alone`. */
+  unix?: UnixBinding;
+}
+
+/**
+ * Listeners a reload binds before it applies (binding a Unix socket first
+ * asks whether a process answers on its path): see {@linkcode Proxy.stageListeners}.
+ */
+export interface StagedListeners {
+  /** The Unix stream socket of a changed `unix_stream_socket`, or why it cannot be bound. */
+  unix?: UnixSocketFile | { refused: string };
 }
 
 /** What a TCP server of a pool held, handed over (one protocol). */
@@ -218,6 +235,8 @@ export class Proxy {
   #config: ProxyConfig;
   #tcp: TcpListener | undefined;
   #udp: UdpListener | undefined;
+  /** The Unix stream socket's listener (`unix_stream_socket`), unless there is none. */
+  #unix: TcpListener | undefined;
   /** TCP listeners replaced by a reload whose client connections still run. */
   #retired = new Set<TcpListener>();
   /** Servers removed by a reload, and their drains. */
@@ -270,17 +289,31 @@ export class Proxy {
    * can put what it is handed before what it receives. UDP is bound before
    * TCP (whoever sees the TCP port ready may send to the UDP one), and a
    * listener bound alone before one bound beside another proxy's, so that
-   * the likely failure comes first. A proxy taking over passes the `rings`
-   * in force in the old one: each pool of the same name and protocol starts
-   * on it, and its own servers are staged as a reload stages them. Throws a `ListenError` when a port
+   * the likely failure comes first. The Unix stream socket is bound first,
+   * under a temporary name, and takes its path only in
+   * {@linkcode startListeners} (once every listener is bound), so a takeover
+   * that fails leaves the running proxy's file alone. A proxy taking over
+   * passes the `rings` in force in the old one: each pool of the same name
+   * and protocol starts on it, and its own servers are staged as a reload
+   * stages them. Throws a `ListenError` when a port or the Unix socket
    * cannot be bound, with nothing left bound.
    */
-  static create(
+  static async create(
     config: ProxyConfig,
     bindings: ListenerBindings = {},
     rings?: readonly RingHandOff[],
-  ): Proxy {
+  ): Promise<Proxy> {
     const proxy = new Proxy(config, rings);
+    // The Unix socket first: it is bound under a temporary name, and takes
+    // its path only when served, so a failure after it changes nothing.
+    if (config.unixStreamSocket !== undefined) {
+      const socket = await UnixSocketFile.bind(
+        config.unixStreamSocket,
+        config.unixSocketMode,
+        bindings.unix ?? "alone",
+      );
+      proxy.#unix = TcpListener.fromUnix(socket, proxy.#streamOptions(config));
+    }
     const steps = [
       {
         alone: (bindings.udp ?? "alone") === "alone",
@@ -300,8 +333,16 @@ export class Proxy {
     return proxy;
   }
 
-  /** Starts serving the listeners {@linkcode create} bound, and logs them. */
+  /**
+   * Starts serving the listeners {@linkcode create} bound, and logs them; the
+   * Unix socket takes its path now (at a takeover, from the running proxy's).
+   */
   startListeners(): void {
+    if (this.#unix !== undefined) {
+      this.#unix.unixSocket?.publish();
+      this.#unix.start();
+      log.info("listening on unix {path}", { path: formatAddr(this.#unix.addr) });
+    }
     if (this.#tcp !== undefined) {
       this.#tcp.start();
       log.info("listening on tcp {address}", { address: formatAddr(this.#tcp.addr) });
@@ -351,8 +392,9 @@ export class Proxy {
    */
   abort(): void {
     this.#tcp?.close();
+    this.#unix?.close();
     this.#udp?.release();
-    this.#tcp = this.#udp = undefined;
+    this.#tcp = this.#udp = this.#unix = undefined;
   }
 
   /** The configuration in force. */
@@ -390,11 +432,21 @@ export class Proxy {
    * Where the listeners are bound, as configured (host and port): a proxy
    * taking over binds beside those its configuration keeps.
    */
-  get bound(): { tcp?: { host: string; port: number }; udp?: { host: string; port: number } } {
+  get bound(): {
+    tcp?: { host: string; port: number };
+    udp?: { host: string; port: number };
+    unix?: string;
+  } {
     return {
       ...(this.#tcp === undefined ? {} : { tcp: this.#tcpBound }),
       ...(this.#udp === undefined ? {} : { udp: this.#udpBound }),
+      ...(this.#unix === undefined ? {} : { unix: this.#unix.unixSocket!.path }),
     };
+  }
+
+  /** The Unix stream socket's listener, unless there is none. */
+  get unix(): TcpListener | undefined {
+    return this.#unix;
   }
 
   /** The TCP listener, unless TCP is disabled. */
@@ -444,22 +496,44 @@ export class Proxy {
   }
 
   #makeTcp(config: ProxyConfig, binding?: TcpBinding): TcpListener {
+    return TcpListener.bind({
+      hostname: config.bindAddress,
+      port: config.tcpPort,
+      binding,
+      ...this.#streamOptions(config),
+    });
+  }
+
+  /** What a TCP or Unix stream listener shares: counted as TCP, with the same limits. */
+  #streamOptions(config: ProxyConfig): StreamListenerOptions {
     const context = new StreamDecoderContext({
       counters: this.tcpCounters,
       maxLineBytes: config.maxLineBytes,
       pending: this.pending,
     });
-    return TcpListener.bind({
-      hostname: config.bindAddress,
-      port: config.tcpPort,
+    return {
       sink: this.router,
       context,
       clients: this.tcpClients,
       pool: this.readPool,
       limits: this.#limits,
-      binding,
       rateLimit: this.rateLimit,
-    });
+    };
+  }
+
+  /**
+   * Binds, before {@linkcode reload} applies `next`, what it cannot bind
+   * synchronously: the Unix stream socket when its path changed (not yet at
+   * its path). The reload that follows takes it.
+   */
+  async stageListeners(next: ProxyConfig): Promise<StagedListeners> {
+    const path = next.unixStreamSocket;
+    if (path === undefined || path === this.#unix?.unixSocket?.path) return {};
+    try {
+      return { unix: await UnixSocketFile.bind(path, next.unixSocketMode, "alone") };
+    } catch (err) {
+      return { unix: { refused: errorText(err) } };
+    }
   }
 
   #makeUdp(config: ProxyConfig, binding?: UdpBinding): UdpListener {
@@ -505,7 +579,7 @@ export class Proxy {
    * and closed. Listeners whose address changed are re-bound; one that
    * cannot bind is refused and the old one kept.
    */
-  reload(next: ProxyConfig): ReloadReport {
+  reload(next: ProxyConfig, staged: StagedListeners = {}): ReloadReport {
     const now = Date.now();
     const oldPools = new Map(this.pools.map((p) => [p.name, p]));
     const changes: PoolChanges[] = [];
@@ -577,6 +651,7 @@ export class Proxy {
       refused: [],
     };
     this.#reloadListeners(next, report);
+    this.#reloadUnix(next, staged, report);
     this.#limits.maxConnections = next.maxConnections;
     this.#limits.idleTimeoutMs = next.clientIdleTimeoutMs;
     this.rateLimit.set(next.clientRateLimit);
@@ -638,6 +713,51 @@ export class Proxy {
     }
   }
 
+  /**
+   * A changed `unix_stream_socket`: the staged socket takes its path and is
+   * served, and the old one stops accepting (its clients stay until they
+   * close) and its file is removed. A changed mode alone is applied in place.
+   */
+  #reloadUnix(next: ProxyConfig, staged: StagedListeners, report: ReloadReport): void {
+    const before = this.#unix;
+    const from = before === undefined ? "off" : formatAddr(before.addr);
+    const path = next.unixStreamSocket;
+    if (path !== undefined && path === before?.unixSocket?.path) {
+      try {
+        before.unixSocket.chmod(next.unixSocketMode);
+      } catch (err) {
+        report.refused.push(`unix socket ${path} keeps its mode: ${errorText(err)}`);
+      }
+      return;
+    }
+    let fresh: TcpListener | undefined;
+    if (path !== undefined) {
+      const socket = staged.unix;
+      if (socket === undefined || !(socket instanceof UnixSocketFile)) {
+        const why = socket === undefined ? "not bound" : socket.refused;
+        report.refused.push(`unix stays on ${from}: ${why}`);
+        return;
+      }
+      fresh = TcpListener.fromUnix(socket, this.#streamOptions(next));
+      try {
+        socket.publish();
+      } catch (err) {
+        fresh.close();
+        report.refused.push(`unix stays on ${from}: ${errorText(err)}`);
+        return;
+      }
+      fresh.start();
+      log.info("listening on unix {path}", { path: formatAddr(fresh.addr) });
+    }
+    if (before !== undefined) {
+      // Stop accepting (its file is removed); its clients stay until they close.
+      this.#retired.add(before);
+      before.stopAccepting().then(() => before.idle()).then(() => this.#retired.delete(before));
+    }
+    this.#unix = fresh;
+    report.listeners.push(`unix ${from} -> ${fresh ? formatAddr(fresh.addr) : "off"}`);
+  }
+
   /** Adds a removed server's account to what was removed before at its address. */
   #addGone(account: ConnectionAccount): void {
     addAccount(this.#gone, account);
@@ -675,6 +795,7 @@ export class Proxy {
     const { handOver, deadline } = options;
     const tcp = [...this.#retired];
     if (this.#tcp !== undefined) tcp.push(this.#tcp);
+    if (this.#unix !== undefined) tcp.push(this.#unix);
     const udp = this.#udp;
     if (handOver !== undefined) {
       for (const listener of tcp) listener.redirect(handOver.relay);
@@ -695,6 +816,7 @@ export class Proxy {
   async lingerClients(options: HandOffOptions): Promise<void> {
     const tcp = [...this.#retired];
     if (this.#tcp !== undefined) tcp.push(this.#tcp);
+    if (this.#unix !== undefined) tcp.push(this.#unix);
     await Promise.all(tcp.map((l) => l.handOff(options)));
   }
 
@@ -816,8 +938,9 @@ function addAccount(sums: Map<string, ConnectionAccount>, account: ConnectionAcc
   sum.held += account.held;
 }
 
-/** `host:port`, with brackets around an IPv6 host. */
-export function formatAddr(addr: Deno.NetAddr): string {
+/** `host:port`, with brackets around an IPv6 host; a Unix socket's path. */
+export function formatAddr(addr: Deno.NetAddr | Deno.UnixAddr): string {
+  if ("path" in addr) return addr.path ?? "";
   return addr.hostname.includes(":")
     ? `[${addr.hostname}]:${addr.port}`
     : `${addr.hostname}:${addr.port}`;

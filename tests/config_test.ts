@@ -91,6 +91,7 @@ Deno.test("DEFAULTS holds the documented defaults and cannot be changed", () => 
     ringSwitch: { mode: "aligned", flushIntervalS: 10, leadMs: 1000, offsetMs: 0, guardMs: 50 },
     discovery: { intervalMs: 10000, maxServerLoss: 0.5 },
     watchServersFile: false,
+    unixSocketMode: 0o660,
   });
   assert.ok(Object.isFrozen(DEFAULTS));
   assert.ok(Object.isFrozen(DEFAULTS.ringSwitch));
@@ -151,6 +152,8 @@ Deno.test("parseConfig() reads every key", () => {
     "discovery_interval_ms = 5000",
     "max_server_loss = 0.25",
     "watch_servers_file = yes",
+    "unix_stream_socket = run/proxy.sock",
+    "unix_socket_mode = 0600",
     "",
   ].join("\n");
   assert.deepEqual(parse(text), {
@@ -191,6 +194,8 @@ Deno.test("parseConfig() reads every key", () => {
     },
     discovery: { dnsServer: "[::1]:8600", intervalMs: 5000, maxServerLoss: 0.25 },
     watchServersFile: true,
+    unixStreamSocket: "conf/run/proxy.sock",
+    unixSocketMode: 0o600,
   });
 });
 
@@ -510,6 +515,15 @@ Deno.test("parseConfig() rejects bad values, naming the file, line and key", asy
       ["log_format", "xml", "unknown log format (expected text or json)"],
       ["client_rate_limit", "-1", "not a plain decimal integer"],
       ["client_rate_limit", "1000000001", "must be at most 1000000000, got 1000000001"],
+      ["unix_stream_socket", "", "empty path"],
+      [
+        "unix_stream_socket",
+        "s".repeat(91),
+        "the path is 96 bytes; a Unix socket's path may have at most 95",
+      ],
+      ["unix_socket_mode", "0680", "not an octal file mode such as 0660"],
+      ["unix_socket_mode", "rw-rw----", "not an octal file mode such as 0660"],
+      ["unix_socket_mode", "01777", "not an octal file mode such as 0660"],
     ]
   ) {
     await t.step(`${key} = ${value}`, () => {

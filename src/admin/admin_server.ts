@@ -188,6 +188,7 @@ export function health(proxy: Proxy): { status: number; body: unknown } {
       listeners: {
         tcp: proxy.tcp ? formatAddr(proxy.tcp.addr) : null,
         udp: proxy.udp ? formatAddr(proxy.udp.addr) : null,
+        unix: proxy.unix ? formatAddr(proxy.unix.addr) : null,
         udp_receiver: udp
           ? {
             kind: udp.receiver,

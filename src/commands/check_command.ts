@@ -27,6 +27,12 @@ export function checkSummary(config: ProxyConfig): string {
     `config: ${config.configFile ?? "(none: defaults and flags)"}`,
     `tcp: ${listener(config.tcpPort)}`,
     `udp: ${listener(config.udpPort)}`,
+    // Left out when unset, so the README's check examples stay as they are.
+    ...(config.unixStreamSocket === undefined ? [] : [
+      `unix: ${config.unixStreamSocket} (mode ${
+        config.unixSocketMode.toString(8).padStart(4, "0")
+      }, its clients counted as tcp clients)`,
+    ]),
     `tcp clients: at most ${config.maxConnections} open, closed after ${
       config.clientIdleTimeoutMs === 0 ? "no idle timeout" : `${config.clientIdleTimeoutMs} ms idle`
     }`,

@@ -14,6 +14,7 @@
 
 import { AdminServer } from "../admin/admin_server.ts";
 import { HttpCounters } from "../admin/http_server.ts";
+import { resolve } from "node:path";
 import { type ConfigOverrides, loadConfig, type ProxyConfig } from "../config/config.ts";
 import { errorText, isOutOfFiles, TakeoverError } from "../diagnostics/errors.ts";
 import { sendFd } from "../ingest/fd_passing.ts";
@@ -130,7 +131,7 @@ export async function runProxy(options: RunOptions): Promise<number> {
     if (bindings !== undefined && adminBinding === "alone") {
       adminListener = bindAdmin(config, "alone");
     }
-    proxy = Proxy.create(config, bindings, predecessor?.status.rings);
+    proxy = await Proxy.create(config, bindings, predecessor?.status.rings);
     adminListener ??= bindAdmin(config, adminBinding);
   } catch (err) {
     adminListener?.close();
@@ -407,7 +408,7 @@ class Running implements ControlHost {
     // While draining, the listeners close first: answer once they have.
     if (this.#state !== "running") await proxy.stopIngest();
     const running = this.#state === "running";
-    const { tcp, udp } = proxy.bound;
+    const { tcp, udp, unix } = proxy.bound;
     const admin = this.#extras.adminBound;
     return {
       pid: Deno.pid,
@@ -421,6 +422,7 @@ class Running implements ControlHost {
         admin: running && admin !== undefined && this.#extras.admin !== undefined
           ? { hostname: admin.host, port: admin.port }
           : null,
+        unix: running && unix !== undefined ? { path: resolve(unix) } : null,
       },
       rings: proxy.rings(),
     };
@@ -672,7 +674,8 @@ async function reload(
   if (next.logLevel !== old.logLevel || next.logFormat !== old.logFormat) {
     setupLogging({ level: next.logLevel, format: next.logFormat });
   }
-  const report = proxy.reload(next);
+  const staged = await proxy.stageListeners(next);
+  const report = proxy.reload(next, staged);
   const refused = [...report.refused];
   if (
     next.adminPort !== old.adminPort || next.adminBind !== old.adminBind ||

@@ -48,6 +48,7 @@ import {
   bindAddress,
   boolean,
   dnsServer,
+  fileMode,
   fraction,
   integer,
   InvalidValue,
@@ -63,6 +64,7 @@ import {
   serversValue,
   signedInteger,
   udpReceiver,
+  unixSocketPath,
 } from "./values.ts";
 
 export { type LogLevelName, parseLogLevel } from "./values.ts";
@@ -122,6 +124,13 @@ export interface ProxyConfig {
   reconnectMaxMs: number;
   /** File to write the process id to (key `pid_file`), resolved like `servers`. */
   pidFile?: string;
+  /**
+   * The Unix stream socket to listen on (key `unix_stream_socket`), resolved
+   * like `servers`; it takes what the TCP port takes. Default none.
+   */
+  unixStreamSocket?: string;
+  /** The Unix socket file's permissions (key `unix_socket_mode`, octal). Default 0o660. */
+  unixSocketMode: number;
   /**
    * The original's `daemonize` key (`true`/`false`/`yes`/`no`/`1`/`0`, any
    * case). The proxy never daemonizes: when `true`, the caller should warn.
@@ -234,7 +243,7 @@ export type ConfigSettings = Omit<ProxyConfig, "servers" | "pools"> & {
 
 /** The settings that have a default value. */
 export type ConfigDefaults = Readonly<
-  Omit<ProxyConfig, "configFile" | "servers" | "pidFile" | "pools" | "routes">
+  Omit<ProxyConfig, "configFile" | "servers" | "pidFile" | "unixStreamSocket" | "pools" | "routes">
 >;
 
 /** The defaults of the ring switch settings. */
@@ -359,6 +368,7 @@ export const DEFAULTS: ConfigDefaults = Object.freeze({
   ringSwitch: RING_SWITCH_DEFAULTS,
   discovery: DISCOVERY_DEFAULTS,
   watchServersFile: false,
+  unixSocketMode: 0o660,
 });
 
 /** The largest `client_rate_limit`, in lines a second. */
@@ -402,6 +412,8 @@ const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
   ["reconnect_min_ms", { field: "reconnectMinMs", parse: (t) => integer(t, 1, MAX_DELAY_MS) }],
   ["reconnect_max_ms", { field: "reconnectMaxMs", parse: (t) => integer(t, 1, MAX_DELAY_MS) }],
   ["pid_file", { field: "pidFile", parse: path }],
+  ["unix_stream_socket", { field: "unixStreamSocket", parse: unixSocketPath }],
+  ["unix_socket_mode", { field: "unixSocketMode", parse: fileMode }],
   ["daemonize", { field: "daemonize", parse: boolean }],
   ["admin_port", { field: "adminPort", parse: port }],
   ["admin_bind", { field: "adminBind", parse: bindAddress }],
@@ -821,7 +833,9 @@ function checkTogether(
       `max_pending_bytes (${settings.maxPendingBytes}) must be at least max_line_bytes (${settings.maxLineBytes})`,
     );
   }
-  if (settings.tcpPort === 0 && settings.udpPort === 0) {
+  if (
+    settings.tcpPort === 0 && settings.udpPort === 0 && settings.unixStreamSocket === undefined
+  ) {
     blame(
       ["tcpPort", "udpPort"],
       "nothing to listen on: the TCP and UDP ports are both 0",
@@ -911,7 +925,7 @@ export async function loadConfig(options: LoadConfigOptions = {}): Promise<Proxy
       });
     }
     const { file: configFile, origins } = ORIGINS.get(settings) ?? { origins: new Map() };
-    const key = problem.setting === "bindAddress" ? "bind_address" : "admin_bind";
+    const key = SETTING_KEYS[problem.setting];
     const origin = origins.get(problem.setting);
     if (origin !== undefined && "flag" in origin) {
       throw new UsageError(`${origin.flag}: ${problem.problem}`);
@@ -927,6 +941,13 @@ export async function loadConfig(options: LoadConfigOptions = {}): Promise<Proxy
   }
   return config;
 }
+
+/** The key of each setting {@linkcode preflight} may blame. */
+const SETTING_KEYS = {
+  bindAddress: "bind_address",
+  adminBind: "admin_bind",
+  unixStreamSocket: "unix_stream_socket",
+} as const;
 
 /**
  * The pools of a configuration: its `pools`, or, without pool sections, the

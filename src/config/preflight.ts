@@ -5,6 +5,8 @@
  *
  * - a bind address (`bind_address`, `admin_bind`) that is a host name must
  *   resolve;
+ * - `unix_stream_socket`, if set, must be in a folder that exists and must
+ *   not name anything but a socket (a socket file is checked when bound);
  * - no server may be the proxy's own listener: a TCP server on the proxy's
  *   TCP port, or a UDP pool's server on its UDP port, at the address the
  *   proxy binds (with a wildcard bind, any loopback address too). Every
@@ -22,6 +24,7 @@
  */
 
 import { lookup } from "node:dns/promises";
+import { dirname } from "node:path";
 import type { PoolConfig } from "./config.ts";
 import type { ServerSpec } from "./servers_file.ts";
 
@@ -34,13 +37,15 @@ export interface PreflightInput {
   /** The admin endpoint (port 0: off). */
   adminBind: string;
   adminPort: number;
+  /** The Unix stream socket's path, if any. */
+  unixStreamSocket?: string;
   /** The pools, with their servers. */
   pools: readonly PoolConfig[];
 }
 
 /** Where a problem is blamed: a setting (by key), or a server's line in its file. */
 export type Blame =
-  | { setting: "bindAddress" | "adminBind"; problem: string }
+  | { setting: "bindAddress" | "adminBind" | "unixStreamSocket"; problem: string }
   | { file: string; server: ServerSpec; problem: string };
 
 /**
@@ -57,6 +62,10 @@ export async function preflight(input: PreflightInput): Promise<Blame | undefine
   }
   if (input.adminPort !== 0 && (await addressesOf(input.adminBind)) === undefined) {
     return { setting: "adminBind", problem: "the name does not resolve: the proxy cannot bind it" };
+  }
+  if (input.unixStreamSocket !== undefined) {
+    const problem = await unixSocketProblem(input.unixStreamSocket);
+    if (problem !== undefined) return { setting: "unixStreamSocket", problem };
   }
   // A wildcard bind listens on every local address; any other, on itself only.
   const everywhere = bound.some(isWildcard);
@@ -77,6 +86,26 @@ export async function preflight(input: PreflightInput): Promise<Blame | undefine
             `this server is the proxy's own ${pool.protocol.toUpperCase()} listener (port ${own} on a local address): every metric sent there would come back to the proxy, forever`,
         };
       }
+    }
+  }
+  return undefined;
+}
+
+/** Why the proxy cannot make a Unix socket at `path`, or `undefined`. */
+async function unixSocketProblem(path: string): Promise<string | undefined> {
+  try {
+    const info = await Deno.lstat(path);
+    return info.isSocket ? undefined : "the path exists and is not a socket; it is left as it is";
+  } catch (err) {
+    if (!(err instanceof Deno.errors.NotFound)) return undefined; // the bind reports it
+  }
+  try {
+    if (!(await Deno.stat(dirname(path))).isDirectory) {
+      return `${dirname(path)} is not a folder`;
+    }
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) {
+      return `its folder ${dirname(path)} does not exist (create it, or choose another path)`;
     }
   }
   return undefined;

@@ -8,6 +8,7 @@
  */
 
 import { isAbsolute, join } from "node:path";
+import { MAX_UNIX_PATH_BYTES } from "../net/unix_socket.ts";
 import { plainName } from "../diagnostics/errors.ts";
 import type { RingSwitchSettings } from "./pool_settings.ts";
 import { isValidHost } from "./servers_file.ts";
@@ -193,4 +194,28 @@ export function named(text: string): string {
 export function path(text: string, base: string | undefined): string {
   if (text === "") throw new InvalidValue("empty path");
   return base === undefined || isAbsolute(text) ? text : join(base, text);
+}
+
+/**
+ * Parses `unix_stream_socket`: a path resolved like {@linkcode path}, short
+ * enough to bind (a socket's path is at most {@linkcode MAX_UNIX_PATH_BYTES}
+ * bytes here).
+ */
+export function unixSocketPath(text: string, base: string | undefined): string {
+  const resolved = path(text, base);
+  const length = new TextEncoder().encode(resolved).length;
+  if (length > MAX_UNIX_PATH_BYTES) {
+    throw new InvalidValue(
+      `the path is ${length} bytes; a Unix socket's path may have at most ${MAX_UNIX_PATH_BYTES}`,
+    );
+  }
+  return resolved;
+}
+
+/** Parses a file mode in octal (`0660`, `660`), at most `0777`. */
+export function fileMode(text: string): number {
+  if (!/^0?[0-7]{3}$/.test(text)) {
+    throw new InvalidValue("not an octal file mode such as 0660");
+  }
+  return parseInt(text, 8);
 }

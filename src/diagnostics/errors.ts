@@ -153,13 +153,24 @@ export function errorText(err: unknown): string {
 }
 
 /** Where a listener tried to bind, for {@linkcode ListenError}. */
-export interface ListenTarget {
+export type ListenTarget = NetListenTarget | UnixListenTarget;
+
+/** An address and port a listener tried to bind. */
+export interface NetListenTarget {
   /** `tcp`, `udp`, or `http` for the admin endpoint. */
   transport: "tcp" | "udp" | "http";
   /** The address asked for. */
   hostname: string;
   /** The port asked for. */
   port: number;
+}
+
+/** A Unix socket's path a listener tried to bind. */
+export interface UnixListenTarget {
+  /** A Unix stream socket. */
+  transport: "unix";
+  /** The path asked for. */
+  path: string;
 }
 
 /**
@@ -178,11 +189,17 @@ export class ListenError extends Error {
    * @param options The standard error options, such as `cause`.
    */
   constructor(target: ListenTarget, reason: string, options?: ErrorOptions) {
-    const host = target.hostname.includes(":") ? `[${target.hostname}]` : target.hostname;
-    super(`cannot listen on ${target.transport} ${host}:${target.port}: ${reason}`, options);
+    super(`cannot listen on ${targetText(target)}: ${reason}`, options);
     this.name = "ListenError";
     this.target = target;
   }
+}
+
+/** `tcp HOST:PORT` (brackets around an IPv6 host), or `unix socket PATH`. */
+function targetText(target: ListenTarget): string {
+  if (target.transport === "unix") return `unix socket ${target.path}`;
+  const host = target.hostname.includes(":") ? `[${target.hostname}]` : target.hostname;
+  return `${target.transport} ${host}:${target.port}`;
 }
 
 /** Wraps what `Deno.listen` or `Deno.listenDatagram` threw in a {@linkcode ListenError}. */

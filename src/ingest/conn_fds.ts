@@ -55,12 +55,14 @@ export class ConnFds {
    * The descriptor of each connection in `conns` that could be found (by its
    * local and peer address among this process's sockets).
    */
-  find(conns: Iterable<Deno.TcpConn>): Map<Deno.TcpConn, number> {
-    const wanted = new Map<string, Deno.TcpConn>();
+  find<C extends Deno.Conn>(conns: Iterable<C>): Map<C, number> {
+    const wanted = new Map<string, C>();
     for (const conn of conns) {
+      // A Unix connection has no pair of addresses to find it by.
+      if (conn.remoteAddr.transport !== "tcp") continue;
       wanted.set(pairOf(conn.localAddr, conn.remoteAddr), conn);
     }
-    const found = new Map<Deno.TcpConn, number>();
+    const found = new Map<C, number>();
     // Every descriptor number up to the open-files limit is asked (a closed
     // one fails at once), until all are found: /proc/self/fd would need
     // Deno's every permission.

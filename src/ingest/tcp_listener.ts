@@ -10,6 +10,10 @@
  * file descriptors) is counted and retried after a growing pause; the
  * listener keeps serving everyone else.
  *
+ * The same listener serves the Unix stream socket (`unix_stream_socket`,
+ * {@linkcode TcpListener.fromUnix}): its clients take the same input, share
+ * the same limits and are counted as TCP clients.
+ *
  * With `client_rate_limit` on, each connection is a source of its own
  * (numbered across the proxy's listeners): of each batch it sends, the
  * frames its bucket allows pass and the rest are dropped, counted
@@ -26,6 +30,7 @@ import { internalErrors, isConnectionEnd } from "../diagnostics/internal_errors.
 import { acceptConnections } from "../net/accept_loop.ts";
 import { errorText } from "../diagnostics/errors.ts";
 import { listenTcp, type TcpBinding } from "../net/listen_tcp.ts";
+import type { UnixSocketFile } from "../net/unix_socket.ts";
 import { ConnFds, NOTHING_QUEUED } from "./conn_fds.ts";
 import { type ClientRateLimit, dropFrom } from "./client_rate_limit.ts";
 import type { TcpClientCounters } from "./counters.ts";
@@ -37,12 +42,18 @@ import { StreamDecoder, type StreamDecoderContext } from "./stream_decoder.ts";
 /** Size of the buffer an idle client's pending read holds. */
 export const IDLE_READ_BYTES = 512;
 
-/** Options of {@linkcode TcpListener.listen}. */
-export interface TcpListenerOptions {
+/** Options of {@linkcode TcpListener.bind}. */
+export interface TcpListenerOptions extends StreamListenerOptions {
   /** Address to bind. */
   hostname: string;
   /** Port to bind; 0 picks a free one. */
   port: number;
+  /** How to bind: alone (the default) or beside a proxy being taken over. */
+  binding?: TcpBinding;
+}
+
+/** Options of a listener of stream clients, TCP or Unix. */
+export interface StreamListenerOptions {
   /** Where decoded metrics go. */
   sink: BatchSink;
   /** The decoding context: counters, line limit, pending budget, shared batch. */
@@ -53,8 +64,6 @@ export interface TcpListenerOptions {
   pool: ReadBufferPool;
   /** The limits on clients, read as they apply (a reload may change them). */
   limits: TcpClientLimits;
-  /** How to bind: alone (the default) or beside a proxy being taken over. */
-  binding?: TcpBinding;
   /**
    * `client_rate_limit`, per connection (its `tcp` table, read once per
    * batch: a reload may turn it on or off). Default: none.
@@ -72,6 +81,9 @@ export interface HandOffOptions {
   signal?: AbortSignal;
 }
 
+/** A connection of a stream client. */
+type StreamConn = Deno.TcpConn | Deno.UnixConn;
+
 /** Limits on TCP clients, shared by the proxy's TCP listeners. */
 export interface TcpClientLimits {
   /** Most clients open at once, across the listeners sharing their counters. */
@@ -85,7 +97,7 @@ const SWEEP_MS = 250;
 
 /** One connected client. */
 interface Client {
-  conn: Deno.TcpConn;
+  conn: StreamConn;
   /** The listener's tick at the client's last read. */
   tick: number;
   /** When it last read (`performance.now()`). */
@@ -116,12 +128,14 @@ const TRICKLE_BYTES = 16 * 1024;
 /** What {@linkcode TcpListener.#readToEnd} returns when the stream ended. */
 const ENDED = -1;
 
-/** Accepts TCP clients and decodes their metrics. */
+/** Accepts TCP (or Unix stream) clients and decodes their metrics. */
 export class TcpListener {
-  /** The bound address (with the real port when 0 was asked). */
-  readonly addr: Deno.NetAddr;
-  #listener: Deno.TcpListener;
-  #options: TcpListenerOptions;
+  /** The bound address (with the real port when 0 was asked), or the Unix socket's path. */
+  readonly addr: Deno.NetAddr | Deno.UnixAddr;
+  #listener: Deno.Listener<StreamConn>;
+  #options: StreamListenerOptions;
+  /** The Unix socket's file, removed when the listener stops (if it is still this proxy's). */
+  #unix: UnixSocketFile | undefined;
   /** Where decoded metrics go (the router; after a hand-off, the new proxy). */
   #sink: BatchSink;
   #clients = new Set<Client>();
@@ -133,11 +147,17 @@ export class TcpListener {
   /** Set by {@linkcode handOff}: clients silent this many ticks are closed. */
   #handOffTicks = 0;
 
-  private constructor(listener: Deno.TcpListener, options: TcpListenerOptions) {
+  private constructor(
+    listener: Deno.Listener<StreamConn>,
+    options: StreamListenerOptions,
+    addr: Deno.NetAddr | Deno.UnixAddr,
+    unix?: UnixSocketFile,
+  ) {
     this.#listener = listener;
     this.#options = options;
     this.#sink = options.sink;
-    this.addr = listener.addr;
+    this.addr = addr;
+    this.#unix = unix;
   }
 
   /**
@@ -146,7 +166,24 @@ export class TcpListener {
    */
   static bind(options: TcpListenerOptions): TcpListener {
     const target = { transport: "tcp" as const, hostname: options.hostname, port: options.port };
-    return new TcpListener(listenTcp(target, options.binding ?? "alone"), options);
+    const listener = listenTcp(target, options.binding ?? "alone");
+    return new TcpListener(listener, options, listener.addr);
+  }
+
+  /**
+   * A listener on the Unix stream socket `socket` (bound, not yet published
+   * at its path: see {@linkcode publish}), without accepting yet. Its
+   * address is the socket's configured path; stopping it removes the file
+   * if it is still this proxy's.
+   */
+  static fromUnix(socket: UnixSocketFile, options: StreamListenerOptions): TcpListener {
+    const addr: Deno.UnixAddr = { transport: "unix", path: socket.path };
+    return new TcpListener(socket.listener, options, addr, socket);
+  }
+
+  /** The Unix socket's file, for a listener made by {@linkcode fromUnix}. */
+  get unixSocket(): UnixSocketFile | undefined {
+    return this.#unix;
   }
 
   /** Starts accepting and serving clients (once). */
@@ -188,7 +225,7 @@ export class TcpListener {
     }
   }
 
-  async #serve(conn: Deno.TcpConn): Promise<void> {
+  async #serve(conn: StreamConn): Promise<void> {
     const { context, clients, pool } = this.#options;
     const { rateLimit } = this.#options;
     const decoder = new StreamDecoder(context);
@@ -299,6 +336,7 @@ export class TcpListener {
     } catch {
       // Already closed.
     }
+    this.#unix?.release();
     await this.#accepting;
   }
 
@@ -402,7 +440,7 @@ export class TcpListener {
   }
 }
 
-function close(conn: Deno.TcpConn): void {
+function close(conn: StreamConn): void {
   try {
     conn.close();
   } catch {

@@ -1,6 +1,7 @@
 /**
- * Accepting TCP connections without dying at a resource limit: the TCP
- * listener and the admin endpoint share this loop.
+ * Accepting connections without dying at a resource limit: the TCP
+ * listener (and the Unix stream socket's) and the admin endpoint share this
+ * loop.
  *
  * @module
  */
@@ -18,13 +19,13 @@
  * }
  * ```
  */
-export async function* acceptConnections(
-  listener: Deno.TcpListener,
+export async function* acceptConnections<C extends Deno.Conn>(
+  listener: Deno.Listener<C>,
   onError: (err: unknown) => void,
-): AsyncGenerator<Deno.TcpConn> {
+): AsyncGenerator<C> {
   let pause = 10;
   while (true) {
-    let conn: Deno.TcpConn;
+    let conn: C;
     try {
       conn = await listener.accept();
       pause = 10;

@@ -10,7 +10,7 @@
  * @module
  */
 
-import { listenError, type ListenTarget } from "../diagnostics/errors.ts";
+import { listenError, type NetListenTarget } from "../diagnostics/errors.ts";
 
 /**
  * How a TCP listener binds: `alone` (the port must be free) or `beside` the
@@ -27,7 +27,7 @@ export type TcpBinding = "alone" | "beside";
  * const listener = listenTcp({ transport: "tcp", hostname: "127.0.0.1", port: 8150 }, "alone");
  * ```
  */
-export function listenTcp(target: ListenTarget, binding: TcpBinding): Deno.TcpListener {
+export function listenTcp(target: NetListenTarget, binding: TcpBinding): Deno.TcpListener {
   const { hostname, port } = target;
   try {
     if (binding === "alone" && port !== 0) Deno.listen({ hostname, port }).close();

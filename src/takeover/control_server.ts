@@ -50,6 +50,11 @@ export interface ControlStatus {
     tcp: ListenerStatus | null;
     udp: (ListenerStatus & { receiver: "native" | "deno" }) | null;
     admin: ListenerStatus | null;
+    /**
+     * The Unix stream socket, its path made absolute (absent from proxies
+     * older than this field: a socket a process answers on is then refused).
+     */
+    unix?: { path: string } | null;
   };
   /**
    * Each pool's ring in force, so that the new proxy starts on it and stages

@@ -11,6 +11,8 @@ import { errorText } from "../diagnostics/errors.ts";
 import { FdReceiver } from "../ingest/fd_passing.ts";
 import type { UdpBinding } from "../ingest/udp_listener.ts";
 import type { TcpBinding } from "../net/listen_tcp.ts";
+import type { UnixBinding } from "../net/unix_socket.ts";
+import { resolve } from "node:path";
 import { logger } from "../diagnostics/log.ts";
 import type { HeldForServer, Proxy } from "../proxy.ts";
 import { VERSION } from "../version.ts";
@@ -47,6 +49,8 @@ export interface TakeoverBindings {
   udp: UdpBinding;
   /** The admin endpoint's binding. */
   admin: TcpBinding;
+  /** The Unix stream socket's binding: `beside` replaces the running proxy's file. */
+  unix: UnixBinding;
   /** What the `ready` message says about UDP. */
   udpHow: ReadyMessage["udp"];
 }
@@ -126,17 +130,19 @@ export class Predecessor {
       l !== null && port !== 0 && l.hostname === hostname && l.port === port;
     const tcp = same(listeners.tcp, config.bindAddress, config.tcpPort) ? "beside" : "alone";
     const admin = same(listeners.admin, config.adminBind, config.adminPort) ? "beside" : "alone";
-    if (config.udpPort === 0) return { tcp, admin, udp: "alone", udpHow: "none" };
+    const path = config.unixStreamSocket;
+    const unix = path !== undefined && listeners.unix?.path === resolve(path) ? "beside" : "alone";
+    if (config.udpPort === 0) return { tcp, admin, unix, udp: "alone", udpHow: "none" };
     if (!same(listeners.udp, config.bindAddress, config.udpPort)) {
-      return { tcp, admin, udp: "alone", udpHow: "none" };
+      return { tcp, admin, unix, udp: "alone", udpHow: "none" };
     }
     if (config.udpReceiver !== "deno" && listeners.udp!.receiver === "native") {
       const fd = await this.#askForUdp();
-      if (fd !== undefined) return { tcp, admin, udp: { fd }, udpHow: "fd" };
+      if (fd !== undefined) return { tcp, admin, unix, udp: { fd }, udpHow: "fd" };
     }
     const reply = await this.request({ type: "udp-share" });
     if (reply.type !== "ok") throw new Error(`it cannot share its UDP socket: ${reply.message}`);
-    return { tcp, admin, udp: "beside", udpHow: "beside" };
+    return { tcp, admin, unix, udp: "beside", udpHow: "beside" };
   }
 
   /** The running proxy's UDP socket, sent over `SCM_RIGHTS`; undefined when that cannot work. */

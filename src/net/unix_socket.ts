@@ -1,0 +1,168 @@
+/**
+ * The Unix stream socket's file (`unix_stream_socket`): bound under a
+ * temporary name beside its path, given its mode, and only then renamed over
+ * the path ({@linkcode UnixSocketFile.publish}), so that the socket never
+ * answers with the wrong permissions and a proxy taking over replaces the
+ * running one's file in one step (new connections reach the new proxy; the
+ * old one keeps its listener, which no path names any more).
+ *
+ * A path that exists and is not a socket is refused. A socket file that no
+ * process answers on (connect refused) is stale and is replaced; one that a
+ * process answers on is refused, except by a proxy taking over from it
+ * (`beside`). At exit the file is removed only if it is still the one this
+ * proxy made (same device and inode): after a takeover it is the new
+ * proxy's, and stays.
+ *
+ * @module
+ */
+
+import { ListenError, listenError, type UnixListenTarget } from "../diagnostics/errors.ts";
+
+/**
+ * How the socket file is bound: `alone` (a socket a process answers on is
+ * refused) or `beside` the running proxy's, which it replaces (a takeover).
+ */
+export type UnixBinding = "alone" | "beside";
+
+/** The longest path `unix_stream_socket` may have, in bytes (sun_path's 107, less the temporary name's suffix). */
+export const MAX_UNIX_PATH_BYTES = 107 - ".4194304.tmp".length;
+
+/** How long a socket file's process may take to answer a connect, in ms. */
+const PROBE_MS = 1000;
+
+/** A Unix stream socket's file and listener, made by this process. */
+export class UnixSocketFile {
+  /** The path, as configured. */
+  readonly path: string;
+  /** The listener. */
+  readonly listener: Deno.UnixListener;
+  /** The temporary name, until {@linkcode publish}. */
+  #temporary: string | undefined;
+  readonly #dev: number;
+  readonly #ino: number | null;
+  #released = false;
+
+  private constructor(
+    path: string,
+    temporary: string,
+    listener: Deno.UnixListener,
+    info: Deno.FileInfo,
+  ) {
+    this.path = path;
+    this.#temporary = temporary;
+    this.listener = listener;
+    this.#dev = info.dev;
+    this.#ino = info.ino;
+  }
+
+  /**
+   * Checks `path` (see the module doc), binds a listener under a temporary
+   * name beside it and gives it `mode`. Throws a `ListenError` when the path
+   * is refused or the socket cannot be bound.
+   */
+  static async bind(path: string, mode: number, binding: UnixBinding): Promise<UnixSocketFile> {
+    const target: UnixListenTarget = { transport: "unix", path };
+    let existing: Deno.FileInfo | undefined;
+    try {
+      existing = Deno.lstatSync(path);
+    } catch (err) {
+      if (!(err instanceof Deno.errors.NotFound)) throw listenError(target, err);
+    }
+    if (existing !== undefined) {
+      if (!existing.isSocket) {
+        throw new ListenError(target, "the path exists and is not a socket; it is left as it is");
+      }
+      if (binding === "alone" && await answers(path)) {
+        throw new ListenError(
+          target,
+          "a process answers on this socket (another proxy is using it)",
+        );
+      }
+    }
+    const temporary = `${path}.${Deno.pid}.tmp`;
+    removeQuietly(temporary);
+    let listener: Deno.UnixListener;
+    try {
+      listener = Deno.listen({ transport: "unix", path: temporary });
+    } catch (err) {
+      throw listenError(target, err);
+    }
+    try {
+      Deno.chmodSync(temporary, mode);
+      return new UnixSocketFile(path, temporary, listener, Deno.lstatSync(temporary));
+    } catch (err) {
+      listener.close();
+      removeQuietly(temporary);
+      throw listenError(target, err);
+    }
+  }
+
+  /** Renames the socket over its path: from now on, connections to the path reach it. */
+  publish(): void {
+    if (this.#temporary === undefined) return;
+    try {
+      Deno.renameSync(this.#temporary, this.path);
+    } catch (err) {
+      throw listenError({ transport: "unix", path: this.path }, err);
+    }
+    this.#temporary = undefined;
+  }
+
+  /** Gives the socket file `mode`, if it is still this proxy's. */
+  chmod(mode: number): void {
+    if (this.#isMine()) Deno.chmodSync(this.path, mode);
+  }
+
+  /**
+   * Removes the socket's file: the temporary one if it was never published,
+   * else the path, only if it still names this socket (see the module doc).
+   * The listener is closed by its owner.
+   */
+  release(): void {
+    if (this.#released) return;
+    this.#released = true;
+    if (this.#temporary !== undefined) removeQuietly(this.#temporary);
+    else if (this.#isMine()) removeQuietly(this.path);
+  }
+
+  #isMine(): boolean {
+    try {
+      const info = Deno.lstatSync(this.path);
+      return info.isSocket === true && info.dev === this.#dev && info.ino === this.#ino;
+    } catch {
+      return false;
+    }
+  }
+}
+
+/** Whether a process accepts connections on the socket at `path` (within {@linkcode PROBE_MS}). */
+async function answers(path: string): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const connecting = Deno.connect({ transport: "unix", path });
+  const outcome = await Promise.race([
+    connecting.then((conn) => {
+      conn.close();
+      return true;
+    }, (err) => {
+      if (err instanceof Deno.errors.ConnectionRefused || err instanceof Deno.errors.NotFound) {
+        return false;
+      }
+      throw listenError({ transport: "unix", path }, err);
+    }),
+    new Promise<"slow">((resolve) => timer = setTimeout(() => resolve("slow"), PROBE_MS)),
+  ]);
+  clearTimeout(timer);
+  if (outcome === "slow") {
+    connecting.then((conn) => conn.close(), () => {});
+    return true;
+  }
+  return outcome;
+}
+
+function removeQuietly(path: string): void {
+  try {
+    Deno.removeSync(path);
+  } catch {
+    // Gone already.
+  }
+}
