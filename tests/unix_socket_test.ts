@@ -2,7 +2,8 @@
  * `unix_stream_socket` through the real proxy: lines and binary frames over
  * the Unix socket reach the servers exactly, its mode, a stale socket file
  * replaced, a regular file and a live socket refused, the file removed at
- * exit, a reload moving it, and a takeover that keeps it working.
+ * exit, a reload moving it, a takeover that keeps it working, and
+ * max_connections across TCP and Unix clients.
  *
  * @module
  */
@@ -309,4 +310,36 @@ Deno.test("a takeover keeps the Unix socket working: clients after it reach the 
     await server.stop();
   }
   assert.ok(!exists(path));
+});
+
+Deno.test("max_connections counts the Unix socket's clients with the TCP ones", async () => {
+  const server = RecordingServer.start();
+  const proxy = await ProxyProcess.start({
+    servers: [server.address],
+    settings: { unix_stream_socket: "m.sock", max_connections: 1 },
+    admin: true,
+  });
+  const path = `${proxy.dir}/m.sock`;
+  try {
+    const tcp = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
+    await writeAll(tcp, bytes("tcp.first:1|c\n"));
+    await server.waitForLines(1);
+    // The second client, on the Unix socket, is one too many: accepted and closed at once.
+    const unix = await Deno.connect({ transport: "unix", path });
+    assert.equal(await unix.read(new Uint8Array(1)), null);
+    unix.close();
+    const metrics = await proxy.metrics();
+    assert.equal(metrics.get("statsite_proxy_tcp_connections_rejected_total"), 1);
+    tcp.close();
+    await waitUntil(async () => {
+      const m = await proxy.metrics();
+      return m.get("statsite_proxy_tcp_connections_open") === 0;
+    }, () => "the TCP client to close");
+    await sendUnix(path, bytes("unix.after:1|c\n"));
+    await server.waitForLines(2);
+    assert.deepEqual(server.wholeLines(), ["tcp.first:1|c", "unix.after:1|c"]);
+  } finally {
+    assert.equal(await proxy.stop(), 0, proxy.stderr);
+    await server.stop();
+  }
 });

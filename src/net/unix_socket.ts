@@ -11,7 +11,10 @@
  * process answers on is refused, except by a proxy taking over from it
  * (`beside`). At exit the file is removed only if it is still the one this
  * proxy made (same device and inode): after a takeover it is the new
- * proxy's, and stays.
+ * proxy's, and stays. (Deno itself removes a Unix listener's file when it
+ * closes it, by the path it was bound at: here the temporary name, gone since
+ * the rename, so only {@linkcode UnixSocketFile.release} ever removes the
+ * path.)
  *
  * @module
  */
