@@ -165,6 +165,8 @@ export interface ListenerBindings {
   udp?: UdpBinding;
   /** The Unix stream socket's binding. Default `alone`. */
   unix?: UnixBinding;
+  /** The Unix datagram socket's binding. Default `alone`. */
+  unixDatagram?: UnixBinding;
 }
 
 /**
@@ -174,6 +176,8 @@ export interface ListenerBindings {
 export interface StagedListeners {
   /** The Unix stream socket of a changed `unix_stream_socket`, or why it cannot be bound. */
   unix?: UnixSocketFile | { refused: string };
+  /** The Unix datagram socket of a changed `unix_datagram_socket`, or why it cannot be bound. */
+  unixDatagram?: UdpListener | { refused: string };
 }
 
 /** What a TCP server of a pool held, handed over (one protocol). */
@@ -237,6 +241,8 @@ export class Proxy {
   #udp: UdpListener | undefined;
   /** The Unix stream socket's listener (`unix_stream_socket`), unless there is none. */
   #unix: TcpListener | undefined;
+  /** The Unix datagram socket's listener (`unix_datagram_socket`), unless there is none. */
+  #unixDatagram: UdpListener | undefined;
   /** TCP listeners replaced by a reload whose client connections still run. */
   #retired = new Set<TcpListener>();
   /** Servers removed by a reload, and their drains. */
@@ -314,6 +320,14 @@ export class Proxy {
       );
       proxy.#unix = TcpListener.fromUnix(socket, proxy.#streamOptions(config));
     }
+    if (config.unixDatagramSocket !== undefined) {
+      try {
+        proxy.#unixDatagram = await proxy.#bindUnixDatagram(config, bindings.unixDatagram);
+      } catch (err) {
+        proxy.abort();
+        throw err;
+      }
+    }
     const steps = [
       {
         alone: (bindings.udp ?? "alone") === "alone",
@@ -342,6 +356,14 @@ export class Proxy {
       this.#unix.unixSocket?.publish();
       this.#unix.start();
       log.info("listening on unix {path}", { path: formatAddr(this.#unix.addr) });
+    }
+    if (this.#unixDatagram !== undefined) {
+      this.#unixDatagram.publish();
+      this.#unixDatagram.start();
+      log.info("listening on unix datagram {path} with the {receiver}", {
+        path: this.#unixDatagram.path,
+        receiver: this.#unixDatagram.describe(),
+      });
     }
     if (this.#tcp !== undefined) {
       this.#tcp.start();
@@ -394,7 +416,12 @@ export class Proxy {
     this.#tcp?.close();
     this.#unix?.close();
     this.#udp?.release();
-    this.#tcp = this.#udp = this.#unix = undefined;
+    this.#unixDatagram?.release();
+    this.#tcp =
+      this.#udp =
+      this.#unix =
+      this.#unixDatagram =
+        undefined;
   }
 
   /** The configuration in force. */
@@ -436,17 +463,24 @@ export class Proxy {
     tcp?: { host: string; port: number };
     udp?: { host: string; port: number };
     unix?: string;
+    unixDatagram?: string;
   } {
     return {
       ...(this.#tcp === undefined ? {} : { tcp: this.#tcpBound }),
       ...(this.#udp === undefined ? {} : { udp: this.#udpBound }),
       ...(this.#unix === undefined ? {} : { unix: this.#unix.unixSocket!.path }),
+      ...(this.#unixDatagram === undefined ? {} : { unixDatagram: this.#unixDatagram.path }),
     };
   }
 
   /** The Unix stream socket's listener, unless there is none. */
   get unix(): TcpListener | undefined {
     return this.#unix;
+  }
+
+  /** The Unix datagram socket's listener, unless there is none. */
+  get unixDatagram(): UdpListener | undefined {
+    return this.#unixDatagram;
   }
 
   /** The TCP listener, unless TCP is disabled. */
@@ -527,13 +561,37 @@ export class Proxy {
    * its path). The reload that follows takes it.
    */
   async stageListeners(next: ProxyConfig): Promise<StagedListeners> {
+    const staged: StagedListeners = {};
     const path = next.unixStreamSocket;
-    if (path === undefined || path === this.#unix?.unixSocket?.path) return {};
-    try {
-      return { unix: await UnixSocketFile.bind(path, next.unixSocketMode, "alone") };
-    } catch (err) {
-      return { unix: { refused: errorText(err) } };
+    if (path !== undefined && path !== this.#unix?.unixSocket?.path) {
+      try {
+        staged.unix = await UnixSocketFile.bind(path, next.unixSocketMode, "alone");
+      } catch (err) {
+        staged.unix = { refused: errorText(err) };
+      }
     }
+    const datagram = next.unixDatagramSocket;
+    if (datagram !== undefined && datagram !== this.#unixDatagram?.path) {
+      try {
+        staged.unixDatagram = await this.#bindUnixDatagram(next, "alone");
+      } catch (err) {
+        staged.unixDatagram = { refused: errorText(err) };
+      }
+    }
+    return staged;
+  }
+
+  /** The Unix datagram socket of `config`, bound under a temporary name (see {@linkcode UdpListener.bindUnix}). */
+  #bindUnixDatagram(config: ProxyConfig, binding: UnixBinding = "alone"): Promise<UdpListener> {
+    return UdpListener.bindUnix(config.unixDatagramSocket!, config.unixSocketMode, binding, {
+      sink: this.router,
+      counters: this.udpCounters,
+      maxLineBytes: config.maxLineBytes,
+      receiver: config.udpReceiver,
+      receiveBufferBytes: config.udpReceiveBufferBytes,
+      totals: this.udpReceivers,
+      summaryIntervalMs: config.summaryIntervalMs,
+    });
   }
 
   #makeUdp(config: ProxyConfig, binding?: UdpBinding): UdpListener {
@@ -652,6 +710,7 @@ export class Proxy {
     };
     this.#reloadListeners(next, report);
     this.#reloadUnix(next, staged, report);
+    this.#reloadUnixDatagram(next, staged, report);
     this.#limits.maxConnections = next.maxConnections;
     this.#limits.idleTimeoutMs = next.clientIdleTimeoutMs;
     this.rateLimit.set(next.clientRateLimit);
@@ -758,6 +817,51 @@ export class Proxy {
     report.listeners.push(`unix ${from} -> ${fresh ? formatAddr(fresh.addr) : "off"}`);
   }
 
+  /**
+   * A changed `unix_datagram_socket`: the staged socket takes its path and
+   * receives, then the old one's file is removed and its queue read to the
+   * end (as a changed UDP port's). A changed mode alone is applied in place.
+   * A staged socket this reload does not take is closed.
+   */
+  #reloadUnixDatagram(next: ProxyConfig, staged: StagedListeners, report: ReloadReport): void {
+    const before = this.#unixDatagram;
+    const from = before?.path ?? "off";
+    const path = next.unixDatagramSocket;
+    if (path !== undefined && path === before?.path) {
+      try {
+        before.unixSocket?.chmod(next.unixSocketMode);
+      } catch (err) {
+        report.refused.push(`unix datagram socket ${path} keeps its mode: ${errorText(err)}`);
+      }
+      return;
+    }
+    let fresh: UdpListener | undefined;
+    if (path !== undefined) {
+      const socket = staged.unixDatagram;
+      if (socket === undefined || !(socket instanceof UdpListener)) {
+        const why = socket === undefined ? "not bound" : socket.refused;
+        report.refused.push(`unix datagram stays on ${from}: ${why}`);
+        return;
+      }
+      try {
+        socket.publish();
+      } catch (err) {
+        socket.release();
+        report.refused.push(`unix datagram stays on ${from}: ${errorText(err)}`);
+        return;
+      }
+      socket.start();
+      fresh = socket;
+      log.info("listening on unix datagram {path} with the {receiver}", {
+        path,
+        receiver: socket.describe(),
+      });
+    }
+    before?.close();
+    this.#unixDatagram = fresh;
+    report.listeners.push(`unix datagram ${from} -> ${fresh?.path ?? "off"}`);
+  }
+
   /** Adds a removed server's account to what was removed before at its address. */
   #addGone(account: ConnectionAccount): void {
     addAccount(this.#gone, account);
@@ -797,14 +901,18 @@ export class Proxy {
     if (this.#tcp !== undefined) tcp.push(this.#tcp);
     if (this.#unix !== undefined) tcp.push(this.#unix);
     const udp = this.#udp;
+    // The Unix datagram socket's queue is read to the end either way: at a
+    // hand-over, the new proxy's socket has taken its path already.
+    const datagram = this.#unixDatagram?.close({ deadline });
     if (handOver !== undefined) {
       for (const listener of tcp) listener.redirect(handOver.relay);
       await Promise.all([
         handOver.udp === "released" ? udp?.release() : udp?.close({ deadline }),
+        datagram,
         ...tcp.map((l) => l.stopAccepting()),
       ]);
     } else {
-      await Promise.all([udp?.close({ deadline }), ...tcp.map((l) => l.close())]);
+      await Promise.all([udp?.close({ deadline }), datagram, ...tcp.map((l) => l.close())]);
     }
   }
 
@@ -867,7 +975,11 @@ export class Proxy {
     for (const pool of this.pools) pool.close(); // the ring in force stays
     await this.watchers.close();
     const udp = this.#udp;
-    const onAbort = () => udp?.abandon();
+    const datagram = this.#unixDatagram;
+    const onAbort = () => {
+      udp?.abandon();
+      datagram?.abandon();
+    };
     signal?.addEventListener("abort", onAbort);
     await this.stopIngest({ deadline });
     signal?.removeEventListener("abort", onAbort);

@@ -189,6 +189,13 @@ export function health(proxy: Proxy): { status: number; body: unknown } {
         tcp: proxy.tcp ? formatAddr(proxy.tcp.addr) : null,
         udp: proxy.udp ? formatAddr(proxy.udp.addr) : null,
         unix: proxy.unix ? formatAddr(proxy.unix.addr) : null,
+        unix_datagram: proxy.unixDatagram?.path ?? null,
+        unix_datagram_receiver: proxy.unixDatagram
+          ? {
+            kind: proxy.unixDatagram.receiver,
+            receive_buffer_bytes: proxy.unixDatagram.receiveBufferBytes ?? null,
+          }
+          : null,
         udp_receiver: udp
           ? {
             kind: udp.receiver,

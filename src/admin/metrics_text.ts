@@ -122,7 +122,9 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
     "counter",
     "Datagrams the kernel dropped for the UDP socket, its receive buffer full most often (native receiver only: SO_MEMINFO).",
   );
-  if (proxy.udp?.receiver === "native" && udp.kernelDrops !== undefined) {
+  if (
+    (proxy.udp ?? proxy.unixDatagram)?.receiver === "native" && udp.kernelDrops !== undefined
+  ) {
     out.sample("udp_kernel_drops_total", {}, udp.kernelDrops);
   }
   out.single(

@@ -33,6 +33,11 @@ export function checkSummary(config: ProxyConfig): string {
         config.unixSocketMode.toString(8).padStart(4, "0")
       }, its clients counted as tcp clients)`,
     ]),
+    ...(config.unixDatagramSocket === undefined ? [] : [
+      `unix datagram: ${config.unixDatagramSocket} (mode ${
+        config.unixSocketMode.toString(8).padStart(4, "0")
+      }, its datagrams counted as udp input, no client_rate_limit)`,
+    ]),
     `tcp clients: at most ${config.maxConnections} open, closed after ${
       config.clientIdleTimeoutMs === 0 ? "no idle timeout" : `${config.clientIdleTimeoutMs} ms idle`
     }`,

@@ -408,7 +408,7 @@ class Running implements ControlHost {
     // While draining, the listeners close first: answer once they have.
     if (this.#state !== "running") await proxy.stopIngest();
     const running = this.#state === "running";
-    const { tcp, udp, unix } = proxy.bound;
+    const { tcp, udp, unix, unixDatagram } = proxy.bound;
     const admin = this.#extras.adminBound;
     return {
       pid: Deno.pid,
@@ -423,6 +423,9 @@ class Running implements ControlHost {
           ? { hostname: admin.host, port: admin.port }
           : null,
         unix: running && unix !== undefined ? { path: resolve(unix) } : null,
+        unixDatagram: running && unixDatagram !== undefined
+          ? { path: resolve(unixDatagram) }
+          : null,
       },
       rings: proxy.rings(),
     };

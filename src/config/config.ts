@@ -129,7 +129,13 @@ export interface ProxyConfig {
    * like `servers`; it takes what the TCP port takes. Default none.
    */
   unixStreamSocket?: string;
-  /** The Unix socket file's permissions (key `unix_socket_mode`, octal). Default 0o660. */
+  /**
+   * The Unix datagram socket to listen on (key `unix_datagram_socket`),
+   * resolved like `servers`; it takes what the UDP port takes, counted as
+   * UDP input. Default none.
+   */
+  unixDatagramSocket?: string;
+  /** The Unix socket files' permissions (key `unix_socket_mode`, octal). Default 0o660. */
   unixSocketMode: number;
   /**
    * The original's `daemonize` key (`true`/`false`/`yes`/`no`/`1`/`0`, any
@@ -243,7 +249,16 @@ export type ConfigSettings = Omit<ProxyConfig, "servers" | "pools"> & {
 
 /** The settings that have a default value. */
 export type ConfigDefaults = Readonly<
-  Omit<ProxyConfig, "configFile" | "servers" | "pidFile" | "unixStreamSocket" | "pools" | "routes">
+  Omit<
+    ProxyConfig,
+    | "configFile"
+    | "servers"
+    | "pidFile"
+    | "unixStreamSocket"
+    | "unixDatagramSocket"
+    | "pools"
+    | "routes"
+  >
 >;
 
 /** The defaults of the ring switch settings. */
@@ -413,6 +428,7 @@ const KEYS: ReadonlyMap<string, KeySpec> = new Map<string, KeySpec>([
   ["reconnect_max_ms", { field: "reconnectMaxMs", parse: (t) => integer(t, 1, MAX_DELAY_MS) }],
   ["pid_file", { field: "pidFile", parse: path }],
   ["unix_stream_socket", { field: "unixStreamSocket", parse: unixSocketPath }],
+  ["unix_datagram_socket", { field: "unixDatagramSocket", parse: unixSocketPath }],
   ["unix_socket_mode", { field: "unixSocketMode", parse: fileMode }],
   ["daemonize", { field: "daemonize", parse: boolean }],
   ["admin_port", { field: "adminPort", parse: port }],
@@ -834,7 +850,8 @@ function checkTogether(
     );
   }
   if (
-    settings.tcpPort === 0 && settings.udpPort === 0 && settings.unixStreamSocket === undefined
+    settings.tcpPort === 0 && settings.udpPort === 0 && settings.unixStreamSocket === undefined &&
+    settings.unixDatagramSocket === undefined
   ) {
     blame(
       ["tcpPort", "udpPort"],
@@ -947,6 +964,7 @@ const SETTING_KEYS = {
   bindAddress: "bind_address",
   adminBind: "admin_bind",
   unixStreamSocket: "unix_stream_socket",
+  unixDatagramSocket: "unix_datagram_socket",
 } as const;
 
 /**

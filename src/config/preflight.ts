@@ -5,8 +5,9 @@
  *
  * - a bind address (`bind_address`, `admin_bind`) that is a host name must
  *   resolve;
- * - `unix_stream_socket`, if set, must be in a folder that exists and must
- *   not name anything but a socket (a socket file is checked when bound);
+ * - `unix_stream_socket` and `unix_datagram_socket`, if set, must be in a
+ *   folder that exists, must not name anything but a socket (a socket file
+ *   is checked when bound), and must not be the same path;
  * - no server may be the proxy's own listener: a TCP server on the proxy's
  *   TCP port, or a UDP pool's server on its UDP port, at the address the
  *   proxy binds (with a wildcard bind, any loopback address too). Every
@@ -39,13 +40,18 @@ export interface PreflightInput {
   adminPort: number;
   /** The Unix stream socket's path, if any. */
   unixStreamSocket?: string;
+  /** The Unix datagram socket's path, if any. */
+  unixDatagramSocket?: string;
   /** The pools, with their servers. */
   pools: readonly PoolConfig[];
 }
 
 /** Where a problem is blamed: a setting (by key), or a server's line in its file. */
 export type Blame =
-  | { setting: "bindAddress" | "adminBind" | "unixStreamSocket"; problem: string }
+  | {
+    setting: "bindAddress" | "adminBind" | "unixStreamSocket" | "unixDatagramSocket";
+    problem: string;
+  }
   | { file: string; server: ServerSpec; problem: string };
 
 /**
@@ -66,6 +72,16 @@ export async function preflight(input: PreflightInput): Promise<Blame | undefine
   if (input.unixStreamSocket !== undefined) {
     const problem = await unixSocketProblem(input.unixStreamSocket);
     if (problem !== undefined) return { setting: "unixStreamSocket", problem };
+  }
+  if (input.unixDatagramSocket !== undefined) {
+    if (input.unixDatagramSocket === input.unixStreamSocket) {
+      return {
+        setting: "unixDatagramSocket",
+        problem: "the same path as unix_stream_socket: each needs a file of its own",
+      };
+    }
+    const problem = await unixSocketProblem(input.unixDatagramSocket);
+    if (problem !== undefined) return { setting: "unixDatagramSocket", problem };
   }
   // A wildcard bind listens on every local address; any other, on itself only.
   const everywhere = bound.some(isWildcard);

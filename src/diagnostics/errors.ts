@@ -167,8 +167,8 @@ export interface NetListenTarget {
 
 /** A Unix socket's path a listener tried to bind. */
 export interface UnixListenTarget {
-  /** A Unix stream socket. */
-  transport: "unix";
+  /** A Unix stream socket (`unix`), or datagram socket (`unixpacket`). */
+  transport: "unix" | "unixpacket";
   /** The path asked for. */
   path: string;
 }
@@ -195,9 +195,11 @@ export class ListenError extends Error {
   }
 }
 
-/** `tcp HOST:PORT` (brackets around an IPv6 host), or `unix socket PATH`. */
+/** `tcp HOST:PORT` (brackets around an IPv6 host), `unix socket PATH` or `unix datagram socket PATH`. */
 function targetText(target: ListenTarget): string {
-  if (target.transport === "unix") return `unix socket ${target.path}`;
+  if ("path" in target) {
+    return `unix ${target.transport === "unix" ? "" : "datagram "}socket ${target.path}`;
+  }
   const host = target.hostname.includes(":") ? `[${target.hostname}]` : target.hostname;
   return `${target.transport} ${host}:${target.port}`;
 }

@@ -181,6 +181,12 @@ export interface NativeUdpOptions {
   /** Port to bind; 0 picks a free one (see {@linkcode NativeUdpSocket.addr}). */
   port: number;
   /**
+   * A Unix datagram socket's path to bind instead (`unix_datagram_socket`:
+   * `AF_UNIX`, `SOCK_DGRAM`); `hostname` and `port` are then ignored, and
+   * {@linkcode NativeUdpSocket.addr} has the hostname `""` and port 0.
+   */
+  path?: string;
+  /**
    * Kernel receive buffer to ask for, in bytes; 0 keeps the system default
    * (`net.core.rmem_default`). Asked with `SO_RCVBUFFORCE` first (root or
    * CAP_NET_ADMIN, not capped), else with `SO_RCVBUF` (capped at
@@ -529,15 +535,23 @@ export class NativeUdpSocket {
     rcvbuf: number,
     valid: ValidOptions,
   ): NativeUdpSocket {
-    const ip = parseIpLiteral(libc, options.hostname);
-    if (ip === undefined) throw new NativeUdpUnavailable("bind address is a host name");
-    const sockaddr = encodeSockaddr(ip, port);
+    let sockaddr: Uint8Array;
+    let family: number;
+    if (options.path !== undefined) {
+      sockaddr = encodeUnixSockaddr(options.path);
+      family = LINUX.AF_UNIX;
+    } else {
+      const ip = parseIpLiteral(libc, options.hostname);
+      if (ip === undefined) throw new NativeUdpUnavailable("bind address is a host name");
+      sockaddr = encodeSockaddr(ip, port);
+      family = ip.family;
+    }
     const { symbols } = libc;
     const fail = (call: string): never => {
       throw errnoError(libc, call, libc.errno());
     };
     const fd = symbols.socket(
-      ip.family,
+      family,
       LINUX.SOCK_DGRAM | LINUX.SOCK_NONBLOCK | LINUX.SOCK_CLOEXEC,
       0,
     );
@@ -607,7 +621,9 @@ export class NativeUdpSocket {
     const bound = new Uint8Array(LAYOUT.SOCKADDR_STORAGE_SIZE);
     length[0] = bound.length;
     if (symbols.getsockname(fd, bound, lengthBytes) !== 0) fail("getsockname");
-    const addr = decodeSockaddr(libc, bound);
+    const addr = new DataView(bound.buffer).getUint16(0, true) === LINUX.AF_UNIX
+      ? { transport: "udp" as const, hostname: "", port: 0 }
+      : decodeSockaddr(libc, bound);
     length[0] = 4;
     if (symbols.getsockopt(fd, LINUX.SOL_SOCKET, LINUX.SO_RCVBUF, intBytes, lengthBytes) !== 0) {
       fail("getsockopt(SO_RCVBUF)");
@@ -1229,4 +1245,14 @@ function integerOption(
     throw new RangeError(`${name} must be an integer from ${min} to ${max}, got ${value}`);
   }
   return v;
+}
+
+/** A `sockaddr_un` naming the file `path`. */
+function encodeUnixSockaddr(path: string): Uint8Array {
+  const text = new TextEncoder().encode(path);
+  if (text.length + 1 > LAYOUT.SOCKADDR_UN_PATH_MAX) throw new RangeError("path too long");
+  const sockaddr = new Uint8Array(LAYOUT.SOCKADDR_UN_PATH + text.length + 1);
+  new DataView(sockaddr.buffer).setUint16(0, LINUX.AF_UNIX, true);
+  sockaddr.set(text, LAYOUT.SOCKADDR_UN_PATH);
+  return sockaddr;
 }

@@ -41,6 +41,7 @@
  */
 
 import { errorText, ListenError, listenError } from "../diagnostics/errors.ts";
+import { type UnixBinding, UnixSocketFile } from "../net/unix_socket.ts";
 import { internalErrors } from "../diagnostics/internal_errors.ts";
 import { logger, noun, windowSeconds } from "../diagnostics/log.ts";
 import { admitFrom, type ClientRateLimit, SockaddrAdmission } from "./client_rate_limit.ts";
@@ -207,6 +208,8 @@ export class UdpListener {
   #denoErrors = 0;
   #denoLastErrno = 0;
   #denoLastError = "";
+  /** The Unix datagram socket's file (`unix_datagram_socket`), unless this listens on a port. */
+  readonly #unix: UnixSocketFile<UnixDatagramSocket> | undefined;
   /** The summary timer, and the counts it last logged. */
   #summary: ReturnType<typeof setInterval> | undefined;
   #summarized = { errors: 0, truncated: 0 };
@@ -223,8 +226,10 @@ export class UdpListener {
   private constructor(
     options: UdpListenerOptions,
     socket: { native: NativeUdpSocket } | { deno: Deno.DatagramConn; fallbackReason?: string },
+    unix?: UnixSocketFile<UnixDatagramSocket>,
   ) {
     this.#options = options;
+    this.#unix = unix;
     this.#totals = options.totals ?? new UdpReceiverTotals();
     if ("native" in socket) {
       this.#native = this.#nativeCounted = socket.native;
@@ -233,7 +238,9 @@ export class UdpListener {
       this.#receiveBufferBytes = socket.native.receiveBufferBytes;
     } else {
       this.#deno = socket.deno;
-      this.addr = socket.deno.addr as Deno.NetAddr;
+      this.addr = unix === undefined
+        ? socket.deno.addr as Deno.NetAddr
+        : { transport: "udp", hostname: "", port: 0 };
       this.#receiver = "deno";
       this.#fallbackReason = socket.fallbackReason;
     }
@@ -329,6 +336,69 @@ export class UdpListener {
       throw listenError(target, err);
     }
     return new UdpListener(options, { deno: conn, fallbackReason });
+  }
+
+  /**
+   * Binds a Unix datagram socket (`unix_datagram_socket`) under a temporary
+   * name beside `path`, with `mode` (see {@linkcode UnixSocketFile}): the
+   * native receiver where it can work (`AF_UNIX`, the same `recvmmsg` loop and
+   * receive buffer), else Deno's (`unixpacket`). It takes its path at
+   * {@linkcode publish}. `hostname`, `port`, `binding` and `rateLimit` of
+   * `options` are not used: a Unix datagram's sender has no address to limit
+   * by. Throws a `ListenError`.
+   */
+  static async bindUnix(
+    path: string,
+    mode: number,
+    binding: UnixBinding,
+    options: Omit<UdpListenerOptions, "hostname" | "port" | "binding" | "rateLimit">,
+  ): Promise<UdpListener> {
+    const target = { transport: "unixpacket" as const, path };
+    const file = await UnixSocketFile.bindDatagram(path, mode, binding, (temporary) => {
+      if (options.receiver !== "deno") {
+        try {
+          const native = NativeUdpSocket.open({
+            hostname: "",
+            port: 0,
+            path: temporary,
+            receiveBufferBytes: options.receiveBufferBytes,
+          });
+          return new UnixDatagramSocket({ native });
+        } catch (err) {
+          if (!(err instanceof NativeUdpUnavailable)) throw err;
+          if (options.receiver === "native") {
+            throw new ListenError(target, `the native receiver cannot work here: ${err.reason}`, {
+              cause: err,
+            });
+          }
+          const deno = Deno.listenDatagram({ transport: "unixpacket", path: temporary });
+          return new UnixDatagramSocket({ deno, fallbackReason: err.reason });
+        }
+      }
+      return new UnixDatagramSocket({
+        deno: Deno.listenDatagram({ transport: "unixpacket", path: temporary }),
+      });
+    });
+    return new UdpListener(
+      { ...options, hostname: "", port: 0 },
+      file.listener.socket,
+      file,
+    );
+  }
+
+  /** The Unix datagram socket's path, unless this listens on a port. */
+  get path(): string | undefined {
+    return this.#unix?.path;
+  }
+
+  /** The Unix datagram socket's file, unless this listens on a port. */
+  get unixSocket(): UnixSocketFile<UnixDatagramSocket> | undefined {
+    return this.#unix;
+  }
+
+  /** The Unix datagram socket takes its path (see {@linkcode bindUnix}); a port's does nothing. */
+  publish(): void {
+    this.#unix?.publish();
   }
 
   /** Starts receiving (once). */
@@ -427,6 +497,8 @@ export class UdpListener {
   async close(options: UdpCloseOptions = {}): Promise<void> {
     this.start();
     this.#closing = true;
+    // A Unix socket's file goes first (if still its own): senders by path stop reaching it.
+    this.#unix?.release();
     let timer: ReturnType<typeof setTimeout> | undefined;
     if (options.deadline !== undefined) {
       timer = setTimeout(() => this.#abandon = true, Math.max(0, options.deadline - Date.now()));
@@ -455,6 +527,7 @@ export class UdpListener {
    * being read is routed.
    */
   async release(): Promise<void> {
+    this.#unix?.release();
     this.#native?.close();
     if (this.#deno !== undefined) closeDeno(this.#deno);
     await this.#receiving;
@@ -627,6 +700,21 @@ export class UdpListener {
         await new Promise((resolve) => setTimeout(resolve, 10));
       }
     }
+  }
+}
+
+/** A Unix datagram socket bound by {@linkcode UdpListener.bindUnix}, until its listener is made. */
+export class UnixDatagramSocket {
+  constructor(
+    readonly socket: { native: NativeUdpSocket } | {
+      deno: Deno.DatagramConn;
+      fallbackReason?: string;
+    },
+  ) {}
+
+  close(): void {
+    if ("native" in this.socket) this.socket.native.close();
+    else closeDeno(this.socket.deno);
   }
 }
 

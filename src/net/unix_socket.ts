@@ -33,25 +33,33 @@ export const MAX_UNIX_PATH_BYTES = 107 - ".4194304.tmp".length;
 /** How long a socket file's process may take to answer a connect, in ms. */
 const PROBE_MS = 1000;
 
-/** A Unix stream socket's file and listener, made by this process. */
-export class UnixSocketFile {
+/**
+ * A Unix socket's file and listener, made by this process: a stream
+ * listener ({@linkcode UnixSocketFile.bind}), or a datagram socket that
+ * `open` binds at the temporary name it is given
+ * ({@linkcode UnixSocketFile.bindDatagram}, `unix_datagram_socket`).
+ */
+export class UnixSocketFile<L extends { close(): void } = Deno.UnixListener> {
   /** The path, as configured. */
   readonly path: string;
   /** The listener. */
-  readonly listener: Deno.UnixListener;
+  readonly listener: L;
   /** The temporary name, until {@linkcode publish}. */
   #temporary: string | undefined;
   readonly #dev: number;
   readonly #ino: number | null;
   #released = false;
+  readonly #transport: "unix" | "unixpacket";
 
   private constructor(
+    transport: "unix" | "unixpacket",
     path: string,
     temporary: string,
-    listener: Deno.UnixListener,
+    listener: L,
     info: Deno.FileInfo,
   ) {
     this.path = path;
+    this.#transport = transport;
     this.#temporary = temporary;
     this.listener = listener;
     this.#dev = info.dev;
@@ -63,8 +71,45 @@ export class UnixSocketFile {
    * name beside it and gives it `mode`. Throws a `ListenError` when the path
    * is refused or the socket cannot be bound.
    */
-  static async bind(path: string, mode: number, binding: UnixBinding): Promise<UnixSocketFile> {
-    const target: UnixListenTarget = { transport: "unix", path };
+  static bind(path: string, mode: number, binding: UnixBinding): Promise<UnixSocketFile> {
+    return UnixSocketFile.#bind(
+      { transport: "unix", path },
+      mode,
+      binding,
+      answers,
+      (temporary) => Deno.listen({ transport: "unix", path: temporary }),
+    );
+  }
+
+  /**
+   * As {@linkcode bind}, for a Unix datagram socket that `open` binds at the
+   * temporary name it is given (and that the caller closes). A socket file is
+   * live when a datagram sent to it is taken (an empty one, which carries no
+   * metric), stale when the send is refused.
+   */
+  static bindDatagram<D extends { close(): void }>(
+    path: string,
+    mode: number,
+    binding: UnixBinding,
+    open: (temporary: string) => D,
+  ): Promise<UnixSocketFile<D>> {
+    return UnixSocketFile.#bind(
+      { transport: "unixpacket", path },
+      mode,
+      binding,
+      datagramAnswers,
+      open,
+    );
+  }
+
+  static async #bind<D extends { close(): void }>(
+    target: UnixListenTarget,
+    mode: number,
+    binding: UnixBinding,
+    probe: (path: string) => Promise<boolean>,
+    open: (temporary: string) => D,
+  ): Promise<UnixSocketFile<D>> {
+    const path = target.path;
     let existing: Deno.FileInfo | undefined;
     try {
       existing = Deno.lstatSync(path);
@@ -75,7 +120,7 @@ export class UnixSocketFile {
       if (!existing.isSocket) {
         throw new ListenError(target, "the path exists and is not a socket; it is left as it is");
       }
-      if (binding === "alone" && await answers(path)) {
+      if (binding === "alone" && await probe(path)) {
         throw new ListenError(
           target,
           "a process answers on this socket (another proxy is using it)",
@@ -84,15 +129,21 @@ export class UnixSocketFile {
     }
     const temporary = `${path}.${Deno.pid}.tmp`;
     removeQuietly(temporary);
-    let listener: Deno.UnixListener;
+    let listener: D;
     try {
-      listener = Deno.listen({ transport: "unix", path: temporary });
+      listener = open(temporary);
     } catch (err) {
       throw listenError(target, err);
     }
     try {
       Deno.chmodSync(temporary, mode);
-      return new UnixSocketFile(path, temporary, listener, Deno.lstatSync(temporary));
+      return new UnixSocketFile(
+        target.transport,
+        path,
+        temporary,
+        listener,
+        Deno.lstatSync(temporary),
+      );
     } catch (err) {
       listener.close();
       removeQuietly(temporary);
@@ -106,7 +157,7 @@ export class UnixSocketFile {
     try {
       Deno.renameSync(this.#temporary, this.path);
     } catch (err) {
-      throw listenError({ transport: "unix", path: this.path }, err);
+      throw listenError({ transport: this.#transport, path: this.path }, err);
     }
     this.#temporary = undefined;
   }
@@ -160,6 +211,35 @@ async function answers(path: string): Promise<boolean> {
     return true;
   }
   return outcome;
+}
+
+/**
+ * Whether a process takes datagrams on the socket at `path`: an empty
+ * datagram is sent to it from a socket bound beside it for the moment.
+ */
+async function datagramAnswers(path: string): Promise<boolean> {
+  const from = `${path}.${Deno.pid}.tmp`;
+  removeQuietly(from);
+  let conn: Deno.DatagramConn;
+  try {
+    conn = Deno.listenDatagram({ transport: "unixpacket", path: from });
+  } catch (err) {
+    throw listenError({ transport: "unixpacket", path }, err);
+  }
+  try {
+    await conn.send(new Uint8Array(0), { transport: "unixpacket", path });
+    return true;
+  } catch (err) {
+    if (err instanceof Deno.errors.ConnectionRefused || err instanceof Deno.errors.NotFound) {
+      return false;
+    }
+    // A full queue (EAGAIN) is a live socket too.
+    if (err instanceof Deno.errors.WouldBlock) return true;
+    throw listenError({ transport: "unixpacket", path }, err);
+  } finally {
+    conn.close();
+    removeQuietly(from);
+  }
 }
 
 function removeQuietly(path: string): void {

@@ -55,6 +55,11 @@ export interface ControlStatus {
      * older than this field: a socket a process answers on is then refused).
      */
     unix?: { path: string } | null;
+    /**
+     * The Unix datagram socket, its path made absolute (absent from proxies
+     * older than this field: a socket a process answers on is then refused).
+     */
+    unixDatagram?: { path: string } | null;
   };
   /**
    * Each pool's ring in force, so that the new proxy starts on it and stages

@@ -51,6 +51,11 @@ export interface TakeoverBindings {
   admin: TcpBinding;
   /** The Unix stream socket's binding: `beside` replaces the running proxy's file. */
   unix: UnixBinding;
+  /**
+   * The Unix datagram socket's binding: `beside` renames a new socket over
+   * the running proxy's, which then reads its queue to the end.
+   */
+  unixDatagram: UnixBinding;
   /** What the `ready` message says about UDP. */
   udpHow: ReadyMessage["udp"];
 }
@@ -132,17 +137,23 @@ export class Predecessor {
     const admin = same(listeners.admin, config.adminBind, config.adminPort) ? "beside" : "alone";
     const path = config.unixStreamSocket;
     const unix = path !== undefined && listeners.unix?.path === resolve(path) ? "beside" : "alone";
-    if (config.udpPort === 0) return { tcp, admin, unix, udp: "alone", udpHow: "none" };
+    const datagram = config.unixDatagramSocket;
+    const unixDatagram = datagram !== undefined &&
+        listeners.unixDatagram?.path === resolve(datagram)
+      ? "beside"
+      : "alone";
+    const common: Omit<TakeoverBindings, "udp" | "udpHow"> = { tcp, admin, unix, unixDatagram };
+    if (config.udpPort === 0) return { ...common, udp: "alone", udpHow: "none" };
     if (!same(listeners.udp, config.bindAddress, config.udpPort)) {
-      return { tcp, admin, unix, udp: "alone", udpHow: "none" };
+      return { ...common, udp: "alone", udpHow: "none" };
     }
     if (config.udpReceiver !== "deno" && listeners.udp!.receiver === "native") {
       const fd = await this.#askForUdp();
-      if (fd !== undefined) return { tcp, admin, unix, udp: { fd }, udpHow: "fd" };
+      if (fd !== undefined) return { ...common, udp: { fd }, udpHow: "fd" };
     }
     const reply = await this.request({ type: "udp-share" });
     if (reply.type !== "ok") throw new Error(`it cannot share its UDP socket: ${reply.message}`);
-    return { tcp, admin, unix, udp: "beside", udpHow: "beside" };
+    return { ...common, udp: "beside", udpHow: "beside" };
   }
 
   /** The running proxy's UDP socket, sent over `SCM_RIGHTS`; undefined when that cannot work. */
