@@ -342,3 +342,110 @@ for (const receiver of ["native", "deno"] as const) {
     assert.ok(!exists(path));
   });
 }
+
+/**
+ * hot-shots (npm) with `protocol: 'uds'`, run under node: a real client
+ * library's Unix datagram mode. It needs the native unix-dgram addon, which
+ * `.ci/run` installs and builds outside the repository (`HOT_SHOTS_DIR`,
+ * default `~/.cache/statsite-proxy/hot-shots`); without it the test is
+ * reported as ignored, with the reason.
+ */
+const HOT_SHOTS_DIR = Deno.env.get("HOT_SHOTS_DIR") ??
+  `${Deno.env.get("HOME") ?? ""}/.cache/statsite-proxy/hot-shots`;
+
+/** Why hot-shots cannot run here, or `undefined` when it can. */
+function hotShotsUnavailable(): string | undefined {
+  const addon = `${HOT_SHOTS_DIR}/node_modules/unix-dgram/build/Release/unix_dgram.node`;
+  if (!exists(`${HOT_SHOTS_DIR}/node_modules/hot-shots/package.json`) || !exists(addon)) {
+    return `no hot-shots with the unix-dgram addon in ${HOT_SHOTS_DIR} (.ci/run installs it)`;
+  }
+  try {
+    const node = new Deno.Command("node", { args: ["--version"], stdout: "null", stderr: "null" })
+      .outputSync();
+    if (!node.success) return "node does not run";
+  } catch {
+    return "no node on PATH";
+  }
+  return undefined;
+}
+
+const hotShots = hotShotsUnavailable();
+
+/**
+ * Sends `count` increments (`hs.keyI` by I + 1) and a gauge over `path`,
+ * batched in datagrams of at most 512 bytes.
+ */
+const HOT_SHOTS_SENDER = `
+const StatsD = require(process.argv[2] + "/node_modules/hot-shots");
+const [path, count] = [process.argv[3], Number(process.argv[4])];
+const client = new StatsD({
+  protocol: "uds",
+  path,
+  maxBufferSize: 512,
+  errorHandler: (e) => { console.error("error: " + e.message); process.exitCode = 3; },
+});
+// Paced: a Unix datagram socket queues at most net.unix.max_dgram_qlen (10 by
+// default) datagrams, and a sender that finds it full gets EAGAIN, which the
+// client counts as congestion and drops.
+let i = 0;
+const tick = () => {
+  for (const end = Math.min(i + 30, count); i < end; i++) client.increment("hs.key" + i, i + 1);
+  if (i < count) return setTimeout(tick, 2);
+  client.gauge("hs.gauge", 42);
+  client.close((err) => { if (err) { console.error(String(err)); process.exitCode = 3; } });
+};
+tick();
+`;
+
+for (const receiver of ["native", "deno"] as const) {
+  Deno.test({
+    name:
+      `hot-shots over the Unix datagram socket (protocol 'uds', ${receiver} receiver): every metric reaches its server exactly${
+        hotShots === undefined ? "" : ` (ignored: ${hotShots})`
+      }`,
+    ignore: hotShots !== undefined,
+    fn: async () => {
+      const servers = [RecordingServer.start(), RecordingServer.start()];
+      const proxy = await ProxyProcess.start({
+        servers: servers.map((s) => s.address),
+        settings: { unix_datagram_socket: "hs.sock", udp_receiver: receiver },
+        admin: true,
+      });
+      const path = `${proxy.dir}/hs.sock`;
+      try {
+        const script = `${proxy.dir}/send.cjs`;
+        await Deno.writeTextFile(script, HOT_SHOTS_SENDER);
+        const count = 1000;
+        const run = await new Deno.Command("node", {
+          args: [script, HOT_SHOTS_DIR, path, String(count)],
+          stdout: "piped",
+          stderr: "piped",
+        }).output();
+        assert.equal(run.code, 0, new TextDecoder().decode(run.stderr));
+        const lines = [
+          ...Array.from({ length: count }, (_, i) => `hs.key${i}:${i + 1}|c`),
+          "hs.gauge:42|g",
+        ];
+        const want = await expected(`${proxy.dir}/servers.conf`, lines);
+        for (const server of servers) {
+          await server.waitForLines(want.get(server.address)?.length ?? 0);
+        }
+        // Sorted: a client that met a full queue may send a datagram again later.
+        for (const server of servers) {
+          assert.deepEqual(server.wholeLines().sort(), [...want.get(server.address) ?? []].sort());
+        }
+        const metrics = await proxy.metrics();
+        assert.equal(
+          metrics.get('statsite_proxy_received_lines_total{transport="udp"}'),
+          count + 1,
+        );
+        // Several lines per datagram: far fewer datagrams than lines.
+        const reads = metrics.get('statsite_proxy_received_reads_total{transport="udp"}')!;
+        assert.ok(reads > 1 && reads < count / 10, `${reads} datagrams`);
+      } finally {
+        assert.equal(await proxy.stop(), 0, proxy.stderr);
+        await Promise.all(servers.map((s) => s.stop()));
+      }
+    },
+  });
+}
