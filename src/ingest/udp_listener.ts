@@ -30,6 +30,13 @@
  * datagram's frames past its source's allowance are dropped, counted
  * `rate_limited`; Deno's receiver has each datagram's address anyway.
  *
+ * The same listener serves the Unix datagram socket (`unix_datagram_socket`,
+ * {@linkcode UdpListener.bindUnix}): the native receiver on an `AF_UNIX`
+ * socket, or Deno's `unixpacket` one; no fallback while running (it would
+ * need another socket at the path), and no `client_rate_limit` (its senders
+ * have no address). Its file is a {@linkcode UnixSocketFile}, removed (if
+ * still its own) when the listener closes, before its queue is read.
+ *
  * A listener is bound first ({@linkcode UdpListener.bind}) and receives once
  * started, so a proxy binds every listener before it serves any. It binds
  * its port alone, beside the socket of a proxy it takes over from, or takes
