@@ -165,8 +165,11 @@ export interface ListenerBindings {
   udp?: UdpBinding;
   /** The Unix stream socket's binding. Default `alone`. */
   unix?: UnixBinding;
-  /** The Unix datagram socket's binding. Default `alone`. */
-  unixDatagram?: UnixBinding;
+  /**
+   * The Unix datagram socket's binding: alone, beside the running proxy's
+   * (renamed over it), or its very socket, handed over. Default `alone`.
+   */
+  unixDatagram?: UnixBinding | { fd: number };
 }
 
 /**
@@ -322,7 +325,14 @@ export class Proxy {
     }
     if (config.unixDatagramSocket !== undefined) {
       try {
-        proxy.#unixDatagram = await proxy.#bindUnixDatagram(config, bindings.unixDatagram);
+        const binding = bindings.unixDatagram;
+        proxy.#unixDatagram = typeof binding === "object"
+          ? UdpListener.adoptUnix(
+            config.unixDatagramSocket,
+            binding.fd,
+            proxy.#unixDatagramOptions(config),
+          )
+          : await proxy.#bindUnixDatagram(config, binding);
       } catch (err) {
         proxy.abort();
         throw err;
@@ -583,7 +593,16 @@ export class Proxy {
 
   /** The Unix datagram socket of `config`, bound under a temporary name (see {@linkcode UdpListener.bindUnix}). */
   #bindUnixDatagram(config: ProxyConfig, binding: UnixBinding = "alone"): Promise<UdpListener> {
-    return UdpListener.bindUnix(config.unixDatagramSocket!, config.unixSocketMode, binding, {
+    return UdpListener.bindUnix(
+      config.unixDatagramSocket!,
+      config.unixSocketMode,
+      binding,
+      this.#unixDatagramOptions(config),
+    );
+  }
+
+  #unixDatagramOptions(config: ProxyConfig) {
+    return {
       sink: this.router,
       counters: this.udpCounters,
       maxLineBytes: config.maxLineBytes,
@@ -591,7 +610,7 @@ export class Proxy {
       receiveBufferBytes: config.udpReceiveBufferBytes,
       totals: this.udpReceivers,
       summaryIntervalMs: config.summaryIntervalMs,
-    });
+    };
   }
 
   #makeUdp(config: ProxyConfig, binding?: UdpBinding): UdpListener {
@@ -901,9 +920,12 @@ export class Proxy {
     if (this.#tcp !== undefined) tcp.push(this.#tcp);
     if (this.#unix !== undefined) tcp.push(this.#unix);
     const udp = this.#udp;
-    // The Unix datagram socket's queue is read to the end either way: at a
-    // hand-over, the new proxy's socket has taken its path already.
-    const datagram = this.#unixDatagram?.close({ deadline });
+    // The Unix datagram socket: handed over (released, its file left), or
+    // its queue read to the end (at a hand-over, the new proxy's socket has
+    // taken its path already).
+    const datagram = handOver?.unixDatagram === "released"
+      ? this.#unixDatagram?.handOff()
+      : this.#unixDatagram?.close({ deadline });
     if (handOver !== undefined) {
       for (const listener of tcp) listener.redirect(handOver.relay);
       await Promise.all([
@@ -1028,7 +1050,12 @@ export interface StopIngestOptions {
    * (`closed`: arrivals stop, the queue is read), and the TCP clients that
    * stay connected are relayed to `relay` instead of closed.
    */
-  handOver?: { udp: "released" | "closed"; relay: BatchSink };
+  handOver?: {
+    udp: "released" | "closed";
+    relay: BatchSink;
+    /** The Unix datagram socket was handed over (`released`), or renamed over (`closed`). */
+    unixDatagram?: "released" | "closed";
+  };
 }
 
 /** Adds `account` to the sum of its pool, server and protocol in `sums`. */

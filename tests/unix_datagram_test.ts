@@ -4,7 +4,9 @@
  * exactly with the native receiver and with `udp_receiver = deno`, counted
  * as udp input; its mode; a stale socket file replaced, a regular file and
  * a live socket refused; the file removed at exit; a reload moving it; a
- * takeover through which sequence-numbered datagrams all arrive.
+ * takeover through which sequence-numbered datagrams all arrive (native: the
+ * socket handed over; Deno: renamed over); hot-shots' `uds` mode, also
+ * through a takeover.
  *
  * @module
  */
@@ -321,7 +323,13 @@ for (const receiver of ["native", "deno"] as const) {
       const before = Deno.lstatSync(path).ino;
       await waitUntil(() => sent >= 2000, () => "datagrams before the takeover");
       proxy = await ProxyProcess.takeOver(old);
-      assert.notEqual(Deno.lstatSync(path).ino, before, "the new proxy's socket took the path");
+      if (receiver === "native") {
+        // The very socket (and file) handed over, with SCM_RIGHTS.
+        assert.equal(Deno.lstatSync(path).ino, before, "the same socket file");
+        assert.match(proxy.stderr, /Unix datagram socket handed over/);
+      } else {
+        assert.notEqual(Deno.lstatSync(path).ino, before, "the new proxy's socket took the path");
+      }
       assert.equal(await old.exited(), 0, old.stderr);
       const at = sent;
       await waitUntil(() => sent >= at + 2000, () => "datagrams after the takeover");
@@ -449,3 +457,60 @@ for (const receiver of ["native", "deno"] as const) {
     },
   });
 }
+
+Deno.test({
+  name:
+    `a takeover hands the native Unix datagram socket over: hot-shots, connected to it once, sends through the takeover and loses nothing${
+      hotShots === undefined ? "" : ` (ignored: ${hotShots})`
+    }`,
+  ignore: hotShots !== undefined,
+  fn: async () => {
+    const server = RecordingServer.start();
+    const old = await ProxyProcess.start({
+      servers: [server.address],
+      settings: {
+        unix_datagram_socket: "hs.sock",
+        udp_receiver: "native",
+        pid_file: "proxy.pid",
+        handoff_timeout_ms: 2000,
+      },
+    });
+    const path = `${old.dir}/hs.sock`;
+    let proxy = old;
+    try {
+      const script = `${old.dir}/send.cjs`;
+      // Slower: 10 increments each 5 ms, so the takeover happens while it sends.
+      await Deno.writeTextFile(
+        script,
+        HOT_SHOTS_SENDER.replace("i + 30", "i + 10").replace(
+          "setTimeout(tick, 2)",
+          "setTimeout(tick, 5)",
+        ),
+      );
+      const count = 3000;
+      const sending = new Deno.Command("node", {
+        args: [script, HOT_SHOTS_DIR, path, String(count)],
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      await server.waitForLines(300);
+      proxy = await ProxyProcess.takeOver(old);
+      const at = server.wholeLines().length;
+      assert.ok(at < count, `the takeover happened while it sent (${at} lines by then)`);
+      assert.match(proxy.stderr, /Unix datagram socket handed over/);
+      assert.equal(await old.exited(), 0, old.stderr);
+      const run = await sending;
+      assert.equal(run.code, 0, new TextDecoder().decode(run.stderr));
+      await server.waitForLines(count + 1);
+      const want = [
+        ...Array.from({ length: count }, (_, i) => `hs.key${i}:${i + 1}|c`),
+        "hs.gauge:42|g",
+      ];
+      assert.deepEqual(server.wholeLines().sort(), want.sort());
+    } finally {
+      assert.equal(await proxy.stop(), 0, proxy.stderr);
+      await server.stop();
+    }
+    assert.ok(!exists(path));
+  },
+});

@@ -156,6 +156,7 @@ export async function runProxy(options: RunOptions): Promise<number> {
         p.members.map((m): [string, string] => [p.name, m.address])
       ),
       udp: bindings?.udpHow ?? "none",
+      unixDatagram: bindings?.unixDatagramHow ?? "none",
       pid: Deno.pid,
     });
   }
@@ -205,6 +206,14 @@ export async function runProxy(options: RunOptions): Promise<number> {
         held: handOver!.adopted,
       },
     );
+    const how = bindings?.unixDatagramHow;
+    if (how === "fd" || how === "renamed") {
+      log.info("takeover: Unix datagram socket {how}", {
+        how: how === "fd"
+          ? "handed over (the same socket and file)"
+          : "renamed over the old one's path (the old one reads its queue to the end)",
+      });
+    }
   }
   for (const pool of proxy.pools) {
     const update = pool.inheritedUpdate;
@@ -423,8 +432,8 @@ class Running implements ControlHost {
           ? { hostname: admin.host, port: admin.port }
           : null,
         unix: running && unix !== undefined ? { path: resolve(unix) } : null,
-        unixDatagram: running && unixDatagram !== undefined
-          ? { path: resolve(unixDatagram) }
+        unixDatagram: running && unixDatagram !== undefined && proxy.unixDatagram !== undefined
+          ? { path: resolve(unixDatagram), receiver: proxy.unixDatagram.receiver }
           : null,
       },
       rings: proxy.rings(),
@@ -434,6 +443,12 @@ class Running implements ControlHost {
   sendUdp(name: string): void {
     const fd = this.#proxy.udp?.fd;
     if (fd === undefined) throw new Error("no native UDP socket to hand over");
+    sendFd(name, fd);
+  }
+
+  sendUnixDatagram(name: string): void {
+    const fd = this.#proxy.unixDatagram?.fd;
+    if (fd === undefined) throw new Error("no native Unix datagram socket to hand over");
     sendFd(name, fd);
   }
 
@@ -454,7 +469,11 @@ class Running implements ControlHost {
     let frames = 0;
     try {
       await proxy.stopIngest({
-        handOver: { udp: ready.udp === "fd" ? "released" : "closed", relay },
+        handOver: {
+          udp: ready.udp === "fd" ? "released" : "closed",
+          unixDatagram: ready.unixDatagram === "fd" ? "released" : "closed",
+          relay,
+        },
       });
       await this.#extras.admin?.close();
       this.#extras.admin = undefined;

@@ -238,10 +238,15 @@ export interface NativeUdpOptions {
 }
 
 /** Options of {@linkcode NativeUdpSocket.adopt}: those of a socket already bound. */
-export type NativeUdpAdoptOptions = Pick<
-  NativeUdpOptions,
-  "batchSize" | "slotBytes" | "batchesPerPoll" | "coalesceMs" | "giveUpAfter"
->;
+export type NativeUdpAdoptOptions =
+  & Pick<
+    NativeUdpOptions,
+    "batchSize" | "slotBytes" | "batchesPerPoll" | "coalesceMs" | "giveUpAfter"
+  >
+  & {
+    /** The socket is a Unix datagram socket (`unix_datagram_socket`), not a UDP one. */
+    unix?: boolean;
+  };
 
 /** The options of a socket, checked and with their defaults. */
 interface ValidOptions {
@@ -513,7 +518,11 @@ export class NativeUdpSocket {
         return int[0];
       };
       const domain = option(LINUX.SO_DOMAIN);
-      if (
+      if (options.unix === true) {
+        if (domain !== LINUX.AF_UNIX || option(LINUX.SO_TYPE) !== LINUX.SOCK_DGRAM) {
+          throw new Error("the socket handed over is not a Unix datagram socket");
+        }
+      } else if (
         (domain !== LINUX.AF_INET && domain !== LINUX.AF_INET6) ||
         option(LINUX.SO_TYPE) !== LINUX.SOCK_DGRAM ||
         option(LINUX.SO_PROTOCOL) !== LINUX.IPPROTO_UDP

@@ -35,7 +35,9 @@
  * socket, or Deno's `unixpacket` one; no fallback while running (it would
  * need another socket at the path), and no `client_rate_limit` (its senders
  * have no address). Its file is a {@linkcode UnixSocketFile}, removed (if
- * still its own) when the listener closes, before its queue is read.
+ * still its own) when the listener closes, before its queue is read; a
+ * native one can be handed over to a proxy taking over
+ * ({@linkcode UdpListener.adoptUnix}, {@linkcode UdpListener.handOff}).
  *
  * A listener is bound first ({@linkcode UdpListener.bind}) and receives once
  * started, so a proxy binds every listener before it serves any. It binds
@@ -391,6 +393,39 @@ export class UdpListener {
       file.listener.socket,
       file,
     );
+  }
+
+  /**
+   * Takes the Unix datagram socket at `path` that the proxy this one takes
+   * over from handed over (`fd`, native receiver only): the same socket and
+   * file, its queue included. Throws a `ListenError`.
+   */
+  static adoptUnix(
+    path: string,
+    fd: number,
+    options: Omit<UdpListenerOptions, "hostname" | "port" | "binding" | "rateLimit">,
+  ): UdpListener {
+    let native: NativeUdpSocket;
+    try {
+      native = NativeUdpSocket.adopt(fd, { unix: true });
+    } catch (err) {
+      throw new ListenError(
+        { transport: "unixpacket", path },
+        `the socket handed over: ${errorText(err)}`,
+        { cause: err },
+      );
+    }
+    const file = UnixSocketFile.adopted(path, new UnixDatagramSocket({ native }));
+    return new UdpListener({ ...options, hostname: "", port: 0 }, { native }, file);
+  }
+
+  /**
+   * Its socket was handed over to a proxy taking over: stops reading at
+   * once, leaving the queue and the file (the same socket's) to that proxy.
+   */
+  async handOff(): Promise<void> {
+    this.#unix?.keep();
+    await this.release();
   }
 
   /** The Unix datagram socket's path, unless this listens on a port. */

@@ -49,6 +49,8 @@ export class UnixSocketFile<L extends { close(): void } = Deno.UnixListener> {
   readonly #dev: number;
   readonly #ino: number | null;
   #released = false;
+  /** Adopted, and not yet published: the file is still the proxy's that handed it over. */
+  #adopting = false;
   readonly #transport: "unix" | "unixpacket";
 
   private constructor(
@@ -151,8 +153,33 @@ export class UnixSocketFile<L extends { close(): void } = Deno.UnixListener> {
     }
   }
 
+  /**
+   * The socket file at `path`, whose `socket` (a Unix datagram socket handed
+   * over by the proxy this one takes over from) is already bound there: the
+   * same file, already published.
+   */
+  static adopted<D extends { close(): void }>(path: string, socket: D): UnixSocketFile<D> {
+    let info: Deno.FileInfo;
+    try {
+      info = Deno.lstatSync(path);
+    } catch (err) {
+      socket.close();
+      throw listenError({ transport: "unixpacket", path }, err);
+    }
+    const file = new UnixSocketFile("unixpacket", path, path, socket, info);
+    file.#temporary = undefined;
+    file.#adopting = true;
+    return file;
+  }
+
+  /** Leaves the file at exit: its socket was handed over to the proxy taking over. */
+  keep(): void {
+    this.#released = true;
+  }
+
   /** Renames the socket over its path: from now on, connections to the path reach it. */
   publish(): void {
+    this.#adopting = false;
     if (this.#temporary === undefined) return;
     try {
       Deno.renameSync(this.#temporary, this.path);
@@ -173,7 +200,7 @@ export class UnixSocketFile<L extends { close(): void } = Deno.UnixListener> {
    * The listener is closed by its owner.
    */
   release(): void {
-    if (this.#released) return;
+    if (this.#released || this.#adopting) return;
     this.#released = true;
     if (this.#temporary !== undefined) removeQuietly(this.#temporary);
     else if (this.#isMine()) removeQuietly(this.path);

@@ -11,7 +11,9 @@
  *
  * 1. `udp-fd` (with an abstract socket name): the UDP socket is sent there
  *    (`SCM_RIGHTS`), answered `udp-fd-sent`; or `udp-share`: the socket
- *    lets a new one bind beside it, answered `ok`. `abort` (or closing the
+ *    lets a new one bind beside it, answered `ok`; and `unix-dgram-fd`: the
+ *    Unix datagram socket is sent so too (asked only of a proxy whose status
+ *    says its receiver is native). `abort` (or closing the
  *    connection) ends the takeover with nothing changed.
  * 2. `ready` (with the servers the new proxy has): the running proxy stops
  *    its input, hands over what it holds, its pid file, and `done`; then it
@@ -59,7 +61,7 @@ export interface ControlStatus {
      * The Unix datagram socket, its path made absolute (absent from proxies
      * older than this field: a socket a process answers on is then refused).
      */
-    unixDatagram?: { path: string } | null;
+    unixDatagram?: { path: string; receiver?: "native" | "deno" } | null;
   };
   /**
    * Each pool's ring in force, so that the new proxy starts on it and stages
@@ -89,6 +91,11 @@ export interface ReadyMessage {
   servers: [string, string][];
   /** How it got the UDP port: the socket itself (`fd`), `beside` it, or `none`. */
   udp: "fd" | "beside" | "none";
+  /**
+   * How it got the Unix datagram socket: the socket itself (`fd`), or its
+   * own renamed over the path (`renamed`, or absent), or `none`.
+   */
+  unixDatagram?: "fd" | "renamed" | "none";
   /** Its process id. */
   pid: number;
 }
@@ -99,6 +106,8 @@ export interface ControlHost {
   status(): Promise<ControlStatus>;
   /** Sends the UDP socket to the abstract Unix name `name`. */
   sendUdp(name: string): void;
+  /** Sends the Unix datagram socket to the abstract Unix name `name`. */
+  sendUnixDatagram(name: string): void;
   /** Lets a new proxy bind beside the UDP socket. */
   shareUdp(): void;
   /**
@@ -219,9 +228,12 @@ export class ControlServer {
         switch (request?.type) {
           case "udp-fd":
           case "udp-share":
+          case "unix-dgram-fd":
             try {
               if (request.type === "udp-fd") this.#host.sendUdp(String(request.name));
-              else this.#host.shareUdp();
+              else if (request.type === "unix-dgram-fd") {
+                this.#host.sendUnixDatagram(String(request.name));
+              } else this.#host.shareUdp();
               await channel.sendJson({ type: "ok" });
             } catch (err) {
               await channel.sendJson({ type: "error", message: errorText(err) });

@@ -55,7 +55,9 @@ export interface TakeoverBindings {
    * The Unix datagram socket's binding: `beside` renames a new socket over
    * the running proxy's, which then reads its queue to the end.
    */
-  unixDatagram: UnixBinding;
+  unixDatagram: UnixBinding | { fd: number };
+  /** What the `ready` message says about the Unix datagram socket. */
+  unixDatagramHow: ReadyMessage["unixDatagram"];
   /** What the `ready` message says about UDP. */
   udpHow: ReadyMessage["udp"];
 }
@@ -138,17 +140,35 @@ export class Predecessor {
     const path = config.unixStreamSocket;
     const unix = path !== undefined && listeners.unix?.path === resolve(path) ? "beside" : "alone";
     const datagram = config.unixDatagramSocket;
-    const unixDatagram = datagram !== undefined &&
-        listeners.unixDatagram?.path === resolve(datagram)
-      ? "beside"
-      : "alone";
-    const common: Omit<TakeoverBindings, "udp" | "udpHow"> = { tcp, admin, unix, unixDatagram };
+    const sameDatagram = datagram !== undefined &&
+      listeners.unixDatagram?.path === resolve(datagram);
+    let unixDatagram: TakeoverBindings["unixDatagram"] = sameDatagram ? "beside" : "alone";
+    let unixDatagramHow: ReadyMessage["unixDatagram"] = sameDatagram ? "renamed" : "none";
+    // Its very socket, when both run the native receiver: senders that
+    // connect()ed once stay connected to it.
+    if (
+      sameDatagram && config.udpReceiver !== "deno" &&
+      listeners.unixDatagram?.receiver === "native"
+    ) {
+      const fd = await this.#askForFd("unix-dgram-fd", "Unix datagram socket");
+      if (fd !== undefined) {
+        unixDatagram = { fd };
+        unixDatagramHow = "fd";
+      }
+    }
+    const common: Omit<TakeoverBindings, "udp" | "udpHow"> = {
+      tcp,
+      admin,
+      unix,
+      unixDatagram,
+      unixDatagramHow,
+    };
     if (config.udpPort === 0) return { ...common, udp: "alone", udpHow: "none" };
     if (!same(listeners.udp, config.bindAddress, config.udpPort)) {
       return { ...common, udp: "alone", udpHow: "none" };
     }
     if (config.udpReceiver !== "deno" && listeners.udp!.receiver === "native") {
-      const fd = await this.#askForUdp();
+      const fd = await this.#askForFd("udp-fd", "UDP socket");
       if (fd !== undefined) return { ...common, udp: { fd }, udpHow: "fd" };
     }
     const reply = await this.request({ type: "udp-share" });
@@ -157,23 +177,28 @@ export class Predecessor {
   }
 
   /** The running proxy's UDP socket, sent over `SCM_RIGHTS`; undefined when that cannot work. */
-  async #askForUdp(): Promise<number | undefined> {
+  async #askForFd(
+    type: "udp-fd" | "unix-dgram-fd",
+    what: string,
+  ): Promise<number | undefined> {
     let receiver: FdReceiver;
     try {
       receiver = FdReceiver.open();
     } catch (err) {
-      log.info("takeover: the UDP socket cannot be handed over here ({error}); binding beside it", {
+      log.info("takeover: the {what} cannot be handed over here ({error}); binding beside it", {
+        what,
         error: errorText(err),
       });
       return undefined;
     }
     try {
-      const reply = await this.request({ type: "udp-fd", name: receiver.name });
+      const reply = await this.request({ type, name: receiver.name });
       try {
         if (reply.type !== "ok") throw new Error(String(reply.message));
         return receiver.receive(this.pid);
       } catch (err) {
-        log.warn("takeover: no UDP socket from pid {pid} ({error}); binding beside it", {
+        log.warn("takeover: no {what} from pid {pid} ({error}); binding beside it", {
+          what,
           pid: this.pid,
           error: errorText(err),
         });
