@@ -413,6 +413,7 @@ async function startProxy(
     : await BenchProxy.start({
       servers,
       ...(scenario.routes === undefined ? {} : { sections: scenario.routes }),
+      ...(scenario.settings === undefined ? {} : { settings: { ...scenario.settings } }),
     });
   procs.proxy = proxy;
   const connected = await waitFor(
@@ -619,7 +620,10 @@ function plan(options: BenchOptions): [Scenario, ProxyKind][] {
     runs.push([scenario, "statsite-proxy"]);
     if (options.hit9 !== undefined && scenario.transport === "udp") runs.push([scenario, "hit9"]);
     // It drops binary frames, so only the ascii scenarios; it has no routes.
-    if (options.statsite !== undefined && scenario.format === "ascii" && !scenario.routes) {
+    if (
+      options.statsite !== undefined && scenario.format === "ascii" && !scenario.routes &&
+      !scenario.settings
+    ) {
       runs.push([scenario, "statsite-c"]);
     }
   }

@@ -45,6 +45,8 @@ export interface Scenario {
    * scenarios that measure what routes cost against `tcp-ascii`.
    */
   readonly routes?: string;
+  /** More main-section settings for our proxy (e.g. `client_rate_limit`). */
+  readonly settings?: Readonly<Record<string, string | number>>;
 }
 
 /** Every scenario, in the order they run. */
@@ -142,6 +144,15 @@ export const SCENARIOS: readonly Scenario[] = [
     count: 20_000_000,
     quickCount: 4_000,
     routes: "[route:all]\nmatch = .\npools = default\ncardinality_limit = 1000000\n",
+  },
+  {
+    name: "tcp-ratelimit",
+    description: "as tcp-ascii, with a client_rate_limit no connection reaches",
+    transport: "tcp",
+    format: "ascii",
+    count: 20_000_000,
+    quickCount: 4_000,
+    settings: { client_rate_limit: 1_000_000_000 },
   },
 ];
 
