@@ -151,9 +151,16 @@ const PIPE = 124;
 /**
  * Where `length` units from `at` end, counting bytes (`unit` 0), code points
  * (1) or UTF-16 units (2, a 4-byte sequence being two), or -1 when they do
- * not end exactly before `end`.
+ * not end exactly before `end`: how an event's lengths are counted (the
+ * rewrite of an event's title counts them the same way).
  */
-function unitsEnd(buf: Uint8Array, at: number, end: number, length: number, unit: number): number {
+export function unitsEnd(
+  buf: Uint8Array,
+  at: number,
+  end: number,
+  length: number,
+  unit: number,
+): number {
   if (unit === 0) return at + length <= end ? at + length : -1;
   let i = at;
   let counted = 0;
@@ -170,7 +177,7 @@ function unitsEnd(buf: Uint8Array, at: number, end: number, length: number, unit
  * Whether `buf[at, end)` is nothing, or only an event's metadata fields:
  * `|d:`, `|h:`, `|k:`, `|p:`, `|s:`, `|t:`, `|c:`, `|e:` and `|#` tags.
  */
-function eventMetadataOnly(buf: Uint8Array, at: number, end: number): boolean {
+export function eventMetadataOnly(buf: Uint8Array, at: number, end: number): boolean {
   let i = at;
   while (i < end) {
     if (buf[i] !== PIPE || i + 1 >= end) return false;

@@ -67,7 +67,7 @@ import {
   checkStripTags,
   type RewriteRule,
 } from "../config/rewrite_settings.ts";
-import { DEFAULT_MAX_LINE_BYTES } from "../ingest/frame_batch.ts";
+import { DEFAULT_MAX_LINE_BYTES, eventMetadataOnly, unitsEnd } from "../ingest/frame_batch.ts";
 
 export type { RewriteRule };
 
@@ -421,7 +421,7 @@ export class Rewriter {
       if (unitsEnd(buf, keyStart, stop, titleLength, u) !== keyEnd) continue;
       if (unit < 0) unit = u;
       const textEnd = unitsEnd(buf, keyEnd + 1, stop, textLength, u);
-      if (textEnd >= 0 && metadataOnly(buf, textEnd, stop)) {
+      if (textEnd >= 0 && eventMetadataOnly(buf, textEnd, stop)) {
         this.#unit = u;
         this.#textEnd = textEnd;
         return;
@@ -430,7 +430,7 @@ export class Rewriter {
     this.#unit = unit < 0 ? 0 : unit;
     let p = keyEnd + 1;
     for (; p < stop; p++) {
-      if (buf[p] === PIPE && metadataOnly(buf, p, stop)) break;
+      if (buf[p] === PIPE && eventMetadataOnly(buf, p, stop)) break;
     }
     this.#textEnd = p;
   }
@@ -647,41 +647,4 @@ function writeDecimal(n: number, o: Uint8Array, w: number): number {
     n = Math.floor(n / 10);
   }
   return end;
-}
-
-/**
- * Where `length` units from `at` end, counting bytes (`unit` 0), code points
- * (1) or UTF-16 units (2, a 4-byte sequence being two), or -1 when they do
- * not end before `end`: as the decoder counts an event's lengths.
- */
-function unitsEnd(buf: Uint8Array, at: number, end: number, length: number, unit: number): number {
-  if (unit === 0) return at + length <= end ? at + length : -1;
-  let i = at;
-  let counted = 0;
-  while (counted < length && i < end) {
-    const b = buf[i];
-    const size = b < 0x80 ? 1 : b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1;
-    counted += size === 4 && unit === 2 ? 2 : 1;
-    i += size;
-  }
-  return counted === length && i <= end ? i : -1;
-}
-
-/**
- * Whether `buf[at, end)` is nothing, or only an event's metadata fields:
- * `|d:`, `|h:`, `|k:`, `|p:`, `|s:`, `|t:`, `|c:`, `|e:` and `|#` tags.
- */
-function metadataOnly(buf: Uint8Array, at: number, end: number): boolean {
-  let i = at;
-  while (i < end) {
-    if (buf[i] !== PIPE || i + 1 >= end) return false;
-    const c = buf[i + 1];
-    const known = c === HASH ||
-      ((c === 100 || c === 104 || c === 107 || c === 112 || c === 115 || c === 116 ||
-        c === 99 || c === 101) && i + 2 < end && buf[i + 2] === COLON);
-    if (!known) return false;
-    i++;
-    while (i < end && buf[i] !== PIPE) i++;
-  }
-  return true;
 }
