@@ -326,7 +326,7 @@ for (const receiver of ["native", "deno"] as const) {
       if (receiver === "native") {
         // The very socket (and file) handed over, with SCM_RIGHTS.
         assert.equal(Deno.lstatSync(path).ino, before, "the same socket file");
-        assert.match(proxy.stderr, /Unix datagram socket handed over/);
+        await proxy.waitForLog(/Unix datagram socket handed over/);
       } else {
         assert.notEqual(Deno.lstatSync(path).ino, before, "the new proxy's socket took the path");
       }
@@ -497,7 +497,7 @@ Deno.test({
       proxy = await ProxyProcess.takeOver(old);
       const at = server.wholeLines().length;
       assert.ok(at < count, `the takeover happened while it sent (${at} lines by then)`);
-      assert.match(proxy.stderr, /Unix datagram socket handed over/);
+      await proxy.waitForLog(/Unix datagram socket handed over/);
       assert.equal(await old.exited(), 0, old.stderr);
       const run = await sending;
       assert.equal(run.code, 0, new TextDecoder().decode(run.stderr));
