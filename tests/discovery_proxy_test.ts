@@ -139,10 +139,6 @@ Deno.test({
         for (const key of fresh) {
           assert.equal(got.get(key), byTarget(Number(routed.get(key)!.split(":")[1])), key);
         }
-        assert.ok(
-          fresh.some((k) => got.get(k) === sinks[2].address),
-          "the added server takes keys",
-        );
       });
 
       await t_step("while DNS is down, the last good list stays and failures count", async () => {
