@@ -774,9 +774,10 @@ Deno.test("memory follows what is held, not the number of servers; thousands of 
         );
         const stopping = proxy.stderr.split("\n").findIndex((l) => /SIGTERM: stopping/.test(l));
         const took = stamps[stamps.length - 1] - stamps[stopping];
-        // A bound, not a speed: before the fix the drain outlived a 20 s kill deadline; a
-        // loaded machine may add seconds to the 1 s drain (measured: 1.57 s idle).
-        assert.ok(took < 10_000, `the shutdown took ${took} ms with drain_timeout_ms 1000`);
+        // The bound the README promises, drain_timeout_ms and a second, timed by the
+        // proxy's own clock: before the fix the drain outlived a 20 s kill deadline
+        // (measured since: 1.1 to 1.4 s).
+        assert.ok(took <= 2_000, `the shutdown took ${took} ms with drain_timeout_ms 1000`);
         assert.match(proxy.stderr, /20000 metrics could not be delivered/);
       } finally {
         await proxy.stop("SIGKILL");

@@ -15,28 +15,61 @@ export interface ConnectGateOptions {
   spacingMs?: number;
 }
 
-/** A turn to connect, from {@linkcode ConnectGate.enter}. */
-export interface ConnectTurn {
-  /** Resolves when the attempt may start. */
-  readonly ready: Promise<void>;
-  /** Ends the turn: call it when the attempt is over, or to give up waiting. */
-  leave(): void;
-}
+/**
+ * A turn to connect, from {@linkcode ConnectGate.enter}. One object and one
+ * promise per attempt, no closures: a proxy with tens of thousands of
+ * servers keeps one of these waiting for most of them.
+ */
+export class ConnectTurn {
+  /** Resolves true when the attempt may start, false once given up ({@linkcode cancel}). */
+  readonly ready: Promise<boolean>;
+  /** Where it stands; read by its gate. */
+  state: "waiting" | "granted" | "left" = "waiting";
+  #resolve!: (granted: boolean) => void;
+  #release: () => void;
 
-interface Waiter {
-  resolve: () => void;
-  state: "waiting" | "granted" | "left";
+  /** Made by {@linkcode ConnectGate.enter}; `release` gives a granted turn's place back. */
+  constructor(release: () => void) {
+    this.#release = release;
+    this.ready = new Promise<boolean>((resolve) => this.#resolve = resolve);
+  }
+
+  /** Called by the gate: the attempt may start. */
+  grant(): void {
+    this.state = "granted";
+    this.#resolve(true);
+  }
+
+  /** Gives up waiting: {@linkcode ready} resolves false unless already granted. */
+  cancel(): void {
+    if (this.state !== "waiting") return;
+    this.state = "left";
+    this.#resolve(false);
+  }
+
+  /** Ends the turn: call it when the attempt is over, or to give up waiting. */
+  leave(): void {
+    const granted = this.state === "granted";
+    this.state = "left";
+    this.#resolve(false);
+    if (granted) this.#release();
+  }
 }
 
 /** Paces connection attempts: a bound on those under way, and on how fast they start. */
 export class ConnectGate {
   readonly #maxInFlight: number;
   readonly #spacingMs: number;
-  #queue: Waiter[] = [];
+  #queue: ConnectTurn[] = [];
   #head = 0;
   #inFlight = 0;
   #nextStart = 0;
   #timer: ReturnType<typeof setTimeout> | undefined;
+  /** One function for every turn to give its place back with. */
+  readonly #release = (): void => {
+    this.#inFlight--;
+    this.#pump();
+  };
 
   /** Makes a gate. */
   constructor(options: ConnectGateOptions = {}) {
@@ -55,28 +88,16 @@ export class ConnectGate {
 
   /** Queues an attempt; its turn comes in order. */
   enter(): ConnectTurn {
-    let resolve!: () => void;
-    const ready = new Promise<void>((r) => resolve = r);
-    const waiter: Waiter = { resolve, state: "waiting" };
-    this.#queue.push(waiter);
+    const turn = new ConnectTurn(this.#release);
+    this.#queue.push(turn);
     this.#pump();
-    return {
-      ready,
-      leave: () => {
-        const granted = waiter.state === "granted";
-        waiter.state = "left";
-        if (granted) {
-          this.#inFlight--;
-          this.#pump();
-        }
-      },
-    };
+    return turn;
   }
 
   #pump(): void {
     while (this.#inFlight < this.#maxInFlight && this.#head < this.#queue.length) {
-      const waiter = this.#queue[this.#head];
-      if (waiter.state !== "waiting") {
+      const turn = this.#queue[this.#head];
+      if (turn.state !== "waiting") {
         this.#head++;
         continue;
       }
@@ -93,8 +114,7 @@ export class ConnectGate {
       this.#head++;
       this.#nextStart = now + this.#spacingMs;
       this.#inFlight++;
-      waiter.state = "granted";
-      waiter.resolve();
+      turn.grant();
     }
     if (this.#head === this.#queue.length) {
       this.#queue = [];

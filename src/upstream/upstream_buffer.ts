@@ -20,6 +20,9 @@
 
 import type { ByteBudget } from "../memory/byte_budget.ts";
 
+/** The view before the first read: one for every buffer (a server costs no DataView of its own until it is used). */
+const NO_VIEW = new DataView(new ArrayBuffer(0));
+
 /** One chunk of whole frames, written in order. */
 export class Chunk {
   /** The bytes; `[0, length)` is filled. */
@@ -146,7 +149,7 @@ export class UpstreamBuffer {
   #bytes = 0;
   #held = 0;
   #lastBuf: Uint8Array | undefined;
-  #lastView: DataView = new DataView(new ArrayBuffer(0));
+  #lastView: DataView = NO_VIEW;
 
   /** Makes an empty buffer. */
   constructor(options: UpstreamBufferOptions) {

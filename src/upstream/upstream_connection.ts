@@ -28,7 +28,7 @@
 import { errorText } from "../diagnostics/errors.ts";
 import { rounded } from "../diagnostics/log.ts";
 import type { ByteBudget } from "../memory/byte_budget.ts";
-import type { ConnectGate } from "./connect_gate.ts";
+import type { ConnectGate, ConnectTurn } from "./connect_gate.ts";
 import type { ConnectionEvents } from "./connection_events.ts";
 import { type HeldChunk, UpstreamBuffer } from "./upstream_buffer.ts";
 
@@ -44,6 +44,9 @@ const LINGER_MS = 5;
 const TRIM_AFTER_MS = 1000;
 /** Longest wait, at a hand-over, for the server to close after reading all. */
 const GENTLE_CLOSE_MS = 200;
+
+/** What {@linkcode UpstreamConnection} watches before its first connection: one promise for all. */
+const SETTLED: Promise<void> = Promise.resolve();
 
 /** The wire protocol a connection carries. */
 export type Protocol = "ascii" | "binary";
@@ -174,11 +177,13 @@ export class UpstreamConnection implements ConnectionView {
   #lingering: ReturnType<typeof setTimeout> | undefined;
   /** Ends a backoff sleep early, when stopping. */
   #interrupt: (() => void) | undefined;
+  /** The turn at the connect gate being waited for, if any. */
+  #turn: ConnectTurn | undefined;
   /** A warning about this server being down was logged since it was last up. */
   #warned = false;
   #running: Promise<void> | undefined;
   /** The read loop that notices the server closing the connection in use. */
-  #watching: Promise<void> = Promise.resolve();
+  #watching: Promise<void> = SETTLED;
   /** Aborts the connection attempt under way, if any (a drain that timed out). */
   #connecting: AbortController | undefined;
   /** The hand-over under way, once {@linkcode handOver} was called. */
@@ -301,7 +306,7 @@ export class UpstreamConnection implements ConnectionView {
   async #handOver(): Promise<HeldChunk[]> {
     this.#stopped = true;
     this.#wakeNow();
-    this.#interrupt?.();
+    this.#stopWaiting();
     await this.#running;
     const conn = this.#conn;
     this.#conn = undefined;
@@ -363,7 +368,7 @@ export class UpstreamConnection implements ConnectionView {
     this.#wakeNow();
     // A backoff sleep ends now: with nothing held the writer stops at once,
     // with something held it tries to connect at once.
-    this.#interrupt?.();
+    this.#stopWaiting();
     // With `cut` (a shutdown's one promise for the deadline and a second
     // signal), no timer of its own: thousands of those cost seconds.
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -381,7 +386,7 @@ export class UpstreamConnection implements ConnectionView {
     this.#connecting?.abort();
     this.#closeConn();
     this.#wakeNow();
-    this.#interrupt?.();
+    this.#stopWaiting();
     await this.#running;
     const lost = this.#buffer.clear();
     if (reason === "shutdown") this.counters.droppedShutdown += lost;
@@ -395,7 +400,23 @@ export class UpstreamConnection implements ConnectionView {
     while (!this.#stopped) {
       if (this.#conn === undefined) {
         if (this.#closing && this.#buffer.empty) break;
-        await this.#connect();
+        // The backoff and the wait for a turn at the gate are awaited here,
+        // not in #connect: a server that is down waits with one suspended
+        // call, not two (tens of thousands of servers may be waiting).
+        if (this.#ever || this.counters.failures > 0) {
+          await this.#sleep(this.#retryEvery || this.#delay);
+          this.#delay = Math.min(this.#delay * 2, this.#options.reconnectMaxMs);
+          if (this.#stopped || (this.#closing && this.#buffer.empty)) continue;
+        }
+        const turn = this.#options.gate.enter();
+        this.#turn = turn;
+        const granted = await turn.ready;
+        this.#turn = undefined;
+        if (!granted || this.#stopped) {
+          turn.leave();
+          continue;
+        }
+        await this.#connect(turn);
         continue;
       }
       const chunk = this.#buffer.head();
@@ -434,24 +455,9 @@ export class UpstreamConnection implements ConnectionView {
     if (this.#handingOver === undefined) this.#closeConn();
   }
 
-  /** One connection attempt, after the backoff delay when it is a retry. */
-  async #connect(): Promise<void> {
-    if (this.#ever || this.counters.failures > 0) {
-      await this.#sleep(this.#retryEvery || this.#delay);
-      this.#delay = Math.min(this.#delay * 2, this.#options.reconnectMaxMs);
-      if (this.#stopped || (this.#closing && this.#buffer.empty)) return;
-    }
-    const { host, port, gate } = this.#options;
-    // Wait for a turn at the proxy's gate, unless stopped meanwhile.
-    const turn = gate.enter();
-    const granted = await new Promise<boolean>((resolve) => {
-      turn.ready.then(() => resolve(true));
-      this.#interrupt = () => resolve(false);
-    });
-    if (!granted || this.#stopped) {
-      turn.leave();
-      return;
-    }
+  /** One connection attempt, in its turn at the gate (which it leaves). */
+  async #connect(turn: ConnectTurn): Promise<void> {
+    const { host, port } = this.#options;
     const abort = new AbortController();
     this.#connecting = abort;
     const timer = setTimeout(() => abort.abort(), this.#options.connectTimeoutMs ?? 5000);
@@ -559,6 +565,12 @@ export class UpstreamConnection implements ConnectionView {
         // Already closed.
       }
     }
+  }
+
+  /** Ends a backoff sleep, or a wait for a turn at the gate, at once. */
+  #stopWaiting(): void {
+    this.#interrupt?.();
+    this.#turn?.cancel();
   }
 
   /** Sleeps, but wakes early when the upstream is stopped. */
