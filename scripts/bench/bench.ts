@@ -75,6 +75,8 @@ const USAGE = `Usage: deno task bench [flags]
                         delivery, wall and CPU time, and the lines lost or duplicated
   --soak-seconds N      how long the soak runs (default 60)
   --takeovers N         how many takeovers the takeover scenario runs (default 5)
+  --udp-receiver KIND   the takeover scenario's udp_receiver: auto, native or deno (default auto;
+                        deno measures the fallback that binds beside instead of handing over)
   --count N             metrics per scenario (default per scenario: 70M tcp, 10M udp-batched,
                         2M udp-single, 10M udp-20, 1.5M udp-1)
   --rate N              pace the generator to N metrics/s, 0 for as fast as it can (default:
@@ -131,6 +133,8 @@ export interface BenchOptions {
   soakSeconds?: number;
   /** With the takeover scenario: how many takeovers it runs. */
   takeovers?: number;
+  /** With the takeover scenario: the proxies' `udp_receiver`. */
+  udpReceiver?: "auto" | "native" | "deno";
 }
 
 class UsageError extends Error {}
@@ -176,6 +180,7 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
         pid: { type: "string" },
         "soak-seconds": { type: "string" },
         takeovers: { type: "string" },
+        "udp-receiver": { type: "string" },
         help: { type: "boolean", short: "h", default: false },
       },
     }));
@@ -220,6 +225,14 @@ export function parseOptions(args: string[]): BenchOptions | undefined {
       : integer("takeovers", values.takeovers, 1);
   } else if (values.takeovers !== undefined) {
     throw new UsageError("--takeovers needs --scenarios takeover");
+  }
+  const receiver = values["udp-receiver"];
+  if (receiver !== undefined) {
+    if (!takeover) throw new UsageError("--udp-receiver needs --scenarios takeover");
+    if (receiver !== "auto" && receiver !== "native" && receiver !== "deno") {
+      throw new UsageError(`--udp-receiver must be auto, native or deno, got "${receiver}"`);
+    }
+    options.udpReceiver = receiver;
   }
   if (values.rate !== undefined) options.rate = integer("rate", values.rate, 0);
   if (takeover && options.rate === 0) {
@@ -841,6 +854,7 @@ async function main(args: string[]): Promise<number> {
       takeovers: options.takeovers,
       rate: options.rate,
       quick: options.quick,
+      udpReceiver: options.udpReceiver,
       json: options.json.replace(/(\.json)?$/, "-takeover.json"),
     });
     code = Math.max(code, takeover);

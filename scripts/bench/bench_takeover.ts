@@ -54,6 +54,8 @@ export interface TakeoverOptions {
   rate?: number;
   /** A short run (a smoke test): a 1 s baseline instead of 3 s. */
   quick?: boolean;
+  /** The proxies' `udp_receiver` (`deno` measures the fallback without a socket hand-over). Default `auto`. */
+  udpReceiver?: "auto" | "native" | "deno";
   /** Where the JSON goes. */
   json: string;
 }
@@ -883,6 +885,7 @@ async function startFirst(
   dir: string,
   sinkPort: number,
   started: Started,
+  udpReceiver: "auto" | "native" | "deno",
 ): Promise<{ proxy: ProxyGeneration; config: string; tcpPort: number; udpPort: number }> {
   await Deno.writeTextFile(`${dir}/servers.conf`, `127.0.0.1:${sinkPort}\t100\n`);
   const config = `${dir}/proxy.ini`;
@@ -900,6 +903,7 @@ async function startFirst(
         // The takeover lines are logged at INFO.
         "log_level = INFO",
         "pid_file = proxy.pid",
+        `udp_receiver = ${udpReceiver}`,
         `handoff_timeout_ms = ${HANDOFF_TIMEOUT_MS}`,
         `drain_timeout_ms = ${DRAIN_TIMEOUT_MS}`,
         "",
@@ -962,7 +966,7 @@ export async function runTakeover(options: TakeoverOptions): Promise<number> {
     const sinkPort = Number(portLine.match(/^port (\d+)$/)?.[1]);
     if (!(sinkPort > 0)) throw new Error(`the sink said "${portLine}"`);
 
-    const first = await startFirst(dir, sinkPort, started);
+    const first = await startFirst(dir, sinkPort, started, options.udpReceiver ?? "auto");
     const { config, udpPort } = first;
     const pidFile = `${dir}/proxy.pid`;
     progress(
@@ -1158,6 +1162,7 @@ export async function runTakeover(options: TakeoverOptions): Promise<number> {
       rate,
       tcpRate,
       linesPerDatagram: 1,
+      udpReceiver: options.udpReceiver ?? "auto",
       baselineMs,
       handoffTimeoutMs: HANDOFF_TIMEOUT_MS,
     },
