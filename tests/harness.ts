@@ -83,10 +83,7 @@ export class RecordingServer {
 
   /** Reserves an ephemeral port and returns a server that is NOT listening yet. */
   static reserve(): RecordingServer {
-    const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    const port = probe.addr.port;
-    probe.close();
-    return new RecordingServer(port);
+    return new RecordingServer(freePort("tcp"));
   }
 
   /** The port. */
@@ -255,10 +252,10 @@ export class UdpRecordingServer {
     })();
   }
 
-  /** Starts a server on an ephemeral port of 127.0.0.1. */
-  static start(): UdpRecordingServer {
+  /** Starts a server on an ephemeral port of 127.0.0.1 (or `port`). */
+  static start(port = 0): UdpRecordingServer {
     return new UdpRecordingServer(
-      Deno.listenDatagram({ hostname: "127.0.0.1", port: 0, transport: "udp" }),
+      Deno.listenDatagram({ hostname: "127.0.0.1", port, transport: "udp" }),
     );
   }
 
