@@ -43,7 +43,7 @@ export class ConnectionEvents {
   }
 
   /**
-   * Logs an event (at WARN for `connected` and `reconnected`, else INFO),
+   * Logs an event (at INFO for `connected` and `reconnected`, else WARN),
    * unless enough were logged since the last summary: then it only counts it.
    */
   report(event: ConnectionEvent, message: string, properties: Record<string, unknown>): void {

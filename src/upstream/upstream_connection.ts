@@ -567,10 +567,13 @@ export class UpstreamConnection implements ConnectionView {
     }
   }
 
-  /** Ends a backoff sleep, or a wait for a turn at the gate, at once. */
+  /**
+   * Ends a backoff sleep at once; and, once stopped, a wait for a turn at
+   * the gate (a drain with something held keeps its place in the queue).
+   */
   #stopWaiting(): void {
     this.#interrupt?.();
-    this.#turn?.cancel();
+    if (this.#stopped) this.#turn?.cancel();
   }
 
   /** Sleeps, but wakes early when the upstream is stopped. */
