@@ -41,8 +41,8 @@ export interface HttpResponse {
   status: number;
   /** The content type. */
   contentType: string;
-  /** The body. */
-  body: string;
+  /** The body: text, or bytes already encoded (UTF-8). */
+  body: string | Uint8Array;
 }
 
 /** Counters of an {@linkcode HttpServer}. */
@@ -234,7 +234,9 @@ export class HttpServer {
       const response = this.#answer(head);
       counters.requests++;
       slot.answering = Date.now();
-      await writeAll(conn, responseBytes(response, "method" in head && head.method === "HEAD"));
+      for (const part of responseBytes(response, "method" in head && head.method === "HEAD")) {
+        await writeAll(conn, part);
+      }
     } catch (err) {
       if (!isConnectionEnd(err)) internalErrors.report("admin connection", err);
     } finally {
@@ -331,8 +333,9 @@ function indexOfBlankLine(buf: Uint8Array, from: number, to: number): number {
   return -1;
 }
 
-function responseBytes(response: HttpResponse, head: boolean): Uint8Array {
-  const body = encoder.encode(response.body);
+/** The response's head, and its body unless the request was a HEAD. */
+function responseBytes(response: HttpResponse, head: boolean): Uint8Array[] {
+  const body = typeof response.body === "string" ? encoder.encode(response.body) : response.body;
   const lines = [
     `HTTP/1.1 ${response.status} ${REASONS[response.status] ?? "Status"}`,
     `content-type: ${response.contentType}`,
@@ -342,11 +345,7 @@ function responseBytes(response: HttpResponse, head: boolean): Uint8Array {
     "",
   ];
   const headBytes = encoder.encode(lines.join("\r\n"));
-  if (head) return headBytes;
-  const out = new Uint8Array(headBytes.length + body.length);
-  out.set(headBytes);
-  out.set(body, headBytes.length);
-  return out;
+  return head ? [headBytes] : [headBytes, body];
 }
 
 async function writeAll(conn: Deno.TcpConn, bytes: Uint8Array): Promise<void> {

@@ -17,13 +17,26 @@ import { VERSION } from "../version.ts";
 
 type Labels = Record<string, string>;
 
-/** Builds an exposition: one HELP and TYPE per family, then its samples. */
+/** Lines gathered before they are encoded into the exposition's bytes. */
+const LINES_PER_FLUSH = 4096;
+
+const encoder = new TextEncoder();
+
+/**
+ * Builds an exposition: one HELP and TYPE per family, then its samples. The
+ * text is encoded as it grows, a few thousand lines at a time, into one byte
+ * buffer: with tens of thousands of servers it is tens of MB, and holding it
+ * as a million strings, then a joined string, then its bytes, cost the
+ * process hundreds of MB at every scrape.
+ */
 class Exposition {
   #lines: string[] = [];
+  #bytes = new Uint8Array(64 * 1024);
+  #length = 0;
 
   family(name: string, type: "counter" | "gauge", help: string): this {
-    this.#lines.push(`# HELP statsite_proxy_${name} ${help}`);
-    this.#lines.push(`# TYPE statsite_proxy_${name} ${type}`);
+    this.#push(`# HELP statsite_proxy_${name} ${help}`);
+    this.#push(`# TYPE statsite_proxy_${name} ${type}`);
     return this;
   }
 
@@ -35,12 +48,33 @@ class Exposition {
   sample(name: string, labels: Labels, value: number): this {
     const pairs = Object.entries(labels).map(([k, v]) => `${k}="${escapeLabel(v)}"`);
     const text = pairs.length === 0 ? "" : `{${pairs.join(",")}}`;
-    this.#lines.push(`statsite_proxy_${name}${text} ${value}`);
+    this.#push(`statsite_proxy_${name}${text} ${value}`);
     return this;
   }
 
-  toString(): string {
-    return this.#lines.join("\n") + "\n";
+  /** The exposition's bytes (UTF-8, each line ending in a newline). */
+  toBytes(): Uint8Array {
+    this.#flush();
+    return this.#bytes.subarray(0, this.#length);
+  }
+
+  #push(line: string): void {
+    this.#lines.push(line);
+    if (this.#lines.length >= LINES_PER_FLUSH) this.#flush();
+  }
+
+  #flush(): void {
+    if (this.#lines.length === 0) return;
+    const text = this.#lines.join("\n") + "\n";
+    this.#lines = [];
+    // A UTF-8 byte count is at most three per UTF-16 unit.
+    const need = this.#length + text.length * 3;
+    if (need > this.#bytes.length) {
+      const grown = new Uint8Array(Math.max(need, this.#bytes.length * 2));
+      grown.set(this.#bytes.subarray(0, this.#length));
+      this.#bytes = grown;
+    }
+    this.#length += encoder.encodeInto(text, this.#bytes.subarray(this.#length)).written;
   }
 }
 
@@ -48,8 +82,8 @@ function escapeLabel(value: string): string {
   return value.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
 }
 
-/** Renders every counter of `proxy`, and of its admin endpoint, as Prometheus text. */
-export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
+/** Renders every counter of `proxy`, and of its admin endpoint, as Prometheus text (UTF-8). */
+export function renderMetrics(proxy: Proxy, admin: HttpCounters): Uint8Array {
   const out = new Exposition();
   const ingest: ["tcp" | "udp", IngestCounters][] = [["tcp", proxy.tcpCounters], [
     "udp",
@@ -501,5 +535,5 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): string {
     "Failed accepts on the admin endpoint (e.g. out of file descriptors), each retried.",
     admin.acceptErrors,
   );
-  return out.toString();
+  return out.toBytes();
 }
