@@ -15,6 +15,7 @@ import {
   bytes,
   ProxyProcess,
   RecordingServer,
+  runMain,
   runNativeUdpOnly,
   sendUdp,
   sleep,
@@ -209,6 +210,76 @@ shimTest(
           stderr,
           `statsite-proxy: cannot listen on udp 127.0.0.1:${port}: the native receiver cannot work here: recvmmsg: Function not implemented (os error 38)\n`,
         );
+      });
+    } finally {
+      await shim.remove();
+    }
+  },
+);
+
+shimTest(
+  "unix_datagram_socket: a kernel that refuses recvmmsg at open makes auto bind the Deno receiver at the path, and leaves no temporary file; native refuses to start, leaving none either",
+  async (t) => {
+    const shim = await buildShim();
+    /** The files of `dir` whose name ends in `.tmp`. */
+    const temporaries = (dir: string) =>
+      [...Deno.readDirSync(dir)].map((e) => e.name).filter((n) => n.endsWith(".tmp"));
+    try {
+      await t.step("auto: the Deno receiver, which receives", async () => {
+        const server = RecordingServer.start();
+        const proxy = await ProxyProcess.start({
+          servers: [server.address],
+          admin: true,
+          settings: { unix_datagram_socket: "dgram.sock", udp_receiver: "auto" },
+          env: faultEnv(shim.path, "recvmmsg", 38),
+        });
+        const path = `${proxy.dir}/dgram.sock`;
+        const client = `${proxy.dir}/client.sock`;
+        const conn = Deno.listenDatagram({ transport: "unixpacket", path: client });
+        try {
+          assert.match(
+            proxy.stderr,
+            new RegExp(
+              `listening on unix datagram ${path} with the Deno receiver \\(kernel receive buffer: the system default; the native one is unavailable: recvmmsg: Function not implemented \\(os error 38\\)\\)`,
+            ),
+          );
+          assert.deepEqual(temporaries(proxy.dir), []);
+          const health = JSON.parse((await proxy.admin("/health")).text).listeners;
+          assert.equal(health.unix_datagram_receiver.kind, "deno");
+          const lines = Array.from({ length: 20 }, (_, i) => `unix.${i}:1|c`);
+          for (const line of lines) {
+            await conn.send(bytes(line), { transport: "unixpacket", path });
+          }
+          await server.waitForLines(lines.length);
+          assert.deepEqual(server.lines().sort(), [...lines].sort());
+        } finally {
+          conn.close();
+          await Deno.remove(client).catch(() => {});
+          await proxy.stop();
+          await server.stop();
+        }
+      });
+
+      await t.step("native: exit 1 with one line, no temporary file left", async () => {
+        const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-unix-" });
+        try {
+          await Deno.writeTextFile(`${dir}/servers.conf`, "127.0.0.1:9 1\n");
+          await Deno.writeTextFile(
+            `${dir}/proxy.ini`,
+            `[statsite-proxy]\nport = 0\nudp_port = 0\nunix_datagram_socket = ${dir}/dgram.sock\nudp_receiver = native\n`,
+          );
+          const { code, stderr } = await runMain(["-f", `${dir}/proxy.ini`], {
+            env: faultEnv(shim.path, "recvmmsg", 38),
+          });
+          assert.equal(code, 1, stderr);
+          assert.match(
+            stderr,
+            /the native receiver cannot work here: recvmmsg: Function not implemented \(os error 38\)/,
+          );
+          assert.deepEqual(temporaries(dir), []);
+        } finally {
+          await Deno.remove(dir, { recursive: true });
+        }
       });
     } finally {
       await shim.remove();

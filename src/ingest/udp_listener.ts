@@ -50,7 +50,7 @@
  */
 
 import { errorText, ListenError, listenError } from "../diagnostics/errors.ts";
-import { type UnixBinding, UnixSocketFile } from "../net/unix_socket.ts";
+import { removeQuietly, type UnixBinding, UnixSocketFile } from "../net/unix_socket.ts";
 import { internalErrors } from "../diagnostics/internal_errors.ts";
 import { logger, noun, windowSeconds } from "../diagnostics/log.ts";
 import { admitFrom, type ClientRateLimit, SockaddrAdmission } from "./client_rate_limit.ts";
@@ -380,6 +380,8 @@ export class UdpListener {
               cause: err,
             });
           }
+          // The native socket was bound, then closed: its file is in the way.
+          removeQuietly(temporary);
           const deno = Deno.listenDatagram({ transport: "unixpacket", path: temporary });
           return new UnixDatagramSocket({ deno, fallbackReason: err.reason });
         }

@@ -135,6 +135,9 @@ export class UnixSocketFile<L extends { close(): void } = Deno.UnixListener> {
     try {
       listener = open(temporary);
     } catch (err) {
+      // A socket bound there and then given up (the native receiver's probe
+      // refused) leaves its file behind.
+      removeQuietly(temporary);
       throw listenError(target, err);
     }
     try {
@@ -269,7 +272,8 @@ async function datagramAnswers(path: string): Promise<boolean> {
   }
 }
 
-function removeQuietly(path: string): void {
+/** Removes the file at `path`, if any. */
+export function removeQuietly(path: string): void {
   try {
     Deno.removeSync(path);
   } catch {
