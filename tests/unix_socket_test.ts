@@ -19,6 +19,8 @@ import {
   waitUntil,
 } from "./harness.ts";
 import { binary, binarySet } from "./frames.ts";
+import { ListenError } from "../src/diagnostics/errors.ts";
+import { UnixSocketFile } from "../src/net/unix_socket.ts";
 
 /** Connects to the Unix socket at `path`, writes `chunks` one write each, then closes. */
 async function sendUnix(path: string, ...chunks: Uint8Array[]): Promise<void> {
@@ -341,5 +343,27 @@ Deno.test("max_connections counts the Unix socket's clients with the TCP ones", 
   } finally {
     assert.equal(await proxy.stop(), 0, proxy.stderr);
     await server.stop();
+  }
+});
+
+Deno.test("a connect that fails unexpectedly while probing the socket file refuses the path and leaves no timer behind", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-unix-" });
+  const path = `${dir}/dgram.sock`;
+  // A stream connect to a datagram socket fails with EPROTOTYPE: neither
+  // refused nor answered. The test's op sanitizer fails on a timer left running.
+  const other = Deno.listenDatagram({ transport: "unixpacket", path });
+  try {
+    await assert.rejects(
+      () => UnixSocketFile.bind(path, 0o660, "alone"),
+      (err: unknown) => {
+        assert.ok(err instanceof ListenError, String(err));
+        assert.match(err.message, new RegExp(`unix socket ${path}: `));
+        return true;
+      },
+    );
+    assert.ok(Deno.lstatSync(path).isSocket, "the file is left as it is");
+  } finally {
+    other.close();
+    await Deno.remove(dir, { recursive: true });
   }
 });

@@ -223,19 +223,24 @@ export class UnixSocketFile<L extends { close(): void } = Deno.UnixListener> {
 async function answers(path: string): Promise<boolean> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const connecting = Deno.connect({ transport: "unix", path });
-  const outcome = await Promise.race([
-    connecting.then((conn) => {
-      conn.close();
-      return true;
-    }, (err) => {
-      if (err instanceof Deno.errors.ConnectionRefused || err instanceof Deno.errors.NotFound) {
-        return false;
-      }
-      throw listenError({ transport: "unix", path }, err);
-    }),
-    new Promise<"slow">((resolve) => timer = setTimeout(() => resolve("slow"), PROBE_MS)),
-  ]);
-  clearTimeout(timer);
+  let outcome: boolean | "slow";
+  try {
+    outcome = await Promise.race([
+      connecting.then((conn) => {
+        conn.close();
+        return true;
+      }, (err) => {
+        if (err instanceof Deno.errors.ConnectionRefused || err instanceof Deno.errors.NotFound) {
+          return false;
+        }
+        throw listenError({ transport: "unix", path }, err);
+      }),
+      new Promise<"slow">((resolve) => timer = setTimeout(() => resolve("slow"), PROBE_MS)),
+    ]);
+  } finally {
+    // Also when the connect failed otherwise (the race rejected).
+    clearTimeout(timer);
+  }
   if (outcome === "slow") {
     connecting.then((conn) => conn.close(), () => {});
     return true;
