@@ -59,7 +59,7 @@ function sockaddrIn6(address: number[], port: number): Uint8Array {
   return slot;
 }
 
-Deno.test("dropFrom cuts a batch and moves what it drops to rate_limited", async (t) => {
+Deno.test("dropFrom cuts a batch and moves what it drops to rate_limited (or the reason given)", async (t) => {
   await t.step("lines and frames are taken out of their own counts", () => {
     const batch = batchOf(3, 2); // ascii, ascii, ascii, binary, binary
     const counters = countersOf(3, 2);
@@ -85,6 +85,15 @@ Deno.test("dropFrom cuts a batch and moves what it drops to rate_limited", async
     assert.equal(batch.count, 0);
     assert.equal(counters.lines + counters.frames, 0);
     assert.equal(counters.dropped[DROP.rate_limited], 2);
+  });
+  await t.step("under another reason, when told (unread)", () => {
+    const batch = batchOf(2, 1);
+    const counters = countersOf(2, 1);
+    dropFrom(batch, 0, counters, DROP.unread);
+    assert.equal(batch.count, 0);
+    assert.equal(counters.lines + counters.frames, 0);
+    assert.equal(counters.dropped[DROP.unread], 3);
+    assert.equal(counters.dropped[DROP.rate_limited], 0);
   });
 });
 

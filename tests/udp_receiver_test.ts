@@ -19,6 +19,8 @@ import {
   sleep,
   waitUntil,
 } from "./harness.ts";
+import { DROP, IngestCounters } from "../src/ingest/counters.ts";
+import { UdpListener } from "../src/ingest/udp_listener.ts";
 
 /** Sends each datagram to `host:port` from a fresh socket. */
 async function send(host: string, port: number, ...datagrams: Uint8Array[]): Promise<void> {
@@ -304,3 +306,43 @@ Deno.test("without --allow-ffi the proxy falls back to Deno's receiver, or refus
     );
   });
 });
+
+// In-process, not through the real proxy: a close's deadline only comes at
+// a shutdown, when /metrics is gone, and the shutdown log gives `unread`
+// alone, not the received counts it must add up with.
+for (const receiver of ["deno"] as ("deno" | "native")[]) {
+  Deno.test(`${receiver} receiver: what a close reads past its deadline is counted once: valid lines and frames as unread, bad input by its reason, none routed`, async () => {
+    const counters = new IngestCounters();
+    let routed = 0;
+    const listener = UdpListener.bind({
+      hostname: "127.0.0.1",
+      port: 0,
+      sink: { route: (batch) => routed += batch.count },
+      counters,
+      maxLineBytes: 65536,
+      receiver,
+      receiveBufferBytes: 1 << 20,
+    });
+    assert.equal(listener.receiver, receiver);
+    // Each: a valid line, a bad one (no colon) and a binary frame.
+    const sent = 100;
+    const datagrams = Array.from(
+      { length: sent },
+      (_, i) => concat(bytes(`late.${i}:1|c\nbad\n`), binary(1, `late.bin.${i}`, 1)),
+    );
+    await send("127.0.0.1", listener.addr.port, ...datagrams);
+    // As a second SIGTERM does: everything read from now on is past the deadline.
+    listener.abandon();
+    await listener.close();
+    const read = counters.reads;
+    // The native receiver reads its queue to the end; Deno's until it closes (at once).
+    if (receiver === "native") assert.equal(read, sent);
+    else assert.ok(read > 0 && read <= sent, `${read} datagrams read`);
+    assert.equal(routed, 0);
+    assert.equal(counters.lines, 0);
+    assert.equal(counters.frames, 0);
+    assert.equal(counters.dropped[DROP.unread], 2 * read);
+    assert.equal(counters.dropped[DROP.no_colon], read);
+    assert.equal(counters.lines + counters.frames + counters.droppedTotal, 3 * read);
+  });
+}

@@ -243,15 +243,23 @@ function addressText(addr: Deno.NetAddr): string {
 }
 
 /**
- * Drops the frames of `batch` from index `at` on: counted `rate_limited`
- * in `counters` and taken out of its `lines` and `frames` (where the scanner
- * counted them), and the batch cut to `at` frames. Allocates nothing.
+ * Drops the frames of `batch` from index `at` on: counted under `reason`
+ * (`rate_limited` unless told) in `counters` and taken out of its `lines`
+ * and `frames` (where the scanner counted them), and the batch cut to `at`
+ * frames. Allocates nothing.
  *
- * @param batch The batch, whose frames from `at` came from one limited source.
+ * @param batch The batch, whose frames from `at` came from one limited source
+ *   (or, with `DROP.unread`, were read past a close's deadline).
  * @param at How many frames stay.
  * @param counters The transport's counters.
+ * @param reason The index in `counters.dropped` ({@linkcode DROP}) they are counted under.
  */
-export function dropFrom(batch: FrameBatch, at: number, counters: IngestCounters): void {
+export function dropFrom(
+  batch: FrameBatch,
+  at: number,
+  counters: IngestCounters,
+  reason: number = DROP.rate_limited,
+): void {
   const count = batch.count;
   if (at >= count) return;
   const ascii = batch.ascii;
@@ -259,7 +267,7 @@ export function dropFrom(batch: FrameBatch, at: number, counters: IngestCounters
   for (let i = at; i < count; i++) lines += ascii[i];
   counters.lines -= lines;
   counters.frames -= count - at - lines;
-  counters.dropped[DROP.rate_limited] += count - at;
+  counters.dropped[reason] += count - at;
   batch.count = at;
 }
 

@@ -66,8 +66,9 @@ export const DROP = {
 export class IngestCounters {
   /**
    * Valid ascii lines received and routed (one over `client_rate_limit` is
-   * counted `rate_limited` instead): with {@linkcode frames} and every
-   * drop, each line or frame received is counted exactly once.
+   * counted `rate_limited` instead, one read past a close's deadline
+   * `unread`): with {@linkcode frames} and every drop, each line or frame
+   * received is counted exactly once.
    */
   lines = 0;
   /** Valid binary frames received and routed (as {@linkcode lines}). */

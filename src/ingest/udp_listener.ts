@@ -53,7 +53,12 @@ import { errorText, ListenError, listenError } from "../diagnostics/errors.ts";
 import { removeQuietly, type UnixBinding, UnixSocketFile } from "../net/unix_socket.ts";
 import { internalErrors } from "../diagnostics/internal_errors.ts";
 import { logger, noun, windowSeconds } from "../diagnostics/log.ts";
-import { admitFrom, type ClientRateLimit, SockaddrAdmission } from "./client_rate_limit.ts";
+import {
+  admitFrom,
+  type ClientRateLimit,
+  dropFrom,
+  SockaddrAdmission,
+} from "./client_rate_limit.ts";
 import { DROP, IngestCounters } from "./counters.ts";
 import { DatagramDecoder, decodeDatagrams } from "./datagram_decoder.ts";
 import type { BatchSink, FrameBatch } from "./frame_batch.ts";
@@ -724,7 +729,8 @@ export class UdpListener {
       try {
         for await (const batch of decodeDatagrams(conn, { counters, maxLineBytes }, admit)) {
           this.#lastReceive = Date.now();
-          if (this.#abandon) this.#countUnread(batch.count);
+          // Past the deadline: the decoder counted its frames received; they are unread instead.
+          if (this.#abandon) dropFrom(batch, 0, counters, DROP.unread);
           else sink.route(batch);
         }
         return; // closed
