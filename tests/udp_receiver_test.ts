@@ -310,7 +310,7 @@ Deno.test("without --allow-ffi the proxy falls back to Deno's receiver, or refus
 // In-process, not through the real proxy: a close's deadline only comes at
 // a shutdown, when /metrics is gone, and the shutdown log gives `unread`
 // alone, not the received counts it must add up with.
-for (const receiver of ["deno"] as ("deno" | "native")[]) {
+for (const receiver of ["deno", "native"] as const) {
   Deno.test(`${receiver} receiver: what a close reads past its deadline is counted once: valid lines and frames as unread, bad input by its reason, none routed`, async () => {
     const counters = new IngestCounters();
     let routed = 0;

@@ -59,7 +59,7 @@ import {
   dropFrom,
   SockaddrAdmission,
 } from "./client_rate_limit.ts";
-import { DROP, IngestCounters } from "./counters.ts";
+import { DROP, type IngestCounters } from "./counters.ts";
 import { DatagramDecoder, decodeDatagrams } from "./datagram_decoder.ts";
 import type { BatchSink, FrameBatch } from "./frame_batch.ts";
 import {
@@ -589,11 +589,6 @@ export class UdpListener {
     this.#abandon = true;
   }
 
-  /** Counts a batch read past the deadline as `unread`. */
-  #countUnread(count: number): void {
-    this.#options.counters.dropped[DROP.unread] += count;
-  }
-
   /** The native loop: one `recvmmsg` batch, decoded into one batch, routed once. */
   async #receiveNative(socket: NativeUdpSocket): Promise<void> {
     const { counters, maxLineBytes, rateLimit } = this.#options;
@@ -620,8 +615,7 @@ export class UdpListener {
     decoder: DatagramDecoder,
     admission: SockaddrAdmission,
   ): Promise<void> {
-    const { sink, maxLineBytes, rateLimit } = this.#options;
-    let scratch: DatagramDecoder | undefined;
+    const { sink, counters, rateLimit } = this.#options;
     const { buffer, starts, lengths } = socket;
     while (true) {
       let n: number;
@@ -651,8 +645,9 @@ export class UdpListener {
       }
       try {
         if (this.#abandon) {
-          scratch ??= new DatagramDecoder({ counters: new IngestCounters(), maxLineBytes });
-          this.#countUnread(scratch.decodeBatch(buffer, starts, lengths, n).count);
+          // Past the deadline: counted as received (datagrams, bad input by
+          // its reason), then the valid lines and frames moved to unread.
+          dropFrom(decoder.decodeBatch(buffer, starts, lengths, n), 0, counters, DROP.unread);
           continue;
         }
         // A datagram without its address (read just before a limit was
