@@ -792,18 +792,33 @@ Deno.test("an error names the file and line but never echoes the file's values",
   try {
     await Deno.writeTextFile(`${dir}/environ`, environ);
     await Deno.writeTextFile(`${dir}/lines`, "10.0.0.1:8125 100\npassword=hunter2-s3cret 1\n");
+    const secret = "API_TOKEN=hunter2-s3cret";
+    const route =
+      "[statsite-proxy]\nservers = servers.conf\n[route:r]\nmatch = .\npools = default\n";
+    const configs: Record<string, string> = {
+      "loss.ini": `[statsite-proxy]\nmax_server_loss = ${secret}\n`,
+      "pool_loss.ini":
+        `[statsite-proxy]\n[pool:default]\nservers = s.conf\nmax_server_loss = ${secret}\n`,
+      "add_tags.ini": `${route}add_tags = ${secret}, ${secret}:x\n`,
+      "strip_tags.ini": `${route}strip_tags = ${secret}:x\n`,
+      "section.ini": `[statsite-proxy]\n[${secret}]\n`,
+    };
+    for (const [name, text] of Object.entries(configs)) {
+      await Deno.writeTextFile(`${dir}/${name}`, text);
+    }
     for (
       const [name, args] of [
         ["named as the servers file", ["check", "--servers", `${dir}/environ`, "--port", "1"]],
         ["a secret on a servers line", ["check", "--servers", `${dir}/lines`, "--port", "1"]],
         ["named as the configuration file", ["check", "-f", `${dir}/environ`]],
+        ...Object.keys(configs).map((name) => [name, ["check", "-f", `${dir}/${name}`]] as const),
       ] as const
     ) {
       await t.step(name, async () => {
         const run = await runMain([...args]);
         assert.equal(run.code, 2, run.stderr);
         assert.equal(run.stderr.trim().split("\n").length, 1, run.stderr);
-        assert.match(run.stderr, /(environ|lines):\d+: /);
+        assert.match(run.stderr, /(environ|lines|\.ini):\d+: /);
         assert.doesNotMatch(run.stderr, /hunter2|s3cret|\/root|\/usr\/bin/);
       });
     }

@@ -397,7 +397,9 @@ Deno.test("parseRewriteKeys reads a route's keys", async (t) => {
     [{ add_tags: "env:a b" }, /holds a blank/],
     [{ add_tags: ":v" }, /^add_tags: ":v" has an empty tag key$/],
     [{ add_tags: "env:a,env:b" }, /^add_tags: the tag key "env" is added twice$/],
+    [{ add_tags: "k=s3cret,k=s3cret:v" }, /^add_tags: a tag key is added twice$/], // not echoed
     [{ strip_tags: "env:dev" }, /^strip_tags: "env:dev" holds ':'/],
+    [{ strip_tags: "k=s3cret:v" }, /^strip_tags: the value holds ':'/], // not echoed
     [{ strip_tags: " " }, /^strip_tags: is empty$/],
     [{ prefix: "a.", rewrite_events: "maybe" }, /^rewrite_events: not a boolean/],
     [{ rewrite_events: "true" }, /^rewrite_events: needs prefix, suffix, add_tags or strip_tags/],

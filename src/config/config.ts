@@ -25,7 +25,7 @@
 import { dirname, join } from "node:path";
 // @ts-types="@types/ini"
 import ini from "ini";
-import { ConfigError, UsageError } from "../diagnostics/errors.ts";
+import { ConfigError, plainName, UsageError } from "../diagnostics/errors.ts";
 import { readBoundedText } from "./bounded_file.ts";
 import {
   type DiscoverySettings,
@@ -579,7 +579,9 @@ function scan(file: string, text: string): Scanned {
         const expected = name.includes(":")
           ? `[${SECTION}], [pool:NAME] or [route:NAME]`
           : `[${SECTION}]`;
-        throw error(line, `unknown section [${name}] (expected ${expected})`);
+        // The header is named only when it is a plain name: never a file's values.
+        const shown = plainName(name) === undefined ? "" : ` [${name}]`;
+        throw error(line, `unknown section${shown} (expected ${expected})`);
       }
       const first = sections.get(lower);
       if (first !== undefined) {

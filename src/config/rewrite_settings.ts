@@ -155,7 +155,10 @@ export function checkAddTags(tags: readonly string[]): string[] {
     const colon = tag.indexOf(":");
     const key = colon < 0 ? tag : tag.slice(0, colon);
     if (keys.includes(key)) {
-      throw new RangeError(`add_tags: the tag key ${JSON.stringify(key)} is added twice`);
+      const quoted = plainName(key);
+      throw new RangeError(
+        `add_tags: ${quoted === undefined ? "a tag key" : `the tag key ${quoted}`} is added twice`,
+      );
     }
     keys.push(key);
   }
@@ -168,7 +171,7 @@ export function checkStripTags(keys: readonly string[]): void {
     checkTag("strip_tags", key);
     if (key.includes(":")) {
       throw new RangeError(
-        `strip_tags: ${JSON.stringify(key)} holds ':' (strip_tags lists tag keys)`,
+        `strip_tags: ${shown(key)}holds ':' (strip_tags lists tag keys)`,
       );
     }
   }

@@ -84,7 +84,10 @@ export function signedInteger(text: string, min: number, max: number): number {
 /** Parses a fraction, `0` to `1` (a plain decimal). */
 export function fraction(text: string): number {
   if (!/^(?:0|1|0?\.[0-9]+|1\.0*)$/.test(text)) {
-    throw new InvalidValue(`must be a fraction from 0 to 1, such as 0.5, got ${text}`);
+    const got = named(text);
+    throw new InvalidValue(
+      `must be a fraction from 0 to 1, such as 0.5${got === "" ? "" : `, got${got}`}`,
+    );
   }
   return Number(text);
 }
