@@ -6,6 +6,8 @@
  */
 
 import assert from "node:assert/strict";
+import { join } from "node:path";
+import { parseCli } from "../src/commands/cli.ts";
 import { bytes, runMain } from "./harness.ts";
 
 async function withFiles(
@@ -192,4 +194,29 @@ Deno.test("flags override the config file", async () => {
     assert.match(r.stdout, /^udp: disabled$/m);
     assert.match(r.stdout, /10\.9\.9\.9:1 +weight +5/);
   });
+});
+
+Deno.test("parseCli() resolves relative paths against the user's folder, not a DNS source", async (t) => {
+  const base = "/home/user/project";
+  await t.step("paths", () => {
+    const cli = parseCli(
+      ["-f", "proxy.ini", "--servers", "servers.conf", "--pid-file", "/run/p.pid"],
+      { base },
+    );
+    assert.equal(cli.configFile, join(base, "proxy.ini"));
+    assert.equal(cli.overrides.servers, join(base, "servers.conf"));
+    assert.equal(cli.overrides.pidFile, "/run/p.pid");
+  });
+  for (
+    const source of [
+      "srv:_statsite._tcp.stats.example",
+      "SRV:_statsite._tcp.stats.example",
+      "dns:stats.example:8125",
+      "Dns:stats.example:8125",
+    ]
+  ) {
+    await t.step(source, () => {
+      assert.equal(parseCli(["--servers", source], { base }).overrides.servers, source);
+    });
+  }
 });

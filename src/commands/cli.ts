@@ -122,7 +122,12 @@ export function parseCli(args: readonly string[], options: ParseCliOptions = {})
   if (values.port !== undefined) overrides.port = values.port;
   if (values["udp-port"] !== undefined) overrides.udpPort = values["udp-port"];
   if (values.bind !== undefined) overrides.bind = values.bind;
-  if (values.servers !== undefined) overrides.servers = fromUser(values.servers);
+  if (values.servers !== undefined) {
+    // A DNS source (srv:NAME, dns:HOST:PORT, as the config's servers takes it) is no path.
+    overrides.servers = /^(?:srv|dns):/i.test(values.servers)
+      ? values.servers
+      : fromUser(values.servers);
+  }
   if (values["log-level"] !== undefined) overrides.logLevel = values["log-level"];
   if (values["pid-file"] !== undefined) overrides.pidFile = fromUser(values["pid-file"]);
   if (values.hash !== undefined) overrides.hash = values.hash;
