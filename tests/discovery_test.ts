@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { loadConfig } from "../src/config/config.ts";
 import { ServerDiscovery } from "../src/config/discovery.ts";
 import { FileWatch } from "../src/config/file_watch.ts";
 import {
@@ -13,7 +14,8 @@ import {
 import type { ServerSpec } from "../src/config/servers_file.ts";
 import { freePort } from "../scripts/free_port.ts";
 import { Dnsmasq, dnsmasqUnavailable, type DnsRecords, type SrvRecord } from "./dnsmasq.ts";
-import { sleep, waitUntil } from "./harness.ts";
+import { UsageError } from "../src/diagnostics/errors.ts";
+import { runMain, sleep, waitUntil } from "./harness.ts";
 
 const NO_DNSMASQ = dnsmasqUnavailable();
 const IGNORED = NO_DNSMASQ === undefined ? "" : ` (ignored: ${NO_DNSMASQ})`;
@@ -443,6 +445,92 @@ Deno.test("ServerDiscovery.first() fails when DNS fails or has no server", async
       new DiscoveryError(SRV, "no answer within 200 ms"),
     );
   });
+});
+
+Deno.test("a DNS failure at start-up names the line of its servers key, or --servers, once", async (t) => {
+  const dir = await Deno.makeTempDir({ prefix: "statsite-proxy-dns-start-" });
+  // Names under .invalid fail at once, unasked (RFC 6761); were one asked, a
+  // closed port would not answer.
+  const resolver = `127.0.0.1:${freePort("udp")}`;
+  const why = "(the name does not exist, has none, or the DNS server refused or failed): " +
+    "a pool needs at least one server";
+  const srv = "srv:_statsite._tcp.stats.invalid";
+  const srvFails = `${srv}: no SRV records ${why}`;
+  const dns = "dns:stats.invalid:8125";
+  const dnsFails = `${dns}: no A or AAAA addresses ${why}`;
+  const write = async (name: string, text: string) => {
+    await Deno.writeTextFile(join(dir, name), text);
+    return join(dir, name);
+  };
+  try {
+    await t.step("the main section's servers", async () => {
+      const file = await write(
+        "main.ini",
+        `[statsite-proxy]\nport = 0\nservers = ${srv}\ndns_server = ${resolver}\n`,
+      );
+      await assert.rejects(loadConfig({ file }), {
+        name: "ConfigError",
+        message: `${file}:3: servers: ${srvFails}`,
+      });
+    });
+    await t.step("a pool section's servers", async () => {
+      const file = await write(
+        "pool.ini",
+        `[statsite-proxy]\ndns_server = ${resolver}\n\n[pool:default]\nhash = ketama\nSERVERS = ${dns}\n`,
+      );
+      await assert.rejects(loadConfig({ file }), {
+        name: "ConfigError",
+        message: `${file}:6: SERVERS: ${dnsFails}`,
+      });
+    });
+    await t.step("--servers, with a config file", async () => {
+      const file = await write(
+        "flag.ini",
+        `[statsite-proxy]\nservers = nowhere.conf\ndns_server = ${resolver}\n`,
+      );
+      await assert.rejects(loadConfig({ file, overrides: { servers: srv } }), {
+        name: "UsageError",
+        message: `--servers: ${srvFails}`,
+      });
+    });
+    await t.step("--servers, with pools", async () => {
+      const file = await write(
+        "flag_pools.ini",
+        `[statsite-proxy]\ndns_server = ${resolver}\n[route:all]\nmatch = .\npools = default\n`,
+      );
+      await assert.rejects(loadConfig({ file, overrides: { servers: dns } }), {
+        name: "UsageError",
+        message: `--servers: ${dnsFails}`,
+      });
+    });
+    await t.step("--servers, without a config file", async () => {
+      await assert.rejects(loadConfig({ overrides: { servers: srv } }), (error) => {
+        assert.ok(error instanceof UsageError, String(error));
+        assert.equal(error.message, `--servers: ${srvFails}`);
+        return true;
+      });
+    });
+    await t.step("check prints the one line and exits 2", async () => {
+      const run = await runMain(["check", "-f", join(dir, "main.ini")], { timeoutMs: 10_000 });
+      assert.equal(run.code, 2, run.stderr);
+      assert.equal(
+        run.stderr,
+        `statsite-proxy: ${join(dir, "main.ini")}:3: servers: ${srvFails}\n`,
+      );
+    });
+    await t.step("--servers: the one line, then the usage, as for any bad flag", async () => {
+      const run = await runMain(["check", "-f", join(dir, "flag.ini"), "--servers", srv], {
+        timeoutMs: 10_000,
+      });
+      assert.equal(run.code, 2, run.stderr);
+      assert.ok(
+        run.stderr.startsWith(`statsite-proxy: --servers: ${srvFails}\n\nUsage:`),
+        run.stderr,
+      );
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("ServerDiscovery close() stops a poll under way and its timer", async () => {

@@ -317,12 +317,15 @@ interface ServersOfOptions {
   shards: boolean;
   discovery: DiscoverySettings;
   configFile: string | undefined;
+  /** Where the `servers` value was written: a key's line, or a flag. */
+  origin: Origin | undefined;
   known: LoadConfigOptions["known"];
 }
 
 /**
  * The servers of a `servers` value: a servers file read, or a DNS source
- * resolved (a failure, or no servers, is a `ConfigError`: a proxy does not
+ * resolved (a failure, or no servers, is a `ConfigError` naming the line of
+ * the `servers` key, or a `UsageError` naming `--servers`: a proxy does not
  * start without servers).
  */
 async function serversOf(value: string, options: ServersOfOptions): Promise<ServerSpec[]> {
@@ -338,7 +341,17 @@ async function serversOf(value: string, options: ServersOfOptions): Promise<Serv
     });
   } catch (err) {
     if (!(err instanceof DiscoveryError)) throw err;
-    throw new ConfigError({ file: options.configFile ?? value, problem: err.message });
+    const { configFile, origin } = options;
+    if (origin !== undefined && "flag" in origin) {
+      throw new UsageError(`${origin.flag}: ${err.message}`, { cause: err });
+    }
+    if (configFile === undefined) throw new UsageError(err.message, { cause: err });
+    throw new ConfigError({
+      file: configFile,
+      line: origin?.line,
+      problem: origin === undefined ? err.message : `${origin.name}: ${err.message}`,
+      cause: err,
+    });
   }
 }
 
@@ -516,8 +529,18 @@ interface Entry {
 /** Where a setting came from, to blame the right key or flag. */
 type Origin = { name: string; line: number } | { flag: string };
 
-/** Where each setting of a parsed configuration came from (kept off the settings object). */
-const ORIGINS = new WeakMap<object, { file?: string; origins: ReadonlyMap<Field, Origin> }>();
+/** Where the settings of a parsed configuration came from (kept off the settings object). */
+interface Origins {
+  /** The config file, if any. */
+  file?: string;
+  /** Where each setting of the main section came from. */
+  origins: ReadonlyMap<Field, Origin>;
+  /** The `servers` key of each `[pool:NAME]` section, by pool name. */
+  poolServers: ReadonlyMap<string, { name: string; line: number }>;
+}
+
+/** The {@linkcode Origins} of each parsed configuration. */
+const ORIGINS = new WeakMap<object, Origins>();
 
 /** What {@linkcode scan} finds: the main section's keys, and the pool and route sections. */
 interface Scanned {
@@ -737,7 +760,12 @@ export function parseConfig(options: ParseConfigOptions = {}): ConfigSettings {
   }
 
   checkTogether(settings, origins, file);
-  ORIGINS.set(settings, { file, origins });
+  const poolServers = new Map<string, { name: string; line: number }>();
+  for (const block of blocks) {
+    const key = block.kind === "pool" ? block.keys.get("servers") : undefined;
+    if (key !== undefined) poolServers.set(block.name, { name: key.name, line: key.line });
+  }
+  ORIGINS.set(settings, { file, origins, poolServers });
   let hash: HashFamily | undefined;
   if (overrides.hash !== undefined) {
     const value = overrides.hash.trim().toLowerCase();
@@ -910,12 +938,14 @@ export async function loadConfig(options: LoadConfigOptions = {}): Promise<Proxy
     const text = await readBoundedText(file, { what: "config file" });
     settings = parseConfig({ file, text, overrides });
   }
+  const { origins, poolServers } = ORIGINS.get(settings)!;
   let config: ProxyConfig;
   if (settings.pools === undefined) {
     const servers = await serversOf(settings.serversFile, {
       shards: settings.defaultHash === "statsrelay",
       discovery: settings.discovery,
       configFile: file,
+      origin: origins.get("serversFile"),
       known: options.known,
     });
     const { pools: _, ...rest } = settings;
@@ -927,6 +957,8 @@ export async function loadConfig(options: LoadConfigOptions = {}): Promise<Proxy
         shards: pool.hash === "statsrelay",
         discovery: pool.discovery,
         configFile: file,
+        // A [pool:NAME] section's key, or the main section's servers (pool "default").
+        origin: poolServers.get(pool.name) ?? origins.get("serversFile"),
         known: options.known,
       });
       pools.push({ ...pool, servers });
@@ -943,17 +975,16 @@ export async function loadConfig(options: LoadConfigOptions = {}): Promise<Proxy
         problem: problem.problem,
       });
     }
-    const { file: configFile, origins } = ORIGINS.get(settings) ?? { origins: new Map() };
     const key = SETTING_KEYS[problem.setting];
     const origin = origins.get(problem.setting);
     if (origin !== undefined && "flag" in origin) {
       throw new UsageError(`${origin.flag}: ${problem.problem}`);
     }
-    if (origin === undefined || configFile === undefined) {
+    if (origin === undefined || file === undefined) {
       throw new UsageError(`${key} (the default): ${problem.problem}`);
     }
     throw new ConfigError({
-      file: configFile,
+      file,
       line: origin.line,
       problem: `${key}: ${problem.problem}`,
     });
