@@ -169,6 +169,37 @@ Deno.test("parseConfig() rejects each mistake in pools and routes with its file 
       `prefix: "a:b" holds ':' (a prefix or suffix may not hold ':', '|', '@', '#', blanks or controls)`,
     ],
     [
+      "a bad suffix after a good prefix: the suffix's line",
+      MAIN + "[route:r]\nmatch = .\npools = default\nprefix = edge.\nsuffix = a b\n",
+      7,
+      `suffix: the value holds a blank (a prefix or suffix may not hold ':', '|', '@', '#', blanks or controls)`,
+    ],
+    [
+      "a bad add_tags after a good prefix: the add_tags line",
+      MAIN + "[route:r]\nmatch = .\npools = default\nprefix = edge.\nadd_tags = a|b\n",
+      7,
+      "add_tags: the value holds '|' (a tag may not hold ',', '|', blanks or controls)",
+    ],
+    [
+      "a bad strip_tags written before a good prefix: the strip_tags line",
+      MAIN + "[route:r]\nmatch = .\npools = default\nstrip_tags = env:dev\nprefix = edge.\n",
+      6,
+      `strip_tags: "env:dev" holds ':' (strip_tags lists tag keys)`,
+    ],
+    [
+      "a bad rewrite_events: its line",
+      MAIN +
+      "[route:r]\nmatch = .\npools = default\nadd_tags = env:prod\n\nrewrite_events = maybe\n",
+      8,
+      'rewrite_events: not a boolean (true, false, yes, no, 1 or 0), got "maybe"',
+    ],
+    [
+      "rewrite_events alone: its line",
+      MAIN + "[route:r]\nmatch = .\n\nrewrite_events = yes\npools = default\n",
+      6,
+      "rewrite_events: needs prefix, suffix, add_tags or strip_tags to rewrite with",
+    ],
+    [
       "an unknown key in a route",
       MAIN + "[route:r]\nmatch = x\npool = default\n",
       5,

@@ -13,7 +13,7 @@
 import assert from "node:assert/strict";
 import { IngestCounters } from "../src/ingest/counters.ts";
 import { FrameBatch, FrameScanner } from "../src/ingest/frame_batch.ts";
-import { parseRewriteKeys } from "../src/config/rewrite_settings.ts";
+import { parseRewriteKeys, RewriteKeyError } from "../src/config/rewrite_settings.ts";
 import {
   RewriteOutcome,
   RewriteOutput,
@@ -407,7 +407,8 @@ Deno.test("parseRewriteKeys reads a route's keys", async (t) => {
   for (const [keys, message] of bad) {
     await t.step(`${JSON.stringify(keys)} is refused`, () => {
       assert.throws(() => parseRewriteKeys(keys), (e) => {
-        assert.ok(e instanceof RangeError);
+        assert.ok(e instanceof RewriteKeyError);
+        assert.ok(e.message.startsWith(`${e.key}: `), "names the key that failed");
         assert.match(e.message, message);
         assert.ok(!e.message.includes("\n"), "one line");
         return true;

@@ -27,7 +27,7 @@
  */
 
 import { ConfigError, plainName } from "../diagnostics/errors.ts";
-import { parseRewriteKeys, type RewriteRule } from "./rewrite_settings.ts";
+import { parseRewriteKeys, RewriteKeyError, type RewriteRule } from "./rewrite_settings.ts";
 
 /**
  * Whether this process runs with V8's linear-time regular expression engine
@@ -465,11 +465,9 @@ function parseRoute(
       rewrite_events: value("rewrite_events"),
     });
   } catch (err) {
-    const message = err instanceof Error ? err.message : String(err);
-    throw error(
-      firstLine("prefix", "suffix", "add_tags", "strip_tags", "rewrite_events"),
-      message,
-    );
+    if (!(err instanceof RewriteKeyError)) throw err;
+    // The line of the key that failed, not of the first rewrite key.
+    throw error(block.keys.get(err.key)?.line, err.message);
   }
   if (rewrite !== undefined) {
     if (drop) {

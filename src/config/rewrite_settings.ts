@@ -42,6 +42,42 @@ export interface RewriteKeys {
   rewrite_events?: string;
 }
 
+/** A key of {@linkcode RewriteKeys}. */
+export type RewriteKey = keyof RewriteKeys;
+
+/**
+ * A rewrite key's value is wrong. The message is one line, `KEY: problem`;
+ * {@linkcode RewriteKeyError.key} says which key, so that the caller can
+ * name its line.
+ *
+ * @example Usage
+ * ```ts
+ * import { parseRewriteKeys, RewriteKeyError } from "./rewrite_settings.ts";
+ *
+ * try {
+ *   parseRewriteKeys({ prefix: "edge.", add_tags: "a|b" });
+ * } catch (error) {
+ *   if (error instanceof RewriteKeyError) console.log(error.key); // "add_tags"
+ * }
+ * ```
+ */
+export class RewriteKeyError extends RangeError {
+  /** The key whose value is wrong. */
+  readonly key: RewriteKey;
+
+  /**
+   * Constructs a new instance.
+   *
+   * @param key The key whose value is wrong.
+   * @param problem What is wrong, in one line, without the key.
+   */
+  constructor(key: RewriteKey, problem: string) {
+    super(`${key}: ${problem}`);
+    this.name = "RewriteKeyError";
+    this.key = key;
+  }
+}
+
 /**
  * Reads a route's rewrite keys into a {@linkcode RewriteRule}; undefined
  * when none is set.
@@ -55,7 +91,7 @@ export interface RewriteKeys {
  * - `rewrite_events`: `true`, `false`, `yes`, `no`, `1` or `0`; it needs one
  *   of the others.
  *
- * @throws {RangeError} A one-line problem, naming the key.
+ * @throws {RewriteKeyError} A one-line problem, naming the key.
  */
 export function parseRewriteKeys(keys: RewriteKeys): RewriteRule | undefined {
   const rule: RewriteRule = {};
@@ -77,15 +113,17 @@ export function parseRewriteKeys(keys: RewriteKeys): RewriteRule | undefined {
     if (lower === "true" || lower === "yes" || lower === "1") rule.events = true;
     else if (lower === "false" || lower === "no" || lower === "0") rule.events = false;
     else {
-      throw new RangeError(
-        `rewrite_events: not a boolean (true, false, yes, no, 1 or 0), got ${
+      throw new RewriteKeyError(
+        "rewrite_events",
+        `not a boolean (true, false, yes, no, 1 or 0), got ${
           plainName(keys.rewrite_events) ?? "another value"
         }`,
       );
     }
     if (!any) {
-      throw new RangeError(
-        "rewrite_events: needs prefix, suffix, add_tags or strip_tags to rewrite with",
+      throw new RewriteKeyError(
+        "rewrite_events",
+        "needs prefix, suffix, add_tags or strip_tags to rewrite with",
       );
     }
   }
@@ -93,12 +131,10 @@ export function parseRewriteKeys(keys: RewriteKeys): RewriteRule | undefined {
 }
 
 /** A comma-separated list, each item trimmed; no item may be empty. */
-function list(name: string, text: string): string[] {
+function list(name: RewriteKey, text: string): string[] {
   const items = text.split(",").map((s) => s.trim());
   if (items.some((s) => s === "")) {
-    throw new RangeError(
-      text.trim() === "" ? `${name}: is empty` : `${name}: an empty item in the list`,
-    );
+    throw new RewriteKeyError(name, text.trim() === "" ? "is empty" : "an empty item in the list");
   }
   return items;
 }
@@ -108,40 +144,40 @@ const CONTROL = /[\u0000-\u001f\u007f]/;
 const BLANK = /\s/;
 
 /** Checks a prefix or suffix; returns it. */
-export function checkAffix(name: string, text: string): string {
-  if (text === "") throw new RangeError(`${name}: is empty`);
+export function checkAffix(name: "prefix" | "suffix", text: string): string {
+  if (text === "") throw new RewriteKeyError(name, "is empty");
   const bad = /[:|@#]/.exec(text);
   if (bad !== null) {
-    throw new RangeError(`${name}: ${shown(text)}holds '${bad[0]}'${AFFIX_RULE}`);
+    throw new RewriteKeyError(name, `${shown(text)}holds '${bad[0]}'${AFFIX_RULE}`);
   }
   if (BLANK.test(text)) {
-    throw new RangeError(`${name}: ${shown(text)}holds a blank${AFFIX_RULE}`);
+    throw new RewriteKeyError(name, `${shown(text)}holds a blank${AFFIX_RULE}`);
   }
   if (CONTROL.test(text)) {
-    throw new RangeError(`${name}: ${shown(text)}holds a control character${AFFIX_RULE}`);
+    throw new RewriteKeyError(name, `${shown(text)}holds a control character${AFFIX_RULE}`);
   }
-  if (!text.isWellFormed()) throw new RangeError(`${name}: ${shown(text)}is not Unicode`);
+  if (!text.isWellFormed()) throw new RewriteKeyError(name, `${shown(text)}is not Unicode`);
   return text;
 }
 
 const AFFIX_RULE = " (a prefix or suffix may not hold ':', '|', '@', '#', blanks or controls)";
 
 /** Checks a tag (`add_tags`) or a tag key (`strip_tags`). */
-function checkTag(name: string, tag: string): void {
-  if (tag === "") throw new RangeError(`${name}: an empty tag`);
+function checkTag(name: "add_tags" | "strip_tags", tag: string): void {
+  if (tag === "") throw new RewriteKeyError(name, "an empty tag");
   const bad = /[,|]/.exec(tag);
   if (bad !== null) {
-    throw new RangeError(`${name}: ${shown(tag)}holds '${bad[0]}'${TAG_RULE}`);
+    throw new RewriteKeyError(name, `${shown(tag)}holds '${bad[0]}'${TAG_RULE}`);
   }
   if (BLANK.test(tag)) {
-    throw new RangeError(`${name}: ${shown(tag)}holds a blank${TAG_RULE}`);
+    throw new RewriteKeyError(name, `${shown(tag)}holds a blank${TAG_RULE}`);
   }
   if (CONTROL.test(tag)) {
-    throw new RangeError(`${name}: ${shown(tag)}holds a control character${TAG_RULE}`);
+    throw new RewriteKeyError(name, `${shown(tag)}holds a control character${TAG_RULE}`);
   }
-  if (!tag.isWellFormed()) throw new RangeError(`${name}: ${shown(tag)}is not Unicode`);
+  if (!tag.isWellFormed()) throw new RewriteKeyError(name, `${shown(tag)}is not Unicode`);
   if (tag.startsWith(":")) {
-    throw new RangeError(`${name}: ${shown(tag)}has an empty tag key`);
+    throw new RewriteKeyError(name, `${shown(tag)}has an empty tag key`);
   }
 }
 
@@ -156,8 +192,9 @@ export function checkAddTags(tags: readonly string[]): string[] {
     const key = colon < 0 ? tag : tag.slice(0, colon);
     if (keys.includes(key)) {
       const quoted = plainName(key);
-      throw new RangeError(
-        `add_tags: ${quoted === undefined ? "a tag key" : `the tag key ${quoted}`} is added twice`,
+      throw new RewriteKeyError(
+        "add_tags",
+        `${quoted === undefined ? "a tag key" : `the tag key ${quoted}`} is added twice`,
       );
     }
     keys.push(key);
@@ -170,9 +207,7 @@ export function checkStripTags(keys: readonly string[]): void {
   for (const key of keys) {
     checkTag("strip_tags", key);
     if (key.includes(":")) {
-      throw new RangeError(
-        `strip_tags: ${shown(key)}holds ':' (strip_tags lists tag keys)`,
-      );
+      throw new RewriteKeyError("strip_tags", `${shown(key)}holds ':' (strip_tags lists tag keys)`);
     }
   }
 }
