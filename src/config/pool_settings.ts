@@ -28,6 +28,7 @@
 
 import { ConfigError, plainName } from "../diagnostics/errors.ts";
 import { parseRewriteKeys, RewriteKeyError, type RewriteRule } from "./rewrite_settings.ts";
+import { integer, InvalidValue } from "./values.ts";
 
 /**
  * Whether this process runs with V8's linear-time regular expression engine
@@ -291,6 +292,16 @@ export function parsePoolsAndRoutes(
 
 type ErrorAt = (line: number | undefined, problem: string) => ConfigError;
 
+/** A key's value, a whole number in `min..max`; else a `ConfigError` on its line. */
+function wholeNumber(entry: SectionKey, min: number, max: number, error: ErrorAt): number {
+  try {
+    return integer(entry.value.trim(), min, max);
+  } catch (err) {
+    if (!(err instanceof InvalidValue)) throw err;
+    throw error(entry.line, `${entry.name}: must be a whole number from ${min} to ${max}`);
+  }
+}
+
 function parsePool(
   block: SectionBlock,
   options: ParsePoolsAndRoutesOptions,
@@ -339,25 +350,17 @@ function parsePool(
     }
     return value;
   };
-  const integer = (key: string, min: number, max: number): number | undefined => {
+  const whole = (key: string, min: number, max: number): number | undefined => {
     const entry = get(key);
-    if (entry === undefined) return undefined;
-    const text = entry.value.trim();
-    if (!/^[0-9]+$/.test(text) || Number(text) < min || Number(text) > max) {
-      throw error(
-        entry.line,
-        `${entry.name}: must be a whole number from ${min} to ${max}`,
-      );
-    }
-    return Number(text);
+    return entry === undefined ? undefined : wholeNumber(entry, min, max, error);
   };
   pool.hash = choose("hash", ["ketama", "statsrelay"] as const) ?? pool.hash;
   pool.protocol = choose("protocol", ["tcp", "udp"] as const) ?? pool.protocol;
   pool.onFailure = choose("on_failure", ["hold", "eject"] as const) ?? pool.onFailure;
-  pool.mtu = integer("mtu", 64, 65507) ?? pool.mtu;
-  pool.flushIntervalMs = integer("flush_interval_ms", 1, 60000) ?? pool.flushIntervalMs;
-  pool.ejectAfter = integer("eject_after", 1, 1000) ?? pool.ejectAfter;
-  pool.ejectRetryMs = integer("eject_retry_ms", 100, 86_400_000) ?? pool.ejectRetryMs;
+  pool.mtu = whole("mtu", 64, 65507) ?? pool.mtu;
+  pool.flushIntervalMs = whole("flush_interval_ms", 1, 60000) ?? pool.flushIntervalMs;
+  pool.ejectAfter = whole("eject_after", 1, 1000) ?? pool.ejectAfter;
+  pool.ejectRetryMs = whole("eject_retry_ms", 100, 86_400_000) ?? pool.ejectRetryMs;
   // Settings that cannot apply are mistakes: say so rather than ignore them.
   for (const key of ["mtu", "flush_interval_ms"]) {
     const entry = get(key);
@@ -484,16 +487,9 @@ function parseRoute(
     throw error(window.line, "cardinality_window_s applies only with cardinality_limit");
   }
   if (limit !== undefined) {
-    const whole = (entry: SectionKey, min: number, max: number) => {
-      const text = entry.value.trim();
-      if (!/^[0-9]+$/.test(text) || Number(text) < min || Number(text) > max) {
-        throw error(entry.line, `${entry.name}: must be a whole number from ${min} to ${max}`);
-      }
-      return Number(text);
-    };
     route.cardinality = {
-      limit: whole(limit, 1, 10_000_000),
-      windowS: window === undefined ? 60 : whole(window, 1, 86_400),
+      limit: wholeNumber(limit, 1, 10_000_000, error),
+      windowS: window === undefined ? 60 : wholeNumber(window, 1, 86_400, error),
     };
   }
   return route;

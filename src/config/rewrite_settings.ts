@@ -7,6 +7,7 @@
  */
 
 import { plainName } from "../diagnostics/errors.ts";
+import { boolean, InvalidValue } from "./values.ts";
 
 /** A rewrite rule, as a route's configuration gives it. */
 export interface RewriteRule {
@@ -109,15 +110,13 @@ export function parseRewriteKeys(keys: RewriteKeys): RewriteRule | undefined {
   }
   const any = Object.keys(rule).length > 0;
   if (keys.rewrite_events !== undefined) {
-    const lower = keys.rewrite_events.trim().toLowerCase();
-    if (lower === "true" || lower === "yes" || lower === "1") rule.events = true;
-    else if (lower === "false" || lower === "no" || lower === "0") rule.events = false;
-    else {
+    try {
+      rule.events = boolean(keys.rewrite_events.trim());
+    } catch (err) {
+      if (!(err instanceof InvalidValue)) throw err;
       throw new RewriteKeyError(
         "rewrite_events",
-        `not a boolean (true, false, yes, no, 1 or 0), got ${
-          plainName(keys.rewrite_events) ?? "another value"
-        }`,
+        `${err.message}, got ${plainName(keys.rewrite_events) ?? "another value"}`,
       );
     }
     if (!any) {
