@@ -14,6 +14,7 @@ import {
   type ProxyConfig,
   unfinishedLinesBound,
 } from "../config/config.ts";
+import { DEFAULT_CONFIRMATIONS } from "../config/discovery.ts";
 import { parseServerSource } from "../config/server_source.ts";
 import { PoolHash } from "../routing/pool_hash.ts";
 import { MAX_QUEUED_BYTES } from "../upstream/udp_upstream.ts";
@@ -163,7 +164,7 @@ function changeLines(pool: PoolConfig, watchFiles: boolean, indent: string): str
         dnsServer ?? "the system resolver"
       }, every ${intervalMs} ms; a change removing more than ${
         maxServerLoss * 100
-      }% of the servers waits for 3 polls`,
+      }% of the servers waits for ${DEFAULT_CONFIRMATIONS} polls`,
     );
   } else if (watchFiles) {
     lines.push(`${indent}servers file watched: a change applies without SIGHUP`);

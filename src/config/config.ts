@@ -400,7 +400,7 @@ export const DEFAULTS: ConfigDefaults = Object.freeze({
 });
 
 /** The largest `client_rate_limit`, in lines a second. */
-export const MAX_CLIENT_RATE_LIMIT = 1_000_000_000;
+const MAX_CLIENT_RATE_LIMIT = 1_000_000_000;
 
 /** The settings section. */
 const SECTION = "statsite-proxy";

@@ -35,6 +35,12 @@ import type { ServerSpec } from "./servers_file.ts";
 
 const log = logger("discovery");
 
+/**
+ * How many polls in a row must give an answer that removes more than
+ * `maxServerLoss` of the servers before it applies, by default.
+ */
+export const DEFAULT_CONFIRMATIONS = 3;
+
 /** Least time between two log lines about failed or empty polls of one source, in ms. */
 const PROBLEM_LOG_INTERVAL_MS = 30_000;
 
@@ -66,7 +72,10 @@ export interface ServerDiscoveryOptions extends FirstResolutionOptions {
    * until seen on {@linkcode confirmations} polls in a row.
    */
   maxServerLoss: number;
-  /** Polls in a row an answer that removes too many servers must be seen on. Default 3. */
+  /**
+   * Polls in a row an answer that removes too many servers must be seen on.
+   * Default {@linkcode DEFAULT_CONFIRMATIONS}.
+   */
   confirmations?: number;
   /** The servers at start (from {@linkcode ServerDiscovery.first}); none when absent. */
   initial?: ServerSpec[];
@@ -209,7 +218,7 @@ export class ServerDiscovery {
    * is not within 0..1 or `confirmations` is not a positive integer.
    */
   constructor(options: ServerDiscoveryOptions) {
-    const confirmations = options.confirmations ?? 3;
+    const confirmations = options.confirmations ?? DEFAULT_CONFIRMATIONS;
     if (!(options.intervalMs > 0)) throw new RangeError("intervalMs must be positive");
     if (!(options.maxServerLoss >= 0 && options.maxServerLoss <= 1)) {
       throw new RangeError("maxServerLoss must be within 0..1");

@@ -17,13 +17,13 @@ import { errorText } from "../diagnostics/errors.ts";
 import { internalErrors } from "../diagnostics/internal_errors.ts";
 
 /** How often {@linkcode FileWatch} looks at the file by default: 1000 ms. */
-export const DEFAULT_FILE_WATCH_INTERVAL_MS = 1000;
+const DEFAULT_FILE_WATCH_INTERVAL_MS = 1000;
 
 /** Options of the {@linkcode FileWatch} constructor. */
 export interface FileWatchOptions {
   /** The file to watch. */
   path: string;
-  /** Time between two looks, in ms. Default {@linkcode DEFAULT_FILE_WATCH_INTERVAL_MS}. */
+  /** Time between two looks, in ms. Default 1000. */
   intervalMs?: number;
   /**
    * Called when the file changed. The next look waits for the promise it

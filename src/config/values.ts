@@ -24,7 +24,7 @@ export type LogLevelName = "debug" | "info" | "warning" | "error" | "fatal";
 export const MAX_DELAY_MS = 2147483647;
 
 /** The log level names the config file accepts, to LogTape's. */
-export const LOG_LEVELS: ReadonlyMap<string, LogLevelName> = new Map([
+const LOG_LEVELS: ReadonlyMap<string, LogLevelName> = new Map([
   ["debug", "debug"],
   ["info", "info"],
   ["warn", "warning"],

@@ -188,7 +188,7 @@ export function describeUpdate(update: PoolUpdate, separator = ", "): string {
 }
 
 /** `12.50% of keys moved`, or, for a change staged, when they move. */
-export function movedText(moved: number, appliesAt: number | undefined): string {
+function movedText(moved: number, appliesAt: number | undefined): string {
   const share = `${(moved * 100).toFixed(2)}% of keys`;
   if (appliesAt === undefined) return `${share} moved`;
   const wait = ((appliesAt - Date.now()) / 1000).toFixed(1);
