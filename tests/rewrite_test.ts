@@ -225,6 +225,14 @@ Deno.test("events and service checks", async (t) => {
       "_e{1,6}:t|a|#b:c|#e",
     );
     unchanged({ stripTags: ["b"], events: true }, "_e{1,6}:t|a|#b:c");
+    // X too short for the text (counted before escaping): the tags are the metadata fields
+    // that end the line.
+    rewrites(
+      { stripTags: ["x"], events: true },
+      "_e{1,2}:t|a|b|h:x|#x:1,y",
+      "_e{1,2}:t|a|b|h:x|#y",
+    );
+    rewrites({ addTags: ["e:p"], events: true }, "_e{1,1}:t|a|b|#b|x", "_e{1,1}:t|a|b|#b|x|#e:p");
   });
   await t.step("the title's length is counted in the client's unit", () => {
     // "héllo": 6 bytes, 5 code points, 5 UTF-16 units; "😀": 4 bytes, 1 code point, 2 units.

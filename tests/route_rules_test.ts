@@ -14,6 +14,7 @@ import {
   RecordingServer,
   runMain,
   sendTcp,
+  sendUdp,
   sleep,
   waitUntil,
 } from "./harness.ts";
@@ -150,6 +151,39 @@ cardinality_window_s = 2
       await sink.waitForLines(110);
       assert.deepEqual(sink.lines().slice(100), fresh.map((n) => `${n}:1|c`));
     });
+  } finally {
+    await proxy.stop();
+    await sink.stop();
+  }
+});
+
+Deno.test("an event crafted to be costly to rewrite does not hold up other clients' metrics", async () => {
+  const sink = RecordingServer.start();
+  const proxy = await ProxyProcess.start({
+    servers: [sink.address],
+    sections: `
+[route:events]
+match = ^ev\\.
+pools = default
+add_tags = env:prod
+rewrite_events = true
+`,
+  });
+  try {
+    // Its text (1 byte, the second `|`) is followed by 16,000 fields that look like
+    // metadata, then one that does not: no reading fits, so the rewriter looks for where
+    // the metadata fields start. Scanning to the line's end from each `|` made this metric
+    // wait 6.5 s (the event loop blocked all along); one pass takes well under 1 ms.
+    const event = "_e{4,1}:ev.a|" + "|d:".repeat(16_000) + "|x";
+    await sendTcp(proxy.tcpPort, bytes(event + "\n"));
+    await sleep(50); // the proxy is at the event now
+    const sent = performance.now();
+    await sendUdp(proxy.udpPort, bytes("other.hits:1|c\n"));
+    await waitUntil(() => sink.lines().includes("other.hits:1|c"), () => "the metric");
+    const waited = performance.now() - sent;
+    assert.ok(waited < 500, `the metric waited ${waited.toFixed(0)} ms`);
+    await waitUntil(() => sink.lines().length === 2, () => "the event");
+    assert.ok(sink.lines().includes(`${event}|#env:prod`), "the event, its tag added at the end");
   } finally {
     await proxy.stop();
     await sink.stop();

@@ -174,22 +174,47 @@ export function unitsEnd(
 }
 
 /**
+ * Whether the field at `buf[at]`, a `|`, is one of an event's metadata
+ * fields: `|d:`, `|h:`, `|k:`, `|p:`, `|s:`, `|t:`, `|c:`, `|e:` or `|#` tags
+ * (the line ending at `end`).
+ */
+function eventMetadataField(buf: Uint8Array, at: number, end: number): boolean {
+  if (at + 1 >= end) return false;
+  const c = buf[at + 1];
+  return c === 35 || // #
+    ((c === 100 || c === 104 || c === 107 || c === 112 || c === 115 || c === 116 ||
+      c === 99 || c === 101) && at + 2 < end && buf[at + 2] === 58); // d h k p s t c e, then :
+}
+
+/**
  * Whether `buf[at, end)` is nothing, or only an event's metadata fields:
- * `|d:`, `|h:`, `|k:`, `|p:`, `|s:`, `|t:`, `|c:`, `|e:` and `|#` tags.
+ * `|d:`, `|h:`, `|k:`, `|p:`, `|s:`, `|t:`, `|c:`, `|e:` and `|#` tags. A
+ * byte loop: no view allocated, each byte read at most once.
  */
 export function eventMetadataOnly(buf: Uint8Array, at: number, end: number): boolean {
   let i = at;
   while (i < end) {
-    if (buf[i] !== PIPE || i + 1 >= end) return false;
-    const c = buf[i + 1];
-    const known = c === 35 || // #
-      ((c === 100 || c === 104 || c === 107 || c === 112 || c === 115 || c === 116 ||
-        c === 99 || c === 101) && i + 2 < end && buf[i + 2] === 58); // d h k p s t c e, then :
-    if (!known) return false;
-    const next = buf.subarray(i + 1, end).indexOf(PIPE);
-    i = next < 0 ? end : i + 1 + next;
+    if (buf[i] !== PIPE || !eventMetadataField(buf, i, end)) return false;
+    i++;
+    while (i < end && buf[i] !== PIPE) i++;
   }
   return true;
+}
+
+/**
+ * Where the run of metadata fields that ends `buf[from, end)` starts: the
+ * first `|` at or after `from` from which {@linkcode eventMetadataOnly}
+ * holds, or `end` when there is none. One pass, from the end backwards, so a
+ * line of many fields costs its length once, not once per field.
+ */
+export function eventMetadataStart(buf: Uint8Array, from: number, end: number): number {
+  let start = end;
+  for (let i = end - 1; i >= from; i--) {
+    if (buf[i] !== PIPE) continue;
+    if (!eventMetadataField(buf, i, end)) break;
+    start = i;
+  }
+  return start;
 }
 
 /**

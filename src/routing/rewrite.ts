@@ -67,7 +67,12 @@ import {
   checkStripTags,
   type RewriteRule,
 } from "../config/rewrite_settings.ts";
-import { DEFAULT_MAX_LINE_BYTES, eventMetadataOnly, unitsEnd } from "../ingest/frame_batch.ts";
+import {
+  DEFAULT_MAX_LINE_BYTES,
+  eventMetadataOnly,
+  eventMetadataStart,
+  unitsEnd,
+} from "../ingest/frame_batch.ts";
 
 export type { RewriteRule };
 
@@ -428,11 +433,7 @@ export class Rewriter {
       }
     }
     this.#unit = unit < 0 ? 0 : unit;
-    let p = keyEnd + 1;
-    for (; p < stop; p++) {
-      if (buf[p] === PIPE && eventMetadataOnly(buf, p, stop)) break;
-    }
-    this.#textEnd = p;
+    this.#textEnd = eventMetadataStart(buf, keyEnd + 1, stop);
   }
 
   /** A statsite binary frame: the key is wrapped and its length field follows. */
