@@ -824,3 +824,30 @@ Deno.test("a DogStatsD event whose title holds a | after a multi-byte character 
     await tearDown();
   }
 });
+
+Deno.test("a DogStatsD event ended by \\r\\n routes by the same title as one ended by \\n", async () => {
+  const { servers, proxy, tearDown } = await setUp();
+  try {
+    // `_e{4,2}:éé|b|hi`, from a client counting code points or UTF-16 units: the title is
+    // `éé|b` and the text `hi`. Read in bytes, the title would be `éé` and the text `b|`,
+    // followed by `hi`, which is no metadata field: that reading does not fit. A final `\r`
+    // ends the line, as `\n` does, so it must not change which reading fits. 40 candidates,
+    // so that one title's misreading routes elsewhere (the ring depends on the servers' ports).
+    const candidates = [..."\u00e9\u00fc\u00f1\u00e7\u00f6\u00e0\u00e4\u00e8"].flatMap((c) =>
+      [..."abcde"].map((s) => `${c}${c}|${s}`)
+    );
+    const misread = candidates.map((t) => t.slice(0, 2));
+    const routes = await routeOf(`${proxy.dir}/servers.conf`, [...candidates, ...misread]);
+    const title = candidates.find((t, i) => routes.get(t) !== routes.get(misread[i]))!;
+    assert.ok(title !== undefined, "a title whose misreading goes elsewhere");
+    const lf = `_e{${title.length},2}:${title}|hi`;
+    const crlf = `${lf}\r`;
+    await sendTcp(proxy.tcpPort, bytes(`${lf}\n${crlf}\n`));
+    await sendUdp(proxy.udpPort, bytes(`${crlf}\n`));
+    await waitUntil(() => totalLines(servers) >= 3, () => "the three events");
+    const holder = servers.find((s) => s.address === routes.get(title))!;
+    assert.deepEqual(holder.lines().sort(), [lf, crlf, crlf].sort(), `all at ${holder.address}`);
+  } finally {
+    await tearDown();
+  }
+});

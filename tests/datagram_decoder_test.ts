@@ -156,6 +156,14 @@ Deno.test("DogStatsD service checks and events keep one routing key", async (t) 
     },
   );
 
+  await t.step("an event ended by \\r\\n routes by the title it has when ended by \\n", () => {
+    // In bytes the title is "éé" and the text "b|", which "hi" follows: only code points fit.
+    const lines = ["_e{4,2}:\u00e9\u00e9|b|hi", "_e{4,2}:\u00e9\u00e9|b|hi\r"];
+    const { frames, counters } = decode([enc(lines.join("\n"))]);
+    assert.deepEqual(frames, [lines.map((l) => asciiFrame(l, "\u00e9\u00e9|b"))]);
+    assert.equal(counters.droppedTotal, 0);
+  });
+
   await t.step("an underscore alone changes nothing for ordinary metrics", () => {
     const { frames } = decode([enc("_internal.x:1|c\n_e:1|c\n_sc:1|g")]);
     assert.deepEqual(frames, [[

@@ -244,6 +244,16 @@ Deno.test("events and service checks", async (t) => {
     rewrites(emoji, "_e{2,1}:😀|x", "_e{4,1}:😀😀|x");
     rewrites(emoji, "_e{4,1}:😀|x", "_e{8,1}:😀😀|x");
     rewrites(emoji, "_e{1,1}:😀|x", "_e{2,1}:😀😀|x");
+    // Read in bytes, the title is "éé" and the text "b|", which "hi" follows: only code points
+    // fit, whether the line ends in "\n" or "\r\n".
+    rewrites(prefix, "_e{4,2}:éé|b|hi", "_e{6,2}:é.éé|b|hi", "é.éé|b");
+    rewrites(prefix, "_e{4,2}:éé|b|hi\r", "_e{6,2}:é.éé|b|hi\r", "é.éé|b");
+    rewrites(
+      { prefix: "é.", addTags: ["e:p"], events: true },
+      "_e{4,2}:éé|b|hi\r",
+      "_e{6,2}:é.éé|b|hi|#e:p\r",
+      "é.éé|b",
+    );
   });
   await t.step("a service check's name is wrapped; its tags stay before the message", () => {
     rewrites(events, check, "_sc|app.db.up.v2|0|h:host1|#env:prod|m:all good |#x", "app.db.up.v2");

@@ -145,6 +145,7 @@ export interface BatchSink {
 /** Default longest ascii line (without its `\n`) or binary frame, in bytes. */
 export const DEFAULT_MAX_LINE_BYTES = 65536;
 
+const CR = 13;
 const UNDERSCORE = 95;
 const PIPE = 124;
 
@@ -217,32 +218,59 @@ export function eventMetadataStart(buf: Uint8Array, from: number, end: number): 
   return start;
 }
 
+/** Where {@linkcode eventUnit} found an event's title and text to end. */
+export class EventSpan {
+  /** End (exclusive) of the title: the index of the `|` after it. */
+  titleEnd = -1;
+  /** End (exclusive) of the text: where the metadata fields start, or the line's end. */
+  textEnd = -1;
+}
+
 /**
- * Where a DogStatsD event's title ends (the title starting at `title`, the
- * line at `end`), or -1. Clients count the title's and the text's lengths
- * (`titleLength`, `textLength`) in bytes (datadog-go, datadogpy today), code
- * points (older Python clients) or UTF-16 units (JavaScript clients such as
- * hot-shots, Java): the first of those readings in which the title ends on
- * a `|` and the text, after it, ends the line or meets only metadata fields
- * wins, so a title holding a `|` after a multi-byte character is read whole
- * whichever client sent it. When no reading fits the text too (a client that
- * counted before escaping), the first whose title ends on a `|` does.
+ * The unit a DogStatsD event's lengths were counted in, as the decoder routes
+ * the event and the rewriter rewrites it: 0 bytes, 1 code points, 2 UTF-16
+ * units, or -1 when the title ends on a `|` in none of them. The title
+ * starts at `titleStart`; `stop` is the line's end with a final `\r`
+ * excluded, so a line ended by `\r\n` reads as one ended by `\n`.
+ *
+ * Clients count the title's and the text's lengths (`titleLength`,
+ * `textLength`) in bytes (datadog-go, datadogpy today), code points (older
+ * Python clients) or UTF-16 units (JavaScript clients such as hot-shots,
+ * Java): the first of those readings in which the title ends on a `|` and
+ * the text, after it, ends the line or meets only metadata fields wins, so a
+ * title holding a `|` after a multi-byte character is read whole whichever
+ * client sent it. When no reading fits the text too (a client that counted
+ * before escaping), the first whose title ends on a `|` does, and the text
+ * ends where the metadata fields that end the line start
+ * ({@linkcode eventMetadataStart}).
+ *
+ * Sets `span`, reused (no allocation per event): where the title and the
+ * text end. Linear in the line's length.
  */
-function eventTitleEnd(
+export function eventUnit(
   buf: Uint8Array,
-  title: number,
-  end: number,
+  titleStart: number,
+  stop: number,
   titleLength: number,
   textLength: number,
+  span: EventSpan,
 ): number {
   let titleOnly = -1;
   for (let unit = 0; unit <= 2; unit++) {
-    const titleEnd = unitsEnd(buf, title, end, titleLength, unit);
-    if (titleEnd < 0 || titleEnd >= end || buf[titleEnd] !== PIPE) continue;
-    const textEnd = unitsEnd(buf, titleEnd + 1, end, textLength, unit);
-    if (textEnd >= 0 && eventMetadataOnly(buf, textEnd, end)) return titleEnd;
-    if (titleOnly < 0) titleOnly = titleEnd;
+    const titleEnd = unitsEnd(buf, titleStart, stop, titleLength, unit);
+    if (titleEnd < 0 || titleEnd >= stop || buf[titleEnd] !== PIPE) continue;
+    const textEnd = unitsEnd(buf, titleEnd + 1, stop, textLength, unit);
+    if (textEnd >= 0 && eventMetadataOnly(buf, textEnd, stop)) {
+      span.titleEnd = titleEnd;
+      span.textEnd = textEnd;
+      return unit;
+    }
+    if (titleOnly < 0) {
+      titleOnly = unit;
+      span.titleEnd = titleEnd;
+    }
   }
+  if (titleOnly >= 0) span.textEnd = eventMetadataStart(buf, span.titleEnd + 1, stop);
   return titleOnly;
 }
 
@@ -316,6 +344,7 @@ export class FrameScanner {
   skip = 0;
   readonly #max: number;
   readonly #counters: IngestCounters;
+  readonly #span = new EventSpan();
 
   /** Makes a scanner. */
   constructor(options: FrameScannerOptions) {
@@ -428,7 +457,7 @@ export class FrameScanner {
     let colon = start;
     while (colon < end && buf[colon] !== 58) colon++;
     if (colon === end) {
-      const empty = end === start || (end === start + 1 && buf[start] === 13);
+      const empty = end === start || (end === start + 1 && buf[start] === CR);
       return this.drop(empty ? DROP.empty : DROP.no_colon, buf, start, end);
     }
     if (colon === start) return this.drop(DROP.empty_name, buf, start, end);
@@ -467,8 +496,9 @@ export class FrameScanner {
    * A DogStatsD event, `_e{T,X}:TITLE|TEXT|...`: routed by TITLE, which is T
    * long and followed by a TEXT X long. Clients count both in bytes (Go, C,
    * Python), code points (older Python) or UTF-16 units (Java, JavaScript):
-   * see {@linkcode eventTitleEnd}, which picks the reading where both fit, so
-   * an event routes by its whole title whichever client sent it.
+   * see {@linkcode eventUnit}, which picks the reading where both fit, so an
+   * event routes by its whole title whichever client sent it. A final `\r`
+   * ends the line as `\n` does (the rewriter reads the event so too).
    */
   #event(buf: Uint8Array, start: number, end: number, batch: FrameBatch): void {
     let i = start + 3;
@@ -487,9 +517,12 @@ export class FrameScanner {
     }
     const title = i + 2;
     if (titleLength === 0) return this.drop(DROP.empty_name, buf, start, end);
-    const titleEnd = eventTitleEnd(buf, title, end, titleLength, textLength);
-    if (titleEnd < 0) return this.drop(DROP.bad_event, buf, start, end);
-    batch.push(start, end, title, titleEnd, 1);
+    const stop = buf[end - 1] === CR ? end - 1 : end;
+    const span = this.#span;
+    if (eventUnit(buf, title, stop, titleLength, textLength, span) < 0) {
+      return this.drop(DROP.bad_event, buf, start, end);
+    }
+    batch.push(start, end, title, span.titleEnd, 1);
     this.#counters.lines++;
   }
 

@@ -67,12 +67,7 @@ import {
   checkStripTags,
   type RewriteRule,
 } from "../config/rewrite_settings.ts";
-import {
-  DEFAULT_MAX_LINE_BYTES,
-  eventMetadataOnly,
-  eventMetadataStart,
-  unitsEnd,
-} from "../ingest/frame_batch.ts";
+import { DEFAULT_MAX_LINE_BYTES, EventSpan, eventUnit } from "../ingest/frame_batch.ts";
 
 export type { RewriteRule };
 
@@ -205,9 +200,8 @@ export class Rewriter {
   readonly #stripOnly: boolean;
   readonly #events: boolean;
   readonly #noop: boolean;
-  /** Where {@linkcode #eventText} found an event's text to end, and the unit it used. */
-  #textEnd = 0;
-  #unit = 0;
+  /** Where {@linkcode eventUnit} found an event's title and text to end. */
+  readonly #span = new EventSpan();
   /** Where {@linkcode #tagField} found the tag field to end. */
   #fieldEnd = 0;
 
@@ -364,17 +358,23 @@ export class Rewriter {
     const comma = i;
     let textLength = 0;
     for (i++; buf[i] !== 125; i++) textLength = textLength * 10 + buf[i] - 48;
-    const stop = end > keyEnd && buf[end - 1] === CR ? end - 1 : end;
+    const stop = buf[end - 1] === CR ? end - 1 : end;
+    // The unit the client counted in, and where the text ends, as the decoder
+    // read them: needed to raise T by a wrap that is not pure ASCII, and to
+    // find the tags.
+    let unit = 0;
+    let textEnd = keyEnd;
     if (this.#tags || !this.#wrapAscii) {
-      this.#eventText(buf, keyStart, keyEnd, stop, titleLength, textLength);
-    } else {
-      this.#unit = 0;
+      const span = this.#span;
+      unit = eventUnit(buf, keyStart, stop, titleLength, textLength, span);
+      // Never so for an event the decoder found (its key is span's title).
+      if (unit < 0 || span.titleEnd !== keyEnd) return RewriteOutcome.unchanged;
+      textEnd = span.textEnd;
     }
-    const textEnd = this.#textEnd;
     if (this.#stripOnly && !this.#anyRemoved(buf, textEnd, stop, false)) {
       return RewriteOutcome.unchanged;
     }
-    const newTitleLength = titleLength + this.#wrapUnits[this.#unit];
+    const newTitleLength = titleLength + this.#wrapUnits[unit];
     if (newTitleLength > MAX_EVENT_LENGTH) return RewriteOutcome.tooLong;
     // The title's length may take up to 8 more digits.
     out.reserve(end - start + this.#wrapLength + this.#add.length + 3 + 8);
@@ -402,38 +402,6 @@ export class Rewriter {
     }
     if (w - at > this.#max) return RewriteOutcome.tooLong;
     return commit(out, at, w, newKeyStart, newKeyEnd);
-  }
-
-  /**
-   * Finds, as the decoder reads an event, the unit its client counted in
-   * ({@linkcode #unit}) and where its text ends ({@linkcode #textEnd}, the
-   * start of its metadata fields): the first unit in which the title ends at
-   * `keyEnd` and the text, after it, ends the line or meets only metadata
-   * fields. Failing that (a client that counted before escaping), the first
-   * unit in which the title ends at `keyEnd`, and the first `|` after which
-   * there are only metadata fields (or the line's end).
-   */
-  #eventText(
-    buf: Uint8Array,
-    keyStart: number,
-    keyEnd: number,
-    stop: number,
-    titleLength: number,
-    textLength: number,
-  ): void {
-    let unit = -1;
-    for (let u = 0; u <= 2; u++) {
-      if (unitsEnd(buf, keyStart, stop, titleLength, u) !== keyEnd) continue;
-      if (unit < 0) unit = u;
-      const textEnd = unitsEnd(buf, keyEnd + 1, stop, textLength, u);
-      if (textEnd >= 0 && eventMetadataOnly(buf, textEnd, stop)) {
-        this.#unit = u;
-        this.#textEnd = textEnd;
-        return;
-      }
-    }
-    this.#unit = unit < 0 ? 0 : unit;
-    this.#textEnd = eventMetadataStart(buf, keyEnd + 1, stop);
   }
 
   /** A statsite binary frame: the key is wrapped and its length field follows. */
