@@ -240,6 +240,12 @@ export class Proxy {
   /** When the proxy started (ms since epoch). */
   readonly startedAt: number = Date.now();
   #config: ProxyConfig;
+  /**
+   * What every pool shares, one object: a reload updates it in place, so
+   * servers added from then on, to kept pools and new ones alike, get the
+   * new `max_buffer_bytes`, `reconnect_*` and naming.
+   */
+  readonly #poolShared: PoolShared;
   #tcp: TcpListener | undefined;
   #udp: UdpListener | undefined;
   /** The Unix stream socket's listener (`unix_stream_socket`), unless there is none. */
@@ -268,6 +274,7 @@ export class Proxy {
 
   private constructor(config: ProxyConfig, rings: readonly RingHandOff[] = []) {
     this.#config = config;
+    this.#poolShared = this.#shared(config);
     this.pending = new ByteBudget(config.maxPendingBytes);
     this.rateLimit = new ClientRateLimit({ linesPerSecond: config.clientRateLimit });
     this.#limits = {
@@ -277,11 +284,7 @@ export class Proxy {
     this.#tcpBound = { host: config.bindAddress, port: config.tcpPort };
     this.#udpBound = { host: config.bindAddress, port: config.udpPort };
     const pools = poolsOf(config).map((p) =>
-      this.#makePool(
-        p,
-        config,
-        rings.find((r) => r.pool === p.name && r.protocol === p.protocol),
-      )
+      this.#makePool(p, rings.find((r) => r.pool === p.name && r.protocol === p.protocol))
     );
     const table = new RoutingTable({
       routes: config.routes ?? [],
@@ -504,10 +507,10 @@ export class Proxy {
   }
 
   /** A pool whose servers, when a change takes them out, drain and keep their accounts. */
-  #makePool(config: PoolConfig, proxy: ProxyConfig, inherited?: RingHandOff): Pool {
+  #makePool(config: PoolConfig, inherited?: RingHandOff): Pool {
     return new Pool({
       config,
-      shared: this.#shared(proxy),
+      shared: this.#poolShared,
       onLeave: (member) =>
         this.#leave(config.name, member, Date.now() + this.#config.drainTimeoutMs),
       ...(inherited === undefined ? {} : {
@@ -658,6 +661,10 @@ export class Proxy {
    */
   reload(next: ProxyConfig, staged: StagedListeners = {}): ReloadReport {
     const now = Date.now();
+    // In force before the pools change: servers they add get the new shared
+    // settings, and servers they drop at once drain with the new timeout.
+    this.#config = next;
+    Object.assign(this.#poolShared, this.#shared(next));
     const oldPools = new Map(this.pools.map((p) => [p.name, p]));
     const changes: PoolChanges[] = [];
     const leaving: [string, Destination][] = [];
@@ -667,7 +674,7 @@ export class Proxy {
         changes.push({ pool: config.name, ...before.update(config, now), status: "kept" });
         return before;
       }
-      const pool = this.#makePool(config, next);
+      const pool = this.#makePool(config);
       changes.push({
         pool: pool.name,
         added: pool.members.map((m) => m.address),
@@ -701,7 +708,6 @@ export class Proxy {
     const oldRoutes = this.router.table.routes.map((r) => `${r.name}=${r.pattern}>${r.pools}`);
     const newRoutes = table.routes.map((r) => `${r.name}=${r.pattern}>${r.pools}`);
     this.router.swap({ pools, table });
-    this.#config = next;
     for (const pool of pools) pool.start();
     this.watchers.sync(poolsOf(next), next.watchServersFile);
     const deadline = Date.now() + next.drainTimeoutMs;

@@ -547,3 +547,85 @@ Deno.test("/metrics keeps the totals of servers reloads removed: the accounts ad
     await Promise.all(servers.map((s) => s.stop()));
   }
 });
+
+/** Sets `key = value` in the proxy's config file (replacing the line, or adding one). */
+async function setSetting(proxy: ProxyProcess, key: string, value: string | number) {
+  const path = `${proxy.dir}/proxy.ini`;
+  const ini = await Deno.readTextFile(path);
+  const line = new RegExp(`^${key} = .*$`, "m");
+  await Deno.writeTextFile(
+    path,
+    line.test(ini)
+      ? ini.replace(line, `${key} = ${value}`)
+      : ini.replace("[statsite-proxy]\n", `[statsite-proxy]\n${key} = ${value}\n`),
+  );
+}
+
+Deno.test("SIGHUP: a server added to a kept pool gets the new max_buffer_bytes", async () => {
+  const a = RecordingServer.start();
+  const down = RecordingServer.reserve();
+  const proxy = await ProxyProcess.start({
+    servers: [a.address],
+    admin: true,
+    settings: { max_buffer_bytes: 65536, ring_switch: "immediate", drain_timeout_ms: 300 },
+  });
+  try {
+    await setSetting(proxy, "max_buffer_bytes", 131072);
+    await proxy.writeServers([down.address]);
+    proxy.signal("SIGHUP");
+    await proxy.waitForLog(/SIGHUP: reloaded: added /);
+    // 8000 lines of 32 bytes = 256000 bytes: 4096 fit in 131072 bytes (2048 in 65536).
+    const lines = Array.from(
+      { length: 8000 },
+      (_, i) => `grow.k${String(i).padStart(5, "0")}:1|c|@0.5${"x".repeat(11)}`,
+    );
+    await sendTcp(proxy.tcpPort, bytes(lines.map((l) => l + "\n").join("")));
+    const label = `server="${down.address}",protocol="ascii"`;
+    await waitUntil(
+      async () =>
+        (await proxy.metrics()).get(`statsite_proxy_upstream_received_total{${label}}`) ===
+          8000,
+      () => "8000 lines routed",
+    );
+    const m = await proxy.metrics();
+    assert.equal(m.get(`statsite_proxy_upstream_buffered_bytes{${label}}`), 131072);
+    assert.equal(m.get(`statsite_proxy_upstream_held{${label}}`), 4096);
+    assert.equal(
+      m.get(`statsite_proxy_upstream_dropped_total{${label},reason="buffer_full"}`),
+      3904,
+    );
+  } finally {
+    await proxy.stop();
+    await Promise.all([a, down].map((s) => s.stop()));
+  }
+});
+
+Deno.test("SIGHUP with ring_switch immediate: removed servers drain with the new drain_timeout_ms", async () => {
+  const a = RecordingServer.start();
+  const down = RecordingServer.reserve();
+  const proxy = await ProxyProcess.start({
+    servers: [down.address],
+    admin: true,
+    settings: { drain_timeout_ms: 60_000, ring_switch: "immediate" },
+  });
+  try {
+    await sendTcp(proxy.tcpPort, bytes("drain.k:1|c\n"));
+    const label = `server="${down.address}",protocol="ascii"`;
+    await waitUntil(
+      async () => (await proxy.metrics()).get(`statsite_proxy_upstream_held{${label}}`) === 1,
+      () => "a line held for the down server",
+    );
+    await setSetting(proxy, "drain_timeout_ms", 200);
+    await proxy.writeServers([a.address]);
+    proxy.signal("SIGHUP");
+    await proxy.waitForLog(/SIGHUP: reloaded: added /);
+    // Dropped after the new 200 ms, not the old 60 s.
+    await proxy.waitForLog(
+      new RegExp(`removed server ${down.address}: 1 held metrics could not be delivered`),
+      5_000,
+    );
+  } finally {
+    await proxy.stop();
+    await Promise.all([a, down].map((s) => s.stop()));
+  }
+});
