@@ -767,14 +767,7 @@ export class Proxy {
       const from = this.#tcp === undefined ? "off" : formatAddr(this.#tcp.addr);
       try {
         const fresh = next.tcpPort === 0 ? undefined : this.#listenTcp(next);
-        const retiring = this.#tcp;
-        if (retiring !== undefined) {
-          // Stop accepting; its clients keep their connections until they close.
-          this.#retired.add(retiring);
-          retiring.stopAccepting().then(() => retiring.idle()).then(() =>
-            this.#retired.delete(retiring)
-          );
-        }
+        if (this.#tcp !== undefined) this.#retire(this.#tcp);
         this.#tcp = fresh;
         this.#tcpBound = tcpWant;
         report.listeners.push(`tcp ${from} -> ${fresh ? formatAddr(fresh.addr) : "off"}`);
@@ -804,8 +797,9 @@ export class Proxy {
    */
   #reloadUnix(next: ProxyConfig, staged: StagedListeners, report: ReloadReport): void {
     const before = this.#unix;
-    const from = before === undefined ? "off" : formatAddr(before.addr);
     const path = next.unixStreamSocket;
+    if (path === undefined && before === undefined) return; // none, before or after
+    const from = before === undefined ? "off" : formatAddr(before.addr);
     if (path !== undefined && path === before?.unixSocket?.path) {
       try {
         before.unixSocket.chmod(next.unixSocketMode);
@@ -833,11 +827,7 @@ export class Proxy {
       fresh.start();
       log.info("listening on unix {path}", { path: formatAddr(fresh.addr) });
     }
-    if (before !== undefined) {
-      // Stop accepting (its file is removed); its clients stay until they close.
-      this.#retired.add(before);
-      before.stopAccepting().then(() => before.idle()).then(() => this.#retired.delete(before));
-    }
+    if (before !== undefined) this.#retire(before); // its file is removed
     this.#unix = fresh;
     report.listeners.push(`unix ${from} -> ${fresh ? formatAddr(fresh.addr) : "off"}`);
   }
@@ -850,8 +840,9 @@ export class Proxy {
    */
   #reloadUnixDatagram(next: ProxyConfig, staged: StagedListeners, report: ReloadReport): void {
     const before = this.#unixDatagram;
-    const from = before?.path ?? "off";
     const path = next.unixDatagramSocket;
+    if (path === undefined && before === undefined) return; // none, before or after
+    const from = before?.path ?? "off";
     if (path !== undefined && path === before?.path) {
       try {
         before.unixSocket?.chmod(next.unixSocketMode);
@@ -885,6 +876,15 @@ export class Proxy {
     before?.close();
     this.#unixDatagram = fresh;
     report.listeners.push(`unix datagram ${from} -> ${fresh?.path ?? "off"}`);
+  }
+
+  /**
+   * A TCP or Unix stream listener a reload replaced: it stops accepting, and
+   * its clients keep their connections until they close.
+   */
+  #retire(listener: TcpListener): void {
+    this.#retired.add(listener);
+    listener.stopAccepting().then(() => listener.idle()).then(() => this.#retired.delete(listener));
   }
 
   /** Adds a removed server's account to what was removed before at its address. */

@@ -195,6 +195,8 @@ Deno.test("SIGHUP with a changed servers file moves exactly the keys route says"
     await Deno.copyFile(newFile, `${proxy.dir}/servers.conf`);
     proxy.signal("SIGHUP");
     await proxy.waitForLog(/SIGHUP: reloaded: added .*; removed .*; [\d.]+% of keys moved/);
+    // No Unix socket before or after: the line does not mention one.
+    assert.doesNotMatch(/SIGHUP: reloaded: .*/.exec(proxy.stderr)![0], /unix/);
     const share = Number(/([\d.]+)% of keys moved/.exec(proxy.stderr)![1]);
     const sampled = (moved.length / keys.length) * 100;
     assert.ok(Math.abs(share - sampled) < 5, `ring says ${share}%, keys say ${sampled}%`);
@@ -319,8 +321,10 @@ Deno.test("SIGHUP moves the tcp listener and old clients keep their connection",
     );
     proxy.signal("SIGHUP");
     await proxy.waitForLog(
-      new RegExp(`tcp 127\\.0\\.0\\.1:${proxy.tcpPort} -> 127\\.0\\.0\\.1:${port}`),
+      new RegExp(`tcp 127\\.0\\.0\\.1:${proxy.tcpPort} -> 127\\.0\\.0\\.1:${port}$`, "m"),
     );
+    // The tcp change is the line's last: no Unix socket, so no "unix off -> off".
+    assert.doesNotMatch(/SIGHUP: reloaded: .*/.exec(proxy.stderr)![0], /unix/);
     await sendTcp(port, bytes("listener.new:1|c\n"));
     await old.write(bytes("listener.old.conn:1|c\n"));
     old.close();
