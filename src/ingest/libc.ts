@@ -144,7 +144,6 @@ export const ERRNO = {
   EACCES: 13,
   EFAULT: 14,
   EINVAL: 22,
-  ENOSYS: 38,
   ENOTSOCK: 88,
   ENOBUFS: 105,
   ENOTCONN: 107,

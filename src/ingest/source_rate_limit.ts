@@ -126,8 +126,6 @@ export class SourceRateLimit {
   #size = 0;
   #hand = 0;
   #evictions = 0;
-  #passed = 0;
-  #dropped = 0;
 
   /**
    * Makes an empty limit, allocating all of its memory.
@@ -246,16 +244,6 @@ export class SourceRateLimit {
   /** Sources evicted to make room for others since the start. */
   get evictions(): number {
     return this.#evictions;
-  }
-
-  /** Lines let through since the start. */
-  get passed(): number {
-    return this.#passed;
-  }
-
-  /** Lines dropped since the start. */
-  get dropped(): number {
-    return this.#dropped;
   }
 
   /** Most sources tracked. */
@@ -390,7 +378,6 @@ export class SourceRateLimit {
     if (tokens < lines) {
       allowed = Math.floor(tokens);
       const dropped = lines - allowed;
-      this.#dropped += dropped;
       if (this.#droppedBy[entry] === 0 && this.#listed[entry] === 0) {
         this.#listed[entry] = 1;
         this.#dirty[this.#dirtyCount++] = entry;
@@ -398,7 +385,6 @@ export class SourceRateLimit {
       this.#droppedBy[entry] += dropped;
     }
     this.#tokens[entry] = tokens - allowed;
-    this.#passed += allowed;
     return allowed;
   }
 
