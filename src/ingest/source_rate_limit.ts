@@ -126,6 +126,8 @@ export class SourceRateLimit {
   #size = 0;
   #hand = 0;
   #evictions = 0;
+  /** The entry of the last `#take` that dropped lines. */
+  #taken = 0;
 
   /**
    * Makes an empty limit, allocating all of its memory.
@@ -319,11 +321,9 @@ export class SourceRateLimit {
     }
     const key = hashedKey(a, b);
     const allowed = this.#take(key, this.#hashKey(key), lines, now, undefined);
-    if (allowed < lines) {
-      const entry = this.#find(key, this.#hashKey(key));
-      if (entry >= 0 && this.#labels[entry] === undefined) {
-        this.#labels[entry] = name(buf.subarray(start, end));
-      }
+    // Some dropped: `#taken` is the source's entry.
+    if (allowed < lines && this.#labels[this.#taken] === undefined) {
+      this.#labels[this.#taken] = name(buf.subarray(start, end));
     }
     return allowed;
   }
@@ -376,6 +376,7 @@ export class SourceRateLimit {
     }
     let allowed = lines;
     if (tokens < lines) {
+      this.#taken = entry;
       allowed = Math.floor(tokens);
       const dropped = lines - allowed;
       if (this.#droppedBy[entry] === 0 && this.#listed[entry] === 0) {
