@@ -270,8 +270,8 @@ Deno.test("ClientRateLimit: tables per transport, made when used, changed in pla
     limit.tcp!.take(SourceRateLimit.connectionKey(7), 30, 0);
     limit.tcp!.take(SourceRateLimit.connectionKey(8), 20, 0);
     limit.tcp!.take(SourceRateLimit.connectionKey(10), 11, 0);
-    limit.closed(8, true);
-    limit.closed(9, false);
+    limit.closed(8);
+    limit.closed(9);
     limit.udp!.take(SourceRateLimit.ipv4Key(0x0a000001, 53), 25, 0);
     assert.deepEqual(limit.report(10), {
       sources: 4,
@@ -285,6 +285,34 @@ Deno.test("ClientRateLimit: tables per transport, made when used, changed in pla
     // Closed and reported: forgotten.
     limit.tcp!.take(SourceRateLimit.connectionKey(8), 20, 0);
     assert.equal(limit.report(1).worst[0].source, "connection 8");
+  });
+
+  await t.step("a closed connection is no longer tracked; its drops wait for the report", () => {
+    const limit = new ClientRateLimit({ linesPerSecond: 10, maxSources: 100 });
+    const peer = (port: number): Deno.NetAddr => ({ transport: "tcp", hostname: "10.2.2.2", port });
+    // 5,000 connections come and go, connection i losing i lines: more
+    // than are listed until the report, so the last, worst ones take the
+    // places of the least.
+    for (let id = 1; id <= 5000; id++) {
+      limit.opened(id, peer(id));
+      limit.tcp!.take(SourceRateLimit.connectionKey(id), 10 + id, 0);
+      limit.closed(id);
+    }
+    limit.opened(9000, peer(9000));
+    limit.tcp!.take(SourceRateLimit.connectionKey(9000), 11, 0);
+    assert.equal(limit.sources("tcp"), 1);
+    assert.equal(limit.evictions("tcp"), 0);
+    const report = limit.report(4);
+    assert.equal(report.sources, 5001);
+    assert.deepEqual(report.worst, [
+      { source: "connection 5000 (10.2.2.2:5000)", transport: "tcp", dropped: 5000 },
+      { source: "connection 4999 (10.2.2.2:4999)", transport: "tcp", dropped: 4999 },
+      { source: "connection 4998 (10.2.2.2:4998)", transport: "tcp", dropped: 4998 },
+      { source: "connection 4997 (10.2.2.2:4997)", transport: "tcp", dropped: 4997 },
+    ]);
+    assert.deepEqual(limit.report(4), { sources: 0, worst: [] });
+    limit.closed(9000);
+    assert.equal(limit.sources("tcp"), 0);
   });
 
   await t.step("watchers hear of each turn on and off, not of other changes", () => {

@@ -299,6 +299,53 @@ for (const receiver of ["native", "deno"] as const) {
   });
 }
 
+Deno.test("client_rate_limit over TCP: a closed connection is no longer a source", async () => {
+  const server = RecordingServer.start();
+  const proxy = await ProxyProcess.start({
+    servers: [server.address],
+    admin: true,
+    udp: false,
+    settings: { client_rate_limit: 10, summary_interval_ms: 60_000 },
+  });
+  try {
+    const live = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
+    await writeAll(live, bytes(lines("live", 0, 1)));
+    // 50 short-lived connections, each over its limit (its last 5 lines dropped).
+    const CLOSED = 50;
+    for (let c = 0; c < CLOSED; c++) {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port: proxy.tcpPort });
+      await writeAll(conn, bytes(lines(`c${c}`, 0, 15)));
+      conn.close();
+    }
+    let m = new Map<string, number>();
+    await waitUntil(async () => {
+      m = await proxy.metrics();
+      const t = ingest(m, "tcp");
+      return t.lines + t.limited === 1 + CLOSED * 15 && m.get(`${P}tcp_connections_open`) === 1;
+    }, () => `all taken in, one connection open: ${JSON.stringify(ingest(m, "tcp"))}`);
+    assert.equal(ingest(m, "tcp").limited, CLOSED * 5);
+    // Only the live connection is tracked; nothing was evicted.
+    assert.equal(m.get(`${P}client_rate_limit_sources{transport="tcp"}`), 1);
+    assert.equal(m.get(`${P}client_rate_limit_evictions_total{transport="tcp"}`), 0);
+    assert.equal(JSON.parse((await proxy.admin("/health")).text).client_rate_limit.tcp.sources, 1);
+    live.close();
+    await waitUntil(async () => {
+      m = await proxy.metrics();
+      return m.get(`${P}tcp_connections_open`) === 0;
+    }, () => "no connection open");
+    assert.equal(m.get(`${P}client_rate_limit_sources{transport="tcp"}`), 0);
+    // The closed connections' drops are still summarized, each named by its peer.
+    assert.equal(await proxy.stop(), 0);
+    const logged = rateLimitLines(proxy.stderr);
+    assert.equal(logged.reduce((n, l) => n + l.count, 0), CLOSED * 5, proxy.stderr);
+    assert.match(proxy.stderr, /rate limit: dropped 250 lines from 50 sources/);
+    assert.match(logged[0].worst, /^connection \d+ \(127\.0\.0\.1:\d+\) 5, /);
+  } finally {
+    await proxy.stop();
+    await server.stop();
+  }
+});
+
 Deno.test("client_rate_limit: a reload turns it on, changes it and turns it off", async () => {
   const server = RecordingServer.start();
   const proxy = await ProxyProcess.start({

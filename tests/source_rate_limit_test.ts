@@ -188,6 +188,126 @@ Deno.test("source rate limit: many sources, bounded by CLOCK eviction", async (t
   });
 });
 
+Deno.test("source rate limit: forget stops tracking a source", async (t) => {
+  await t.step("its entry is freed, and its drops since worst() returned, not listed", () => {
+    const limit = new SourceRateLimit({ linesPerSecond: 10 });
+    const a = SourceRateLimit.connectionKey(1);
+    const b = SourceRateLimit.connectionKey(2);
+    const c = SourceRateLimit.connectionKey(3);
+    limit.take(a, 15, 0);
+    limit.take(b, 12, 0);
+    limit.take(c, 5, 0);
+    assert.equal(limit.forget(a), 5);
+    assert.equal(limit.forget(a), 0, "no longer tracked");
+    assert.equal(limit.forget(SourceRateLimit.connectionKey(9)), 0, "never tracked");
+    assert.equal(limit.tracked, 2);
+    // The others keep their buckets (c, the last entry, moved into a's place).
+    assert.equal(limit.take(b, 1, 0), 0);
+    assert.equal(limit.take(c, 10, 0), 5);
+    assert.deepEqual(limit.worst().map((w) => [w.source, w.dropped]), [
+      ["connection 3", 5],
+      ["connection 2", 3],
+    ]);
+    // Seen again: a full bucket.
+    assert.equal(limit.take(a, 15, 0), 10);
+    assert.equal(limit.forget(b) + limit.forget(c) + limit.forget(a), 5);
+    assert.equal(limit.tracked, 0);
+    assert.deepEqual(limit.worst(), []);
+  });
+
+  await t.step("50,000 sources come and go: the table never fills, nothing is evicted", () => {
+    const limit = new SourceRateLimit({ linesPerSecond: 10, maxSources: 100 });
+    for (let i = 0; i < 50_000; i++) {
+      const key = SourceRateLimit.connectionKey(i);
+      assert.equal(limit.take(key, 10, 0), 10);
+      if (i >= 50) limit.forget(SourceRateLimit.connectionKey(i - 50));
+    }
+    assert.equal(limit.tracked, 50);
+    assert.equal(limit.evictions, 0);
+    // Each of the last 50 still holds its (empty) bucket.
+    for (let i = 49_950; i < 50_000; i++) {
+      assert.equal(limit.take(SourceRateLimit.connectionKey(i), 1, 0), 0);
+    }
+  });
+
+  await t.step("takes, forgets, evictions and worst(): checked against a model", () => {
+    // One line a second, all at the same time: a tracked source has no token
+    // left and loses what it sends, a new one passes its first line. The
+    // model is CLOCK over an array whose last entry fills a forgotten one.
+    for (const seed of [1, 2, 3, 4, 5, 6, 7, 8]) {
+      const max = 40;
+      const limit = new SourceRateLimit({ linesPerSecond: 1, burst: 1, maxSources: max, seed });
+      const positions = new Map<number, number>();
+      const keys: number[] = [];
+      const referenced: boolean[] = [];
+      const dropped = new Map<number, number>();
+      let hand = 0;
+      let state = seed;
+      const random = (n: number) => {
+        state = (Math.imul(state, 1103515245) + 12345) >>> 0;
+        return (state >>> 8) % n;
+      };
+      for (let i = 0; i < 20_000; i++) {
+        const what = random(100);
+        const key = SourceRateLimit.connectionKey(random(70));
+        const at = positions.get(key);
+        const context = `seed ${seed}, step ${i}, key ${key}`;
+        if (what < 25) {
+          // Forget: the last entry moves into its place.
+          let expected = 0;
+          if (at !== undefined) {
+            expected = dropped.get(key) ?? 0;
+            dropped.delete(key);
+            positions.delete(key);
+            const last = keys.length - 1;
+            if (at !== last) {
+              keys[at] = keys[last];
+              referenced[at] = referenced[last];
+              positions.set(keys[at], at);
+            }
+            keys.pop();
+            referenced.pop();
+            if (hand >= keys.length) hand = 0;
+          }
+          assert.equal(limit.forget(key), expected, context);
+        } else if (what < 27) {
+          const worst = limit.worst(Infinity).map((w) => [w.key, w.dropped]);
+          const model = [...dropped].filter(([, n]) => n > 0);
+          dropped.clear();
+          const order = (x: number[], y: number[]) => y[1] - x[1] || x[0] - y[0];
+          assert.deepEqual(worst, model.sort(order), context);
+        } else {
+          const lines = 1 + random(3);
+          let expected = 0;
+          if (at !== undefined) {
+            referenced[at] = true;
+            dropped.set(key, (dropped.get(key) ?? 0) + lines);
+          } else {
+            expected = 1;
+            let p = keys.length;
+            if (p === max) {
+              while (referenced[hand]) {
+                referenced[hand] = false;
+                hand = (hand + 1) % max;
+              }
+              p = hand;
+              hand = (hand + 1) % max;
+              positions.delete(keys[p]);
+              dropped.delete(keys[p]);
+            }
+            keys[p] = key;
+            referenced[p] = false;
+            positions.set(key, p);
+            if (lines > 1) dropped.set(key, lines - 1);
+          }
+          assert.equal(limit.take(key, lines, 0), expected, context);
+        }
+        assert.equal(limit.tracked, keys.length, context);
+      }
+    }
+  });
+});
+
 Deno.test("source rate limit: worst sources since the last call", () => {
   const limit = new SourceRateLimit({ linesPerSecond: 10 });
   const a = SourceRateLimit.ipv4Key(0x0a000001, 1);

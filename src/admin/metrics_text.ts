@@ -135,7 +135,7 @@ export function renderMetrics(proxy: Proxy, admin: HttpCounters): Uint8Array {
   out.family(
     "client_rate_limit_sources",
     "gauge",
-    "Sources (TCP connections, UDP source addresses) client_rate_limit tracks now, at most its max_sources per transport.",
+    "Sources (open TCP connections, UDP source addresses) client_rate_limit tracks now, at most its max_sources per transport.",
   );
   for (const [transport] of ingest) {
     out.sample("client_rate_limit_sources", { transport }, rateLimit.sources(transport));

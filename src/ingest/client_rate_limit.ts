@@ -11,7 +11,8 @@
  * limit is on (about 4 MiB each for 65,536 sources) and let go when it is
  * turned off; a new rate is applied in place, so a reload gives no source a
  * fresh bucket. The listeners ask for their transport's table once per
- * batch: `undefined` means off, and they take their plain path.
+ * batch: `undefined` means off, and they take their plain path. A TCP
+ * connection leaves its table when it closes.
  *
  * The pieces the listeners use, none allocating per line or datagram:
  * {@linkcode dropFrom} cuts a batch short and counts the rest;
@@ -34,8 +35,8 @@ import {
 /** The transports a limit applies to. */
 export type RateLimitedTransport = "tcp" | "udp";
 
-/** Most closed TCP connections whose peer is remembered until the next report. */
-const MAX_CLOSED_PEERS = 4096;
+/** Most closed TCP connections listed (the worst) until the next report. */
+const MAX_CLOSED_LISTED = 4096;
 
 /** The key of TCP connection 0: a key at or above it is a connection's. */
 const CONNECTION_BASE = SourceRateLimit.connectionKey(0);
@@ -83,8 +84,13 @@ export class ClientRateLimit {
   readonly #watchers = new Set<(on: boolean) => void>();
   /** The peer of each open TCP connection, by id. */
   readonly #peers = new Map<number, Deno.NetAddr>();
-  /** The peers of connections closed since the last report that had lines dropped. */
-  #closedPeers = new Map<number, Deno.NetAddr>();
+  /**
+   * The connections closed since the last report that had lines dropped
+   * since then, named: the {@linkcode MAX_CLOSED_LISTED} worst.
+   */
+  #closedWorst: RateLimitedSource[] = [];
+  /** How many such connections closed, listed or not. */
+  #closedSources = 0;
 
   /**
    * Makes the limit; no table is allocated until a transport uses it.
@@ -180,15 +186,33 @@ export class ClientRateLimit {
   }
 
   /**
-   * A TCP connection closed; `limited` says whether it had lines dropped,
-   * when its peer is kept (for a while) to name it in the next report.
+   * A TCP connection closed: its table entry is let go (so
+   * {@linkcode sources} counts open connections, and closed ones evict
+   * none), and the lines it had dropped since the last report are kept,
+   * named with its peer, for the next one.
    */
-  closed(id: number, limited: boolean): void {
+  closed(id: number): void {
     const peer = this.#peers.get(id);
     this.#peers.delete(id);
-    if (limited && peer !== undefined && this.#closedPeers.size < MAX_CLOSED_PEERS) {
-      this.#closedPeers.set(id, peer);
+    const key = SourceRateLimit.connectionKey(id);
+    const dropped = this.#tcp?.forget(key) ?? 0;
+    if (dropped === 0) return;
+    this.#closedSources++;
+    const listed = this.#closedWorst;
+    let at = listed.length;
+    if (at === MAX_CLOSED_LISTED) {
+      // Full (thousands of limited connections closed in one interval): it
+      // takes the place of the one with the fewest drops, if it has more.
+      at = 0;
+      for (let i = 1; i < listed.length; i++) if (listed[i].dropped < listed[at].dropped) at = i;
+      if (listed[at].dropped >= dropped) return;
     }
+    const source = SourceRateLimit.describe(key);
+    listed[at] = {
+      source: peer === undefined ? source : `${source} (${addressText(peer)})`,
+      transport: "tcp",
+      dropped,
+    };
   }
 
   /**
@@ -197,11 +221,18 @@ export class ClientRateLimit {
    * zero. Allocates: once per summary interval.
    */
   report(k: number): RateLimitReport {
-    const all = [...this.#retiredWorst, ...this.#worstOf("tcp"), ...this.#worstOf("udp")];
+    const all = [
+      ...this.#retiredWorst,
+      ...this.#closedWorst,
+      ...this.#worstOf("tcp"),
+      ...this.#worstOf("udp"),
+    ];
+    const sources = all.length + this.#closedSources - this.#closedWorst.length;
     this.#retiredWorst = [];
-    this.#closedPeers = new Map();
+    this.#closedWorst = [];
+    this.#closedSources = 0;
     all.sort((a, b) => b.dropped - a.dropped);
-    return { sources: all.length, worst: all.slice(0, Math.max(0, k)) };
+    return { sources, worst: all.slice(0, Math.max(0, k)) };
   }
 
   #table(transport: RateLimitedTransport): SourceRateLimit | undefined {
@@ -230,7 +261,7 @@ export class ClientRateLimit {
   #name(w: WorstSource): string {
     if (w.key < CONNECTION_BASE) return w.source;
     const id = w.key - CONNECTION_BASE;
-    const peer = this.#peers.get(id) ?? this.#closedPeers.get(id);
+    const peer = this.#peers.get(id);
     return peer === undefined ? w.source : `${w.source} (${addressText(peer)})`;
   }
 }

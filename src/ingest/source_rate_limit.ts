@@ -30,6 +30,9 @@
  * a full bucket; so a flood of spoofed UDP source addresses gets each address
  * its burst, no more, while the total it passes is not bounded by this limit
  * (`max_connections` bounds TCP sources; nothing bounds spoofed UDP ones).
+ * A source known to be gone (a TCP connection that closed) is let go at once
+ * with {@linkcode SourceRateLimit.forget}, so it takes no room and evicts
+ * nothing.
  * Its per-source drop count for {@linkcode SourceRateLimit.worst} is lost with
  * it; the totals are not. The table is keyed with a random seed per
  * instance, so chosen source addresses cannot pile up in one part of it.
@@ -326,6 +329,48 @@ export class SourceRateLimit {
       this.#labels[this.#taken] = name(buf.subarray(start, end));
     }
     return allowed;
+  }
+
+  /**
+   * Stops tracking the source `sourceKey` (a TCP connection that closed), in
+   * O(1): the last entry moves into its place. Its lines dropped since the
+   * last {@linkcode SourceRateLimit.worst} are returned, not listed there. A
+   * source seen again after this starts with a full bucket. Allocates
+   * nothing.
+   *
+   * @param sourceKey The source, as given to {@linkcode SourceRateLimit.take}.
+   * @returns Lines dropped from it since the last `worst` (0 when not tracked).
+   */
+  forget(sourceKey: number): number {
+    const entry = this.#find(sourceKey, this.#hashKey(sourceKey));
+    if (entry < 0) return 0;
+    const droppedBy = this.#droppedBy;
+    const dropped = droppedBy[entry];
+    this.#remove(entry);
+    const last = --this.#size;
+    if (entry !== last) {
+      const table = this.#table;
+      const mask = this.#mask;
+      let slot = this.#hashKey(this.#keys[last]) & mask;
+      while (table[slot << 1] !== last + 1) slot = (slot + 1) & mask;
+      table[slot << 1] = entry + 1;
+      this.#keys[entry] = this.#keys[last];
+      this.#tokens[entry] = this.#tokens[last];
+      this.#last[entry] = this.#last[last];
+      this.#referenced[entry] = this.#referenced[last];
+      this.#labels[entry] = this.#labels[last];
+      droppedBy[entry] = droppedBy[last];
+      // A place in the list of drops stays with its entry, as through an
+      // eviction: list the moved source's drops at its new entry if need be.
+      if (droppedBy[entry] > 0 && this.#listed[entry] === 0) {
+        this.#listed[entry] = 1;
+        this.#dirty[this.#dirtyCount++] = entry;
+      }
+    }
+    droppedBy[last] = 0;
+    this.#labels[last] = undefined;
+    if (this.#hand >= last) this.#hand = 0;
+    return dropped;
   }
 
   /**

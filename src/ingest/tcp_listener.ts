@@ -110,8 +110,6 @@ interface Client {
   id: number;
   /** The sink that lets through what `client_rate_limit` allows, made when first needed. */
   limited: BatchSink | undefined;
-  /** Whether `client_rate_limit` dropped some of its lines. */
-  rateLimited: boolean;
 }
 
 /**
@@ -239,7 +237,6 @@ export class TcpListener {
       decoder,
       id: clients.total,
       limited: undefined,
-      rateLimited: false,
     };
     this.#clients.add(client);
     rateLimit?.opened(client.id, conn.remoteAddr);
@@ -275,7 +272,7 @@ export class TcpListener {
       if (large !== undefined) pool.give(large);
       this.#clients.delete(client);
       clients.open--;
-      rateLimit?.closed(client.id, client.rateLimited);
+      rateLimit?.closed(client.id);
       close(conn);
     }
   }
@@ -304,7 +301,6 @@ export class TcpListener {
           const allowed = limit.take(key, batch.count, performance.now());
           if (allowed < batch.count) {
             dropFrom(batch, allowed, counters);
-            client.rateLimited = true;
             if (allowed === 0) return;
           }
         }
