@@ -934,6 +934,9 @@ export class NativeUdpSocket {
   #checkGiveUp(): void {
     const limit = this.#giveUpAfter;
     if (limit === undefined) return;
+    // Called at every empty read: nothing to look at until a streak is long enough.
+    const failures = limit.failures;
+    if (this.#recvStreak.count < failures && this.#pollStreak.count < failures) return;
     const now = Date.now();
     for (
       const [call, streak] of [["recvmmsg", this.#recvStreak], ["ppoll", this.#pollStreak]] as const
