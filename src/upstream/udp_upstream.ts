@@ -177,6 +177,8 @@ export interface UdpUpstreamOptions {
   sockets: UdpSockets;
   /** Where trouble is logged, rate-limited. */
   events: ConnectionEvents;
+  /** Resolves a host name. Default: getaddrinfo (`node:dns` `lookup`); tests slow it down. */
+  lookup?: (host: string) => Promise<{ address: string }>;
 }
 
 /** {@linkcode UdpUpstream.attempt}: the server's address is not known yet. */
@@ -425,7 +427,8 @@ export class UdpUpstream implements Destination {
   #ip: string | undefined;
   /** Why no IP is known: the name did not resolve. */
   #unresolved: string | undefined;
-  #resolving: Promise<void> | undefined;
+  /** The host being looked up, while a lookup runs. */
+  #resolving: string | undefined;
   #retry: ReturnType<typeof setTimeout> | undefined;
   /** Senders waiting for the first resolution. */
   #waiting: (() => void)[] = [];
@@ -572,15 +575,20 @@ export class UdpUpstream implements Destination {
     for (const resolve of this.#waiting.splice(0)) resolve();
   }
 
-  /** One resolution at a time, in the background. */
+  /**
+   * One resolution at a time, in the background. A lookup that ends after a
+   * retarget is ignored (the host it was for is not the server's any more),
+   * and the new name, if any, is looked up then.
+   */
   #resolve(): void {
     if (this.#resolving !== undefined || this.#draining) return;
     clearTimeout(this.#retry);
     this.#retry = undefined;
     const { host, events } = this.#options;
     const name = this.#options.name ?? this.address;
-    this.#resolving = lookup(host).then(({ address }) => {
-      if (this.#draining) return;
+    this.#resolving = host;
+    (this.#options.lookup ?? lookup)(host).then(({ address }) => {
+      if (this.#draining || this.#options.host !== host) return;
       if (this.#unresolved !== undefined) {
         log.info("{server} (udp): {host} resolves to {ip} now", {
           server: name,
@@ -590,7 +598,7 @@ export class UdpUpstream implements Destination {
       }
       this.#setIp(address);
     }, (err) => {
-      if (this.#draining) return;
+      if (this.#draining || this.#options.host !== host) return;
       const error = `${host} does not resolve (${errorText(err)})`;
       const kept = this.#ip;
       if (kept === undefined) {
@@ -614,7 +622,13 @@ export class UdpUpstream implements Destination {
         },
       );
       this.#wake();
-    }).finally(() => this.#resolving = undefined);
+    }).finally(() => {
+      this.#resolving = undefined;
+      // Retargeted to another name meanwhile: look that one up now.
+      if (this.#options.host !== host && literalIp(this.#options.host) === undefined) {
+        this.#resolve();
+      }
+    });
   }
 
   /**
