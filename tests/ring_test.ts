@@ -309,3 +309,28 @@ Deno.test("a ring that replaces another takes over its route cache, emptied", ()
     assert.equal(old.lookupKey(key), new HashRing({ servers, cache: false }).lookupKey(key), key);
   }
 });
+
+Deno.test("a ring built without a cache adopts one later: the replaced ring's, or a new one", () => {
+  const servers = [1, 2, 3].map((i) => ({ address: `10.0.0.${i}:8125`, weight: 100 }));
+  const old = new HashRing({ servers });
+  for (let i = 0; i < 100; i++) old.lookupKey(`key${i}`);
+  const cache = old.cache!;
+  const next = new HashRing({ servers: servers.slice(0, 2), cache: false });
+  assert.equal(next.cache, null);
+  next.adoptCache(old);
+  assert.equal(next.cache, cache, "the same cache object");
+  assert.equal(cache.size, 0, "emptied");
+  assert.equal(old.cache, null, "the old ring goes on uncached");
+  const cached = new HashRing({ servers });
+  next.adoptCache(cached);
+  assert.equal(next.cache, cache, "a ring that has a cache keeps it");
+  assert.notEqual(cached.cache, null, "and so does the other");
+  const other = new HashRing({ servers, cache: false });
+  other.adoptCache();
+  assert.notEqual(other.cache, null, "a new cache");
+  const fresh = new HashRing({ servers: servers.slice(0, 2), cache: false });
+  for (let i = 0; i < 100; i++) {
+    const key = `key${i}`;
+    assert.equal(next.lookupKey(key), fresh.lookupKey(key), key);
+  }
+});

@@ -169,15 +169,27 @@ export class HashRing {
 
     this.servers = Object.freeze(servers.map((s) => Object.freeze(s)));
     this.digestCounts = Object.freeze(digestCounts);
-    const replaced = options.replaces;
-    const taken = replaced === undefined ? null : replaced.#cache;
-    if (replaced !== undefined) replaced.#cache = null;
-    if (options.cache === false) this.#cache = null;
-    else if (taken) {
+    this.#cache = null;
+    if (options.cache !== false) this.adoptCache(options.replaces, options.cache);
+    else if (options.replaces !== undefined) options.replaces.#cache = null;
+  }
+
+  /**
+   * Gives a ring built without a route cache one: that of `replaces` (taken
+   * over, emptied, in O(1); `replaces` goes on without), else a new one
+   * sized by `options`. A ring that has a cache keeps it (and `replaces`
+   * its own). So a ring can be built once, without a cache, to measure a
+   * change, and take its cache only when it routes.
+   */
+  adoptCache(replaces?: HashRing, options?: RouteCacheOptions): void {
+    if (this.#cache !== null || replaces === this) return;
+    const taken = replaces === undefined ? null : replaces.#cache;
+    if (replaces !== undefined) replaces.#cache = null;
+    if (taken !== null) {
       taken.clear();
       this.#cache = taken;
     } else {
-      this.#cache = new RouteCache(options.cache);
+      this.#cache = new RouteCache(options);
     }
   }
 

@@ -105,8 +105,18 @@ interface Staged {
   state: RingState;
   /** What changed, for the log, e.g. `ejected 10.0.0.1:8125`. */
   why: string[];
-  /** The ring's hash, once asked for (by `/route`). */
+  /**
+   * The ring's hash: built once, when an update stages it (it measures the
+   * change) or when first needed (the guard, the switch, `/route`); the
+   * guard and the switch give it its route cache.
+   */
   hash?: PoolHash;
+  /**
+   * The share of keys that move from the ring before this one (the previous
+   * staged, or the one in force) to this one, when an update measured it;
+   * undefined once another change merged into it.
+   */
+  moved?: number;
 }
 
 /** What {@linkcode Pool.update} changed, against the ring it last staged. */
@@ -243,7 +253,7 @@ export class Pool {
     const inherited = options.inherited;
     if (inherited === undefined) {
       this.#inForce = { servers: config.servers, family: config.hash, ejected: new Set() };
-      this.#install(this.#inForce, undefined);
+      this.#install(this.#inForce, hashOf(this.#inForce), undefined);
       return;
     }
     const addresses = new Set(inherited.servers.map((s) => s.address));
@@ -253,7 +263,7 @@ export class Pool {
       family: inherited.family,
       ejected: ejected.size < addresses.size ? ejected : new Set(),
     };
-    this.#install(this.#inForce, undefined);
+    this.#install(this.#inForce, hashOf(this.#inForce), undefined);
     this.inheritedUpdate = this.update(config);
   }
 
@@ -317,8 +327,7 @@ export class Pool {
   stagedHash(): { hash: PoolHash; at: number } | undefined {
     const last = this.#staged.at(-1);
     if (last === undefined) return undefined;
-    last.hash ??= hashOf(last.state);
-    return { hash: last.hash, at: last.at };
+    return { hash: stagedHash(last), at: last.at };
   }
 
   /** The changes staged, in the order they take effect. */
@@ -426,10 +435,12 @@ export class Pool {
       return;
     }
     if (this.#guard === undefined && now >= next.at - this.#config.ringSwitch.guardMs) {
+      const hash = stagedHash(next);
+      // Cached: without routes, every metric of the guard's 50 ms looks it up.
+      hash.adoptCache();
       this.#guard = {
         at: next.at,
-        // Cached: without routes, every metric of the guard's 50 ms looks it up.
-        hash: hashOf(next.state, { replaces: undefined }),
+        hash,
         ascii: new Collected(),
         binary: new Collected(),
         full: false,
@@ -465,7 +476,7 @@ export class Pool {
     const guard = this.#guard;
     if (guard === undefined) return;
     this.#guard = undefined;
-    if (restore) this.#install(this.#inForce, this.#hash);
+    if (restore) this.#install(this.#inForce, this.#hash, undefined);
     this.#reroute([...guard.ascii.take(), ...guard.binary.take()]);
   }
 
@@ -494,7 +505,9 @@ export class Pool {
           .map((s) => s.address),
       ),
     ];
-    const moved = hashOf(next).movedFrom(hashOf(before));
+    const last = this.#staged.at(-1);
+    const nextHash = hashOf(next);
+    const moved = nextHash.movedFrom(last === undefined ? this.#hash : stagedHash(last));
     for (const member of this.#byAddress.values()) this.#watch(member);
     for (const server of config.servers) {
       const member = this.#byAddress.get(server.address);
@@ -513,7 +526,10 @@ export class Pool {
     if (reweighted.length > 0) why.push(`new weight for ${reweighted.join(", ")}`);
     if (before.family !== next.family) why.push(`hash ${next.family}`);
     if (why.length === 0 && moved === 0) return { added, removed, reweighted, moved };
-    const at = this.#stage(next, why.length > 0 ? why : ["servers reordered"], now);
+    const at = this.#stage(next, why.length > 0 ? why : ["servers reordered"], now, {
+      hash: nextHash,
+      moved,
+    });
     return { added, removed, reweighted, moved, ...(at > now ? { appliesAt: at } : {}) };
   }
 
@@ -522,22 +538,34 @@ export class Pool {
     return this.#staged.at(-1)?.state ?? this.#inForce;
   }
 
-  /** Stages `state` to take effect when the pool's settings say; returns when. */
-  #stage(state: RingState, why: string[], now: number): number {
-    const at = Math.max(switchTime(now, this.#config.ringSwitch), this.#staged.at(-1)?.at ?? 0);
+  /**
+   * Stages `state` to take effect when the pool's settings say; returns
+   * when. `measured`: its hash, and the share of keys that move to it from
+   * the ring last staged (or in force), when the caller has them.
+   */
+  #stage(
+    state: RingState,
+    why: string[],
+    now: number,
+    measured?: { hash: PoolHash; moved: number },
+  ): number {
     const last = this.#staged.at(-1);
+    const at = Math.max(switchTime(now, this.#config.ringSwitch), last?.at ?? 0);
     if (last !== undefined && last.at === at) {
       last.state = state;
       last.why.push(...why);
-      last.hash = undefined;
+      last.hash = measured?.hash;
+      last.moved = undefined;
       const guard = this.#guard;
       if (guard !== undefined && guard.at === at) {
         // The guard holds the keys that move to the ring now staged.
-        guard.hash = hashOf(state, { replaces: undefined });
+        const hash = stagedHash(last);
+        hash.adoptCache(guard.hash);
+        guard.hash = hash;
         this.#version++;
       }
     } else {
-      this.#staged.push({ at, state, why: [...why] });
+      this.#staged.push({ at, state, why: [...why], hash: measured?.hash, moved: measured?.moved });
     }
     for (const server of state.servers) this.#memberAt(server);
     this.#arrange();
@@ -567,15 +595,22 @@ export class Pool {
       const beforeHash = this.#hash;
       const guard = this.#guard;
       this.#guard = undefined;
-      this.#install(last.state, beforeHash);
+      const hash = stagedHash(last);
+      this.#install(last.state, hash, beforeHash);
       this.counters.switches++;
-      this.#afterSwitch(before, beforeHash, due.flatMap((d) => d.why), last.at, guard);
+      // Measured when it was staged, if it alone switches; else measured now, if logged.
+      let moved = due.length === 1 ? due[0].moved : undefined;
+      const share = () => moved ??= hash.movedFrom(beforeHash);
+      this.#afterSwitch(before, share, due.flatMap((d) => d.why), last.at, guard);
     }
     this.#schedule();
   }
 
-  /** Makes `state` the ring in force: members, the line map and the hash. */
-  #install(state: RingState, replaces: PoolHash | undefined): void {
+  /**
+   * Makes `state` the ring in force: members, the line map and its `hash`,
+   * which takes the route cache of the hash it `replaces` if it has none.
+   */
+  #install(state: RingState, hash: PoolHash, replaces: PoolHash | undefined): void {
     this.#inForce = state;
     this.#memberOf = new Int32Array(state.servers.length);
     const index = new Map<string, number>();
@@ -595,7 +630,8 @@ export class Pool {
     this.#mark = new Uint8Array(members.length);
     this.#touched = [];
     this.#marks = members.length > 64;
-    this.#hash = hashOf(state, { replaces });
+    hash.adoptCache(replaces);
+    this.#hash = hash;
     this.#version++;
     this.#ring = this.#hash.ring !== undefined && state.ejected.size === 0 &&
         members.length === state.servers.length
@@ -709,13 +745,12 @@ export class Pool {
    */
   #afterSwitch(
     before: RingState,
-    beforeHash: PoolHash,
+    moved: () => number,
     why: string[],
     at: number,
     guard: Guard | undefined,
   ): void {
     const after = this.#inForce;
-    const moved = this.#hash.movedFrom(beforeHash);
     const guarded = guard === undefined
       ? 0
       : this.#reroute([...guard.ascii.take(), ...guard.binary.take()]);
@@ -735,7 +770,7 @@ export class Pool {
             pool: this.name,
             address,
             failures: this.#failures.get(member) ?? 0,
-            movedPercent: rounded(moved * 100, 2),
+            movedPercent: rounded(moved() * 100, 2),
             rerouted: count,
             retryMs: this.#config.ejectRetryMs,
           },
@@ -754,7 +789,7 @@ export class Pool {
           {
             pool: this.name,
             address,
-            movedPercent: rounded(moved * 100, 2),
+            movedPercent: rounded(moved() * 100, 2),
           },
         );
       }
@@ -766,7 +801,7 @@ export class Pool {
         pool: this.name,
         at: new Date(at).toISOString(),
         changes: why.join(", "),
-        movedPercent: rounded(moved * 100, 2),
+        movedPercent: rounded(moved() * 100, 2),
         rerouted,
         guarded,
       },
@@ -799,21 +834,20 @@ export class Pool {
 }
 
 /**
- * The hash of a ring: for the ring `inForce`, with a route cache (taken
- * over from the hash it `replaces`, if any); else a throwaway one for a
- * report, uncached.
+ * The hash of a ring, without a route cache: one is given to it
+ * ({@linkcode PoolHash.adoptCache}) when it routes, in the guard or in force.
  */
-function hashOf(state: RingState, inForce?: { replaces: PoolHash | undefined }): PoolHash {
+function hashOf(state: RingState): PoolHash {
   const out = new Set<number>();
   state.servers.forEach((s, line) => {
     if (state.ejected.has(s.address)) out.add(line);
   });
-  return new PoolHash({
-    family: state.family,
-    servers: state.servers,
-    out,
-    ...(inForce === undefined ? { cache: false } : { replaces: inForce.replaces }),
-  });
+  return new PoolHash({ family: state.family, servers: state.servers, out, cache: false });
+}
+
+/** The hash of a staged ring, built the first time it is asked for. */
+function stagedHash(staged: Staged): PoolHash {
+  return staged.hash ??= hashOf(staged.state);
 }
 
 /** A ring as /health shows it. */

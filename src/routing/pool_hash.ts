@@ -75,6 +75,14 @@ export class PoolHash {
     this.#full = Int32Array.from(live);
   }
 
+  /**
+   * Gives a hash built without a route cache (ketama) one: that of
+   * `replaces`, taken over, else a new one (see {@linkcode HashRing.adoptCache}).
+   */
+  adoptCache(replaces?: PoolHash): void {
+    this.ring?.adoptCache(replaces?.ring);
+  }
+
   /** Points on the ring (ketama), or shards (statsrelay). */
   get pointCount(): number {
     return this.ring?.pointCount ?? this.#shards!.pointCount;
