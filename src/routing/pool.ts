@@ -488,13 +488,30 @@ export class Pool {
    */
   update(config: PoolConfig, now: number = Date.now()): PoolUpdate {
     const before = this.#target();
+    const previous = this.#config;
     this.#config = config;
+    if (config.onFailure !== previous.onFailure) {
+      for (const member of this.#byAddress.values()) this.#watch(member);
+    }
+    for (const server of config.servers) {
+      const member = this.#byAddress.get(server.address);
+      if (member === undefined || member.host === server.host) continue;
+      log.info("pool {pool}: {address} is reached at {host} from now on (was {was})", {
+        pool: this.name,
+        address: server.address,
+        host: server.host,
+        was: member.host,
+      });
+      member.retarget(server.host);
+    }
     const addresses = new Set(config.servers.map((s) => s.address));
     let ejected = config.onFailure === "eject"
       ? new Set([...before.ejected].filter((a) => addresses.has(a)))
       : new Set<string>();
     if (ejected.size >= addresses.size) ejected = new Set(); // never the last live one
     const next: RingState = { servers: config.servers, family: config.hash, ejected };
+    // The same ring (a SIGHUP, a servers file touched): nothing to hash or stage.
+    if (sameRing(before, next)) return { added: [], removed: [], reweighted: [], moved: 0 };
     const old = new Set(before.servers.map((s) => s.address));
     const weights = new Map(before.servers.map((s) => [s.address, s.weight]));
     const added = [...addresses].filter((a) => !old.has(a));
@@ -508,18 +525,6 @@ export class Pool {
     const last = this.#staged.at(-1);
     const nextHash = hashOf(next);
     const moved = nextHash.movedFrom(last === undefined ? this.#hash : stagedHash(last));
-    for (const member of this.#byAddress.values()) this.#watch(member);
-    for (const server of config.servers) {
-      const member = this.#byAddress.get(server.address);
-      if (member === undefined || member.host === server.host) continue;
-      log.info("pool {pool}: {address} is reached at {host} from now on (was {was})", {
-        pool: this.name,
-        address: server.address,
-        host: server.host,
-        was: member.host,
-      });
-      member.retarget(server.host);
-    }
     const why: string[] = [];
     if (added.length > 0) why.push(`added ${added.join(", ")}`);
     if (removed.length > 0) why.push(`removed ${removed.join(", ")}`);
@@ -848,6 +853,16 @@ function hashOf(state: RingState): PoolHash {
 /** The hash of a staged ring, built the first time it is asked for. */
 function stagedHash(staged: Staged): PoolHash {
   return staged.hash ??= hashOf(staged.state);
+}
+
+/** Whether two rings are one: the same family, servers (address, weight, order) and ejected. */
+function sameRing(a: RingState, b: RingState): boolean {
+  if (a.family !== b.family || a.servers.length !== b.servers.length) return false;
+  if (a.ejected.size !== b.ejected.size) return false;
+  for (const address of a.ejected) if (!b.ejected.has(address)) return false;
+  return a.servers.every((s, i) =>
+    s.address === b.servers[i].address && s.weight === b.servers[i].weight
+  );
 }
 
 /** A ring as /health shows it. */
