@@ -411,7 +411,7 @@ export class Pool {
     clearTimeout(this.#timer);
     this.#timer = undefined;
     this.#staged = [];
-    this.#endGuard(true);
+    this.#endGuard();
   }
 
   /**
@@ -468,15 +468,15 @@ export class Pool {
   }
 
   /**
-   * Ends the guard: what it held is routed on the ring now in force (the
-   * new one at a boundary; the old one, `restore`d, when the change was
-   * dropped).
+   * Ends the guard when the change it guarded is dropped: the ring in force
+   * gets its shortcut back, and what the guard held is routed on it.
    */
-  #endGuard(restore: boolean): void {
+  #endGuard(): void {
     const guard = this.#guard;
     if (guard === undefined) return;
     this.#guard = undefined;
-    if (restore) this.#install(this.#inForce, this.#hash, undefined);
+    this.#ring = this.#shortcut();
+    this.#version++;
     this.#reroute([...guard.ascii.take(), ...guard.binary.take()]);
   }
 
@@ -638,9 +638,18 @@ export class Pool {
     hash.adoptCache(replaces);
     this.#hash = hash;
     this.#version++;
-    this.#ring = this.#hash.ring !== undefined && state.ejected.size === 0 &&
-        members.length === state.servers.length
-      ? this.#hash.ring
+    this.#ring = this.#shortcut();
+  }
+
+  /**
+   * The ketama ring in force, as {@linkcode memberFor}'s shortcut, when its
+   * indexes are the members' (nothing ejected, no address repeated).
+   */
+  #shortcut(): HashRing | undefined {
+    const ring = this.#hash.ring;
+    const { ejected, servers } = this.#inForce;
+    return ring !== undefined && ejected.size === 0 && this.#inForceCount === servers.length
+      ? ring
       : undefined;
   }
 
