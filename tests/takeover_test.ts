@@ -352,6 +352,48 @@ Deno.test("a takeover with a changed servers file starts on the old proxy's ring
   }
 });
 
+Deno.test("a server a takeover inherits ejected is tried every eject_retry_ms, and rejoins that soon once back", async () => {
+  const up = RecordingServer.start();
+  const down = RecordingServer.reserve();
+  let proxy = await ProxyProcess.start({
+    servers: [RecordingServer.reserve().address],
+    settings: {
+      pid_file: "proxy.pid",
+      handoff_timeout_ms: 200,
+      ring_switch: "immediate",
+      // A down server that is not ejected is tried every 10 s.
+      reconnect_min_ms: 10_000,
+      reconnect_max_ms: 10_000,
+    },
+    files: { "main.conf": `${up.address}\t100\n${down.address}\t100\n` },
+    sections: `
+[pool:main]
+servers = main.conf
+on_failure = eject
+eject_after = 1
+eject_retry_ms = 100
+
+[route:all]
+match = .
+pools = main
+`,
+  });
+  try {
+    await proxy.waitForLog(new RegExp(`pool main: ejected ${down.address} after 1 failures`));
+    const before = proxy;
+    proxy = await ProxyProcess.takeOver(before);
+    assert.equal(await before.exited(), 0, before.stderr);
+    await proxy.waitForLog(new RegExp(`cannot connect to main/${down.address}`));
+    await sleep(300);
+    down.listen();
+    // Tried at the 10 s backoff, it would rejoin only 10 s after its first failure.
+    await proxy.waitForLog(new RegExp(`pool main: ${down.address} is back and rejoins`), 3_000);
+  } finally {
+    assert.equal(await proxy.stop(), 0);
+    await Promise.all([up.stop(), down.stop()]);
+  }
+});
+
 Deno.test("nothing queued in the UDP socket is thrown away", async (t) => {
   const server = RecordingServer.start();
   try {

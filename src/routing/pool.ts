@@ -490,7 +490,7 @@ export class Pool {
     const before = this.#target();
     const previous = this.#config;
     this.#config = config;
-    if (config.onFailure !== previous.onFailure) {
+    if (config.onFailure !== previous.onFailure || config.ejectRetryMs !== previous.ejectRetryMs) {
       for (const member of this.#byAddress.values()) this.#watch(member);
     }
     for (const server of config.servers) {
@@ -683,12 +683,17 @@ export class Pool {
     return member;
   }
 
-  /** Follows a TCP member's connects and failures when the pool ejects. */
+  /**
+   * Follows a TCP member's connects and failures when the pool ejects; one
+   * ejected from the ring in force (as a takeover inherits it, or made
+   * before a reload changed `eject_retry_ms`) is tried every `eject_retry_ms`.
+   */
   #watch(member: Destination): void {
     if (!(member instanceof Upstream)) return;
     const eject = this.#config.onFailure === "eject";
     member.onState(eject ? (event) => this.#onState(member, event) : undefined);
-    if (!eject) member.retryEvery(0);
+    const ejected = eject && this.#inForce.ejected.has(member.address);
+    member.retryEvery(ejected ? this.#config.ejectRetryMs : 0);
   }
 
   #member(server: ServerSpec): Destination {
