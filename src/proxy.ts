@@ -959,9 +959,12 @@ export class Proxy {
   /**
    * Hands over what the TCP servers that `keep` names (pool, address) hold:
    * each stops writing and gives up its held lines and frames, in order.
-   * The others keep theirs, for {@linkcode shutdown} to drain.
+   * The others keep theirs, for {@linkcode shutdown} to drain. First the
+   * pools stop switching rings: what a guard held goes to its servers on the
+   * ring in force, so it is handed over with the rest.
    */
   async handOver(keep: (pool: string, server: string) => boolean): Promise<HeldForServer[]> {
+    for (const pool of this.pools) pool.close(); // the ring in force is the one handed over
     const taken = await Promise.all(
       this.pools.flatMap((pool) =>
         pool.members.filter((m): m is Upstream =>

@@ -352,6 +352,58 @@ Deno.test("a takeover with a changed servers file starts on the old proxy's ring
   }
 });
 
+Deno.test("a takeover while the guard holds the keys about to move loses none of them", async () => {
+  const servers = [RecordingServer.start(), RecordingServer.start(), RecordingServer.start()];
+  // A boundary every 8 s, guarded for its last 7: time for a takeover inside the guard.
+  const guardMs = 7000;
+  let proxy = await ProxyProcess.start({
+    servers: servers.slice(0, 2).map((s) => s.address),
+    settings: {
+      pid_file: "proxy.pid",
+      handoff_timeout_ms: 200,
+      ring_switch: "aligned",
+      flush_interval: 8,
+      ring_switch_lead_ms: 0,
+      ring_switch_guard_ms: guardMs,
+    },
+    admin: true,
+  });
+  try {
+    const keys = Array.from({ length: 300 }, (_, i) => `guard.k${i}`);
+    const old = await routeOf(`${proxy.dir}/servers.conf`, keys);
+    await proxy.writeServers(servers.map((s) => s.address));
+    const wider = await routeOf(`${proxy.dir}/servers.conf`, keys);
+    const moving = keys.filter((k) => old.get(k) !== wider.get(k));
+    assert.ok(moving.length > 0);
+    // Early in an interval, so the coming boundary is most of one away.
+    await sleep(8000 - (Date.now() % 8000) + 100);
+    proxy.signal("SIGHUP");
+    await proxy.waitForLog(/SIGHUP: reloaded: .* move at the flush boundary (\S+)/);
+    const at = Date.parse(/move at the flush boundary (\S+)/.exec(proxy.stderr)![1]);
+    await sleep(at - guardMs + 100 - Date.now());
+    await sendTcp(proxy.tcpPort, bytes(keys.map((k) => `${k}:1|c\n`).join("")));
+    const guardHeld = async () => JSON.parse((await proxy.admin("/health")).text).ring.guard_held;
+    await waitUntil(async () => await guardHeld() === moving.length, () => "the guard holds");
+    const before = proxy;
+    proxy = await ProxyProcess.takeOver(before);
+    assert.ok(Date.now() < at, "handed over before the boundary (test timing)");
+    assert.equal(await before.exited(), 0, before.stderr);
+    for (const account of shutdownAccounts(before.stderr).values()) {
+      assert.equal(account.shutdown, 0, before.stderr);
+    }
+    const arrived = () => servers.flatMap((s) => s.lines()).filter((l) => l.endsWith(":1|c"));
+    await waitUntil(
+      () => arrived().length >= keys.length,
+      () => `every line: ${arrived().length} of ${keys.length} arrived`,
+    );
+    await sleep(50);
+    assert.deepEqual(arrived().sort(), keys.map((k) => `${k}:1|c`).sort());
+  } finally {
+    assert.equal(await proxy.stop(), 0);
+    await Promise.all(servers.map((s) => s.stop()));
+  }
+});
+
 Deno.test("a server a takeover inherits ejected is tried every eject_retry_ms, and rejoins that soon once back", async () => {
   const up = RecordingServer.start();
   const down = RecordingServer.reserve();
