@@ -133,6 +133,22 @@ export interface PoolUpdate {
   appliesAt?: number;
 }
 
+/**
+ * What an update changed in the servers, in words, e.g. `added A, B`,
+ * `removed C`, `new weight for D`; empty when nothing did.
+ */
+export function serverChanges(
+  update: Pick<PoolUpdate, "added" | "removed" | "reweighted">,
+): string[] {
+  const changes: string[] = [];
+  if (update.added.length > 0) changes.push(`added ${update.added.join(", ")}`);
+  if (update.removed.length > 0) changes.push(`removed ${update.removed.join(", ")}`);
+  if (update.reweighted.length > 0) {
+    changes.push(`new weight for ${update.reweighted.join(", ")}`);
+  }
+  return changes;
+}
+
 /** A ring as /health and /metrics show it. */
 export interface RingView {
   /** The servers, by address, in servers-file order. */
@@ -525,10 +541,7 @@ export class Pool {
     const last = this.#staged.at(-1);
     const nextHash = hashOf(next);
     const moved = nextHash.movedFrom(last === undefined ? this.#hash : stagedHash(last));
-    const why: string[] = [];
-    if (added.length > 0) why.push(`added ${added.join(", ")}`);
-    if (removed.length > 0) why.push(`removed ${removed.join(", ")}`);
-    if (reweighted.length > 0) why.push(`new weight for ${reweighted.join(", ")}`);
+    const why = serverChanges({ added, removed, reweighted });
     if (before.family !== next.family) why.push(`hash ${next.family}`);
     if (why.length === 0 && moved === 0) return { added, removed, reweighted, moved };
     const at = this.#stage(next, why.length > 0 ? why : ["servers reordered"], now, {

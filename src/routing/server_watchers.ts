@@ -16,7 +16,7 @@ import { parseDnsServer, parseServerSource } from "../config/server_source.ts";
 import { readServersFile, type ServerSpec } from "../config/servers_file.ts";
 import { errorText } from "../diagnostics/errors.ts";
 import { logger } from "../diagnostics/log.ts";
-import type { PoolUpdate } from "./pool.ts";
+import { type PoolUpdate, serverChanges } from "./pool.ts";
 
 const log = logger("servers");
 
@@ -179,10 +179,7 @@ function keyOf(pool: PoolConfig): string {
  * 4.2 s)`.
  */
 export function describeUpdate(update: PoolUpdate, separator = ", "): string {
-  const changes: string[] = [];
-  if (update.added.length > 0) changes.push(`added ${update.added.join(", ")}`);
-  if (update.removed.length > 0) changes.push(`removed ${update.removed.join(", ")}`);
-  if (update.reweighted.length > 0) changes.push(`new weight for ${update.reweighted.join(", ")}`);
+  const changes = serverChanges(update);
   if (changes.length === 0) changes.push("servers unchanged");
   return [...changes, movedText(update.moved, update.appliesAt)].join(separator);
 }
