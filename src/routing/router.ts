@@ -172,11 +172,13 @@ export class Router implements BatchSink {
     const count = batch.count;
     if (count === 0) return;
     const all = this.#pools;
-    let due = Infinity;
-    for (let p = 0; p < all.length; p++) due = Math.min(due, all[p].nextEventAt);
-    if (due !== Infinity) {
-      const now = Date.now();
-      for (let p = 0; p < all.length; p++) if (all[p].nextEventAt <= now) all[p].tick(now);
+    // One pass; the clock is read only when some pool has something staged.
+    let now = -1;
+    for (let p = 0; p < all.length; p++) {
+      const at = all[p].nextEventAt;
+      if (at === Infinity) continue;
+      if (now < 0) now = Date.now();
+      if (at <= now) all[p].tick(now);
     }
     const only = this.#only;
     if (only !== undefined) {
